@@ -1,0 +1,288 @@
+//! Group commit: the one thread that writes.
+//!
+//! Every state change (a claiming `begin`, the lease operations, release on drop, reaper
+//! batches) is sent here over a channel. The committer takes what is already queued (at most
+//! [`MAX_BATCH`] operations), applies them in arrival order inside one redb write transaction
+//! (each sees the state the ones before it left), commits once (one fsync for the whole
+//! batch) and then answers every caller. A lone caller is committed at once: there is no timer.
+//!
+//! A commit that fails answers every caller of the batch with [`Error::Storage`] (an unknown
+//! outcome) and poisons the store: later writes get [`Error::Poisoned`] until it is reopened.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use redb::Database;
+
+use crate::clock::{Clock, to_nanos};
+use crate::config::{Durability, Settings};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::machine::{self, BeginStep, LeaseAction, Takeover, Transition};
+use crate::record::Record;
+use crate::storage::WriteTables;
+
+/// Most operations applied in one write transaction.
+pub(crate) const MAX_BATCH: usize = 256;
+
+/// A state change, as sent to the committer.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// `begin` found the key claimable in its read; claim it (re-checked here).
+    Begin {
+        key: Vec<u8>,
+        fp: Fingerprint,
+        lease: u64,
+    },
+    /// An operation of the lease with fencing token `token`.
+    Lease {
+        key: Vec<u8>,
+        token: u64,
+        action: LeaseAction,
+    },
+    /// Delete up to `limit` dead records.
+    Reap { limit: usize },
+}
+
+/// The answer to one [`Op`].
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// The claim was granted.
+    Started {
+        token: u64,
+        lease_expires_at: u64,
+        takeover: Option<Takeover>,
+    },
+    /// Between the read and the claim, another caller completed the key.
+    Replay(Record),
+    /// Between the read and the claim, another caller claimed the key.
+    InFlight { retry_after: u64 },
+    /// Between the read and the claim, the key was taken with another fingerprint.
+    Mismatch,
+    /// A lease action was applied; the record as written (`None`: deleted).
+    Applied(Option<Record>),
+    /// A reap pass: records deleted, and whether the batch limit was hit (more may be due).
+    Reaped { deleted: u64, more: bool },
+}
+
+enum Msg {
+    Op(Op, Sender<Result<Reply>>),
+    Shutdown,
+}
+
+/// Handle of the committer thread.
+pub(crate) struct Committer {
+    tx: Sender<Msg>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A cheap handle that submits operations to the committer (the reaper holds one).
+#[derive(Clone)]
+pub(crate) struct Submitter {
+    tx: Sender<Msg>,
+}
+
+impl Submitter {
+    /// Submits `op` and waits for its answer.
+    ///
+    /// # Errors
+    /// The operation's own error, a batch failure, or [`Error::Closed`] once the committer stopped.
+    pub fn submit(&self, op: Op) -> Result<Reply> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx.send(Msg::Op(op, tx)).map_err(|_| Error::Closed)?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+}
+
+struct Worker {
+    db: Arc<Database>,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+    poisoned: AtomicBool,
+}
+
+impl Committer {
+    /// Starts the committer thread.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the thread cannot be spawned.
+    pub fn spawn(
+        db: Arc<Database>,
+        clock: Arc<dyn Clock>,
+        settings: Settings,
+        ) -> Result<Committer> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let worker = Worker {
+            db,
+            clock,
+            settings,
+            poisoned: AtomicBool::new(false),
+        };
+        let handle = std::thread::Builder::new()
+            .name("idemstore-committer".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| Error::storage("starting the committer thread", e))?;
+        Ok(Committer {
+            tx,
+            handle: Some(handle),
+        })
+    }
+
+    /// A handle to submit operations.
+    pub fn submitter(&self) -> Submitter {
+        Submitter {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Stops the thread after it answered everything queued before, and joins it.
+    pub fn shutdown(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Worker {
+    fn run(self, rx: Receiver<Msg>) {
+        let mut batch: Vec<(Op, Sender<Result<Reply>>)> = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let mut stop = false;
+            match rx.recv() {
+                Ok(Msg::Op(op, reply)) => batch.push((op, reply)),
+                Ok(Msg::Shutdown) | Err(_) => break,
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Msg::Op(op, reply)) => batch.push((op, reply)),
+                    Ok(Msg::Shutdown) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+            if stop {
+                break;
+            }
+        }
+        self.flush_on_close();
+    }
+
+    /// Under `Durability::None`, make what was committed durable on a clean close.
+    fn flush_on_close(&self) {
+        if self.settings.durability == Durability::None && !self.poisoned.load(Ordering::Acquire) {
+            if let Ok(txn) = self.db.begin_write() {
+                let _ = txn.commit();
+            }
+        }
+    }
+
+    fn commit_batch(&self, batch: &mut Vec<(Op, Sender<Result<Reply>>)>) {
+        if self.poisoned.load(Ordering::Acquire) {
+            for (_, reply) in batch.drain(..) {
+                let _ = reply.send(Err(Error::Poisoned));
+            }
+            return;
+        }
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch.drain(..).unzip();
+        let results = match self.apply_all(ops) {
+            Ok(results) => results,
+            Err(failure) => {
+                for reply in replies {
+                    let _ = reply.send(Err(failure.duplicate()));
+                }
+                return;
+            }
+        };
+        for (result, reply) in results.into_iter().zip(replies) {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Applies every op in one transaction and commits. `Err` fails the whole batch.
+    fn apply_all(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(|e| Error::storage("starting a write transaction", e))?;
+        let durability = match self.settings.durability {
+            Durability::Immediate => redb::Durability::Immediate,
+            Durability::None => redb::Durability::None,
+        };
+        txn.set_durability(durability)
+            .map_err(|e| Error::storage("setting durability", e))?;
+        let now = to_nanos(self.clock.now());
+        let mut results = Vec::with_capacity(ops.len());
+        {
+            let mut tables = WriteTables::open(&txn)?;
+            for op in ops {
+                match self.apply(&mut tables, op, now) {
+                    Err(e @ Error::Storage { .. }) => return Err(e),
+                    other => results.push(other),
+                }
+            }
+        }
+        if let Err(e) = txn.commit() {
+            self.poisoned.store(true, Ordering::Release);
+            return Err(Error::storage("committing a write (outcome unknown)", e));
+        }
+        Ok(results)
+    }
+
+    fn apply(&self, tables: &mut WriteTables<'_>, op: Op, now: u64) -> Result<Reply> {
+        let ttl = self.settings.ttl;
+        match op {
+            Op::Begin { key, fp, lease } => {
+                let current = tables.get(&key)?;
+                match machine::decide_begin(current.as_ref(), &fp, now) {
+                    BeginStep::Claim => {
+                        let token = tables.next_token()?;
+                        let (record, takeover) =
+                            machine::claim(current.as_ref(), &fp, token, now, ttl, lease);
+                        tables.put(&key, current.as_ref(), &record)?;
+                        Ok(Reply::Started {
+                            token,
+                            lease_expires_at: now.saturating_add(lease),
+                            takeover,
+                        })
+                    }
+                    BeginStep::Replay => Ok(Reply::Replay(current.ok_or_else(|| {
+                        Error::corrupt("replay decided without a record")
+                    })?)),
+                    BeginStep::InFlight { retry_after } => Ok(Reply::InFlight { retry_after }),
+                    BeginStep::Mismatch => Ok(Reply::Mismatch),
+                }
+            }
+            Op::Lease { key, token, action } => {
+                let current = tables.get(&key)?;
+                match machine::apply_lease(current.as_ref(), token, action, now, ttl)? {
+                    Transition::Put(record) => {
+                        tables.put(&key, current.as_ref(), &record)?;
+                        Ok(Reply::Applied(Some(record)))
+                    }
+                    Transition::Delete => {
+                        if let Some(old) = &current {
+                            tables.delete(&key, old)?;
+                        }
+                        Ok(Reply::Applied(None))
+                    }
+                }
+            }
+            Op::Reap { limit } => {
+                let (deleted, more) = tables.reap(now, limit)?;
+                Ok(Reply::Reaped { deleted, more })
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Settings fixed when a store is opened, and [`Durability`].
+
+use std::time::Duration;
+
+/// How hard a write is pushed to disk before the call that made it returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Every acknowledged change is fsync'd before the call returns (the default).
+    /// Group commit shares one fsync between all callers whose changes are queued together.
+    #[default]
+    Immediate,
+    /// Changes are committed but not fsync'd: a crash or power loss may lose recent changes,
+    /// fencing tokens included. For tests and caches. A clean [`close`](crate::Store::close)
+    /// still makes everything durable.
+    None,
+}
+
+/// Default time a record lives: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default lease granted by `begin`: 30 seconds.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default interval of the reaper thread: 60 seconds.
+pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default largest response or checkpoint: 4 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 << 20;
+/// Default size of the storage engine's page cache: 32 MiB.
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+/// Largest accepted `max_response_bytes`: 1 GiB.
+pub const MAX_RESPONSE_LIMIT: usize = 1 << 30;
+
+/// The validated settings a store runs with (durations in nanoseconds).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    pub ttl: u64,
+    pub lease: u64,
+    pub max_response_bytes: usize,
+    pub durability: Durability,
+}

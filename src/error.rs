@@ -1,0 +1,194 @@
+//! The crate's one error type.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in idemstore.
+///
+/// Messages are sentences that say what happened and what to do about it. The storage
+/// engine's own error, where there is one, is reachable through
+/// [`std::error::Error::source`]; its types are never part of a variant, so a redb upgrade
+/// cannot break code that matches on this enum.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A [`Key`](crate::Key) part broke the rules of SPEC §6 (`reason` says which).
+    InvalidKey {
+        /// Which rule was broken.
+        reason: String,
+    },
+    /// A builder setting or an argument is out of range (`reason` says which).
+    InvalidConfig {
+        /// Which setting, and what is allowed.
+        reason: String,
+    },
+    /// A response or checkpoint is larger than the store's `max_response_bytes`.
+    /// Nothing was stored.
+    ResponseTooLarge {
+        /// Size of the rejected bytes.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The lease is no longer the current one for its key: it was taken over by another
+    /// holder, or the record was abandoned, completed or expired. Nothing was changed.
+    LeaseLost {
+        /// The fencing token of the lease that was refused.
+        token: u64,
+    },
+    /// The file is already open, in this process or another one.
+    AlreadyOpen {
+        /// The file that could not be opened.
+        path: PathBuf,
+    },
+    /// The file is not an idemstore file of a format version this build can read.
+    /// It was not modified.
+    IncompatibleFormat {
+        /// What was found.
+        reason: String,
+    },
+    /// Stored data failed validation (a damaged file or record).
+    Corrupt {
+        /// What failed to validate.
+        reason: String,
+    },
+    /// The storage engine or the file system failed.
+    ///
+    /// For a write, this is an *unknown outcome*: the change may or may not be durable.
+    /// The store then refuses further writes with [`Error::Poisoned`] until it is reopened.
+    Storage {
+        /// What idemstore was doing.
+        context: String,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// An earlier write failed with an unknown outcome; the store refuses writes until it is
+    /// closed and reopened (reopening reads what is really on disk).
+    Poisoned,
+    /// The store was closed; this handle (a clone of the store or a lease) can no longer be used.
+    Closed,
+}
+
+impl Error {
+    pub(crate) fn storage(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Storage {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn corrupt(reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn config(reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            reason: reason.into(),
+        }
+    }
+
+    /// Rebuilds an error for a second caller (errors of one failed batch are shared).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Error::InvalidKey { reason } => Error::InvalidKey {
+                reason: reason.clone(),
+            },
+            Error::InvalidConfig { reason } => Error::config(reason.clone()),
+            Error::ResponseTooLarge { len, max } => Error::ResponseTooLarge {
+                len: *len,
+                max: *max,
+            },
+            Error::LeaseLost { token } => Error::LeaseLost { token: *token },
+            Error::AlreadyOpen { path } => Error::AlreadyOpen { path: path.clone() },
+            Error::IncompatibleFormat { reason } => Error::IncompatibleFormat {
+                reason: reason.clone(),
+            },
+            Error::Corrupt { reason } => Error::corrupt(reason.clone()),
+            Error::Storage { context, source } => Error::Storage {
+                context: context.clone(),
+                source: source.to_string().into(),
+            },
+            Error::Poisoned => Error::Poisoned,
+            Error::Closed => Error::Closed,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidKey { reason } => write!(f, "invalid idempotency key: {reason}"),
+            Error::InvalidConfig { reason } => write!(f, "invalid configuration: {reason}"),
+            Error::ResponseTooLarge { len, max } => write!(
+                f,
+                "{len} bytes exceed the store's limit of {max} bytes; nothing was stored \
+                 (raise max_response_bytes or store a smaller response)"
+            ),
+            Error::LeaseLost { token } => write!(
+                f,
+                "lease with fencing token {token} is no longer current (taken over, finished or \
+                 expired); nothing was changed, do not report success for this attempt"
+            ),
+            Error::AlreadyOpen { path } => write!(
+                f,
+                "{} is already open in this or another process; close the other store first",
+                path.display()
+            ),
+            Error::IncompatibleFormat { reason } => write!(
+                f,
+                "not a store this version of idemstore can open: {reason}; the file was not modified"
+            ),
+            Error::Corrupt { reason } => write!(
+                f,
+                "stored data is corrupt: {reason}; restore the file from a backup or delete it"
+            ),
+            Error::Storage { context, .. } => write!(
+                f,
+                "storage failed while {context}; if this was a write its outcome is unknown: \
+                 close and reopen the store before retrying"
+            ),
+            Error::Poisoned => write!(
+                f,
+                "an earlier write failed with an unknown outcome; the store refuses writes until \
+                 it is closed and reopened"
+            ),
+            Error::Closed => write!(f, "the store was closed; open it again to use it"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Storage { source, .. } => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_error_exposes_source() {
+        let e = Error::storage("reading", std::io::Error::other("disk on fire"));
+        let src = std::error::Error::source(&e).expect("source");
+        assert!(src.to_string().contains("disk on fire"));
+        assert!(e.to_string().contains("reopen"));
+    }
+
+    #[test]
+    fn duplicate_keeps_variant() {
+        let e = Error::LeaseLost { token: 7 };
+        assert!(matches!(e.duplicate(), Error::LeaseLost { token: 7 }));
+    }
+}

@@ -1,0 +1,207 @@
+//! [`Lease`]: the exclusive, fenced right to execute the request of one key.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use crate::clock::{duration_nanos, from_nanos};
+use crate::committer::{Op, Reply};
+use crate::error::{Error, Result};
+use crate::key::Key;
+use crate::machine::LeaseAction;
+use crate::outcome::{Completed, Recovered};
+use crate::record::{Record, State};
+use crate::stats::bump;
+use crate::store::Store;
+
+/// The exclusive right to execute the request of one key, until [`expires_at`](Lease::expires_at).
+///
+/// Returned inside [`Begin::Started`](crate::Begin::Started). It is `Send`: move it to the
+/// thread that does the work.
+///
+/// # Lease semantics
+///
+/// * Every operation checks that the record is still in flight under this lease's fencing
+///   [`token`](Lease::token); otherwise it returns [`Error::LeaseLost`] and changes nothing.
+///   So a holder that stalled past its lease and was taken over can never overwrite the new
+///   holder's work.
+/// * [`complete`](Lease::complete) is allowed after the lease's time ran out, as long as
+///   nobody took over.
+/// * For long work, call [`extend`](Lease::extend) as a heartbeat, and store recovery points
+///   with [`checkpoint`](Lease::checkpoint): a holder that takes over receives the last one
+///   in [`recovered`](Lease::recovered).
+/// * Dropping a lease without completing or abandoning it releases it (best effort): the next
+///   `begin` with the same fingerprint takes over at once. A crash behaves the same once the
+///   lease runs out.
+///
+/// Every successful operation is durable when it returns (with the default durability).
+#[must_use = "complete, abandon or extend the lease; dropping it releases the key for a retry"]
+pub struct Lease {
+    store: Store,
+    key: Key,
+    encoded: Vec<u8>,
+    token: u64,
+    expires_at: u64,
+    recovered: Option<Recovered>,
+    finished: bool,
+}
+
+impl Lease {
+    pub(crate) fn new(
+        store: Store,
+        key: Key,
+        encoded: Vec<u8>,
+        token: u64,
+        expires_at: u64,
+        recovered: Option<Recovered>,
+    ) -> Lease {
+        Lease {
+            store,
+            key,
+            encoded,
+            token,
+            expires_at,
+            recovered,
+            finished: false,
+        }
+    }
+
+    /// The fencing token: strictly greater than every token granted before it, across restarts.
+    /// Pass it to downstream systems that can reject stale writers.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The key this lease is for.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// When the lease runs out (after which a retry may take over).
+    pub fn expires_at(&self) -> SystemTime {
+        from_nanos(self.expires_at)
+    }
+
+    /// `Some` when this lease took over from an earlier attempt that did not finish
+    /// (crashed, stalled past its lease, or dropped its lease): what that attempt left.
+    pub fn recovered(&self) -> Option<&Recovered> {
+        self.recovered.as_ref()
+    }
+
+    fn check_size(&self, len: usize) -> Result<()> {
+        let max = self.store.settings().max_response_bytes;
+        if len > max {
+            return Err(Error::ResponseTooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    fn submit(&self, action: LeaseAction) -> Result<Option<Record>> {
+        let op = Op::Lease {
+            key: self.encoded.clone(),
+            token: self.token,
+            action,
+        };
+        let reply = self.store.inner().submit(op);
+        if let Err(Error::LeaseLost { .. }) = &reply {
+            bump(&self.store.inner().stats.leases_lost, 1);
+        }
+        match reply? {
+            Reply::Applied(record) => Ok(record),
+            other => Err(Error::corrupt(format!(
+                "unexpected committer reply to a lease operation: {other:?}"
+            ))),
+        }
+    }
+
+    /// Stores `response` as the request's outcome: in flight → completed. Every later `begin`
+    /// with the same fingerprint replays these bytes until the record expires.
+    ///
+    /// # Errors
+    /// * [`Error::ResponseTooLarge`]: nothing stored; the lease is released as on drop, so the
+    ///   next `begin` takes over (with the last checkpoint).
+    /// * [`Error::LeaseLost`]: another holder took over, or the record expired or was
+    ///   abandoned. Do not report success for this attempt.
+    /// * [`Error::Storage`] / [`Error::Poisoned`] / [`Error::Closed`]: the outcome is unknown or
+    ///   the store unusable; reopen the store and ask again with `begin`.
+    pub fn complete(mut self, response: &[u8]) -> Result<Completed> {
+        self.check_size(response.len())?;
+        let result = self.submit(LeaseAction::Complete(response.to_vec()));
+        self.finished = true;
+        let record = result?.ok_or_else(|| Error::corrupt("complete deleted the record"))?;
+        bump(&self.store.inner().stats.completed, 1);
+        Completed::from_record(record)
+            .ok_or_else(|| Error::corrupt("complete left the record in flight"))
+    }
+
+    /// Moves the lease's end to `now + by`: a heartbeat for long work.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a zero duration; [`Error::LeaseLost`]; storage errors as
+    /// for [`complete`](Lease::complete).
+    pub fn extend(&mut self, by: Duration) -> Result<()> {
+        if by.is_zero() {
+            return Err(Error::config(
+                "extend needs a duration greater than zero (drop the lease to release it)",
+            ));
+        }
+        let record = self.submit(LeaseAction::Extend(duration_nanos(by)))?;
+        if let Some(Record {
+            state: State::InFlight {
+                lease_expires_at, ..
+            },
+            ..
+        }) = record
+        {
+            self.expires_at = lease_expires_at;
+        }
+        Ok(())
+    }
+
+    /// Stores `bytes` as a recovery point; a holder that takes over receives the last one.
+    ///
+    /// # Errors
+    /// [`Error::ResponseTooLarge`] (nothing stored, the lease is kept); [`Error::LeaseLost`];
+    /// storage errors as for [`complete`](Lease::complete).
+    pub fn checkpoint(&mut self, bytes: &[u8]) -> Result<()> {
+        self.check_size(bytes.len())?;
+        self.submit(LeaseAction::Checkpoint(bytes.to_vec()))
+            .map(|_| ())
+    }
+
+    /// Deletes the record: the key is absent again and a retry runs from scratch. Use it when
+    /// nothing happened (for example, validation failed).
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`]; storage errors as for [`complete`](Lease::complete).
+    pub fn abandon(mut self) -> Result<()> {
+        let result = self.submit(LeaseAction::Abandon);
+        self.finished = true;
+        result?;
+        bump(&self.store.inner().stats.abandoned, 1);
+        Ok(())
+    }
+}
+
+impl Drop for Lease {
+    /// Releases the lease (best effort, errors ignored): `lease_expires_at = now`, the
+    /// checkpoint is kept, and the next `begin` takes over at once.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if self.submit(LeaseAction::Release).is_ok() {
+            bump(&self.store.inner().stats.released, 1);
+        }
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .field("expires_at", &self.expires_at())
+            .field("recovered", &self.recovered)
+            .finish()
+    }
+}

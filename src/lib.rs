@@ -1,0 +1,67 @@
+//! # idemstore
+//!
+//! An embedded, synchronous, framework-agnostic store that makes mutating requests
+//! idempotent, on a single [redb](https://docs.rs/redb) file.
+//!
+//! For every request that carries an `Idempotency-Key`, ask [`Store::begin`] what to do:
+//! run the request ([`Begin::Started`] with a fenced [`Lease`]), replay the stored response
+//! ([`Begin::Replay`]), answer "in progress" ([`Begin::InFlight`], HTTP 409) or refuse a key
+//! reused for another payload ([`Begin::Mismatch`], HTTP 422).
+//!
+//! ```
+//! use idemstore::{Begin, Fingerprint, Key, Store};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = Store::open(dir.path().join("idempotency.redb"))?;
+//! let key = Key::new("tenant-42", "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11")?;
+//! let body = br#"{"amount":100}"#;
+//! let fp = Fingerprint::builder().part(b"POST").part(b"/v1/charges").part(body).finish();
+//!
+//! let response = match store.begin(&key, &fp)? {
+//!     Begin::Started(lease) => {
+//!         let response = b"201 charge ch_1".to_vec(); // run the request here
+//!         lease.complete(&response)?.response().to_vec()
+//!     }
+//!     Begin::Replay(done) => done.response().to_vec(),
+//!     Begin::InFlight { retry_after } => panic!("409, retry in {retry_after:?}"),
+//!     Begin::Mismatch => panic!("422"),
+//!     _ => unreachable!(),
+//! };
+//! assert_eq!(response, b"201 charge ch_1");
+//! store.close()?;
+//! # Ok::<(), idemstore::Error>(())
+//! ```
+//!
+//! The layout of the source follows the design: [`machine`](crate) holds the pure state
+//! transitions, `record` the stored codec, `storage` the redb tables, `committer` the group
+//! commit thread, `reaper` the TTL reaper, `clock`, `fingerprint`, `key` and `error` the rest.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod clock;
+mod committer;
+mod config;
+mod error;
+mod fingerprint;
+mod key;
+mod lease;
+mod machine;
+mod outcome;
+mod reaper;
+mod record;
+mod stats;
+mod storage;
+mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{
+    DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
+    DEFAULT_TTL, Durability, MAX_RESPONSE_LIMIT,
+};
+pub use error::{Error, Result};
+pub use fingerprint::{Fingerprint, FingerprintBuilder};
+pub use key::{Key, MAX_KEY_PART_BYTES};
+pub use lease::Lease;
+pub use outcome::{Begin, Completed, Entry, Recovered};
+pub use stats::Stats;
+pub use store::{Builder, Store};

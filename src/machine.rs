@@ -1,0 +1,290 @@
+//! The state machine of SPEC §3 as pure functions: a decoded record (or none) and `now` in,
+//! the outcome and the record to write out. No I/O, so it is tested on its own and applied
+//! many times inside one write transaction by the committer.
+
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Record, State};
+
+/// What `begin` should do with a key, decided from its current record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BeginStep {
+    /// Absent, dead, or in flight with an expired lease and the same fingerprint:
+    /// a write is needed ([`claim`]).
+    Claim,
+    /// Completed, alive, same fingerprint.
+    Replay,
+    /// In flight under a live lease, same fingerprint; nanoseconds left on the lease.
+    InFlight { retry_after: u64 },
+    /// Alive with another fingerprint.
+    Mismatch,
+}
+
+/// Decides `begin` (SPEC §3, first table) without changing anything.
+pub(crate) fn decide_begin(record: Option<&Record>, fp: &Fingerprint, now: u64) -> BeginStep {
+    let Some(record) = record.filter(|r| !r.is_dead(now)) else {
+        return BeginStep::Claim;
+    };
+    if !fp.ct_eq(&record.fingerprint) {
+        return BeginStep::Mismatch;
+    }
+    match record.state {
+        State::Completed { .. } => BeginStep::Replay,
+        State::InFlight {
+            lease_expires_at, ..
+        } if now < lease_expires_at => BeginStep::InFlight {
+            retry_after: lease_expires_at - now,
+        },
+        State::InFlight { .. } => BeginStep::Claim,
+    }
+}
+
+/// What a takeover hands to the new holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Takeover {
+    pub previous_token: u64,
+    pub attempt: u32,
+    pub checkpoint: Option<Vec<u8>>,
+}
+
+/// Claims a key for which [`decide_begin`] said [`BeginStep::Claim`], with a fresh `token`.
+/// Returns the record to store and, for a takeover of an expired lease, what it recovered.
+pub(crate) fn claim(
+    record: Option<&Record>,
+    fp: &Fingerprint,
+    token: u64,
+    now: u64,
+    ttl: u64,
+    lease: u64,
+) -> (Record, Option<Takeover>) {
+    let lease_expires_at = now.saturating_add(lease);
+    match record.filter(|r| !r.is_dead(now)).map(|r| (r.token, &r.state)) {
+        Some((
+            previous_token,
+            State::InFlight {
+                created_at,
+                ttl_deadline,
+                attempt,
+                checkpoint,
+                ..
+            },
+        )) => {
+            let attempt = attempt.saturating_add(1);
+            let record = Record {
+                fingerprint: *fp.as_bytes(),
+                token,
+                state: State::InFlight {
+                    created_at: *created_at,
+                    ttl_deadline: *ttl_deadline,
+                    lease_expires_at,
+                    attempt,
+                    checkpoint: checkpoint.clone(),
+                },
+            };
+            let takeover = Takeover {
+                previous_token,
+                attempt,
+                checkpoint: checkpoint.clone(),
+            };
+            (record, Some(takeover))
+        }
+        _ => (
+            Record {
+                fingerprint: *fp.as_bytes(),
+                token,
+                state: State::InFlight {
+                    created_at: now,
+                    ttl_deadline: now.saturating_add(ttl),
+                    lease_expires_at,
+                    attempt: 1,
+                    checkpoint: None,
+                },
+            },
+            None,
+        ),
+    }
+}
+
+/// An operation on a lease (SPEC §3, second table).
+#[derive(Clone, Debug)]
+pub(crate) enum LeaseAction {
+    /// In flight → completed with these response bytes.
+    Complete(Vec<u8>),
+    /// `lease_expires_at = now + nanos`.
+    Extend(u64),
+    /// Store a recovery point.
+    Checkpoint(Vec<u8>),
+    /// Delete the record.
+    Abandon,
+    /// Best-effort release on drop: `lease_expires_at = now`.
+    Release,
+}
+
+/// What a lease action does to the stored record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Transition {
+    /// Write this record.
+    Put(Record),
+    /// Delete the record.
+    Delete,
+}
+
+/// Applies `action` for the holder of `token`, or refuses with [`Error::LeaseLost`] when the
+/// record is absent, dead, completed, or carries another token.
+pub(crate) fn apply_lease(
+    record: Option<&Record>,
+    token: u64,
+    action: LeaseAction,
+    now: u64,
+    ttl: u64,
+) -> Result<Transition> {
+    let lost = Error::LeaseLost { token };
+    let Some(record) = record.filter(|r| !r.is_dead(now) && r.token == token) else {
+        return Err(lost);
+    };
+    let State::InFlight {
+        created_at,
+        ttl_deadline,
+        lease_expires_at,
+        attempt,
+        checkpoint,
+    } = &record.state
+    else {
+        return Err(lost);
+    };
+    let in_flight = |lease_expires_at: u64, checkpoint: Option<Vec<u8>>| {
+        Transition::Put(Record {
+            fingerprint: record.fingerprint,
+            token,
+            state: State::InFlight {
+                created_at: *created_at,
+                ttl_deadline: *ttl_deadline,
+                lease_expires_at,
+                attempt: *attempt,
+                checkpoint,
+            },
+        })
+    };
+    Ok(match action {
+        LeaseAction::Complete(response) => Transition::Put(Record {
+            fingerprint: record.fingerprint,
+            token,
+            state: State::Completed {
+                completed_at: now,
+                expires_at: now.saturating_add(ttl),
+                response,
+            },
+        }),
+        LeaseAction::Extend(by) => in_flight(now.saturating_add(by), checkpoint.clone()),
+        LeaseAction::Checkpoint(bytes) => in_flight(*lease_expires_at, Some(bytes)),
+        LeaseAction::Abandon => Transition::Delete,
+        LeaseAction::Release => in_flight((*lease_expires_at).min(now), checkpoint.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: u64 = 1_000;
+    const LEASE: u64 = 100;
+
+    fn fp(n: u8) -> Fingerprint {
+        Fingerprint::from_bytes([n; 32])
+    }
+
+    fn started(now: u64, token: u64) -> Record {
+        claim(None, &fp(1), token, now, TTL, LEASE).0
+    }
+
+    #[test]
+    fn absent_claims_fresh() {
+        assert_eq!(decide_begin(None, &fp(1), 0), BeginStep::Claim);
+        let (r, t) = claim(None, &fp(1), 1, 10, TTL, LEASE);
+        assert!(t.is_none());
+        assert_eq!(r.dies_at(), 10 + TTL);
+    }
+
+    #[test]
+    fn in_flight_rows() {
+        let r = started(0, 1);
+        assert_eq!(decide_begin(Some(&r), &fp(2), 5), BeginStep::Mismatch);
+        assert_eq!(
+            decide_begin(Some(&r), &fp(1), 5),
+            BeginStep::InFlight { retry_after: 95 }
+        );
+        assert_eq!(decide_begin(Some(&r), &fp(1), LEASE), BeginStep::Claim);
+        assert_eq!(decide_begin(Some(&r), &fp(2), LEASE), BeginStep::Mismatch);
+        let (r2, t) = claim(Some(&r), &fp(1), 2, LEASE, TTL, LEASE);
+        let t = t.expect("takeover");
+        assert_eq!((t.previous_token, t.attempt, t.checkpoint), (1, 2, None));
+        assert_eq!(r2.token, 2);
+        assert_eq!(r2.dies_at(), TTL, "created_at + ttl is kept");
+    }
+
+    #[test]
+    fn completed_rows() {
+        let r = started(0, 1);
+        let Transition::Put(done) =
+            apply_lease(Some(&r), 1, LeaseAction::Complete(b"ok".to_vec()), 50, TTL).unwrap()
+        else {
+            panic!("complete must put")
+        };
+        assert_eq!(decide_begin(Some(&done), &fp(1), 60), BeginStep::Replay);
+        assert_eq!(decide_begin(Some(&done), &fp(2), 60), BeginStep::Mismatch);
+        assert_eq!(decide_begin(Some(&done), &fp(1), 50 + TTL), BeginStep::Claim);
+    }
+
+    #[test]
+    fn fencing() {
+        let r = started(0, 1);
+        let (r2, _) = claim(Some(&r), &fp(1), 2, LEASE, TTL, LEASE);
+        for action in [
+            LeaseAction::Complete(vec![]),
+            LeaseAction::Extend(5),
+            LeaseAction::Checkpoint(vec![]),
+            LeaseAction::Abandon,
+            LeaseAction::Release,
+        ] {
+            assert!(matches!(
+                apply_lease(Some(&r2), 1, action.clone(), LEASE, TTL),
+                Err(Error::LeaseLost { token: 1 })
+            ));
+            assert!(apply_lease(None, 1, action, 0, TTL).is_err());
+        }
+    }
+
+    #[test]
+    fn complete_after_lease_ran_out_but_not_taken_over() {
+        let r = started(0, 1);
+        assert!(apply_lease(Some(&r), 1, LeaseAction::Complete(vec![]), LEASE * 5, TTL).is_ok());
+        assert!(apply_lease(Some(&r), 1, LeaseAction::Complete(vec![]), TTL, TTL).is_err());
+    }
+
+    #[test]
+    fn release_keeps_checkpoint_and_allows_takeover() {
+        let r = started(0, 1);
+        let Ok(Transition::Put(r)) =
+            apply_lease(Some(&r), 1, LeaseAction::Checkpoint(b"cp".to_vec()), 1, TTL)
+        else {
+            panic!()
+        };
+        let Ok(Transition::Put(r)) = apply_lease(Some(&r), 1, LeaseAction::Release, 2, TTL) else {
+            panic!()
+        };
+        assert_eq!(decide_begin(Some(&r), &fp(1), 2), BeginStep::Claim);
+        let (_, t) = claim(Some(&r), &fp(1), 2, 2, TTL, LEASE);
+        assert_eq!(t.unwrap().checkpoint.as_deref(), Some(&b"cp"[..]));
+    }
+
+    #[test]
+    fn extend_moves_death() {
+        let r = started(0, 1);
+        let Ok(Transition::Put(r)) = apply_lease(Some(&r), 1, LeaseAction::Extend(5 * TTL), 1, TTL)
+        else {
+            panic!()
+        };
+        assert_eq!(r.dies_at(), 1 + 5 * TTL);
+        assert!(!r.is_dead(TTL));
+    }
+}

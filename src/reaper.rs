@@ -1,0 +1,102 @@
+//! The background reaper: a named thread that deletes dead records every `reap_interval`,
+//! in batches of [`REAP_BATCH`] index entries, each its own write transaction (submitted
+//! through the committer, so foreground writes interleave between batches).
+//!
+//! It holds no handle to the store itself, only a [`Submitter`] and the counters, so it never
+//! keeps a store alive; [`Reaper::stop`] wakes it, waits for the batch under way (if any) and
+//! joins it.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use crate::committer::{Op, Reply, Submitter};
+use crate::error::{Error, Result};
+use crate::stats::{StatsCells, bump};
+
+/// Index entries visited per reaping transaction.
+pub(crate) const REAP_BATCH: usize = 1000;
+
+/// Runs reaping transactions until no dead record is left; returns how many were deleted.
+/// `keep_going` is asked before each batch.
+pub(crate) fn reap_all(
+    submitter: &Submitter,
+    stats: &StatsCells,
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<u64> {
+    let mut total = 0;
+    while keep_going() {
+        match submitter.submit(Op::Reap { limit: REAP_BATCH })? {
+            Reply::Reaped { deleted, more } => {
+                bump(&stats.reaped, deleted);
+                total += deleted;
+                if !more {
+                    break;
+                }
+            }
+            other => {
+                return Err(Error::corrupt(format!(
+                    "unexpected committer reply to a reap: {other:?}"
+                )));
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Handle of the reaper thread; stopping it (or dropping the handle) joins the thread.
+pub(crate) struct Reaper {
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Reaper {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the thread cannot be spawned.
+    pub fn spawn(
+        interval: Duration,
+        submitter: Submitter,
+        stats: Arc<StatsCells>,
+    ) -> Result<Reaper> {
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let handle = std::thread::Builder::new()
+            .name("idemstore-reaper".into())
+            .spawn(move || run(interval, &submitter, &stats, &stop_rx))
+            .map_err(|e| Error::storage("starting the reaper thread", e))?;
+        Ok(Reaper {
+            stop: Some(stop),
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread (within one batch) and joins it.
+    pub fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(interval: Duration, submitter: &Submitter, stats: &StatsCells, stop: &Receiver<()>) {
+    loop {
+        match stop.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let keep_going = || matches!(stop.try_recv(), Err(TryRecvError::Empty));
+        if reap_all(submitter, stats, keep_going).is_err() {
+            bump(&stats.reap_errors, 1);
+        }
+    }
+}

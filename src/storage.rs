@@ -1,0 +1,428 @@
+//! The redb layer: the file's tables, opening and format checks, and the reads and writes of
+//! records with their expiry index. Decisions are made by [`crate::machine`]; this module
+//! only moves records in and out of redb.
+//!
+//! # Tables
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"` | `b"idemstore"`, `u32` BE, `u64` BE |
+//! | `idemstore_records` | encoded [`Key`](crate::Key): scope length (1 byte), scope, id | a [`Record`] ([`crate::record`]) |
+//! | `idemstore_expiry` | death time (`u64` BE nanoseconds) followed by the record key | `()` |
+//!
+//! The expiry index holds exactly one entry per record, keyed by the record's death time,
+//! so the reaper walks dead records in time order and never scans live ones.
+
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, TableError, WriteTransaction,
+};
+
+use crate::error::{Error, Result};
+use crate::record::Record;
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
+pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> =
+    TableDefinition::new("idemstore_records");
+pub(crate) const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("idemstore_expiry");
+
+const MAGIC_KEY: &str = "magic";
+const MAGIC: &[u8] = b"idemstore";
+const VERSION_KEY: &str = "format_version";
+const TOKEN_KEY: &str = "last_token";
+/// The file format version this build writes and reads.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// redb's file signature (the first bytes of every redb file).
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+fn engine<E: std::error::Error + Send + Sync + 'static>(
+    context: &str,
+) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::storage(context, e)
+}
+
+/// Maps an open error of redb to ours.
+fn open_error(path: &Path, e: DatabaseError) -> Error {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            Error::AlreadyOpen {
+                path: path.to_owned(),
+            }
+        }
+        DatabaseError::UpgradeRequired(v) => Error::IncompatibleFormat {
+            reason: format!("redb file format {v} is not supported by this build"),
+        },
+        DatabaseError::Storage(redb::StorageError::Corrupted(reason)) => Error::corrupt(reason),
+        other => Error::storage(format!("opening {}", path.display()), other),
+    }
+}
+
+/// Runs a redb call that may panic on a damaged file; a panic becomes [`Error::Corrupt`].
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(Error::corrupt(format!(
+            "the storage engine failed while {what} (damaged file)"
+        )))
+    })
+}
+
+/// What the format check found.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// A store of ours.
+    Ours,
+    /// A redb file without any table: a new store (or one whose creation was interrupted).
+    Empty,
+}
+
+/// Checks a meta table's marker and version.
+fn check_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Found> {
+    let read = |k: &str| -> Result<Option<Vec<u8>>> {
+        Ok(meta
+            .get(k)
+            .map_err(|e| Error::storage("reading the meta table", e))?
+            .map(|v| v.value().to_vec()))
+    };
+    if read(MAGIC_KEY)?.as_deref() != Some(MAGIC) {
+        return Err(Error::IncompatibleFormat {
+            reason: "the redb file was not written by idemstore (no idemstore marker)".into(),
+        });
+    }
+    let version = read(VERSION_KEY)?
+        .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| Error::corrupt("the format version is missing from the meta table"))?;
+    if version != FORMAT_VERSION {
+        return Err(Error::IncompatibleFormat {
+            reason: format!(
+                "the file has format version {version}, this build of idemstore reads version \
+                 {FORMAT_VERSION}{}",
+                if version > FORMAT_VERSION {
+                    " (upgrade idemstore)"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
+    Ok(Found::Ours)
+}
+
+/// Maps "no such table"/"wrong table type" to a foreign-file error.
+fn table_error(e: TableError) -> Error {
+    match e {
+        TableError::TableDoesNotExist(_)
+        | TableError::TableTypeMismatch { .. }
+        | TableError::TableIsMultimap(_)
+        | TableError::TypeDefinitionChanged { .. } => Error::IncompatibleFormat {
+            reason: "the redb file was not written by idemstore (its tables differ)".into(),
+        },
+        other => Error::storage("opening a table", other),
+    }
+}
+
+/// Checks a read-only snapshot: ours, empty, or an error.
+fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
+    let txn = db.begin_read().map_err(engine("starting a read"))?;
+    let tables = txn
+        .list_tables()
+        .map_err(|e| Error::storage("listing tables", e))?
+        .count()
+        + txn
+            .list_multimap_tables()
+            .map_err(|e| Error::storage("listing tables", e))?
+            .count();
+    if tables == 0 {
+        return Ok(Found::Empty);
+    }
+    let meta = txn.open_table(META).map_err(table_error)?;
+    check_meta(&meta)?;
+    txn.open_table(RECORDS).map_err(table_error)?;
+    txn.open_table(EXPIRY).map_err(table_error)?;
+    Ok(Found::Ours)
+}
+
+/// Opens (or creates) the store file at `path`.
+///
+/// A file that exists and is not empty is first checked through a read-only open, which does
+/// not modify it (a read-write open of redb rewrites the header). Only a redb file that needs
+/// crash recovery cannot be checked that way: it is repaired by the read-write open first and
+/// checked afterwards.
+pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
+    let io_err = |what: &str, e: std::io::Error| Error::storage(format!("{what} {}", path.display()), e);
+    if path.is_dir() {
+        return Err(io_err(
+            "opening",
+            std::io::Error::other("the path is a directory; give a file path"),
+        ));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(io_err(
+            "opening",
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the parent directory does not exist; create it first",
+            ),
+        ));
+    }
+    let existing_len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err("inspecting", e)),
+    };
+    let mut repaired = false;
+    if existing_len > 0 {
+        let mut head = [0u8; REDB_MAGIC.len()];
+        let mut f = std::fs::File::open(path).map_err(|e| io_err("reading", e))?;
+        let n = read_up_to(&mut f, &mut head).map_err(|e| io_err("reading", e))?;
+        if n < head.len() || head != REDB_MAGIC {
+            return Err(Error::IncompatibleFormat {
+                reason: "the file is not a redb database".into(),
+            });
+        }
+        drop(f);
+        let checked = guarded("checking the file", || {
+            let ro = redb::Builder::new()
+                .set_cache_size(1 << 20)
+                .open_read_only(path);
+            match ro {
+                Ok(ro) => {
+                    let found = check_read(&ro);
+                    let _ = ro.close();
+                    found.map(Some)
+                }
+                Err(DatabaseError::RepairAborted) => Ok(None),
+                Err(e) => Err(open_error(path, e)),
+            }
+        })?;
+        repaired = checked.is_none();
+    }
+
+    let file = {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        options.open(path).map_err(|e| io_err("opening", e))?
+    };
+    let backend = redb::backends::FileBackend::new(file).map_err(|e| open_error(path, e))?;
+    let db = guarded("opening the file", || {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create_with_backend(backend)
+            .map_err(|e| open_error(path, e))
+    })?;
+    if repaired {
+        // Recovery had to modify the file before it could be checked.
+        guarded("checking the recovered file", || check_read(&db))?;
+    }
+    Ok(db)
+}
+
+fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Creates an in-memory store database.
+pub(crate) fn open_memory(cache_bytes: usize) -> Result<Database> {
+    redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create_with_backend(redb::backends::InMemoryBackend::new())
+        .map_err(|e| Error::storage("creating an in-memory database", e))
+}
+
+/// Writes the meta table and creates the tables of a new store, or checks an existing one.
+/// Always commits durably.
+pub(crate) fn initialize(db: &Database) -> Result<()> {
+    let txn = db.begin_write().map_err(engine("starting a write"))?;
+    {
+        let mut meta = txn.open_table(META).map_err(table_error)?;
+        let fresh = meta
+            .get(MAGIC_KEY)
+            .map_err(|e| Error::storage("reading the meta table", e))?
+            .is_none()
+            && meta.len().map_err(|e| Error::storage("reading the meta table", e))? == 0;
+        if fresh {
+            let put = |meta: &mut Table<&str, &[u8]>, k: &str, v: &[u8]| {
+                meta.insert(k, v)
+                    .map(|_| ())
+                    .map_err(|e| Error::storage("writing the meta table", e))
+            };
+            put(&mut meta, MAGIC_KEY, MAGIC)?;
+            put(&mut meta, VERSION_KEY, &FORMAT_VERSION.to_be_bytes())?;
+            put(&mut meta, TOKEN_KEY, &0u64.to_be_bytes())?;
+        } else {
+            check_meta(&meta)?;
+        }
+        txn.open_table(RECORDS).map_err(table_error)?;
+        txn.open_table(EXPIRY).map_err(table_error)?;
+    }
+    txn.commit()
+        .map_err(|e| Error::storage("creating the store's tables", e))
+}
+
+/// Reads one record in a read transaction.
+pub(crate) fn read_record(db: &Database, key: &[u8]) -> Result<Option<Record>> {
+    let txn = db.begin_read().map_err(engine("starting a read"))?;
+    let table = txn.open_table(RECORDS).map_err(table_error)?;
+    let value = table
+        .get(key)
+        .map_err(|e| Error::storage("reading a record", e))?;
+    value.map(|v| Record::decode(v.value())).transpose()
+}
+
+/// The store's tables, opened inside one write transaction.
+pub(crate) struct WriteTables<'t> {
+    records: Table<'t, &'static [u8], &'static [u8]>,
+    expiry: Table<'t, &'static [u8], ()>,
+    meta: Table<'t, &'static str, &'static [u8]>,
+    last_token: Option<u64>,
+}
+
+fn expiry_key(dies_at: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&dies_at.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+impl<'t> WriteTables<'t> {
+    /// Opens the tables in `txn`.
+    pub fn open(txn: &'t WriteTransaction) -> Result<WriteTables<'t>> {
+        Ok(WriteTables {
+            records: txn.open_table(RECORDS).map_err(table_error)?,
+            expiry: txn.open_table(EXPIRY).map_err(table_error)?,
+            meta: txn.open_table(META).map_err(table_error)?,
+            last_token: None,
+        })
+    }
+
+    /// The record of `key`, as written by earlier operations of this transaction.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Record>> {
+        let value = self
+            .records
+            .get(key)
+            .map_err(|e| Error::storage("reading a record", e))?;
+        value.map(|v| Record::decode(v.value())).transpose()
+    }
+
+    /// Writes `record` under `key`, moving its expiry index entry from `old`'s death time.
+    pub fn put(&mut self, key: &[u8], old: Option<&Record>, record: &Record) -> Result<()> {
+        let dies_at = record.dies_at();
+        if let Some(old) = old
+            && old.dies_at() != dies_at
+        {
+            self.unindex(key, old.dies_at())?;
+        }
+        self.records
+            .insert(key, record.encode().as_slice())
+            .map_err(|e| Error::storage("writing a record", e))?;
+        self.expiry
+            .insert(expiry_key(dies_at, key).as_slice(), ())
+            .map_err(|e| Error::storage("writing the expiry index", e))?;
+        Ok(())
+    }
+
+    /// Deletes the record of `key` and its expiry index entry.
+    pub fn delete(&mut self, key: &[u8], old: &Record) -> Result<()> {
+        self.records
+            .remove(key)
+            .map_err(|e| Error::storage("deleting a record", e))?;
+        self.unindex(key, old.dies_at())
+    }
+
+    fn unindex(&mut self, key: &[u8], dies_at: u64) -> Result<()> {
+        self.expiry
+            .remove(expiry_key(dies_at, key).as_slice())
+            .map_err(|e| Error::storage("updating the expiry index", e))?;
+        Ok(())
+    }
+
+    /// Allocates the next fencing token: the persisted counter, bumped in this transaction.
+    pub fn next_token(&mut self) -> Result<u64> {
+        let last = match self.last_token {
+            Some(t) => t,
+            None => {
+                let v = self
+                    .meta
+                    .get(TOKEN_KEY)
+                    .map_err(|e| Error::storage("reading the token counter", e))?
+                    .ok_or_else(|| Error::corrupt("the fencing-token counter is missing"))?;
+                let bytes = <[u8; 8]>::try_from(v.value())
+                    .map_err(|_| Error::corrupt("the fencing-token counter is malformed"))?;
+                u64::from_be_bytes(bytes)
+            }
+        };
+        let next = last
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt("the fencing-token counter is exhausted"))?;
+        self.meta
+            .insert(TOKEN_KEY, next.to_be_bytes().as_slice())
+            .map_err(|e| Error::storage("writing the token counter", e))?;
+        self.last_token = Some(next);
+        Ok(next)
+    }
+
+    /// Deletes the records dead at `now`, visiting at most `limit` index entries, oldest death
+    /// first. Returns how many records were deleted and whether the limit was reached (more
+    /// may be due). Cost: O(entries visited), never a scan of live records.
+    pub fn reap(&mut self, now: u64, limit: usize) -> Result<(u64, bool)> {
+        let mut due: Vec<(u64, Vec<u8>)> = Vec::new();
+        {
+            let iter = self
+                .expiry
+                .iter()
+                .map_err(|e| Error::storage("reading the expiry index", e))?;
+            for entry in iter.take(limit) {
+                let (k, _) = entry.map_err(|e| Error::storage("reading the expiry index", e))?;
+                let k = k.value();
+                let Some((at, key)) = k.split_first_chunk::<8>() else {
+                    return Err(Error::corrupt("expiry index entry shorter than 8 bytes"));
+                };
+                let dies_at = u64::from_be_bytes(*at);
+                if dies_at > now {
+                    break;
+                }
+                due.push((dies_at, key.to_vec()));
+            }
+        }
+        let more = due.len() == limit;
+        let mut deleted = 0;
+        for (dies_at, key) in due {
+            self.unindex(&key, dies_at)?;
+            // Delete only what is really dead; a record whose death moved keeps its other entry.
+            let dead = match self.get(&key) {
+                Ok(Some(r)) => r.dies_at() == dies_at && r.is_dead(now),
+                Ok(None) => false,
+                // A damaged record that the index says is dead: removing it is the safe choice.
+                Err(Error::Corrupt { .. }) => true,
+                Err(e) => return Err(e),
+            };
+            if dead {
+                self.records
+                    .remove(key.as_slice())
+                    .map_err(|e| Error::storage("deleting a record", e))?;
+                deleted += 1;
+            }
+        }
+        Ok((deleted, more))
+    }
+}

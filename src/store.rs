@@ -1,0 +1,458 @@
+//! [`Store`] and its [`Builder`]: opening, the read path of `begin`/`get`, and shutdown.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use redb::Database;
+
+use crate::clock::{Clock, SystemClock, duration_nanos, to_nanos};
+use crate::committer::{Committer, Op, Reply, Submitter};
+use crate::config::{
+    DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
+    DEFAULT_TTL, Durability, MAX_RESPONSE_LIMIT, Settings,
+};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::lease::Lease;
+use crate::machine::{self, BeginStep};
+use crate::outcome::{Begin, Completed, Entry, Recovered};
+use crate::reaper::{self, Reaper};
+use crate::stats::{Stats, StatsCells, bump};
+use crate::storage;
+
+/// An idempotency-key store on one redb file.
+///
+/// Cheap to clone: clones share one store (an `Arc` inside). Share it by cloning, don't wrap
+/// it in a lock. It is `Send + Sync`.
+///
+/// ```
+/// use idemstore::{Begin, Fingerprint, Key, Store};
+///
+/// let store = Store::builder().open_in_memory()?;
+/// let key = Key::new("tenant-42", "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11")?;
+/// let fp = Fingerprint::of(b"POST /v1/charges amount=100");
+///
+/// let Begin::Started(lease) = store.begin(&key, &fp)? else { unreachable!() };
+/// lease.complete(b"charge ch_1 created")?;
+///
+/// match store.begin(&key, &fp)? {
+///     Begin::Replay(done) => assert_eq!(done.response(), b"charge ch_1 created"),
+///     other => panic!("expected a replay, got {other:?}"),
+/// }
+/// store.close()?;
+/// # Ok::<(), idemstore::Error>(())
+/// ```
+///
+/// # Durability
+///
+/// With [`Durability::Immediate`] (the default), a `begin` that returns `Started`, and every
+/// lease operation that returns `Ok`, is on disk (fsync'd) before it returns. Concurrent
+/// writers share fsyncs (group commit). An `Err` from a write is an unknown outcome: the
+/// store then refuses writes with [`Error::Poisoned`] until it is reopened.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    engine: RwLock<Option<Engine>>,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+    pub(crate) stats: Arc<StatsCells>,
+    path: Option<PathBuf>,
+}
+
+struct Engine {
+    db: Arc<Database>,
+    committer: Committer,
+    submitter: Submitter,
+    reaper: Option<Reaper>,
+}
+
+impl Inner {
+    /// Runs `f` on the open database; [`Error::Closed`] after close.
+    fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        let guard = self.engine.read();
+        let engine = guard.as_ref().ok_or(Error::Closed)?;
+        f(&engine.db)
+    }
+
+    /// Sends a write to the committer and waits for its answer.
+    pub(crate) fn submit(&self, op: Op) -> Result<Reply> {
+        let submitter = {
+            let guard = self.engine.read();
+            guard.as_ref().ok_or(Error::Closed)?.submitter.clone()
+        };
+        submitter.submit(op)
+    }
+
+    fn now(&self) -> u64 {
+        to_nanos(self.clock.now())
+    }
+
+    /// Stops the reaper and the committer, joins both, and closes the file.
+    fn shutdown(&self) -> Result<()> {
+        let Some(mut engine) = self.engine.write().take() else {
+            return Ok(());
+        };
+        if let Some(reaper) = engine.reaper.as_mut() {
+            reaper.stop();
+        }
+        engine.committer.shutdown();
+        let Engine { db, .. } = engine;
+        match Arc::try_unwrap(db) {
+            Ok(db) => db
+                .close()
+                .map_err(|e| Error::storage("closing the database", e)),
+            // Unreachable: readers hold the lock, the committer was joined.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` with the default settings and starts the reaper.
+    ///
+    /// # Errors
+    /// As [`Builder::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Store> {
+        Store::builder().open(path)
+    }
+
+    /// A builder to choose settings.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// Asks what to do with a request carrying `key`, whose request fingerprint is `fp`
+    /// (SPEC §3): run it ([`Begin::Started`], with a [`Lease`]), replay the stored response
+    /// ([`Begin::Replay`]), answer 409 ([`Begin::InFlight`]) or 422 ([`Begin::Mismatch`]).
+    ///
+    /// Only `Started` writes (one durable commit, shared with concurrent writers); the other
+    /// answers come from a read transaction.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`]/[`Error::Poisoned`] when the
+    /// claim could not be written (unknown outcome: retry after reopening), [`Error::Closed`].
+    pub fn begin(&self, key: &Key, fp: &Fingerprint) -> Result<Begin> {
+        let encoded = key.encode();
+        let current = self
+            .inner
+            .read(|db| storage::read_record(db, &encoded))?;
+        let reply = match machine::decide_begin(current.as_ref(), fp, self.inner.now()) {
+            BeginStep::Claim => self.inner.submit(Op::Begin {
+                key: encoded.clone(),
+                fp: *fp,
+                lease: self.inner.settings.lease,
+            })?,
+            BeginStep::Replay => Reply::Replay(
+                current.ok_or_else(|| Error::corrupt("replay decided without a record"))?,
+            ),
+            BeginStep::InFlight { retry_after } => Reply::InFlight { retry_after },
+            BeginStep::Mismatch => Reply::Mismatch,
+        };
+        let stats = &self.inner.stats;
+        Ok(match reply {
+            Reply::Started {
+                token,
+                lease_expires_at,
+                takeover,
+            } => {
+                bump(&stats.started, 1);
+                let recovered = takeover.map(|t| {
+                    bump(&stats.takeovers, 1);
+                    Recovered {
+                        previous_token: t.previous_token,
+                        attempt: t.attempt,
+                        checkpoint: t.checkpoint,
+                    }
+                });
+                Begin::Started(Lease::new(
+                    self.clone(),
+                    key.clone(),
+                    encoded,
+                    token,
+                    lease_expires_at,
+                    recovered,
+                ))
+            }
+            Reply::Replay(record) => {
+                bump(&stats.replayed, 1);
+                Begin::Replay(
+                    Completed::from_record(record)
+                        .ok_or_else(|| Error::corrupt("replay of an in-flight record"))?,
+                )
+            }
+            Reply::InFlight { retry_after } => {
+                bump(&stats.in_flight_conflicts, 1);
+                Begin::InFlight {
+                    retry_after: Duration::from_nanos(retry_after),
+                }
+            }
+            Reply::Mismatch => {
+                bump(&stats.mismatches, 1);
+                Begin::Mismatch
+            }
+            other => {
+                return Err(Error::corrupt(format!(
+                    "unexpected committer reply to begin: {other:?}"
+                )));
+            }
+        })
+    }
+
+    /// The live record of `key`, or `None` when it is absent or dead. Read-only.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
+    pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
+        let record = self
+            .inner
+            .read(|db| storage::read_record(db, &key.encode()))?;
+        let now = self.inner.now();
+        Ok(record.filter(|r| !r.is_dead(now)).map(Entry::from_record))
+    }
+
+    /// Runs reaping passes now until no dead record is left, each pass its own small write
+    /// transaction. Returns how many records were deleted.
+    ///
+    /// # Errors
+    /// [`Error::Storage`], [`Error::Poisoned`], [`Error::Closed`].
+    pub fn reap(&self) -> Result<u64> {
+        let submitter = {
+            let guard = self.inner.engine.read();
+            guard.as_ref().ok_or(Error::Closed)?.submitter.clone()
+        };
+        reaper::reap_all(&submitter, &self.inner.stats, || true)
+    }
+
+    /// The counters since the store was opened.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
+    }
+
+    /// The file this store was opened from (`None` in memory).
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    /// Stops and joins the reaper and the committer and releases the file: a new `open` of
+    /// it succeeds once this returns. Every clone of this store, and every lease, then gets
+    /// [`Error::Closed`]. Dropping the last clone does the same, silently.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the storage engine failed to close the file cleanly.
+    pub fn close(self) -> Result<()> {
+        self.inner.shutdown()
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+/// Chooses a store's settings; made by [`Store::builder`]. Every setter documents its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use idemstore::{Durability, Store};
+///
+/// let store = Store::builder()
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .lease(Duration::from_secs(30))
+///     .reap_interval(Some(Duration::from_secs(60)))
+///     .max_response_bytes(4 << 20)
+///     .durability(Durability::Immediate)
+///     .open_in_memory()?;
+/// # Ok::<(), idemstore::Error>(())
+/// ```
+#[must_use = "call open(path) or open_in_memory()"]
+pub struct Builder {
+    ttl: Duration,
+    lease: Duration,
+    reap_interval: Option<Duration>,
+    max_response_bytes: usize,
+    durability: Durability,
+    clock: Arc<dyn Clock>,
+    cache_bytes: usize,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
+            reap_interval: Some(DEFAULT_REAP_INTERVAL),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            durability: Durability::Immediate,
+            clock: Arc::new(SystemClock),
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field("reap_interval", &self.reap_interval)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("durability", &self.durability)
+            .field("cache_bytes", &self.cache_bytes)
+            .finish()
+    }
+}
+
+impl Builder {
+    /// How long a record lives. Default 24 h. Must be greater than zero. Stored deadlines
+    /// are computed when written: reopening with another ttl changes only later writes.
+    pub fn ttl(mut self, ttl: Duration) -> Builder {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The lease `begin` grants. Default 30 s. Must be greater than zero.
+    pub fn lease(mut self, lease: Duration) -> Builder {
+        self.lease = lease;
+        self
+    }
+
+    /// How often the reaper thread deletes dead records. Default `Some(60 s)`; `None` starts
+    /// no thread (call [`Store::reap`] yourself). Dead records are absent either way.
+    pub fn reap_interval(mut self, interval: Option<Duration>) -> Builder {
+        self.reap_interval = interval;
+        self
+    }
+
+    /// Largest response (and checkpoint) accepted, in bytes. Default 4 MiB, at most 1 GiB.
+    pub fn max_response_bytes(mut self, max: usize) -> Builder {
+        self.max_response_bytes = max;
+        self
+    }
+
+    /// Whether writes are fsync'd before they are acknowledged. Default [`Durability::Immediate`].
+    pub fn durability(mut self, durability: Durability) -> Builder {
+        self.durability = durability;
+        self
+    }
+
+    /// Where time comes from. Default [`SystemClock`]; use a [`ManualClock`](crate::ManualClock)
+    /// in tests.
+    pub fn clock(mut self, clock: impl Clock) -> Builder {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Memory for the storage engine's page cache, in bytes. Default 32 MiB (redb's own
+    /// default is 1 GiB).
+    pub fn cache_bytes(mut self, bytes: usize) -> Builder {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    fn settings(&self) -> Result<Settings> {
+        if self.ttl.is_zero() {
+            return Err(Error::config("ttl must be greater than zero"));
+        }
+        if self.lease.is_zero() {
+            return Err(Error::config("lease must be greater than zero"));
+        }
+        if self.reap_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::config(
+                "reap_interval must be greater than zero (use None for no reaper thread)",
+            ));
+        }
+        if self.max_response_bytes > MAX_RESPONSE_LIMIT {
+            return Err(Error::config(format!(
+                "max_response_bytes is {}, at most {MAX_RESPONSE_LIMIT} (1 GiB) is supported",
+                self.max_response_bytes
+            )));
+        }
+        Ok(Settings {
+            ttl: duration_nanos(self.ttl),
+            lease: duration_nanos(self.lease),
+            max_response_bytes: self.max_response_bytes,
+            durability: self.durability,
+        })
+    }
+
+    /// Opens the store file at `path`, creating it (mode 0600 on Unix) when it is missing or
+    /// empty, and starts the reaper thread.
+    ///
+    /// # Errors
+    /// * [`Error::InvalidConfig`] for a bad setting.
+    /// * [`Error::AlreadyOpen`] when the file is open in this or another process.
+    /// * [`Error::IncompatibleFormat`] for a file that is not an idemstore store of this
+    ///   format version (a foreign redb file, another kind of file, a newer format): the file
+    ///   is checked read-only first and not modified.
+    /// * [`Error::Corrupt`] for a damaged file.
+    /// * [`Error::Storage`] for a directory, a missing parent directory, missing permissions
+    ///   or another I/O failure.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
+        let settings = self.settings()?;
+        let path = path.as_ref();
+        let db = storage::open_file(path, self.cache_bytes)?;
+        storage::initialize(&db)?;
+        self.start(db, settings, Some(path.to_owned()))
+    }
+
+    /// Opens a new, empty store held in memory (nothing survives `close`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a bad setting; [`Error::Storage`] if a thread cannot start.
+    pub fn open_in_memory(self) -> Result<Store> {
+        let settings = self.settings()?;
+        let db = storage::open_memory(self.cache_bytes)?;
+        storage::initialize(&db)?;
+        self.start(db, settings, None)
+    }
+
+    fn start(self, db: Database, settings: Settings, path: Option<PathBuf>) -> Result<Store> {
+        let db = Arc::new(db);
+        let stats = Arc::new(StatsCells::default());
+        let committer = Committer::spawn(db.clone(), self.clock.clone(), settings)?;
+        let submitter = committer.submitter();
+        let reaper = self
+            .reap_interval
+            .map(|every| Reaper::spawn(every, submitter.clone(), stats.clone()))
+            .transpose()?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                engine: RwLock::new(Some(Engine {
+                    db,
+                    committer,
+                    submitter,
+                    reaper,
+                })),
+                clock: self.clock,
+                settings,
+                stats,
+                path,
+            }),
+        })
+    }
+}
