@@ -32,7 +32,7 @@
 //! # Ok::<(), idemstore::Error>(())
 //! ```
 //!
-//! The layout of the source follows the design: [`machine`](crate) holds the pure state
+//! The layout of the source follows the design: `machine` holds the pure state
 //! transitions, `record` the stored codec, `storage` the redb tables, `committer` the group
 //! commit thread, `reaper` the TTL reaper, `clock`, `fingerprint`, `key` and `error` the rest.
 #![deny(missing_docs)]
@@ -65,3 +65,8 @@ pub use lease::Lease;
 pub use outcome::{Begin, Completed, Entry, Recovered};
 pub use stats::Stats;
 pub use store::{Builder, Store};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
