@@ -2,6 +2,7 @@
 //! timestamp arithmetic (nanoseconds since the Unix epoch, saturating, never panicking).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -68,6 +69,32 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
         *self.now.lock()
+    }
+}
+
+/// The store's view of a [`Clock`]: it never goes backwards. It returns the latest time read
+/// so far when the wrapped clock is behind it, so a record once seen dead stays dead and no
+/// deadline passes before `now` has reached it (SPEC §6, the clock going backwards).
+pub(crate) struct Monotonic {
+    clock: Arc<dyn Clock>,
+    /// The latest time read, in nanoseconds since the Unix epoch.
+    latest: AtomicU64,
+}
+
+impl Monotonic {
+    pub(crate) fn new(clock: Arc<dyn Clock>) -> Monotonic {
+        Monotonic {
+            clock,
+            latest: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Clock for Monotonic {
+    fn now(&self) -> SystemTime {
+        let now = to_nanos(self.clock.now());
+        let latest = self.latest.fetch_max(now, Ordering::AcqRel);
+        from_nanos(latest.max(now))
     }
 }
 

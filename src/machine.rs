@@ -178,7 +178,7 @@ pub(crate) fn apply_lease(
         LeaseAction::Extend(by) => in_flight(now.saturating_add(by), checkpoint.clone()),
         LeaseAction::Checkpoint(bytes) => in_flight(*lease_expires_at, Some(bytes)),
         LeaseAction::Abandon => Transition::Delete,
-        LeaseAction::Release => in_flight((*lease_expires_at).min(now), checkpoint.clone()),
+        LeaseAction::Release => in_flight(now, checkpoint.clone()),
     })
 }
 

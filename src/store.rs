@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use redb::Database;
 
-use crate::clock::{Clock, SystemClock, duration_nanos, to_nanos};
+use crate::clock::{Clock, Monotonic, SystemClock, duration_nanos, to_nanos};
 use crate::committer::{Committer, Op, Reply, Submitter};
 use crate::config::{
     DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
@@ -434,7 +434,9 @@ impl Builder {
     fn start(self, db: Database, settings: Settings, path: Option<PathBuf>) -> Result<Store> {
         let db = Arc::new(db);
         let stats = Arc::new(StatsCells::default());
-        let committer = Committer::spawn(db.clone(), self.clock.clone(), settings)?;
+        // Both the read path and the committer see one clock that never goes backwards.
+        let clock: Arc<dyn Clock> = Arc::new(Monotonic::new(self.clock));
+        let committer = Committer::spawn(db.clone(), clock.clone(), settings)?;
         let submitter = committer.submitter();
         let reaper = self
             .reap_interval
@@ -448,7 +450,7 @@ impl Builder {
                     submitter,
                     reaper,
                 })),
-                clock: self.clock,
+                clock,
                 settings,
                 stats,
                 path,

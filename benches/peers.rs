@@ -1,0 +1,306 @@
+//! Peers and baselines for idemstore's write path, shared by `benches/` and
+//! `examples/compare.rs`. None of this is in the library.
+//!
+//! Every peer runs the same workload: a *cycle* is `begin` (claim an absent key: read it,
+//! allocate a fencing token, write an in-flight record) followed by `complete` (re-read,
+//! check the token, write the completed record with a 200-byte response), each durable
+//! before it returns.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use idemstore::{Begin, Durability, Fingerprint, Key, Store};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+/// The response stored by every cycle.
+pub const RESPONSE: [u8; 200] = [b'r'; 200];
+
+/// One way of running cycles. `cycle(thread, i)` must use a key no other call uses.
+pub trait Peer: Send + Sync {
+    /// Runs one begin + complete cycle on a fresh key.
+    fn cycle(&self, thread: usize, i: u64);
+}
+
+/// A unique key id for `(thread, i)`.
+pub fn key_id(thread: usize, i: u64) -> String {
+    format!("{thread:04}-{i:012}-6a1f4c1e-8e1c-4c36-9d51")
+}
+
+/// idemstore itself, file store, `Durability::Immediate`.
+pub struct Idem {
+    pub store: Store,
+}
+
+impl Idem {
+    pub fn open(path: &Path) -> Idem {
+        let store = Store::builder()
+            .durability(Durability::Immediate)
+            .reap_interval(None)
+            .open(path)
+            .expect("open idemstore");
+        Idem { store }
+    }
+}
+
+impl Peer for Idem {
+    fn cycle(&self, thread: usize, i: u64) {
+        let key = Key::new("bench", &key_id(thread, i)).expect("key");
+        let fp = Fingerprint::of(key.id());
+        match self.store.begin(&key, &fp).expect("begin") {
+            Begin::Started(lease) => {
+                lease.complete(&RESPONSE).expect("complete");
+            }
+            other => panic!("fresh key did not start: {other:?}"),
+        }
+    }
+}
+
+const N_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
+const N_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
+const N_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The naive baseline: the same transitions with one durable redb write transaction per
+/// operation (what you get without group commit).
+pub struct NaiveRedb {
+    db: Database,
+}
+
+fn naive_record(state: u8, token: u64, deadline: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(58 + body.len());
+    v.push(1);
+    v.push(state);
+    v.extend_from_slice(&[7u8; 32]);
+    v.extend_from_slice(&token.to_be_bytes());
+    v.extend_from_slice(&deadline.to_be_bytes());
+    v.extend_from_slice(&deadline.to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn expiry_key(deadline: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = deadline.to_be_bytes().to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+impl NaiveRedb {
+    pub fn open(path: &Path) -> NaiveRedb {
+        let db = redb::Builder::new()
+            .set_cache_size(32 << 20)
+            .create(path)
+            .expect("create redb");
+        let txn = db.begin_write().expect("write");
+        {
+            txn.open_table(N_RECORDS).expect("table");
+            txn.open_table(N_EXPIRY).expect("table");
+            txn.open_table(N_META).expect("table");
+        }
+        txn.commit().expect("commit");
+        NaiveRedb { db }
+    }
+
+    /// begin: read the key, claim it with a new token; one durable commit.
+    pub fn begin(&self, key: &[u8]) -> u64 {
+        let txn = self.db.begin_write().expect("write");
+        let token;
+        {
+            let mut records = txn.open_table(N_RECORDS).expect("table");
+            let mut expiry = txn.open_table(N_EXPIRY).expect("table");
+            let mut meta = txn.open_table(N_META).expect("table");
+            assert!(records.get(key).expect("get").is_none(), "fresh key");
+            token = meta.get("token").expect("get").map_or(0, |v| v.value()) + 1;
+            meta.insert("token", token).expect("insert");
+            let deadline = 86_400_000_000_000u64 + token;
+            records
+                .insert(key, naive_record(1, token, deadline, &[]).as_slice())
+                .expect("insert");
+            expiry
+                .insert(expiry_key(deadline, key).as_slice(), ())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+        token
+    }
+
+    /// complete: re-read, check the token, write the completed record; one durable commit.
+    pub fn complete(&self, key: &[u8], token: u64, response: &[u8]) {
+        let txn = self.db.begin_write().expect("write");
+        {
+            let mut records = txn.open_table(N_RECORDS).expect("table");
+            let mut expiry = txn.open_table(N_EXPIRY).expect("table");
+            let old = records.get(key).expect("get").expect("in flight").value().to_vec();
+            assert_eq!(old[34..42], token.to_be_bytes(), "fenced");
+            let old_deadline = 86_400_000_000_000u64 + token;
+            expiry
+                .remove(expiry_key(old_deadline, key).as_slice())
+                .expect("remove");
+            let deadline = old_deadline + 1;
+            records
+                .insert(key, naive_record(2, token, deadline, response).as_slice())
+                .expect("insert");
+            expiry
+                .insert(expiry_key(deadline, key).as_slice(), ())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+
+    /// A read transaction per lookup (the raw replay baseline).
+    pub fn lookup(&self, key: &[u8]) -> usize {
+        let txn = self.db.begin_read().expect("read");
+        let records = txn.open_table(N_RECORDS).expect("table");
+        records.get(key).expect("get").map_or(0, |v| v.value().len())
+    }
+}
+
+impl Peer for NaiveRedb {
+    fn cycle(&self, thread: usize, i: u64) {
+        let key = key_id(thread, i);
+        let token = self.begin(key.as_bytes());
+        self.complete(key.as_bytes(), token, &RESPONSE);
+    }
+}
+
+/// SQLite through rusqlite (bundled): WAL, `synchronous=FULL`, a connection per thread,
+/// the same transitions in `BEGIN IMMEDIATE` transactions.
+pub struct Sqlite {
+    path: std::path::PathBuf,
+    conns: Vec<parking_lot::Mutex<rusqlite::Connection>>,
+}
+
+impl Sqlite {
+    pub fn open(path: &Path, threads: usize) -> Sqlite {
+        let open = || {
+            let c = rusqlite::Connection::open(path).expect("sqlite open");
+            c.busy_timeout(std::time::Duration::from_secs(30))
+                .expect("busy timeout");
+            c.pragma_update(None, "journal_mode", "WAL").expect("wal");
+            c.pragma_update(None, "synchronous", "FULL").expect("sync");
+            c
+        };
+        let first = open();
+        first
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS records (key BLOB PRIMARY KEY, state INTEGER, token INTEGER, deadline INTEGER, body BLOB);
+                 CREATE INDEX IF NOT EXISTS by_deadline ON records(deadline);
+                 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
+                 INSERT OR IGNORE INTO meta VALUES ('token', 0);",
+            )
+            .expect("schema");
+        let mut conns = vec![parking_lot::Mutex::new(first)];
+        while conns.len() < threads {
+            conns.push(parking_lot::Mutex::new(open()));
+        }
+        Sqlite {
+            path: path.to_owned(),
+            conns,
+        }
+    }
+}
+
+impl Peer for Sqlite {
+    fn cycle(&self, thread: usize, i: u64) {
+        let key = key_id(thread, i);
+        let mut c = self.conns[thread % self.conns.len()].lock();
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .expect("begin");
+        let exists: bool = tx
+            .query_row("SELECT 1 FROM records WHERE key = ?1", [key.as_bytes()], |_| Ok(()))
+            .is_ok();
+        assert!(!exists, "fresh key");
+        let token: i64 = tx
+            .query_row("UPDATE meta SET v = v + 1 WHERE k = 'token' RETURNING v", [], |r| r.get(0))
+            .expect("token");
+        tx.execute(
+            "INSERT INTO records VALUES (?1, 1, ?2, ?3, NULL)",
+            rusqlite::params![key.as_bytes(), token, 86_400i64 + token],
+        )
+        .expect("insert");
+        tx.commit().expect("commit");
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .expect("begin");
+        let t: i64 = tx
+            .query_row("SELECT token FROM records WHERE key = ?1", [key.as_bytes()], |r| r.get(0))
+            .expect("in flight");
+        assert_eq!(t, token, "fenced");
+        tx.execute(
+            "UPDATE records SET state = 2, deadline = ?2, body = ?3 WHERE key = ?1",
+            rusqlite::params![key.as_bytes(), 86_401i64 + token, &RESPONSE[..]],
+        )
+        .expect("update");
+        tx.commit().expect("commit");
+    }
+}
+
+/// The ceiling: raw redb, one thread, 64 record writes per durable commit (32 begins and
+/// 32 completes of the same shape), no channel, no reads. Returns cycles done.
+pub fn raw_batch_ceiling(path: &Path, seconds: f64) -> (u64, f64) {
+    let db = NaiveRedb::open(path);
+    let start = std::time::Instant::now();
+    let mut cycles = 0u64;
+    let mut token = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        let txn = db.db.begin_write().expect("write");
+        {
+            let mut records = txn.open_table(N_RECORDS).expect("table");
+            let mut expiry = txn.open_table(N_EXPIRY).expect("table");
+            let mut meta = txn.open_table(N_META).expect("table");
+            for _ in 0..32 {
+                token += 1;
+                let key = key_id(0, token);
+                let deadline = 86_400_000_000_000u64 + token;
+                meta.insert("token", token).expect("insert");
+                records
+                    .insert(key.as_bytes(), naive_record(1, token, deadline, &[]).as_slice())
+                    .expect("insert");
+                expiry
+                    .insert(expiry_key(deadline, key.as_bytes()).as_slice(), ())
+                    .expect("insert");
+                expiry
+                    .remove(expiry_key(deadline, key.as_bytes()).as_slice())
+                    .expect("remove");
+                records
+                    .insert(
+                        key.as_bytes(),
+                        naive_record(2, token, deadline + 1, &RESPONSE).as_slice(),
+                    )
+                    .expect("insert");
+                expiry
+                    .insert(expiry_key(deadline + 1, key.as_bytes()).as_slice(), ())
+                    .expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+        cycles += 32;
+    }
+    (cycles, start.elapsed().as_secs_f64())
+}
+
+/// Runs `threads` callers against `peer` for about `seconds`; returns cycles and elapsed seconds.
+pub fn run_cycles(peer: &dyn Peer, threads: usize, seconds: f64) -> (u64, f64) {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let done = &done;
+            let stop = &stop;
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    peer.cycle(t, i);
+                    i += 1;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+    });
+    (done.load(Ordering::Relaxed), start.elapsed().as_secs_f64())
+}

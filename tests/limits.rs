@@ -1,0 +1,619 @@
+//! SPEC §6 (inputs and limits) and the refusals of §4.7: keys, sizes, settings, the file,
+//! double opens, use after close, overflowing durations and a clock that goes backwards.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use common::*;
+use idemstore::{Begin, Durability, Error, Key, Store};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+const NS: Duration = Duration::from_nanos(1);
+
+#[track_caller]
+fn assert_invalid_key(scope: &str, id: &str) {
+    match Key::new(scope, id) {
+        Err(Error::InvalidKey { reason }) => {
+            assert!(!reason.is_empty(), "InvalidKey must carry a reason");
+        }
+        other => panic!("Key::new({scope:?}, {id:?}): expected InvalidKey, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_valid_key(scope: &str, id: &str) {
+    let k = Key::new(scope, id).unwrap_or_else(|e| panic!("Key::new({scope:?}, {id:?}): {e}"));
+    assert_eq!((k.scope(), k.id()), (scope, id));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys
+
+#[test]
+fn id_rules() {
+    assert_invalid_key("s", "");
+    assert_invalid_key("s", &"x".repeat(256));
+    assert_valid_key("s", &"x".repeat(255));
+    assert_valid_key("s", "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11");
+    // Printable ASCII is 0x20..=0x7E: both ends are allowed.
+    assert_valid_key("s", " !");
+    assert_valid_key("s", "~");
+    assert_valid_key("s", " a ");
+    for bad in ["a\n", "\tab", "a\x7f", "\x1f", "a\0b", "caf\u{e9}", "\u{1F600}"] {
+        assert_invalid_key("s", bad);
+    }
+    // Only spaces.
+    assert_invalid_key("s", " ");
+    assert_invalid_key("s", &" ".repeat(255));
+}
+
+#[test]
+fn scope_rules() {
+    assert_valid_key("", "id");
+    assert_valid_key(&"s".repeat(255), "id");
+    assert_invalid_key(&"s".repeat(256), "id");
+    // Any UTF-8, counted in bytes: 85 × '€' (3 bytes) = 255 bytes is fine, 86 is not.
+    assert_valid_key(&"€".repeat(85), "id");
+    assert_invalid_key(&"€".repeat(86), "id");
+    assert_valid_key("tenant \n\t\0 ünïcode", "id");
+}
+
+#[test]
+fn key_parts_cannot_run_into_each_other() {
+    for_each_store(|t| {
+        let store = &t.store;
+        let a = Key::new("a", "bc").unwrap();
+        let b = Key::new("ab", "c").unwrap();
+        assert_ne!(a, b);
+        let f = fp("body");
+        started(store, &a, &f).complete(b"a/bc").unwrap();
+        assert_eq!(store.get(&b).unwrap(), None);
+        let lb = started(store, &b, &f);
+        assert!(lb.recovered().is_none());
+        lb.complete(b"ab/c").unwrap();
+        assert_eq!(replay(store, &a, &f).response(), b"a/bc");
+        assert_eq!(replay(store, &b, &f).response(), b"ab/c");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response and checkpoint size
+
+const SMALL_MAX: usize = 64;
+
+#[test]
+fn response_at_the_limit_is_stored() {
+    for_each_store_with(
+        |b| b.max_response_bytes(SMALL_MAX),
+        |t| {
+            let k = key("at-limit");
+            let f = fp("body");
+            let body = noise(SMALL_MAX, 1);
+            let mut lease = started(&t.store, &k, &f);
+            lease.checkpoint(&body).unwrap();
+            lease.complete(&body).unwrap();
+            assert_eq!(replay(&t.store, &k, &f).response(), &body[..]);
+        },
+    );
+}
+
+#[test]
+fn too_large_complete_stores_nothing_and_releases_the_lease() {
+    for_each_store_with(
+        |b| b.max_response_bytes(SMALL_MAX),
+        |t| {
+            let (store, clock) = (&t.store, &t.clock);
+            let k = key("too-large-complete");
+            let f = fp("body");
+            let mut lease = started(store, &k, &f);
+            lease.checkpoint(b"cp").unwrap();
+            let token = lease.token();
+            let before = get_in_flight(store, &k);
+            clock.advance(Duration::from_secs(3));
+            let now = idemstore::Clock::now(clock);
+
+            match lease.complete(&noise(SMALL_MAX + 1, 2)) {
+                Err(Error::ResponseTooLarge { len, max }) => {
+                    assert_eq!((len, max), (SMALL_MAX + 1, SMALL_MAX));
+                }
+                other => panic!("expected ResponseTooLarge, got {other:?}"),
+            }
+            // Nothing stored: still in flight, same token and checkpoint, lease released.
+            let e = get_in_flight(store, &k);
+            assert_eq!(
+                InFlightView {
+                    lease_expires_at: before.lease_expires_at,
+                    ..e.clone()
+                },
+                before
+            );
+            assert_eq!(e.lease_expires_at, now, "released as on drop");
+
+            // The next begin takes over at once, with the last checkpoint.
+            let next = started(store, &k, &f);
+            let rec = next.recovered().expect("a takeover");
+            assert_eq!(rec.previous_token(), token);
+            assert_eq!(rec.attempt(), 2);
+            assert_eq!(rec.checkpoint(), Some(&b"cp"[..]));
+            next.complete(b"small").unwrap();
+            assert_eq!(replay(store, &k, &f).response(), b"small");
+        },
+    );
+}
+
+#[test]
+fn too_large_checkpoint_stores_nothing_and_keeps_the_lease() {
+    for_each_store_with(
+        |b| b.max_response_bytes(SMALL_MAX),
+        |t| {
+            let store = &t.store;
+            let k = key("too-large-checkpoint");
+            let f = fp("body");
+            let mut lease = started(store, &k, &f);
+            lease.checkpoint(b"good").unwrap();
+            let before = store.get(&k).unwrap();
+
+            match lease.checkpoint(&noise(SMALL_MAX + 1, 3)) {
+                Err(Error::ResponseTooLarge { len, max }) => {
+                    assert_eq!((len, max), (SMALL_MAX + 1, SMALL_MAX));
+                }
+                other => panic!("expected ResponseTooLarge, got {other:?}"),
+            }
+            assert_eq!(store.get(&k).unwrap(), before, "nothing stored");
+            // The lease is kept: others get 409, the holder can go on.
+            assert_eq!(in_flight(store, &k, &f), LEASE);
+            lease.checkpoint(b"better").unwrap();
+            lease.complete(b"done").unwrap();
+            assert_eq!(replay(store, &k, &f).response(), b"done");
+        },
+    );
+}
+
+#[test]
+fn default_limit_is_four_mebibytes() {
+    for_each_store(|t| {
+        let store = &t.store;
+        let f = fp("body");
+        let max = 4 << 20;
+        let mut lease = started(store, &key("default-limit"), &f);
+        assert!(matches!(
+            lease.checkpoint(&vec![7u8; max + 1]),
+            Err(Error::ResponseTooLarge { len, max: m }) if len == max + 1 && m == max
+        ));
+        let big = noise(max, 4);
+        let done = lease.complete(&big).unwrap();
+        assert_eq!(done.response().len(), max);
+        assert_eq!(replay(store, &key("default-limit"), &f).response(), &big[..]);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+#[test]
+fn zero_ttl_or_lease_is_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("never.redb");
+    let clock = clock();
+    for (what, b) in [
+        ("ttl", builder(&clock).ttl(Duration::ZERO)),
+        ("lease", builder(&clock).lease(Duration::ZERO)),
+    ] {
+        assert!(
+            matches!(b.open_in_memory(), Err(Error::InvalidConfig { .. })),
+            "{what} 0 in memory"
+        );
+    }
+    for (what, b) in [
+        ("ttl", builder(&clock).ttl(Duration::ZERO)),
+        ("lease", builder(&clock).lease(Duration::ZERO)),
+    ] {
+        match b.open(&path) {
+            Err(Error::InvalidConfig { reason }) => assert!(reason.contains(what), "{reason}"),
+            other => panic!("{what} 0 on a file: expected InvalidConfig, got {other:?}"),
+        }
+        assert!(!path.exists(), "a refused open must not create the file");
+    }
+    // The smallest positive values are accepted.
+    builder(&clock)
+        .ttl(NS)
+        .lease(NS)
+        .open_in_memory()
+        .unwrap()
+        .close()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file
+
+fn use_store(store: &Store) {
+    let k = key("probe");
+    let f = fp("probe");
+    started(store, &k, &f).complete(b"probe").unwrap();
+    assert_eq!(replay(store, &k, &f).response(), b"probe");
+}
+
+#[test]
+fn a_missing_file_becomes_a_new_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.redb");
+    assert!(!path.exists());
+    let store = builder(&clock()).open(&path).unwrap();
+    assert!(path.exists());
+    use_store(&store);
+    store.close().unwrap();
+    // And it is a store of ours afterwards.
+    let store = builder(&clock()).open(&path).unwrap();
+    assert_eq!(replay(&store, &key("probe"), &fp("probe")).response(), b"probe");
+    store.close().unwrap();
+}
+
+#[test]
+fn a_zero_byte_file_becomes_a_new_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.redb");
+    std::fs::write(&path, b"").unwrap();
+    let store = builder(&clock()).open(&path).unwrap();
+    use_store(&store);
+    store.close().unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() > 0);
+    let store = builder(&clock()).open(&path).unwrap();
+    assert_eq!(replay(&store, &key("probe"), &fp("probe")).response(), b"probe");
+    store.close().unwrap();
+}
+
+#[track_caller]
+fn assert_storage(r: Result<Store, Error>) {
+    match r {
+        Err(e @ Error::Storage { .. }) => {
+            assert!(std::error::Error::source(&e).is_some(), "{e}");
+        }
+        other => panic!("expected Error::Storage, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_directory_or_a_missing_parent_is_a_storage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_storage(builder(&clock()).open(dir.path()));
+    assert!(dir.path().is_dir());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    let missing = dir.path().join("no-such-dir").join("store.redb");
+    assert_storage(builder(&clock()).open(&missing));
+    assert!(!missing.parent().unwrap().exists(), "the parent is not created");
+}
+
+/// Opens `path`, which must be refused with `IncompatibleFormat`, and checks that the file's
+/// bytes did not change.
+#[track_caller]
+fn assert_refused_unchanged(path: &Path) {
+    let before = std::fs::read(path).unwrap();
+    match builder(&clock()).open(path) {
+        Err(Error::IncompatibleFormat { reason }) => assert!(!reason.is_empty()),
+        other => panic!("expected IncompatibleFormat, got {other:?}"),
+    }
+    // Also through the default builder (reaper thread on).
+    assert!(matches!(
+        Store::open(path),
+        Err(Error::IncompatibleFormat { .. })
+    ));
+    let after = std::fs::read(path).unwrap();
+    assert!(before == after, "a refused file must not be modified");
+}
+
+#[test]
+fn a_file_that_is_not_redb_is_incompatible_and_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let random = dir.path().join("random.bin");
+    std::fs::write(&random, noise(64 * 1024, 42)).unwrap();
+    assert_refused_unchanged(&random);
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "just some text\nnot a database\n").unwrap();
+    assert_refused_unchanged(&text);
+
+    let one = dir.path().join("one-byte");
+    std::fs::write(&one, b"r").unwrap();
+    assert_refused_unchanged(&one);
+}
+
+#[test]
+fn a_redb_file_of_another_program_is_incompatible_and_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: TableDefinition<&str, u64> = TableDefinition::new("their_table");
+            let mut table = txn.open_table(def).unwrap();
+            table.insert("answer", 42).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    assert_refused_unchanged(&path);
+
+    // Their data is still there and readable.
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let def: TableDefinition<&str, u64> = TableDefinition::new("their_table");
+    let table = txn.open_table(def).unwrap();
+    assert_eq!(table.get("answer").unwrap().unwrap().value(), 42);
+}
+
+#[test]
+fn a_redb_file_with_a_meta_table_of_ours_but_no_marker_is_incompatible() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lookalike.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
+            let mut table = txn.open_table(def).unwrap();
+            table.insert("something", &b"else"[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    assert_refused_unchanged(&path);
+}
+
+/// Creates a store file, closes it, and overwrites its format version with `version`.
+fn store_with_format_version(path: &Path, version: u32) {
+    let store = builder(&clock()).open(path).unwrap();
+    use_store(&store);
+    store.close().unwrap();
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let def: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
+        let mut meta = txn.open_table(def).unwrap();
+        let old = meta.get("format_version").unwrap().unwrap().value().to_vec();
+        assert_eq!(old, 1u32.to_be_bytes(), "this build writes format version 1");
+        meta.insert("format_version", &version.to_be_bytes()[..])
+            .unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_store_of_another_format_version_is_incompatible_and_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let newer = dir.path().join("newer.redb");
+    store_with_format_version(&newer, 2);
+    assert_refused_unchanged(&newer);
+
+    let older = dir.path().join("older.redb");
+    store_with_format_version(&older, 0);
+    assert_refused_unchanged(&older);
+
+    // Control: the same steps with version 1 give a file we open.
+    let same = dir.path().join("same.redb");
+    store_with_format_version(&same, 1);
+    let store = builder(&clock()).open(&same).unwrap();
+    assert_eq!(replay(&store, &key("probe"), &fp("probe")).response(), b"probe");
+    store.close().unwrap();
+}
+
+#[test]
+fn opening_the_same_file_twice_is_already_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("twice.redb");
+    let first = builder(&clock()).open(&path).unwrap();
+    use_store(&first);
+    for attempt in 0..2 {
+        match builder(&clock()).open(&path) {
+            Err(Error::AlreadyOpen { path: p }) => assert_eq!(p, path),
+            other => panic!("attempt {attempt}: expected AlreadyOpen, got {other:?}"),
+        }
+    }
+    assert!(matches!(Store::open(&path), Err(Error::AlreadyOpen { .. })));
+    // The first store is unharmed.
+    assert_eq!(replay(&first, &key("probe"), &fp("probe")).response(), b"probe");
+    let l = started(&first, &key("after"), &fp("x"));
+    l.complete(b"fine").unwrap();
+
+    // close() releases the file: a new open succeeds and sees the data.
+    first.close().unwrap();
+    let second = builder(&clock()).open(&path).unwrap();
+    assert_eq!(replay(&second, &key("after"), &fp("x")).response(), b"fine");
+
+    // Dropping the last clone releases it as well.
+    let clone = second.clone();
+    drop(second);
+    assert!(matches!(
+        builder(&clock()).open(&path),
+        Err(Error::AlreadyOpen { .. })
+    ));
+    drop(clone);
+    let third = builder(&clock()).open(&path).unwrap();
+    third.close().unwrap();
+}
+
+#[test]
+fn clones_and_leases_used_after_close_get_closed() {
+    for kind in [Kind::Memory, Kind::File] {
+        let t = open(kind, |b| b);
+        let store = t.store.clone();
+        let k = key("closed");
+        let f = fp("body");
+        started(&store, &key("done"), &f).complete(b"x").unwrap();
+        let mut l1 = started(&store, &k, &f);
+        let l2 = started(&store, &key("closed-2"), &f);
+        let l3 = started(&store, &key("closed-3"), &f);
+        let l4 = started(&store, &key("closed-4"), &f);
+        let clone = store.clone();
+        store.close().unwrap();
+
+        let closed = |r: Result<(), Error>, what: &str| {
+            assert!(
+                matches!(r, Err(Error::Closed)),
+                "{kind:?} {what}: expected Closed, got {r:?}"
+            );
+        };
+        closed(clone.begin(&k, &f).map(|_| ()), "begin");
+        closed(clone.begin(&key("new"), &f).map(|_| ()), "begin new");
+        closed(clone.get(&key("done")).map(|_| ()), "get");
+        closed(clone.reap().map(|_| ()), "reap");
+        closed(l1.extend(Duration::from_secs(1)), "extend");
+        closed(l1.checkpoint(b"cp"), "checkpoint");
+        closed(l2.complete(b"x").map(|_| ()), "complete");
+        closed(l3.abandon(), "abandon");
+        drop(l4); // a silent no-op
+        drop(l1);
+        let _ = clone.stats();
+        // The test store handle is a clone too.
+        closed(t.store.get(&k).map(|_| ()), "get on another clone");
+        // Closing again is harmless.
+        clone.close().unwrap();
+
+        if kind == Kind::File {
+            // The file was released and holds what was acknowledged before close.
+            let store = builder(&t.clock).open(t.path()).unwrap();
+            assert_eq!(replay(&store, &key("done"), &f).response(), b"x");
+            assert_eq!(in_flight(&store, &k, &f), LEASE);
+            store.close().unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time edge cases
+
+#[test]
+fn durations_that_overflow_system_time_do_not_panic() {
+    for_each_store_with(
+        |b| b.ttl(Duration::MAX).lease(Duration::MAX),
+        |t| {
+            let (store, clock) = (&t.store, &t.clock);
+            let k = key("forever");
+            let f = fp("body");
+            let mut lease = started(store, &k, &f);
+            let _ = lease.expires_at();
+            assert!(in_flight(store, &k, &f) > Duration::from_secs(100 * 365 * 24 * 3600));
+            lease.extend(Duration::MAX).unwrap();
+            lease.checkpoint(b"cp").unwrap();
+            let _ = get_in_flight(store, &k);
+            let done = lease.complete(b"kept forever").unwrap();
+            let _ = (done.completed_at(), done.expires_at());
+            assert!(done.expires_at() > done.completed_at());
+
+            // Hundreds of years later it is still alive.
+            clock.advance(Duration::from_secs(300 * 365 * 24 * 3600));
+            assert_eq!(replay(store, &k, &f).response(), b"kept forever");
+            assert_eq!(store.reap().unwrap(), 0);
+            // A clock past what nanoseconds since 1970 can hold: no panic.
+            clock.advance(Duration::from_secs(400 * 365 * 24 * 3600));
+            let _ = store.get(&k).unwrap();
+            let _ = store.begin(&k, &f).unwrap();
+            let _ = store.begin(&key("late"), &f).unwrap();
+            let _ = store.reap().unwrap();
+        },
+    );
+    // A huge extend on a store with ordinary settings, and a clock before 1970.
+    for_each_store(|t| {
+        let (store, clock) = (&t.store, &t.clock);
+        let mut lease = started(store, &key("huge-extend"), &fp("b"));
+        lease.extend(Duration::MAX).unwrap();
+        assert!(in_flight(store, &key("huge-extend"), &fp("b")) > TTL);
+        lease.complete(b"ok").unwrap();
+        clock.set(UNIX_EPOCH - Duration::from_secs(3600));
+        let _ = store.get(&key("huge-extend")).unwrap();
+        if let Begin::Started(l) = store.begin(&key("pre-epoch"), &fp("b")).unwrap() {
+            let _ = l.complete(b"x");
+        }
+        let _ = store.reap().unwrap();
+    });
+}
+
+#[test]
+fn a_clock_going_backwards_does_not_resurrect_a_dead_record() {
+    for_each_store(|t| {
+        let (store, clock) = (&t.store, &t.clock);
+        let k = key("no-resurrection");
+        let f = fp("body");
+        let done = started(store, &k, &f).complete(b"old").unwrap();
+        clock.set(done.expires_at());
+        assert_eq!(store.get(&k).unwrap(), None, "dead at expires_at");
+
+        // The clock jumps back before the death time: the record stays dead.
+        clock.set(done.completed_at() + Duration::from_secs(1));
+        assert_eq!(store.get(&k).unwrap(), None, "{:?}: resurrected by get", t.kind);
+        match store.begin(&k, &f).unwrap() {
+            Begin::Started(l) => {
+                assert!(l.recovered().is_none());
+                l.abandon().unwrap();
+            }
+            other => panic!("{:?}: a dead record came back: {other:?}", t.kind),
+        }
+
+        // The same for an in-flight record whose holder crashed.
+        let k2 = key("no-resurrection-in-flight");
+        let t1 = done.expires_at() + Duration::from_secs(10);
+        clock.set(t1);
+        std::mem::forget(started(store, &k2, &f));
+        clock.set(t1 + TTL);
+        assert_eq!(store.get(&k2).unwrap(), None);
+        clock.set(t1 + Duration::from_secs(1));
+        assert_eq!(store.get(&k2).unwrap(), None, "{:?}", t.kind);
+        mismatch_is_not_returned(store, &k2);
+    });
+}
+
+fn mismatch_is_not_returned(store: &Store, k: &Key) {
+    match store.begin(k, &fp("another body")).unwrap() {
+        Begin::Started(l) => {
+            assert!(l.recovered().is_none());
+            l.abandon().unwrap();
+        }
+        other => panic!("a dead in-flight record came back: {other:?}"),
+    }
+}
+
+#[test]
+fn a_clock_going_backwards_does_not_expire_anything_early() {
+    for_each_store(|t| {
+        let (store, clock) = (&t.store, &t.clock);
+        let f = fp("body");
+        let t0 = idemstore::Clock::now(clock);
+        let kl = key("lease-after-jump");
+        let kc = key("completed-after-jump");
+        let lease = started(store, &kl, &f);
+        let lease_end = lease.expires_at();
+        std::mem::forget(lease);
+        let done = started(store, &kc, &f).complete(b"kept").unwrap();
+
+        // Back by an hour, then forward again to just before each deadline.
+        clock.set(t0 - Duration::from_secs(3600));
+        assert!(in_flight(store, &kl, &f) >= NS);
+        assert_eq!(replay(store, &kc, &f).response(), b"kept");
+        assert_eq!(store.reap().unwrap(), 0);
+
+        clock.set(lease_end - NS);
+        assert!(in_flight(store, &kl, &f) >= NS, "the lease is still live");
+        clock.set(done.expires_at() - NS);
+        assert_eq!(replay(store, &kc, &f).response(), b"kept");
+        assert_eq!(store.reap().unwrap(), 0);
+        assert!(store.get(&kl).unwrap().is_some());
+
+        // A lease granted while the clock is behind does not run out before its own end.
+        clock.set(t0 - Duration::from_secs(7200));
+        let k3 = key("granted-behind");
+        std::mem::forget(started(store, &k3, &f));
+        clock.set(t0 - Duration::from_secs(7200) + LEASE - NS);
+        assert!(in_flight(store, &k3, &f) >= NS);
+    });
+}
+
+#[test]
+fn durability_none_is_accepted() {
+    // Settings other than the defaults open fine on both backends.
+    for_each_store_with(
+        |b| b.durability(Durability::None),
+        |t| use_store(&t.store),
+    );
+}
