@@ -22,6 +22,11 @@ pub const RESPONSE: [u8; 200] = [b'r'; 200];
 pub trait Peer: Send + Sync {
     /// Runs one begin + complete cycle on a fresh key.
     fn cycle(&self, thread: usize, i: u64);
+
+    /// Anything worth printing after a run.
+    fn note(&self) -> String {
+        String::new()
+    }
 }
 
 /// A unique key id for `(thread, i)`.
@@ -55,6 +60,15 @@ impl Peer for Idem {
             }
             other => panic!("fresh key did not start: {other:?}"),
         }
+    }
+
+    fn note(&self) -> String {
+        let s = self.store.stats();
+        format!(
+            "({} commits, {:.1} ops per commit)",
+            s.commits,
+            s.committed_ops as f64 / s.commits.max(1) as f64
+        )
     }
 }
 
@@ -131,7 +145,12 @@ impl NaiveRedb {
         {
             let mut records = txn.open_table(N_RECORDS).expect("table");
             let mut expiry = txn.open_table(N_EXPIRY).expect("table");
-            let old = records.get(key).expect("get").expect("in flight").value().to_vec();
+            let old = records
+                .get(key)
+                .expect("get")
+                .expect("in flight")
+                .value()
+                .to_vec();
             assert_eq!(old[34..42], token.to_be_bytes(), "fenced");
             let old_deadline = 86_400_000_000_000u64 + token;
             expiry
@@ -152,7 +171,10 @@ impl NaiveRedb {
     pub fn lookup(&self, key: &[u8]) -> usize {
         let txn = self.db.begin_read().expect("read");
         let records = txn.open_table(N_RECORDS).expect("table");
-        records.get(key).expect("get").map_or(0, |v| v.value().len())
+        records
+            .get(key)
+            .expect("get")
+            .map_or(0, |v| v.value().len())
     }
 }
 
@@ -209,11 +231,19 @@ impl Peer for Sqlite {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .expect("begin");
         let exists: bool = tx
-            .query_row("SELECT 1 FROM records WHERE key = ?1", [key.as_bytes()], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM records WHERE key = ?1",
+                [key.as_bytes()],
+                |_| Ok(()),
+            )
             .is_ok();
         assert!(!exists, "fresh key");
         let token: i64 = tx
-            .query_row("UPDATE meta SET v = v + 1 WHERE k = 'token' RETURNING v", [], |r| r.get(0))
+            .query_row(
+                "UPDATE meta SET v = v + 1 WHERE k = 'token' RETURNING v",
+                [],
+                |r| r.get(0),
+            )
             .expect("token");
         tx.execute(
             "INSERT INTO records VALUES (?1, 1, ?2, ?3, NULL)",
@@ -225,7 +255,11 @@ impl Peer for Sqlite {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .expect("begin");
         let t: i64 = tx
-            .query_row("SELECT token FROM records WHERE key = ?1", [key.as_bytes()], |r| r.get(0))
+            .query_row(
+                "SELECT token FROM records WHERE key = ?1",
+                [key.as_bytes()],
+                |r| r.get(0),
+            )
             .expect("in flight");
         assert_eq!(t, token, "fenced");
         tx.execute(
@@ -256,7 +290,10 @@ pub fn raw_batch_ceiling(path: &Path, seconds: f64) -> (u64, f64) {
                 let deadline = 86_400_000_000_000u64 + token;
                 meta.insert("token", token).expect("insert");
                 records
-                    .insert(key.as_bytes(), naive_record(1, token, deadline, &[]).as_slice())
+                    .insert(
+                        key.as_bytes(),
+                        naive_record(1, token, deadline, &[]).as_slice(),
+                    )
                     .expect("insert");
                 expiry
                     .insert(expiry_key(deadline, key.as_bytes()).as_slice(), ())

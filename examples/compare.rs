@@ -72,7 +72,10 @@ fn main() {
             let peer = make(n, &path);
             let (cycles, secs) = run_cycles(peer.as_ref(), n, a.seconds);
             let rate = cycles as f64 / secs;
-            eprintln!("  {name:<22} {n:>3} callers: {rate:>10.0} cycles/s");
+            eprintln!(
+                "  {name:<22} {n:>3} callers: {rate:>10.0} cycles/s {}",
+                peer.note()
+            );
             out.push(rate);
         }
         out
@@ -193,11 +196,9 @@ fn replay(a: &Args, dir: &std::path::Path) {
 /// Redis with `appendfsync always`, 16 connections per caller count (SET NX then SET XX),
 /// if a server answers on localhost. Not started by this program.
 fn redis_cycles(a: &Args) -> Option<Vec<f64>> {
-    let mut probe = TcpStream::connect_timeout(
-        &"127.0.0.1:6379".parse().ok()?,
-        Duration::from_millis(200),
-    )
-    .ok()?;
+    let mut probe =
+        TcpStream::connect_timeout(&"127.0.0.1:6379".parse().ok()?, Duration::from_millis(200))
+            .ok()?;
     redis_cmd(&mut probe, &["CONFIG", "SET", "appendonly", "yes"])?;
     redis_cmd(&mut probe, &["CONFIG", "SET", "appendfsync", "always"])?;
     let mut out = Vec::new();

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::machine::{self, BeginStep, LeaseAction, Takeover, Transition};
 use crate::record::Record;
+use crate::stats::{StatsCells, bump};
 use crate::storage::WriteTables;
 
 /// Most operations applied in one write transaction.
@@ -100,6 +101,7 @@ struct Worker {
     db: Arc<Database>,
     clock: Arc<dyn Clock>,
     settings: Settings,
+    stats: Arc<StatsCells>,
     poisoned: AtomicBool,
 }
 
@@ -112,12 +114,14 @@ impl Committer {
         db: Arc<Database>,
         clock: Arc<dyn Clock>,
         settings: Settings,
-        ) -> Result<Committer> {
+        stats: Arc<StatsCells>,
+    ) -> Result<Committer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let worker = Worker {
             db,
             clock,
             settings,
+            stats,
             poisoned: AtomicBool::new(false),
         };
         let handle = std::thread::Builder::new()
@@ -175,6 +179,10 @@ impl Worker {
             if stop {
                 break;
             }
+            // Let the callers just answered run and queue their next operation before the
+            // next batch is taken: fuller batches, fewer fsyncs. Not a timed wait: with no
+            // other runnable thread this returns at once.
+            std::thread::yield_now();
         }
         self.flush_on_close();
     }
@@ -237,6 +245,8 @@ impl Worker {
             self.poisoned.store(true, Ordering::Release);
             return Err(Error::storage("committing a write (outcome unknown)", e));
         }
+        bump(&self.stats.commits, 1);
+        bump(&self.stats.committed_ops, results.len() as u64);
         Ok(results)
     }
 
@@ -257,9 +267,11 @@ impl Worker {
                             takeover,
                         })
                     }
-                    BeginStep::Replay => Ok(Reply::Replay(current.ok_or_else(|| {
-                        Error::corrupt("replay decided without a record")
-                    })?)),
+                    BeginStep::Replay => {
+                        Ok(Reply::Replay(current.ok_or_else(|| {
+                            Error::corrupt("replay decided without a record")
+                        })?))
+                    }
                     BeginStep::InFlight { retry_after } => Ok(Reply::InFlight { retry_after }),
                     BeginStep::Mismatch => Ok(Reply::Mismatch),
                 }

@@ -87,6 +87,26 @@ impl Record {
         now >= self.dies_at()
     }
 
+    /// The death time of an encoded record, reading only its fixed-size fields (the reaper's
+    /// check, without copying the response).
+    pub fn peek_dies_at(bytes: &[u8]) -> Result<u64> {
+        let mut r = Reader { bytes, pos: 0 };
+        if r.u8()? != RECORD_VERSION {
+            return Err(Error::corrupt("record codec version"));
+        }
+        let tag = r.u8()?;
+        // Fingerprint, token, and created_at / completed_at.
+        r.take(48)?;
+        let deadline = r.u64()?;
+        match tag {
+            // max(ttl_deadline, lease_expires_at)
+            STATE_IN_FLIGHT => Ok(deadline.max(r.u64()?)),
+            // expires_at
+            STATE_COMPLETED => Ok(deadline),
+            other => Err(Error::corrupt(format!("record state tag {other}"))),
+        }
+    }
+
     /// Encodes the record (format above).
     pub fn encode(&self) -> Vec<u8> {
         let payload = match &self.state {
@@ -287,6 +307,7 @@ mod tests {
         ] {
             let bytes = r.encode();
             assert_eq!(Record::decode(&bytes).unwrap(), r);
+            assert_eq!(Record::peek_dies_at(&bytes).unwrap(), r.dies_at());
             for cut in 0..bytes.len() {
                 assert!(matches!(
                     Record::decode(&bytes[..cut]),

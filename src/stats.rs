@@ -30,6 +30,10 @@ pub struct Stats {
     pub reaped: u64,
     /// Reaper passes that failed (the error is not retried until the next interval).
     pub reap_errors: u64,
+    /// Write transactions committed by the group committer.
+    pub commits: u64,
+    /// Operations applied in those transactions; `committed_ops / commits` is the mean batch size.
+    pub committed_ops: u64,
 }
 
 macro_rules! cells {
@@ -61,6 +65,8 @@ cells!(
     leases_lost,
     reaped,
     reap_errors,
+    commits,
+    committed_ops,
 );
 
 /// Adds `n` to a counter.

@@ -154,9 +154,7 @@ impl Store {
     /// claim could not be written (unknown outcome: retry after reopening), [`Error::Closed`].
     pub fn begin(&self, key: &Key, fp: &Fingerprint) -> Result<Begin> {
         let encoded = key.encode();
-        let current = self
-            .inner
-            .read(|db| storage::read_record(db, &encoded))?;
+        let current = self.inner.read(|db| storage::read_record(db, &encoded))?;
         let reply = match machine::decide_begin(current.as_ref(), fp, self.inner.now()) {
             BeginStep::Claim => self.inner.submit(Op::Begin {
                 key: encoded.clone(),
@@ -436,7 +434,7 @@ impl Builder {
         let stats = Arc::new(StatsCells::default());
         // Both the read path and the committer see one clock that never goes backwards.
         let clock: Arc<dyn Clock> = Arc::new(Monotonic::new(self.clock));
-        let committer = Committer::spawn(db.clone(), clock.clone(), settings)?;
+        let committer = Committer::spawn(db.clone(), clock.clone(), settings, stats.clone())?;
         let submitter = committer.submitter();
         let reaper = self
             .reap_interval
