@@ -280,13 +280,17 @@ pub(crate) fn initialize(db: &Database) -> Result<()> {
 }
 
 /// Reads one record in a read transaction.
+///
+/// Guarded: if the engine panics on a damaged page, the caller gets [`Error::Corrupt`].
 pub(crate) fn read_record(db: &Database, key: &[u8]) -> Result<Option<Record>> {
-    let txn = db.begin_read().map_err(engine("starting a read"))?;
-    let table = txn.open_table(RECORDS).map_err(table_error)?;
-    let value = table
-        .get(key)
-        .map_err(|e| Error::storage("reading a record", e))?;
-    value.map(|v| Record::decode(v.value())).transpose()
+    guarded("reading a record", || {
+        let txn = db.begin_read().map_err(engine("starting a read"))?;
+        let table = txn.open_table(RECORDS).map_err(table_error)?;
+        let value = table
+            .get(key)
+            .map_err(|e| Error::storage("reading a record", e))?;
+        value.map(|v| Record::decode(v.value())).transpose()
+    })
 }
 
 /// The store's tables, opened inside one write transaction.
