@@ -3,10 +3,15 @@
 //! with `#[path = "../../tests/support/model.rs"] mod model;` and build the operations with
 //! [`Op::decode`]). It depends on `idemstore` and `std` only.
 //!
-//! The model is a plain `HashMap` from key index to record, with its own clock (nanoseconds),
+//! The model is a plain `HashMap` from key index to record, with its own time (nanoseconds),
 //! its own copy of the fencing-token counter (tokens are 1, 2, 3… per store file, one per
 //! `Started`, takeovers included) and its own counters. After every operation the checker
 //! compares the store's answer with the model's, then `get` of every key and `stats()`.
+//!
+//! Time: the store never sees its clock go backwards. Its `now` is the latest time it has
+//! read since it was opened (it reads at every operation, and the checker calls `get` after
+//! every step, so it reads every value the clock takes); a clock moved back is ignored until
+//! it passes that time again. Reopening starts over from the clock.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -14,8 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idemstore::{
-    Begin, Completed, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, Stats,
-    Store,
+    Begin, Completed, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, Stats, Store,
 };
 
 /// Keys the operations choose from (by index). Two pairs differ only in where the scope ends.
@@ -77,7 +81,13 @@ pub enum Size {
 }
 
 impl Size {
-    pub const ALL: [Size; 5] = [Size::Empty, Size::One, Size::Some, Size::Max, Size::TooLarge];
+    pub const ALL: [Size; 5] = [
+        Size::Empty,
+        Size::One,
+        Size::Some,
+        Size::Max,
+        Size::TooLarge,
+    ];
 
     fn len(self) -> usize {
         match self {
@@ -108,18 +118,36 @@ impl By {
 /// leases the checker holds (modulo their number; a no-op when it holds none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Begin { key: u8, fp: u8 },
-    Complete { lease: u8, size: Size },
-    Extend { lease: u8, by: By },
-    Checkpoint { lease: u8, size: Size },
-    Abandon { lease: u8 },
+    Begin {
+        key: u8,
+        fp: u8,
+    },
+    Complete {
+        lease: u8,
+        size: Size,
+    },
+    Extend {
+        lease: u8,
+        by: By,
+    },
+    Checkpoint {
+        lease: u8,
+        size: Size,
+    },
+    Abandon {
+        lease: u8,
+    },
     /// Drop a held lease: the best-effort release of SPEC §3.
-    Drop { lease: u8 },
+    Drop {
+        lease: u8,
+    },
     Advance(Tick),
     Reap,
     /// Drop every held lease, close the store and reopen it with `SETTINGS[settings % 2]`.
     /// In memory, only the leases are dropped.
-    Reopen { settings: u8 },
+    Reopen {
+        settings: u8,
+    },
 }
 
 impl Op {
@@ -182,7 +210,9 @@ pub struct Coverage {
     pub released: u64,
     pub reaped: u64,
     pub reopens: u64,
-    /// `begin` or `get` found a record that was dead before the clock went back.
+    /// Advances that left the clock behind the store's time (ignored by the store).
+    pub clock_behind: u64,
+    /// `get` found a record that was dead before a reopen with the clock behind.
     pub revived: u64,
 }
 
@@ -200,6 +230,7 @@ impl Coverage {
         self.released += o.released;
         self.reaped += o.reaped;
         self.reopens += o.reopens;
+        self.clock_behind += o.clock_behind;
         self.revived += o.revived;
     }
 }
@@ -288,7 +319,9 @@ pub enum EntryOut {
 /// Errors the model predicts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ErrOut {
-    LeaseLost { token: u64 },
+    LeaseLost {
+        token: u64,
+    },
     TooLarge,
     InvalidConfig,
     /// Anything else (never predicted: always a failure).
@@ -298,6 +331,9 @@ pub enum ErrOut {
 /// The reference model of SPEC §3.
 #[derive(Debug)]
 pub struct Model {
+    /// What the `ManualClock` says.
+    pub clock: u64,
+    /// The store's `now`: the latest clock value it read since it was opened (0: none yet).
     pub now: u64,
     pub ttl: u64,
     pub lease: u64,
@@ -309,13 +345,27 @@ pub struct Model {
 impl Model {
     fn new(settings: (u64, u64)) -> Model {
         Model {
-            now: START,
+            clock: START,
+            now: 0,
             ttl: settings.0 * MS,
             lease: settings.1 * MS,
             last_token: 0,
             records: HashMap::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// The store reads the clock: its time follows the clock forwards only.
+    fn read_clock(&mut self) {
+        self.now = self.now.max(self.clock);
+    }
+
+    /// A new store instance has read nothing yet.
+    fn reopen(&mut self, settings: (u64, u64)) {
+        self.ttl = settings.0 * MS;
+        self.lease = settings.1 * MS;
+        self.now = 0;
+        self.stats = Stats::default();
     }
 
     fn alive(&self, key: usize) -> Option<&MRecord> {
@@ -566,8 +616,12 @@ impl Model {
 // ---------------------------------------------------------------------------------------
 
 fn nanos(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).expect("after the epoch").as_nanos())
-        .expect("fits in u64")
+    u64::try_from(
+        t.duration_since(UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_nanos(),
+    )
+    .expect("fits in u64")
 }
 
 fn done(c: &Completed) -> Done {
@@ -594,9 +648,13 @@ fn observe(b: Begin) -> (BeginOut, Option<Lease>) {
             BeginOut::Started {
                 token: lease.token(),
                 expires_at: nanos(lease.expires_at()),
-                recovered: lease
-                    .recovered()
-                    .map(|r| (r.previous_token(), r.attempt(), r.checkpoint().map(<[u8]>::to_vec))),
+                recovered: lease.recovered().map(|r| {
+                    (
+                        r.previous_token(),
+                        r.attempt(),
+                        r.checkpoint().map(<[u8]>::to_vec),
+                    )
+                }),
             },
             Some(lease),
         ),
@@ -631,6 +689,23 @@ fn entry(e: Entry) -> EntryOut {
         },
         Entry::Completed(c) => EntryOut::Completed(done(&c)),
     }
+}
+
+/// The counters the model keeps (the store may have more).
+fn counters(s: &Stats) -> [(&'static str, u64); 11] {
+    [
+        ("started", s.started),
+        ("replayed", s.replayed),
+        ("in_flight_conflicts", s.in_flight_conflicts),
+        ("mismatches", s.mismatches),
+        ("takeovers", s.takeovers),
+        ("completed", s.completed),
+        ("abandoned", s.abandoned),
+        ("released", s.released),
+        ("leases_lost", s.leases_lost),
+        ("reaped", s.reaped),
+        ("reap_errors", s.reap_errors),
+    ]
 }
 
 /// Bytes of a response or checkpoint, distinct per step so mix-ups show.
@@ -682,7 +757,7 @@ fn open(backend: &Backend, clock: &ManualClock, settings: (u64, u64)) -> Store {
 impl Harness {
     fn new(backend: &Backend) -> Harness {
         let model = Model::new(SETTINGS[0]);
-        let clock = ManualClock::new(UNIX_EPOCH + Duration::from_nanos(model.now));
+        let clock = ManualClock::new(UNIX_EPOCH + Duration::from_nanos(model.clock));
         let store = open(backend, &clock, SETTINGS[0]);
         Harness {
             backend: backend.clone(),
@@ -720,6 +795,10 @@ impl Harness {
     }
 
     fn step(&mut self, step: usize, op: &Op) {
+        if !matches!(op, Op::Advance(_)) {
+            // Every other operation reads the clock (moving it reads nothing).
+            self.model.read_clock();
+        }
         match *op {
             Op::Begin { key, fp } => {
                 let (k, f) = (usize::from(key) % KEYS.len(), usize::from(fp) % 2);
@@ -759,7 +838,13 @@ impl Harness {
                 let bytes = payload(size, step);
                 let want = self.model.complete(h.key, h.token, &bytes);
                 let got = h.lease.complete(&bytes).map(|c| done(&c)).map_err(err);
-                assert_eq!(got, want, "complete(token {}, {} bytes)", h.token, bytes.len());
+                assert_eq!(
+                    got,
+                    want,
+                    "complete(token {}, {} bytes)",
+                    h.token,
+                    bytes.len()
+                );
                 self.count(&got);
                 if got.is_ok() {
                     self.coverage.completed += 1;
@@ -790,7 +875,12 @@ impl Harness {
                 let (key, token) = (self.held[i].key, self.held[i].token);
                 let want = self.model.checkpoint(key, token, &bytes);
                 let got = self.held[i].lease.checkpoint(&bytes).map_err(err);
-                assert_eq!(got, want, "checkpoint(token {token}, {} bytes)", bytes.len());
+                assert_eq!(
+                    got,
+                    want,
+                    "checkpoint(token {token}, {} bytes)",
+                    bytes.len()
+                );
                 self.count(&got);
             }
             Op::Abandon { lease } => {
@@ -811,8 +901,8 @@ impl Harness {
             }
             Op::Advance(tick) => {
                 let (l, t) = (self.model.lease, self.model.ttl);
-                let now = self.model.now;
-                self.model.now = match tick {
+                let now = self.model.clock;
+                let to = match tick {
                     Tick::Zero => now,
                     Tick::Ms => now + MS,
                     Tick::LeaseMinusMs => now + l - MS,
@@ -824,14 +914,8 @@ impl Harness {
                     Tick::BackMs => now - MS,
                     Tick::BackLease => now - l,
                 };
-                self.clock
-                    .set(UNIX_EPOCH + Duration::from_nanos(self.model.now));
-                // Remember records that are dead now, to count revivals by a backwards clock.
-                for (k, r) in &self.model.records {
-                    if self.model.now >= r.dies_at() {
-                        self.seen_dead.insert(*k, (r.token, r.dies_at()));
-                    }
-                }
+                self.model.clock = to;
+                self.clock.set(UNIX_EPOCH + Duration::from_nanos(to));
             }
             Op::Reap => {
                 let want = self.model.reap();
@@ -844,12 +928,10 @@ impl Harness {
                     self.drop_lease(0);
                 }
                 if let Backend::File(_) = self.backend {
-                    assert_eq!(self.store().stats(), self.model.stats, "stats before close");
+                    self.check_stats("before close");
                     self.store.take().expect("open").close().expect("close");
                     let s = SETTINGS[usize::from(settings) % SETTINGS.len()];
-                    self.model.ttl = s.0 * MS;
-                    self.model.lease = s.1 * MS;
-                    self.model.stats = Stats::default();
+                    self.model.reopen(s);
                     self.store = Some(open(&self.backend, &self.clock, s));
                     self.coverage.reopens += 1;
                 }
@@ -864,21 +946,37 @@ impl Harness {
     }
 
     fn verify(&mut self, step: usize, op: &Op) {
+        self.model.read_clock();
+        if self.model.clock < self.model.now {
+            self.coverage.clock_behind += 1;
+        }
         for (k, key) in self.keys.iter().enumerate() {
             let got = self.store().get(key).expect("get").map(entry);
             let want = self.model.get(k);
             assert_eq!(got, want, "get(key {k}) after step {step} {op:?}");
-            let revived = self.model.records.get(&k).is_some_and(|r| {
-                self.seen_dead.get(&k) == Some(&(r.token, r.dies_at()))
-            });
+            let revived = self
+                .model
+                .records
+                .get(&k)
+                .is_some_and(|r| self.seen_dead.get(&k) == Some(&(r.token, r.dies_at())));
             if got.is_some() && revived {
                 self.coverage.revived += 1;
             }
         }
+        // Remember records that are dead now, to count revivals after a reopen.
+        for (k, r) in &self.model.records {
+            if self.model.now >= r.dies_at() {
+                self.seen_dead.insert(*k, (r.token, r.dies_at()));
+            }
+        }
+        self.check_stats(&format!("after step {step} {op:?}"));
+    }
+
+    fn check_stats(&self, when: &str) {
         assert_eq!(
-            self.store().stats(),
-            self.model.stats,
-            "stats after step {step} {op:?}"
+            counters(&self.store().stats()),
+            counters(&self.model.stats),
+            "stats {when}"
         );
     }
 
@@ -886,7 +984,7 @@ impl Harness {
         while !self.held.is_empty() {
             self.drop_lease(0);
         }
-        assert_eq!(self.store().stats(), self.model.stats, "stats at the end");
+        self.check_stats("at the end");
         self.store.take().expect("open").close().expect("close");
         self.coverage
     }
