@@ -189,10 +189,11 @@ impl Worker {
 
     /// Under `Durability::None`, make what was committed durable on a clean close.
     fn flush_on_close(&self) {
-        if self.settings.durability == Durability::None && !self.poisoned.load(Ordering::Acquire) {
-            if let Ok(txn) = self.db.begin_write() {
-                let _ = txn.commit();
-            }
+        if self.settings.durability == Durability::None
+            && !self.poisoned.load(Ordering::Acquire)
+            && let Ok(txn) = self.db.begin_write()
+        {
+            let _ = txn.commit();
         }
     }
 

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 ///     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 /// );
 /// ```
-#[derive(Clone, Copy, Eq, Hash)]
+#[derive(Clone, Copy, Eq)]
 pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
@@ -57,6 +57,13 @@ impl Fingerprint {
             diff |= a ^ b;
         }
         std::hint::black_box(diff) == 0
+    }
+}
+
+impl std::hash::Hash for Fingerprint {
+    /// Hashes the digest bytes (equal fingerprints hash equally).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
     }
 }
 
@@ -123,7 +130,10 @@ mod tests {
             v.extend_from_slice(&0u64.to_be_bytes());
             Fingerprint::of(&v)
         };
-        assert_eq!(Fingerprint::builder().part(b"abc").part(b"").finish(), manual);
+        assert_eq!(
+            Fingerprint::builder().part(b"abc").part(b"").finish(),
+            manual
+        );
         assert_ne!(
             Fingerprint::builder().part(b"ab").part(b"c").finish(),
             Fingerprint::builder().part(b"a").part(b"bc").finish()

@@ -58,7 +58,10 @@ pub(crate) fn claim(
     lease: u64,
 ) -> (Record, Option<Takeover>) {
     let lease_expires_at = now.saturating_add(lease);
-    match record.filter(|r| !r.is_dead(now)).map(|r| (r.token, &r.state)) {
+    match record
+        .filter(|r| !r.is_dead(now))
+        .map(|r| (r.token, &r.state))
+    {
         Some((
             previous_token,
             State::InFlight {
@@ -232,7 +235,10 @@ mod tests {
         };
         assert_eq!(decide_begin(Some(&done), &fp(1), 60), BeginStep::Replay);
         assert_eq!(decide_begin(Some(&done), &fp(2), 60), BeginStep::Mismatch);
-        assert_eq!(decide_begin(Some(&done), &fp(1), 50 + TTL), BeginStep::Claim);
+        assert_eq!(
+            decide_begin(Some(&done), &fp(1), 50 + TTL),
+            BeginStep::Claim
+        );
     }
 
     #[test]

@@ -27,8 +27,7 @@ use crate::error::{Error, Result};
 use crate::record::Record;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
-pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> =
-    TableDefinition::new("idemstore_records");
+pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idemstore_records");
 pub(crate) const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("idemstore_expiry");
 
 const MAGIC_KEY: &str = "magic";
@@ -155,7 +154,8 @@ fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
 /// crash recovery cannot be checked that way: it is repaired by the read-write open first and
 /// checked afterwards.
 pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
-    let io_err = |what: &str, e: std::io::Error| Error::storage(format!("{what} {}", path.display()), e);
+    let io_err =
+        |what: &str, e: std::io::Error| Error::storage(format!("{what} {}", path.display()), e);
     if path.is_dir() {
         return Err(io_err(
             "opening",
@@ -259,7 +259,10 @@ pub(crate) fn initialize(db: &Database) -> Result<()> {
             .get(MAGIC_KEY)
             .map_err(|e| Error::storage("reading the meta table", e))?
             .is_none()
-            && meta.len().map_err(|e| Error::storage("reading the meta table", e))? == 0;
+            && meta
+                .len()
+                .map_err(|e| Error::storage("reading the meta table", e))?
+                == 0;
         if fresh {
             let put = |meta: &mut Table<&str, &[u8]>, k: &str, v: &[u8]| {
                 meta.insert(k, v)

@@ -767,7 +767,7 @@ impl Harness {
                 .iter()
                 .map(|(s, i)| Key::new(s, i).expect("valid key"))
                 .collect(),
-            fps: FINGERPRINTS.iter().map(|p| Fingerprint::of(p)).collect(),
+            fps: FINGERPRINTS.iter().map(Fingerprint::of).collect(),
             model,
             held: Vec::new(),
             max_token: 0,
