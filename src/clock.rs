@@ -75,6 +75,9 @@ impl Clock for ManualClock {
 /// The store's view of a [`Clock`]: it never goes backwards. It returns the latest time read
 /// so far when the wrapped clock is behind it, so a record once seen dead stays dead and no
 /// deadline passes before `now` has reached it (SPEC §6, the clock going backwards).
+///
+/// The latest time is persisted by every write transaction (see `storage`), and a reopened
+/// store starts from it, so this holds across restarts too.
 pub(crate) struct Monotonic {
     clock: Arc<dyn Clock>,
     /// The latest time read, in nanoseconds since the Unix epoch.
@@ -82,10 +85,11 @@ pub(crate) struct Monotonic {
 }
 
 impl Monotonic {
-    pub(crate) fn new(clock: Arc<dyn Clock>) -> Monotonic {
+    /// Wraps `clock`, never answering less than `floor` (nanoseconds since the epoch).
+    pub(crate) fn new(clock: Arc<dyn Clock>, floor: u64) -> Monotonic {
         Monotonic {
             clock,
-            latest: AtomicU64::new(0),
+            latest: AtomicU64::new(floor),
         }
     }
 }

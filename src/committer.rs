@@ -187,12 +187,19 @@ impl Worker {
         self.flush_on_close();
     }
 
-    /// Under `Durability::None`, make what was committed durable on a clean close.
+    /// On a clean close: one last durable commit that records the latest time seen (so a
+    /// reopened store's clock starts there) and, under `Durability::None`, makes everything
+    /// committed before durable.
     fn flush_on_close(&self) {
-        if self.settings.durability == Durability::None
-            && !self.poisoned.load(Ordering::Acquire)
-            && let Ok(txn) = self.db.begin_write()
-        {
+        if self.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        let now = to_nanos(self.clock.now());
+        let Ok(txn) = self.db.begin_write() else {
+            return;
+        };
+        let noted = WriteTables::open(&txn).and_then(|mut t| t.note_time(now));
+        if noted.is_ok() {
             let _ = txn.commit();
         }
     }
@@ -241,6 +248,7 @@ impl Worker {
                     other => results.push(other),
                 }
             }
+            tables.note_time(now)?;
         }
         if let Err(e) = txn.commit() {
             self.poisoned.store(true, Ordering::Release);

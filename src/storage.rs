@@ -6,7 +6,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"` | `b"idemstore"`, `u32` BE, `u64` BE |
+//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw: the store's clock never goes below it) |
 //! | `idemstore_records` | encoded [`Key`](crate::Key): scope length (1 byte), scope, id | a [`Record`] ([`crate::record`]) |
 //! | `idemstore_expiry` | death time (`u64` BE nanoseconds) followed by the record key | `()` |
 //!
@@ -34,6 +34,7 @@ const MAGIC_KEY: &str = "magic";
 const MAGIC: &[u8] = b"idemstore";
 const VERSION_KEY: &str = "format_version";
 const TOKEN_KEY: &str = "last_token";
+const TIME_KEY: &str = "latest_time";
 /// The file format version this build writes and reads.
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
@@ -250,8 +251,9 @@ pub(crate) fn open_memory(cache_bytes: usize) -> Result<Database> {
 }
 
 /// Writes the meta table and creates the tables of a new store, or checks an existing one.
-/// Always commits durably.
-pub(crate) fn initialize(db: &Database) -> Result<()> {
+/// Always commits durably. Returns the latest time a write of this store saw (0 when new).
+pub(crate) fn initialize(db: &Database) -> Result<u64> {
+    let mut latest_time = 0;
     let txn = db.begin_write().map_err(engine("starting a write"))?;
     {
         let mut meta = txn.open_table(META).map_err(table_error)?;
@@ -274,12 +276,18 @@ pub(crate) fn initialize(db: &Database) -> Result<()> {
             put(&mut meta, TOKEN_KEY, &0u64.to_be_bytes())?;
         } else {
             check_meta(&meta)?;
+            latest_time = meta
+                .get(TIME_KEY)
+                .map_err(|e| Error::storage("reading the meta table", e))?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map_or(0, u64::from_be_bytes);
         }
         txn.open_table(RECORDS).map_err(table_error)?;
         txn.open_table(EXPIRY).map_err(table_error)?;
     }
     txn.commit()
-        .map_err(|e| Error::storage("creating the store's tables", e))
+        .map_err(|e| Error::storage("creating the store's tables", e))?;
+    Ok(latest_time)
 }
 
 /// Reads one record in a read transaction.
@@ -386,6 +394,15 @@ impl<'t> WriteTables<'t> {
             .map_err(|e| Error::storage("writing the token counter", e))?;
         self.last_token = Some(next);
         Ok(next)
+    }
+
+    /// Records `now` as the latest time a write saw (the floor of the store's clock after a
+    /// reopen).
+    pub fn note_time(&mut self, now: u64) -> Result<()> {
+        self.meta
+            .insert(TIME_KEY, now.to_be_bytes().as_slice())
+            .map_err(|e| Error::storage("writing the latest time", e))?;
+        Ok(())
     }
 
     /// Deletes the records dead at `now`, visiting at most `limit` index entries, oldest death

@@ -414,8 +414,8 @@ impl Builder {
         let settings = self.settings()?;
         let path = path.as_ref();
         let db = storage::open_file(path, self.cache_bytes)?;
-        storage::initialize(&db)?;
-        self.start(db, settings, Some(path.to_owned()))
+        let latest_time = storage::initialize(&db)?;
+        self.start(db, settings, Some(path.to_owned()), latest_time)
     }
 
     /// Opens a new, empty store held in memory (nothing survives `close`).
@@ -425,15 +425,21 @@ impl Builder {
     pub fn open_in_memory(self) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_memory(self.cache_bytes)?;
-        storage::initialize(&db)?;
-        self.start(db, settings, None)
+        let latest_time = storage::initialize(&db)?;
+        self.start(db, settings, None, latest_time)
     }
 
-    fn start(self, db: Database, settings: Settings, path: Option<PathBuf>) -> Result<Store> {
+    fn start(
+        self,
+        db: Database,
+        settings: Settings,
+        path: Option<PathBuf>,
+        latest_time: u64,
+    ) -> Result<Store> {
         let db = Arc::new(db);
         let stats = Arc::new(StatsCells::default());
         // Both the read path and the committer see one clock that never goes backwards.
-        let clock: Arc<dyn Clock> = Arc::new(Monotonic::new(self.clock));
+        let clock: Arc<dyn Clock> = Arc::new(Monotonic::new(self.clock, latest_time));
         let committer = Committer::spawn(db.clone(), clock.clone(), settings, stats.clone())?;
         let submitter = committer.submitter();
         let reaper = self
