@@ -117,13 +117,18 @@ fn main() {
     println!("| measure | value |");
     println!("|---|---|");
     println!("| dead records reaped | {reaped} in {reap_time:.2?} = {rate:.0}/s |");
-    println!("| foreground p99 without reaping (baseline) | {p99_unloaded:.2?} over {n_unloaded} cycles |");
+    println!(
+        "| foreground p99 without reaping (baseline) | {p99_unloaded:.2?} over {n_unloaded} cycles |"
+    );
     println!("| foreground p99 while reaping | {p99_loaded:.2?} over {n_loaded} cycles |");
     println!(
         "| p99 ratio (reaping / baseline) | {:.2}× |",
         p99_loaded.as_secs_f64() / p99_unloaded.as_secs_f64()
     );
     // The filled records and the baseline's own cycles were all dead.
-    assert!(reaped >= records, "only {reaped} of {records} dead records reaped");
+    assert!(
+        reaped >= records,
+        "only {reaped} of {records} dead records reaped"
+    );
     idem.store.close().expect("close");
 }
