@@ -66,6 +66,10 @@ pub use outcome::{Begin, Completed, Entry, Recovered};
 pub use stats::Stats;
 pub use store::{Builder, Store};
 
+/// redb's storage-backend trait and backends, for [`Builder::open_backend`] (fault injection,
+/// crash images). Re-exported so tests need no direct redb dependency.
+pub use redb::{StorageBackend, backends};
+
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -242,6 +242,19 @@ fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Opens (or creates) a database on a custom backend, guarding against engine panics.
+pub(crate) fn open_backend(
+    backend: impl redb::StorageBackend,
+    cache_bytes: usize,
+) -> Result<Database> {
+    guarded("opening the backend", || {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create_with_backend(backend)
+            .map_err(|e| open_error(Path::new("<backend>"), e))
+    })
+}
+
 /// Creates an in-memory store database.
 pub(crate) fn open_memory(cache_bytes: usize) -> Result<Database> {
     redb::Builder::new()

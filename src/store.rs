@@ -429,6 +429,23 @@ impl Builder {
         self.start(db, settings, None, latest_time)
     }
 
+    /// Opens a store on a custom redb storage backend, creating it when the backend is
+    /// empty. For fault-injection and crash testing (a backend that fails chosen writes or
+    /// keeps the image as of the last sync); production code uses [`Builder::open`].
+    ///
+    /// Unlike `open`, there is no read-only format check first: the backend is opened for
+    /// writing at once. The backend trait is redb's, so this method follows redb's major
+    /// version.
+    ///
+    /// # Errors
+    /// As [`Builder::open`].
+    pub fn open_backend(self, backend: impl redb::StorageBackend) -> Result<Store> {
+        let settings = self.settings()?;
+        let db = storage::open_backend(backend, self.cache_bytes)?;
+        let latest_time = storage::initialize(&db)?;
+        self.start(db, settings, None, latest_time)
+    }
+
     fn start(
         self,
         db: Database,
