@@ -29,9 +29,23 @@ pub trait Peer: Send + Sync {
     }
 }
 
-/// A unique key id for `(thread, i)`.
+/// A unique, random-looking key id for `(thread, i)`, shaped like a UUID v4 as real
+/// idempotency keys are (so inserts land all over the tree, not at its right edge).
+/// `i` must stay below 2^40.
 pub fn key_id(thread: usize, i: u64) -> String {
-    format!("{thread:04}-{i:012}-6a1f4c1e-8e1c-4c36-9d51")
+    // splitmix64's finaliser is a bijection on u64, so distinct inputs give distinct ids.
+    let mut z = ((thread as u64) << 40 | i).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        z >> 32,
+        (z >> 16) & 0xffff,
+        z & 0xfff,
+        (z >> 52) & 0xfff,
+        z & 0xffff_ffff_ffff
+    )
 }
 
 /// idemstore itself, file store, `Durability::Immediate`.
@@ -286,7 +300,8 @@ pub fn raw_batch_ceiling(path: &Path, seconds: f64) -> (u64, f64) {
             let mut meta = txn.open_table(N_META).expect("table");
             for _ in 0..32 {
                 token += 1;
-                let key = key_id(0, token);
+                // The keys 64 callers would use.
+                let key = key_id((token % 64) as usize, token / 64);
                 let deadline = 86_400_000_000_000u64 + token;
                 meta.insert("token", token).expect("insert");
                 records

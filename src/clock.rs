@@ -76,8 +76,9 @@ impl Clock for ManualClock {
 /// so far when the wrapped clock is behind it, so a record once seen dead stays dead and no
 /// deadline passes before `now` has reached it (SPEC §6, the clock going backwards).
 ///
-/// The latest time is persisted by every write transaction (see `storage`), and a reopened
-/// store starts from it, so this holds across restarts too.
+/// The latest time is persisted by write batches (at most once a second) and exactly on a
+/// clean close, and a reopened store starts from it, so this holds across restarts too
+/// (after a crash, up to a second of it may be lost).
 pub(crate) struct Monotonic {
     clock: Arc<dyn Clock>,
     /// The latest time read, in nanoseconds since the Unix epoch.
