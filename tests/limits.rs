@@ -41,7 +41,15 @@ fn id_rules() {
     assert_valid_key("s", " !");
     assert_valid_key("s", "~");
     assert_valid_key("s", " a ");
-    for bad in ["a\n", "\tab", "a\x7f", "\x1f", "a\0b", "caf\u{e9}", "\u{1F600}"] {
+    for bad in [
+        "a\n",
+        "\tab",
+        "a\x7f",
+        "\x1f",
+        "a\0b",
+        "caf\u{e9}",
+        "\u{1F600}",
+    ] {
         assert_invalid_key("s", bad);
     }
     // Only spaces.
@@ -185,7 +193,10 @@ fn default_limit_is_four_mebibytes() {
         let big = noise(max, 4);
         let done = lease.complete(&big).unwrap();
         assert_eq!(done.response().len(), max);
-        assert_eq!(replay(store, &key("default-limit"), &f).response(), &big[..]);
+        assert_eq!(
+            replay(store, &key("default-limit"), &f).response(),
+            &big[..]
+        );
     });
 }
 
@@ -247,7 +258,10 @@ fn a_missing_file_becomes_a_new_store() {
     store.close().unwrap();
     // And it is a store of ours afterwards.
     let store = builder(&clock()).open(&path).unwrap();
-    assert_eq!(replay(&store, &key("probe"), &fp("probe")).response(), b"probe");
+    assert_eq!(
+        replay(&store, &key("probe"), &fp("probe")).response(),
+        b"probe"
+    );
     store.close().unwrap();
 }
 
@@ -261,7 +275,10 @@ fn a_zero_byte_file_becomes_a_new_store() {
     store.close().unwrap();
     assert!(std::fs::metadata(&path).unwrap().len() > 0);
     let store = builder(&clock()).open(&path).unwrap();
-    assert_eq!(replay(&store, &key("probe"), &fp("probe")).response(), b"probe");
+    assert_eq!(
+        replay(&store, &key("probe"), &fp("probe")).response(),
+        b"probe"
+    );
     store.close().unwrap();
 }
 
@@ -284,7 +301,10 @@ fn a_directory_or_a_missing_parent_is_a_storage_error() {
 
     let missing = dir.path().join("no-such-dir").join("store.redb");
     assert_storage(builder(&clock()).open(&missing));
-    assert!(!missing.parent().unwrap().exists(), "the parent is not created");
+    assert!(
+        !missing.parent().unwrap().exists(),
+        "the parent is not created"
+    );
 }
 
 /// Opens `path`, which must be refused with `IncompatibleFormat`, and checks that the file's
@@ -372,8 +392,17 @@ fn store_with_format_version(path: &Path, version: u32) {
     {
         let def: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
         let mut meta = txn.open_table(def).unwrap();
-        let old = meta.get("format_version").unwrap().unwrap().value().to_vec();
-        assert_eq!(old, 1u32.to_be_bytes(), "this build writes format version 1");
+        let old = meta
+            .get("format_version")
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(
+            old,
+            1u32.to_be_bytes(),
+            "this build writes format version 1"
+        );
         meta.insert("format_version", &version.to_be_bytes()[..])
             .unwrap();
     }
@@ -395,7 +424,10 @@ fn a_store_of_another_format_version_is_incompatible_and_unchanged() {
     let same = dir.path().join("same.redb");
     store_with_format_version(&same, 1);
     let store = builder(&clock()).open(&same).unwrap();
-    assert_eq!(replay(&store, &key("probe"), &fp("probe")).response(), b"probe");
+    assert_eq!(
+        replay(&store, &key("probe"), &fp("probe")).response(),
+        b"probe"
+    );
     store.close().unwrap();
 }
 
@@ -413,7 +445,10 @@ fn opening_the_same_file_twice_is_already_open() {
     }
     assert!(matches!(Store::open(&path), Err(Error::AlreadyOpen { .. })));
     // The first store is unharmed.
-    assert_eq!(replay(&first, &key("probe"), &fp("probe")).response(), b"probe");
+    assert_eq!(
+        replay(&first, &key("probe"), &fp("probe")).response(),
+        b"probe"
+    );
     let l = started(&first, &key("after"), &fp("x"));
     l.complete(b"fine").unwrap();
 
@@ -542,7 +577,12 @@ fn a_clock_going_backwards_does_not_resurrect_a_dead_record() {
 
         // The clock jumps back before the death time: the record stays dead.
         clock.set(done.completed_at() + Duration::from_secs(1));
-        assert_eq!(store.get(&k).unwrap(), None, "{:?}: resurrected by get", t.kind);
+        assert_eq!(
+            store.get(&k).unwrap(),
+            None,
+            "{:?}: resurrected by get",
+            t.kind
+        );
         match store.begin(&k, &f).unwrap() {
             Begin::Started(l) => {
                 assert!(l.recovered().is_none());
@@ -612,8 +652,5 @@ fn a_clock_going_backwards_does_not_expire_anything_early() {
 #[test]
 fn durability_none_is_accepted() {
     // Settings other than the defaults open fine on both backends.
-    for_each_store_with(
-        |b| b.durability(Durability::None),
-        |t| use_store(&t.store),
-    );
+    for_each_store_with(|b| b.durability(Durability::None), |t| use_store(&t.store));
 }

@@ -70,10 +70,7 @@ fn begin_on_dead_completed_record_starts_fresh_at_completed_at_plus_ttl() {
         assert_eq!(e.attempt, 1);
         assert_eq!(e.created_at, done.completed_at() + TTL);
         fresh.complete(b"second").unwrap();
-        assert_eq!(
-            replay(store, &k, &fp("another body")).response(),
-            b"second"
-        );
+        assert_eq!(replay(store, &k, &fp("another body")).response(), b"second");
     });
 }
 
@@ -219,7 +216,11 @@ fn in_flight_same_fingerprint_expired_lease_is_taken_over_with_recovery() {
         let rec = second.recovered().expect("a takeover recovers");
         assert_eq!(rec.previous_token(), first_token);
         assert_eq!(rec.attempt(), 2);
-        assert_eq!(rec.checkpoint(), Some(&b"step-2"[..]), "the last checkpoint");
+        assert_eq!(
+            rec.checkpoint(),
+            Some(&b"step-2"[..]),
+            "the last checkpoint"
+        );
         assert!(second.token() > first_token, "token rises");
         assert_eq!(second.expires_at(), t0 + LEASE + LEASE, "lease renewed");
 
@@ -474,15 +475,25 @@ fn drop_releases_the_lease_keeps_the_checkpoint_and_allows_immediate_takeover() 
 }
 
 #[test]
-fn drop_after_the_lease_ran_out_does_not_move_the_lease_end_forward() {
+fn drop_after_the_lease_ran_out_sets_lease_end_to_now_and_allows_takeover() {
     for_each_store(|t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("late-drop");
-        let lease = started(store, &k, &fp("body"));
-        let end = lease.expires_at();
-        clock.set(end + Duration::from_secs(10));
+        let f = fp("body");
+        let mut lease = started(store, &k, &f);
+        lease.checkpoint(b"late cp").unwrap();
+        let token = lease.token();
+        clock.set(lease.expires_at() + Duration::from_secs(10));
+        let now = clock_now(clock);
         drop(lease);
-        assert_eq!(get_in_flight(store, &k).lease_expires_at, end);
+        let e = get_in_flight(store, &k);
+        assert_eq!(e.lease_expires_at, now, "SPEC: lease_expires_at = now");
+        assert_eq!(e.token, token);
+        let next = started(store, &k, &f);
+        let rec = next.recovered().unwrap();
+        assert_eq!(rec.previous_token(), token);
+        assert_eq!(rec.checkpoint(), Some(&b"late cp"[..]));
+        next.complete(b"ok").unwrap();
     });
 }
 
@@ -527,7 +538,11 @@ fn every_operation_of_a_fenced_lease_is_refused_and_changes_nothing() {
         let old_end = old.expires_at();
         assert_lease_lost(old.extend(Duration::from_secs(500)), old.token());
         assert_eq!(store.get(&k).unwrap(), before);
-        assert_eq!(old.expires_at(), old_end, "a refused extend keeps the old end");
+        assert_eq!(
+            old.expires_at(),
+            old_end,
+            "a refused extend keeps the old end"
+        );
         drop(old);
         assert_eq!(store.get(&k).unwrap(), before, "dropping a fenced lease");
         new.complete(b"ok").unwrap();
@@ -705,7 +720,11 @@ fn reap_deletes_exactly_the_dead_records() {
         let (store, clock) = (&t.store, &t.clock);
         let f = fp("body");
         let t0 = clock_now(clock);
-        assert_eq!(store.reap().unwrap(), 0, "nothing to reap in an empty store");
+        assert_eq!(
+            store.reap().unwrap(),
+            0,
+            "nothing to reap in an empty store"
+        );
 
         // Dies at t0 + ttl: completed at t0.
         started(store, &key("completed-dies"), &f)
@@ -767,7 +786,11 @@ fn reap_follows_moved_deadlines() {
         clock.set(t0 + TTL / 2);
         lease.complete(b"done").unwrap();
         clock.set(t0 + TTL);
-        assert_eq!(store.reap().unwrap(), 0, "the old deadline no longer applies");
+        assert_eq!(
+            store.reap().unwrap(),
+            0,
+            "the old deadline no longer applies"
+        );
         assert_eq!(replay(store, &k, &f).response(), b"done");
         clock.set(t0 + TTL + TTL / 2);
         assert_eq!(store.reap().unwrap(), 1);
@@ -788,7 +811,9 @@ fn reaper_thread_deletes_dead_records() {
                     .unwrap();
             }
             clock.advance(TTL / 2);
-            started(store, &key("r-live"), &f).complete(b"live").unwrap();
+            started(store, &key("r-live"), &f)
+                .complete(b"live")
+                .unwrap();
             clock.advance(TTL / 2);
 
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -63,7 +63,9 @@ impl TestStore {
         let old = std::mem::replace(
             &mut self.store,
             // A placeholder while the file is closed; replaced right below.
-            builder(&self.clock).open_in_memory().expect("placeholder store"),
+            builder(&self.clock)
+                .open_in_memory()
+                .expect("placeholder store"),
         );
         old.close().expect("close before reopen");
         let placeholder = std::mem::replace(
@@ -124,7 +126,9 @@ pub fn for_each_store_with(configure: impl Fn(Builder) -> Builder, f: impl Fn(&m
         let mut t = open(kind, &configure);
         f(&mut t);
         let TestStore { store, dir, .. } = t;
-        store.close().unwrap_or_else(|e| panic!("{kind:?}: close: {e}"));
+        store
+            .close()
+            .unwrap_or_else(|e| panic!("{kind:?}: close: {e}"));
         drop(dir);
     }
 }
