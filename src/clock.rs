@@ -54,7 +54,8 @@ impl ManualClock {
         }
     }
 
-    /// Moves the time forward by `by` (saturating at the largest representable time).
+    /// Moves the time forward by `by`; the time is left unchanged if that would overflow
+    /// `SystemTime`.
     pub fn advance(&self, by: Duration) {
         let mut now = self.now.lock();
         *now = now.checked_add(by).unwrap_or(*now);
