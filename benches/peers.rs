@@ -29,10 +29,23 @@ pub trait Peer: Send + Sync {
     }
 }
 
+static SEQUENTIAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Switches every peer to sequential key ids (see [`key_id`]).
+pub fn set_sequential_keys(on: bool) {
+    SEQUENTIAL.store(on, Ordering::Relaxed);
+}
+
 /// A unique, random-looking key id for `(thread, i)`, shaped like a UUID v4 as real
 /// idempotency keys are (so inserts land all over the tree, not at its right edge).
 /// `i` must stay below 2^40.
+///
+/// With [`set_sequential_keys`], ids are `thread-counter` instead: each caller appends at
+/// its own point of the tree (cheaper for every peer; not how clients generate keys).
 pub fn key_id(thread: usize, i: u64) -> String {
+    if SEQUENTIAL.load(Ordering::Relaxed) {
+        return format!("{thread:04}-{i:012}-6a1f4c1e-8e1c-4c36-9d51");
+    }
     // splitmix64's finaliser is a bijection on u64, so distinct inputs give distinct ids.
     let mut z = ((thread as u64) << 40 | i).wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -7,7 +7,11 @@
 //! cargo run --release --example compare                 # ~2 minutes
 //! cargo run --release --example compare -- --smoke      # seconds, for CI
 //! cargo run --release --example compare -- --seconds 5  # longer runs per cell
+//! cargo run --release --example compare -- --keys sequential  # thread-counter key ids
 //! ```
+//!
+//! Keys are UUID-shaped and random by default, as clients generate them, so every peer
+//! inserts all over its tree; `--keys sequential` gives each caller its own append point.
 //!
 //! Ratios are against the naive baseline measured in the same run.
 
@@ -51,8 +55,15 @@ fn args() -> Args {
                     .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
                     .expect("--callers needs a list like 1,8,64")
             }
+            "--keys" => match it.next().as_deref() {
+                Some("random") => peers::set_sequential_keys(false),
+                Some("sequential") => peers::set_sequential_keys(true),
+                _ => panic!("--keys needs random or sequential"),
+            },
             "-h" | "--help" => {
-                println!("usage: compare [--smoke] [--seconds S] [--callers 1,8,64]");
+                println!(
+                    "usage: compare [--smoke] [--seconds S] [--callers 1,8,64] [--keys random|sequential]"
+                );
                 std::process::exit(0);
             }
             other => panic!("unknown argument {other}; try --help"),
