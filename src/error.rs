@@ -70,6 +70,20 @@ pub enum Error {
     Poisoned,
     /// The store was closed; this handle (a clone of the store or a lease) can no longer be used.
     Closed,
+    /// The request carries no `Idempotency-Key` header, and the endpoint needs one (HTTP 400).
+    MissingIdempotencyKey,
+    /// The `Idempotency-Key` header is not a valid key: not a structured-field string, more
+    /// than one value, empty, too long, or not printable ASCII (HTTP 400; `reason` says which).
+    MalformedIdempotencyKey {
+        /// What is wrong with the header.
+        reason: String,
+    },
+    /// An outbox operation id is already recorded for a request with another fingerprint:
+    /// one operation id (and its key) must stand for one request only.
+    OperationConflict {
+        /// The operation id that was reused.
+        operation: String,
+    },
 }
 
 impl Error {
@@ -118,6 +132,13 @@ impl Error {
             },
             Error::Poisoned => Error::Poisoned,
             Error::Closed => Error::Closed,
+            Error::MissingIdempotencyKey => Error::MissingIdempotencyKey,
+            Error::MalformedIdempotencyKey { reason } => Error::MalformedIdempotencyKey {
+                reason: reason.clone(),
+            },
+            Error::OperationConflict { operation } => Error::OperationConflict {
+                operation: operation.clone(),
+            },
         }
     }
 }
@@ -161,6 +182,22 @@ impl fmt::Display for Error {
                  it is closed and reopened"
             ),
             Error::Closed => write!(f, "the store was closed; open it again to use it"),
+            Error::MissingIdempotencyKey => write!(
+                f,
+                "the request has no Idempotency-Key header; generate a UUID v4 once per \
+                 operation and send it as Idempotency-Key: \"<uuid>\" on every attempt"
+            ),
+            Error::MalformedIdempotencyKey { reason } => write!(
+                f,
+                "the Idempotency-Key header is malformed: {reason}; send one quoted string of \
+                 1-255 printable ASCII characters, such as a UUID v4"
+            ),
+            Error::OperationConflict { operation } => write!(
+                f,
+                "operation {operation:?} is already recorded in the outbox for a different \
+                 request; an operation id and its key stand for one request: use a new \
+                 operation id for a new operation"
+            ),
         }
     }
 }
@@ -190,5 +227,28 @@ mod tests {
     fn duplicate_keeps_variant() {
         let e = Error::LeaseLost { token: 7 };
         assert!(matches!(e.duplicate(), Error::LeaseLost { token: 7 }));
+    }
+
+    #[test]
+    fn client_and_http_variants_duplicate_and_explain() {
+        let e = Error::MalformedIdempotencyKey {
+            reason: "too long".into(),
+        };
+        assert!(
+            matches!(e.duplicate(), Error::MalformedIdempotencyKey { reason } if reason == "too long")
+        );
+        assert!(e.to_string().contains("too long"));
+        let e = Error::OperationConflict {
+            operation: "order-7".into(),
+        };
+        assert!(
+            matches!(e.duplicate(), Error::OperationConflict { operation } if operation == "order-7")
+        );
+        assert!(e.to_string().contains("new operation id"));
+        assert!(matches!(
+            Error::MissingIdempotencyKey.duplicate(),
+            Error::MissingIdempotencyKey
+        ));
+        assert!(Error::MissingIdempotencyKey.to_string().contains("UUID v4"));
     }
 }
