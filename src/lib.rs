@@ -53,6 +53,11 @@ mod stats;
 mod storage;
 mod store;
 
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "http")]
+pub mod http;
+
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
@@ -65,6 +70,14 @@ pub use lease::Lease;
 pub use outcome::{Begin, Completed, Entry, Recovered};
 pub use stats::Stats;
 pub use store::{Builder, Store};
+
+#[cfg(feature = "http")]
+pub use self::http::{Decision, Problem, RequestGuard, StoredResponse};
+#[cfg(feature = "client")]
+pub use client::{
+    Attempt, Delays, GiveUp, Outbox, OutboxBuilder, OutboxEntry, RetryOutcome, RetryPolicy, Sent,
+    Sleeper, StatusClass, ThreadSleeper,
+};
 
 /// redb's storage-backend trait and backends, for [`Builder::open_backend`] (fault injection,
 /// crash images). Re-exported so tests need no direct redb dependency.

@@ -1,0 +1,221 @@
+//! Problem responses (RFC 9457, `application/problem+json`) for the idempotency answers.
+
+use std::time::Duration;
+
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::error::Error;
+
+/// The media type of problem responses.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+const DOCS: &str = "https://docs.rs/idemstore/latest/idemstore/http/index.html";
+
+/// The problem types this module answers with: each `type` URI points at its section of this
+/// module's documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Problem {
+    /// 400: no `Idempotency-Key` header on a request that needs one.
+    MissingKey,
+    /// 400: the `Idempotency-Key` header is malformed or too long.
+    MalformedKey,
+    /// 409: a request with this key is still being processed.
+    InFlight,
+    /// 422: the key was already used for a request with another fingerprint.
+    Mismatch,
+    /// 500: the idempotency store failed.
+    StoreFailed,
+}
+
+impl Problem {
+    /// The problem's HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Problem::MissingKey | Problem::MalformedKey => StatusCode::BAD_REQUEST,
+            Problem::InFlight => StatusCode::CONFLICT,
+            Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Problem::StoreFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The problem's `type` URI.
+    pub fn type_uri(self) -> String {
+        let anchor = match self {
+            Problem::MissingKey => "missing-idempotency-key",
+            Problem::MalformedKey => "malformed-idempotency-key",
+            Problem::InFlight => "request-in-flight",
+            Problem::Mismatch => "idempotency-key-reused",
+            Problem::StoreFailed => "idempotency-store-failed",
+        };
+        format!("{DOCS}#{anchor}")
+    }
+
+    /// The problem's short, fixed `title`.
+    pub fn title(self) -> &'static str {
+        match self {
+            Problem::MissingKey => "Idempotency-Key header missing",
+            Problem::MalformedKey => "Idempotency-Key header malformed",
+            Problem::InFlight => "A request with this Idempotency-Key is in progress",
+            Problem::Mismatch => "Idempotency-Key reused for a different request",
+            Problem::StoreFailed => "Idempotency store failed",
+        }
+    }
+
+    /// The full response: status, `Content-Type: application/problem+json`, and a JSON body
+    /// with `type`, `title`, `status` and `detail`.
+    pub fn response(self, detail: &str) -> Response<Vec<u8>> {
+        problem_response(self.status(), &self.type_uri(), self.title(), detail)
+    }
+}
+
+/// Writes `s` as a JSON string literal.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Any RFC 9457 problem response: `{"type":…,"title":…,"status":…,"detail":…}` with
+/// `Content-Type: application/problem+json`.
+///
+/// ```
+/// use http::StatusCode;
+/// let r = idemstore::http::problem_response(StatusCode::NOT_FOUND, "about:blank", "Not Found", "no such payment");
+/// assert_eq!(r.status(), 404);
+/// assert_eq!(r.headers()["content-type"], "application/problem+json");
+/// assert_eq!(
+///     std::str::from_utf8(r.body()).unwrap(),
+///     r#"{"type":"about:blank","title":"Not Found","status":404,"detail":"no such payment"}"#
+/// );
+/// ```
+pub fn problem_response(
+    status: StatusCode,
+    type_uri: &str,
+    title: &str,
+    detail: &str,
+) -> Response<Vec<u8>> {
+    let mut body = String::with_capacity(128 + detail.len());
+    body.push_str("{\"type\":");
+    json_string(&mut body, type_uri);
+    body.push_str(",\"title\":");
+    json_string(&mut body, title);
+    body.push_str(&format!(",\"status\":{}", status.as_u16()));
+    body.push_str(",\"detail\":");
+    json_string(&mut body, detail);
+    body.push('}');
+    let mut response = Response::new(body.into_bytes());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+}
+
+/// 400: the request has no `Idempotency-Key`.
+pub fn missing_key() -> Response<Vec<u8>> {
+    Problem::MissingKey.response(
+        "This endpoint needs an Idempotency-Key header. Generate a UUID v4 once per operation \
+         and send it, quoted, on every attempt: Idempotency-Key: \"<uuid>\".",
+    )
+}
+
+/// 400: the `Idempotency-Key` header is malformed; `reason` says how.
+pub fn malformed_key(reason: &str) -> Response<Vec<u8>> {
+    Problem::MalformedKey.response(&format!(
+        "The Idempotency-Key header is malformed: {reason}. Send one quoted string of 1-255 \
+         printable ASCII characters, such as a UUID v4."
+    ))
+}
+
+/// Seconds for `Retry-After`: `d` rounded up, so a client never comes back too early.
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// 409: a request with the same key is being processed; come back after `retry_after`
+/// (sent in `Retry-After` as whole seconds, rounded up).
+///
+/// ```
+/// use std::time::Duration;
+/// let r = idemstore::http::in_flight(Duration::from_millis(1500));
+/// assert_eq!(r.status(), 409);
+/// assert_eq!(r.headers()["retry-after"], "2");
+/// ```
+pub fn in_flight(retry_after: Duration) -> Response<Vec<u8>> {
+    let secs = retry_after_secs(retry_after);
+    let mut response = Problem::InFlight.response(&format!(
+        "A request with this Idempotency-Key is still being processed. Retry with the same key \
+         and the same request in {secs} second(s) to get its response."
+    ));
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(secs));
+    response
+}
+
+/// 422: the key was used for a different request (another method, path, body or
+/// fingerprinted header).
+pub fn mismatch() -> Response<Vec<u8>> {
+    Problem::Mismatch.response(
+        "This Idempotency-Key was already used for a different request. Do not retry: use a \
+         new key for a new operation, and the same request for a retry of the same operation.",
+    )
+}
+
+/// The response for an error of this crate met while handling a request: 400 for
+/// [`Error::MissingIdempotencyKey`], [`Error::MalformedIdempotencyKey`] and
+/// [`Error::InvalidKey`]; otherwise 500 (the store failed: the client may retry with the same
+/// key; the error's own text is not sent, log it yourself).
+pub fn error_response(error: &Error) -> Response<Vec<u8>> {
+    match error {
+        Error::MissingIdempotencyKey => missing_key(),
+        Error::MalformedIdempotencyKey { reason } | Error::InvalidKey { reason } => {
+            malformed_key(reason)
+        }
+        _ => Problem::StoreFailed.response(
+            "The idempotency store failed while handling this request. Retry later with the \
+             same Idempotency-Key.",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_escapes() {
+        let mut s = String::new();
+        json_string(&mut s, "a\"b\\c\nd\u{1}é");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 0);
+        assert_eq!(retry_after_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(missing_key().status(), 400);
+        assert_eq!(malformed_key("x").status(), 400);
+        assert_eq!(mismatch().status(), 422);
+        assert_eq!(error_response(&Error::Poisoned).status(), 500);
+        assert_eq!(error_response(&Error::MissingIdempotencyKey).status(), 400);
+    }
+}
