@@ -1,0 +1,238 @@
+//! The example HTTP service (`examples/http_service.rs`), started on 127.0.0.1 on a free port
+//! and driven by a real HTTP client (`ureq`): the six behaviours of SPEC §3 at the HTTP edge.
+#![cfg(feature = "http")]
+
+#[path = "../examples/http_service.rs"]
+#[allow(dead_code)]
+mod service;
+
+use std::time::{Duration, Instant};
+
+use idemstore::Entry;
+use service::{Config, Service};
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build(),
+    )
+}
+
+fn post(service: &Service, key: Option<&str>, body: &str) -> Reply {
+    post_with(service, key, body, &[])
+}
+
+fn post_with(service: &Service, key: Option<&str>, body: &str, extra: &[(&str, &str)]) -> Reply {
+    let mut req = agent()
+        .post(format!("{}/payments", service.url()))
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
+    let response = req.send(body).expect("the service answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .read_to_string()
+        .expect("a readable body");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn start(config: Config) -> Service {
+    Service::start(config).expect("the service starts")
+}
+
+fn assert_problem(reply: &Reply, status: u16, type_fragment: &str) {
+    assert_eq!(reply.status, status, "body: {}", reply.body);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert!(
+        reply.body.contains(&format!("\"status\":{status}")),
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains(type_fragment), "{}", reply.body);
+    assert!(reply.body.contains("\"title\":"), "{}", reply.body);
+    assert!(reply.body.contains("\"detail\":"), "{}", reply.body);
+}
+
+const KEY: &str = "\"8e03978e-40d5-43e8-bc93-6894a57f9324\"";
+const KEY_ID: &str = "8e03978e-40d5-43e8-bc93-6894a57f9324";
+
+#[test]
+fn first_request_creates_and_a_retry_replays_the_same_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = start(Config {
+        db: Some(dir.path().join("service.redb")),
+        ..Config::default()
+    });
+    let first = post(&service, Some(KEY), r#"{"amount":1000}"#);
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(first.body.starts_with(r#"{"id":"pay_1""#), "{}", first.body);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    assert!(first.header("set-cookie").is_some());
+
+    let retry = post(&service, Some(KEY), r#"{"amount":1000}"#);
+    assert_eq!(retry.status, 201);
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.header("location"), first.header("location"));
+    assert_eq!(retry.header("content-type"), Some("application/json"));
+    assert_eq!(retry.header("set-cookie"), None, "cookies are not replayed");
+
+    // The bare form of the same key is the same key.
+    let bare = post(&service, Some(KEY_ID), r#"{"amount":1000}"#);
+    assert_eq!(bare.body, first.body);
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+#[test]
+fn a_concurrent_duplicate_gets_409_with_retry_after_then_the_replay() {
+    let service = start(Config {
+        lease: Duration::from_secs(5),
+        ..Config::default()
+    });
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            post_with(
+                &service,
+                Some(KEY),
+                r#"{"amount":5}"#,
+                &[("x-demo-work-ms", "1500")],
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while service.charges_for(KEY_ID) == 0 {
+            assert!(Instant::now() < deadline, "the first request never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let key = idemstore::Key::new("public", KEY_ID).unwrap();
+        assert!(matches!(
+            service.store().get(&key).unwrap(),
+            Some(Entry::InFlight { .. })
+        ));
+
+        let duplicate = post(&service, Some(KEY), r#"{"amount":5}"#);
+        assert_problem(&duplicate, 409, "request-in-flight");
+        let retry_after: u64 = duplicate
+            .header("retry-after")
+            .expect("409 carries Retry-After")
+            .parse()
+            .expect("whole seconds");
+        assert!((1..=5).contains(&retry_after), "retry-after {retry_after}");
+
+        let first = slow.join().unwrap();
+        assert_eq!(first.status, 201);
+        let after = post(&service, Some(KEY), r#"{"amount":5}"#);
+        assert_eq!(after.status, 201);
+        assert_eq!(after.body, first.body);
+        assert_eq!(after.header("idempotent-replayed"), Some("true"));
+    });
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+#[test]
+fn the_same_key_with_another_body_is_422() {
+    let service = start(Config::default());
+    assert_eq!(post(&service, Some(KEY), r#"{"amount":1}"#).status, 201);
+    let other = post(&service, Some(KEY), r#"{"amount":2}"#);
+    assert_problem(&other, 422, "idempotency-key-reused");
+    assert_eq!(other.header("idempotent-replayed"), None);
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+#[test]
+fn a_missing_or_malformed_key_is_400_and_charges_nothing() {
+    let service = start(Config::default());
+    let missing = post(&service, None, r#"{"amount":1}"#);
+    assert_problem(&missing, 400, "missing-idempotency-key");
+    let unterminated = post(&service, Some("\"abc"), r#"{"amount":1}"#);
+    assert_problem(&unterminated, 400, "malformed-idempotency-key");
+    let too_long = format!("\"{}\"", "k".repeat(256));
+    let long = post(&service, Some(&too_long), r#"{"amount":1}"#);
+    assert_problem(&long, 400, "malformed-idempotency-key");
+    assert!(long.body.contains("255"), "{}", long.body);
+    assert!(service.charges().is_empty());
+}
+
+#[test]
+fn after_the_ttl_the_same_key_runs_again() {
+    let service = start(Config {
+        ttl: Duration::from_millis(300),
+        ..Config::default()
+    });
+    let first = post(&service, Some(KEY), r#"{"amount":7}"#);
+    assert_eq!(first.status, 201);
+    let replay = post(&service, Some(KEY), r#"{"amount":7}"#);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    std::thread::sleep(Duration::from_millis(400));
+    let again = post(&service, Some(KEY), r#"{"amount":7}"#);
+    assert_eq!(again.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), None);
+    assert_ne!(again.body, first.body, "a new payment");
+    assert_eq!(service.charges_for(KEY_ID), 2);
+}
+
+#[test]
+fn a_burst_of_identical_requests_charges_once() {
+    let service = start(Config::default());
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| post(&service, Some(KEY), r#"{"amount":3}"#)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let fresh = replies
+        .iter()
+        .filter(|r| r.status == 201 && r.header("idempotent-replayed").is_none())
+        .count();
+    assert_eq!(fresh, 1, "exactly one request ran");
+    for r in &replies {
+        assert!(r.status == 201 || r.status == 409, "status {}", r.status);
+    }
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+#[test]
+fn unknown_routes_are_404_problems_and_charges_are_listed() {
+    let service = start(Config::default());
+    assert_eq!(post(&service, Some(KEY), "{}").status, 201);
+    let response = agent()
+        .get(format!("{}/charges", service.url()))
+        .call()
+        .unwrap();
+    assert_eq!(
+        response.into_body().read_to_string().unwrap(),
+        format!("public/{KEY_ID} 1\n")
+    );
+    let missing = agent()
+        .get(format!("{}/nope", service.url()))
+        .call()
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    service.shutdown();
+}
