@@ -182,14 +182,14 @@ fn a_missing_or_malformed_key_is_400_and_charges_nothing() {
 #[test]
 fn after_the_ttl_the_same_key_runs_again() {
     let service = start(Config {
-        ttl: Duration::from_millis(300),
+        ttl: Duration::from_millis(800),
         ..Config::default()
     });
     let first = post(&service, Some(KEY), r#"{"amount":7}"#);
     assert_eq!(first.status, 201);
     let replay = post(&service, Some(KEY), r#"{"amount":7}"#);
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1000));
     let again = post(&service, Some(KEY), r#"{"amount":7}"#);
     assert_eq!(again.status, 201);
     assert_eq!(again.header("idempotent-replayed"), None);

@@ -63,14 +63,45 @@
 //!
 //! # Common mistakes, and what the API does about each
 //!
-//! | mistake | what goes wrong | how idemstore prevents or detects it |
-//! |---|---|---|
-//! | reusing a key for another operation | the server replays operation A's response for operation B | the server's [`Store::begin`](crate::Store::begin) compares request fingerprints and answers [`Begin::Mismatch`](crate::Begin::Mismatch), HTTP 422; the retry helper stops at once with [`RetryOutcome::Mismatch`] instead of retrying; on the client, [`Outbox::record`] refuses an operation id already recorded for another fingerprint ([`Error::OperationConflict`](crate::Error::OperationConflict)) |
-//! | a new key per retry | every retry is a new request: double charges | [`RetryPolicy::run`] takes the key once and hands the same key to every attempt; the [`Outbox`] keeps one key per operation id across restarts, and `record` called again for the same operation returns the key it already has |
-//! | sequential or guessable keys (`1`, `2`, `order-17`) | keys of two clients or two sessions collide, and a guessed key can fish for someone else's stored response | [`new_key`] is a UUID v4 from the OS CSPRNG (122 random bits); the server scopes keys per tenant ([`Key`](crate::Key)'s `scope`). Honestly: [`Key::new`](crate::Key::new) does **not** reject sequential or low-entropy ids; it cannot tell `"42"` from a random string, so a server that wants to enforce UUIDs must check that itself |
-//! | not persisting the key before sending | a crash between send and store loses the key: the retry uses a new one | [`Outbox::record`] is durable when it returns; send only after it returned |
-//! | ignoring 422 | retrying or overwriting hides a client bug | 422 is never retried: [`RetryOutcome::Mismatch`] |
-//! | treating 409 as final | an operation in flight elsewhere is reported as failed | 409 is retried after its `Retry-After` |
+//! ## Reusing a key for another operation
+//! *What goes wrong:* the server replays operation A's response for operation B, and B
+//! never happens.
+//!
+//! *Detected:* the server's [`Store::begin`](crate::Store::begin) compares request
+//! fingerprints and answers [`Begin::Mismatch`](crate::Begin::Mismatch), HTTP 422. The retry
+//! helper stops at once with [`RetryOutcome::Mismatch`] instead of retrying. On the client,
+//! [`Outbox::record`] refuses an operation id already recorded for another fingerprint
+//! ([`Error::OperationConflict`](crate::Error::OperationConflict)).
+//!
+//! ## A new key per retry
+//! *What goes wrong:* every retry is a new request to the server: double charges.
+//!
+//! *Prevented:* [`RetryPolicy::run`] takes the key once and hands the same key to every
+//! attempt. The [`Outbox`] keeps one key per operation id across restarts: `record`, called
+//! again for the same operation, returns the key it already has.
+//!
+//! ## Sequential or guessable keys (`1`, `2`, `order-17`)
+//! *What goes wrong:* keys of two clients or two sessions collide, and a guessed key can fish
+//! for someone else's stored response.
+//!
+//! *Prevented, partly:* [`new_key`] is a UUID v4 from the OS CSPRNG (122 random bits), and
+//! the server scopes keys per tenant ([`Key`](crate::Key)'s `scope`), so keys of different
+//! clients never meet. To be honest about the limit: [`Key::new`](crate::Key::new) does
+//! **not** reject sequential or low-entropy ids (it cannot tell `"42"` from a random string).
+//! A server that wants to insist on UUIDs must check the format itself.
+//!
+//! ## Not persisting the key before sending
+//! *What goes wrong:* a crash between sending and storing loses the key; the retry after the
+//! restart carries a new one.
+//!
+//! *Prevented:* [`Outbox::record`] is durable when it returns; send only after it returned.
+//!
+//! ## Ignoring a 422, or treating a 409 as final
+//! *What goes wrong:* retrying a 422 hides a client bug; giving up on a 409 reports an
+//! operation that is running elsewhere as failed.
+//!
+//! *Prevented:* a 422 is never retried ([`RetryOutcome::Mismatch`]); a 409 is retried after
+//! its `Retry-After`.
 //!
 //! # Using idemstore from async code
 //!

@@ -122,8 +122,9 @@ impl<T> Sent<T> {
 
 #[cfg(feature = "http")]
 impl<B> Sent<http::Response<B>> {
-    /// Wraps a response of the `http` crate (as returned by `ureq` 3, `reqwest`'s blocking
-    /// client through conversion, ...), reading its status and `Retry-After` header.
+    /// Wraps a response of the `http` crate (as `ureq` 3 returns them), reading its status
+    /// and `Retry-After` header (see [`parse_retry_after`]; dates are taken relative to the
+    /// system clock).
     pub fn from_http(response: http::Response<B>) -> Sent<http::Response<B>> {
         let retry_after = response
             .headers()
