@@ -63,14 +63,14 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<String> {
             "the request has more than one Idempotency-Key header; send exactly one",
         ));
     }
-    parse_value(first.as_bytes())
+    parse_idempotency_key(first.as_bytes())
 }
 
 /// Parses one `Idempotency-Key` field value (see [`idempotency_key`] for the forms).
 ///
 /// # Errors
 /// [`Error::MalformedIdempotencyKey`] as for [`idempotency_key`].
-pub fn parse_value(raw: &[u8]) -> Result<String> {
+pub fn parse_idempotency_key(raw: &[u8]) -> Result<String> {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = raw.iter().position(|b| !is_ows(b)).unwrap_or(raw.len());
     let end = raw
@@ -191,11 +191,11 @@ mod tests {
     use super::*;
 
     fn ok(raw: &str) -> String {
-        parse_value(raw.as_bytes()).unwrap_or_else(|e| panic!("{raw:?}: {e}"))
+        parse_idempotency_key(raw.as_bytes()).unwrap_or_else(|e| panic!("{raw:?}: {e}"))
     }
 
     fn bad(raw: &[u8]) -> String {
-        match parse_value(raw) {
+        match parse_idempotency_key(raw) {
             Err(Error::MalformedIdempotencyKey { reason }) => reason,
             other => panic!("{raw:?}: expected malformed, got {other:?}"),
         }
@@ -245,7 +245,7 @@ mod tests {
     fn format_round_trips() {
         for key in ["abc", r#"a "q" \ b"#, " x ", &"z".repeat(255)] {
             let v = format_idempotency_key(key).unwrap();
-            assert_eq!(parse_value(v.as_bytes()).unwrap(), key);
+            assert_eq!(parse_idempotency_key(v.as_bytes()).unwrap(), key);
         }
         assert!(format_idempotency_key("").is_err());
         assert!(format_idempotency_key("a\nb").is_err());

@@ -135,7 +135,8 @@ mod stored;
 use http::{HeaderName, Request, Response};
 
 pub use header::{
-    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, format_idempotency_key, idempotency_key, parse_value,
+    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, format_idempotency_key, idempotency_key,
+    parse_idempotency_key,
 };
 pub use problem::{
     PROBLEM_JSON, Problem, error_response, in_flight, malformed_key, mismatch, missing_key,
