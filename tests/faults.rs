@@ -1,0 +1,1130 @@
+//! Fault injection (SPEC §4.3 durability and unknown outcomes, §4.7 clean refusal, §4.9 tokens).
+//!
+//! [`FaultyBackend`] wraps a redb storage backend (in memory, or a file to exercise the lock
+//! methods), forwards every method, the lock methods and `close` included, counts the calls of
+//! `write`, `set_len` and `sync_data`, and fails the Nth call of one of them, once or from then
+//! on. It keeps a *durable image*: the bytes as of the last successful `sync_data` (writes and
+//! length changes since then are pending, and lost in a power cut).
+//!
+//! A probe run of a small workload (begin / checkpoint / extend / complete / abandon / drop /
+//! reap on five keys, driven by a `ManualClock`) records the call counts, the state of every
+//! key after every operation, and the durable image at every sync point (plus a torn image:
+//! the previous durable image with a random subset of the writes that sync was making durable).
+//! The sweep then fails every N of each call kind, once and always, and checks:
+//!
+//! * nothing panics, and every error is a clear `Storage` or `Poisoned`; until the store is
+//!   reopened, no write after the first error is acknowledged; a read may still answer, but
+//!   only as one of the possible states would, and it replays only a durable completion;
+//! * operations before the first error answer exactly as in the probe run (a silently failed
+//!   release on drop may show first as a read that still sees the lease);
+//! * the backend is closed exactly once (its locks released) after `close`, or a failed open;
+//! * reopened from the durable image (a power cut right after the fault), and from the image
+//!   of everything written (a crash with all pending writes on disk), the store opens, redb's
+//!   integrity check passes, and the state of all keys is exactly the state after some
+//!   operation between the last acknowledged write and the failed one: every `Ok`'d change is
+//!   there, the failed one is wholly there or wholly absent (no half state);
+//! * the next token granted after the reopen exceeds every token acknowledged or stored.
+//!
+//! Each sync-point image of the probe run (a power cut at that fsync) is checked the same way.
+//!
+//! One exception is accepted, and only for images taken before the first `open` returned:
+//! redb writes its magic number last when it creates a file, so such an image may be a
+//! non-empty file without it, which the store refuses (`IncompatibleFormat`) and leaves as is.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::ops::Bound;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use idemstore::backends::{FileBackend, InMemoryBackend};
+use idemstore::{
+    Begin, Clock, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, StorageBackend,
+    Store,
+};
+use redb::BackendError;
+
+// ---------------------------------------------------------------------------------------------
+// The fault-injecting backend
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Write = 0,
+    SetLen = 1,
+    Sync = 2,
+}
+
+const CALLS: [Call; 3] = [Call::Write, Call::SetLen, Call::Sync];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Only the Nth call fails.
+    Once,
+    /// The Nth call and every later one fail.
+    Always,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fault {
+    call: Call,
+    n: u64,
+    mode: Mode,
+}
+
+/// A change made since the last successful sync.
+enum Pending {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
+}
+
+fn apply(image: &mut Vec<u8>, change: &Pending) {
+    match change {
+        Pending::Write(offset, data) => {
+            let start = usize::try_from(*offset).expect("offset");
+            if image.len() < start + data.len() {
+                image.resize(start + data.len(), 0);
+            }
+            image[start..start + data.len()].copy_from_slice(data);
+        }
+        Pending::SetLen(len) => image.resize(usize::try_from(*len).expect("len"), 0),
+    }
+}
+
+/// The image at one successful sync of a recorded run.
+struct SyncPoint {
+    /// Index of the operation that was running (0: open, `ops + 1`: close).
+    op: usize,
+    /// The image made durable by this sync.
+    durable: Vec<u8>,
+    /// The previous durable image plus a random subset of the changes this sync made durable:
+    /// a power cut during the fsync.
+    torn: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Disk {
+    durable: Vec<u8>,
+    /// Every successful write and length change, synced or not.
+    written: Vec<u8>,
+    pending: Vec<Pending>,
+    /// `Some` while recording sync points.
+    syncs: Option<Vec<SyncPoint>>,
+    rng: u64,
+}
+
+/// Shared between the backend (owned by redb) and the test.
+#[derive(Default)]
+struct FaultState {
+    calls: [AtomicU64; 3],
+    fault: Mutex<Option<Fault>>,
+    injected: AtomicU64,
+    disk: Mutex<Disk>,
+    /// The operation the workload is running, to label sync points.
+    op: AtomicUsize,
+    lock_calls: AtomicU64,
+    closes: AtomicU64,
+}
+
+impl FaultState {
+    fn count(&self, call: Call) -> u64 {
+        self.calls[call as usize].load(SeqCst)
+    }
+
+    fn arm(&self, fault: Option<Fault>) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Counts a call; `Err` when the armed fault says it fails.
+    fn tick(&self, call: Call) -> io::Result<()> {
+        let n = self.calls[call as usize].fetch_add(1, SeqCst) + 1;
+        let fail = match *self.fault.lock().unwrap() {
+            Some(f) if f.call == call => match f.mode {
+                Mode::Once => n == f.n,
+                Mode::Always => n >= f.n,
+            },
+            _ => false,
+        };
+        if fail {
+            self.injected.fetch_add(1, SeqCst);
+            return Err(io::Error::other(format!(
+                "injected fault: {call:?} call {n}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn durable(&self) -> Vec<u8> {
+        self.disk.lock().unwrap().durable.clone()
+    }
+
+    fn written(&self) -> Vec<u8> {
+        self.disk.lock().unwrap().written.clone()
+    }
+
+    fn record_syncs(&self) {
+        self.disk.lock().unwrap().syncs = Some(Vec::new());
+    }
+
+    fn take_syncs(&self) -> Vec<SyncPoint> {
+        self.disk.lock().unwrap().syncs.take().unwrap_or_default()
+    }
+}
+
+struct FaultyBackend<B> {
+    inner: B,
+    state: Arc<FaultState>,
+}
+
+impl<B: StorageBackend> FaultyBackend<B> {
+    /// Wraps `inner`; what it holds already counts as durable.
+    fn new(inner: B, state: Arc<FaultState>) -> FaultyBackend<B> {
+        let len = inner.len().expect("len");
+        let mut bytes = vec![0; usize::try_from(len).expect("len")];
+        inner.read(0, &mut bytes).expect("read");
+        let mut disk = state.disk.lock().unwrap();
+        disk.durable = bytes.clone();
+        disk.written = bytes;
+        drop(disk);
+        FaultyBackend { inner, state }
+    }
+
+    fn lock_call(&self) {
+        self.state.lock_calls.fetch_add(1, SeqCst);
+    }
+}
+
+impl<B> fmt::Debug for FaultyBackend<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyBackend").finish_non_exhaustive()
+    }
+}
+
+impl<B: StorageBackend> StorageBackend for FaultyBackend<B> {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.state.tick(Call::SetLen)?;
+        self.inner.set_len(len)?;
+        let mut disk = self.state.disk.lock().unwrap();
+        apply(&mut disk.written, &Pending::SetLen(len));
+        disk.pending.push(Pending::SetLen(len));
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.state.tick(Call::Sync)?;
+        self.inner.sync_data()?;
+        let mut disk = self.state.disk.lock().unwrap();
+        let disk = &mut *disk;
+        let pending = std::mem::take(&mut disk.pending);
+        if let Some(syncs) = disk.syncs.as_mut() {
+            let mut torn = disk.durable.clone();
+            for change in &pending {
+                disk.rng = disk
+                    .rng
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1);
+                // Length changes are kept (the file system orders them); writes are a coin toss.
+                if matches!(change, Pending::SetLen(_)) || (disk.rng >> 40) & 1 == 1 {
+                    apply(&mut torn, change);
+                }
+            }
+            for change in &pending {
+                apply(&mut disk.durable, change);
+            }
+            syncs.push(SyncPoint {
+                op: self.state.op.load(SeqCst),
+                durable: disk.durable.clone(),
+                torn,
+            });
+        } else {
+            for change in &pending {
+                apply(&mut disk.durable, change);
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.state.tick(Call::Write)?;
+        self.inner.write(offset, data)?;
+        let change = Pending::Write(offset, data.to_vec());
+        let mut disk = self.state.disk.lock().unwrap();
+        apply(&mut disk.written, &change);
+        disk.pending.push(change);
+        Ok(())
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.state.closes.fetch_add(1, SeqCst);
+        self.inner.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.lock_call();
+        self.inner.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.lock_call();
+        self.inner.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.lock_call();
+        self.inner.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.lock_call();
+        self.inner.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.lock_call();
+        self.inner.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.lock_call();
+        self.inner.query_lock_range(start, end)
+    }
+}
+
+/// An in-memory backend holding `image`.
+fn backend_from(image: &[u8]) -> InMemoryBackend {
+    let b = InMemoryBackend::new();
+    b.set_len(image.len() as u64).expect("set_len");
+    b.write(0, image).expect("write");
+    b
+}
+
+// ---------------------------------------------------------------------------------------------
+// The workload
+
+const TTL: Duration = Duration::from_secs(1000);
+const LEASE: Duration = Duration::from_secs(30);
+const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+fn start() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
+
+fn builder(clock: &ManualClock) -> idemstore::Builder {
+    Store::builder()
+        .ttl(TTL)
+        .lease(LEASE)
+        .reap_interval(None)
+        .durability(Durability::Immediate)
+        .clock(clock.clone())
+}
+
+fn key(k: usize) -> Key {
+    Key::new("faults", KEYS[k]).expect("key")
+}
+
+fn fp(k: usize, variant: u8) -> Fingerprint {
+    Fingerprint::builder()
+        .part(KEYS[k].as_bytes())
+        .part([variant])
+        .finish()
+}
+
+/// Response bytes: binary, `len` long, different per key and length.
+fn response(k: usize, len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (k as u64) << 32 ^ len as u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Begin(usize, u8),
+    Checkpoint(usize, &'static str),
+    Extend(usize, u64),
+    Complete(usize, usize),
+    Abandon(usize),
+    /// Drop the lease: best-effort release, its errors are not reported.
+    Drop(usize),
+    Advance(u64),
+    Reap,
+}
+
+const WORKLOAD: &[Op] = &[
+    Op::Begin(0, 0),
+    Op::Checkpoint(0, "a: step 1"),
+    Op::Complete(0, 300),
+    Op::Begin(1, 0),
+    Op::Extend(1, 90),
+    Op::Checkpoint(1, "b: step 1"),
+    Op::Begin(2, 0),
+    Op::Abandon(2),
+    Op::Begin(2, 0),
+    Op::Checkpoint(2, "c: step 1"),
+    Op::Drop(2),
+    Op::Begin(2, 0), // takeover, recovers the checkpoint
+    Op::Complete(2, 20_000),
+    Op::Begin(3, 0),
+    Op::Complete(3, 64),
+    Op::Begin(0, 0), // replay
+    Op::Begin(1, 1), // mismatch
+    Op::Begin(1, 0), // in flight
+    Op::Drop(1),     // released
+    Op::Advance(1100),
+    Op::Reap, // a, b, c, d are dead
+    Op::Begin(4, 0),
+    Op::Checkpoint(4, "e: step 1"),
+    Op::Advance(40), // e's lease ran out, nobody took over
+    Op::Extend(4, 30),
+    Op::Complete(4, 5000),
+    Op::Begin(0, 0), // a again, from scratch
+    Op::Complete(0, 100),
+    Op::Begin(1, 0),
+    Op::Drop(1),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Started(u64),
+    Replay(u64),
+    InFlight,
+    Mismatch,
+    /// A lease operation returned `Ok`.
+    Done,
+    Reaped(u64),
+    Dropped,
+    Advanced,
+    /// No lease to act on: the `begin` that should have made it failed.
+    Skipped,
+    Failed(&'static str),
+}
+
+impl Outcome {
+    /// An acknowledged durable write (SPEC §4.3).
+    fn acknowledges_write(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Started(_) | Outcome::Done | Outcome::Reaped(_)
+        )
+    }
+}
+
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::Storage { .. } => "Storage",
+        Error::Poisoned => "Poisoned",
+        Error::Closed => "Closed",
+        Error::Corrupt { .. } => "Corrupt",
+        Error::LeaseLost { .. } => "LeaseLost",
+        Error::AlreadyOpen { .. } => "AlreadyOpen",
+        Error::IncompatibleFormat { .. } => "IncompatibleFormat",
+        Error::InvalidConfig { .. } => "InvalidConfig",
+        Error::InvalidKey { .. } => "InvalidKey",
+        Error::ResponseTooLarge { .. } => "ResponseTooLarge",
+        _ => "other",
+    }
+}
+
+/// The state of every key, as `get` sees it.
+type Snapshot = Vec<Option<Entry>>;
+
+fn snapshot(store: &Store) -> Result<Snapshot, Error> {
+    (0..KEYS.len()).map(|k| store.get(&key(k))).collect()
+}
+
+/// `s` as seen at `now` (records dead by then are absent).
+fn view_at(s: &Snapshot, now: SystemTime) -> Snapshot {
+    s.iter()
+        .map(|e| {
+            e.clone().filter(|e| match e {
+                Entry::Completed(done) => now < done.expires_at(),
+                Entry::InFlight { expires_at, .. } => now < *expires_at,
+            })
+        })
+        .collect()
+}
+
+fn tokens_in(s: &Snapshot) -> u64 {
+    s.iter()
+        .flatten()
+        .map(|e| match e {
+            Entry::Completed(done) => done.token(),
+            Entry::InFlight { token, .. } => *token,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// What one run of the workload did.
+struct Run {
+    /// `Err` when the open failed (with its error kind).
+    open: Result<(), &'static str>,
+    outcomes: Vec<Outcome>,
+    /// The clock at each operation (index 0: open).
+    times: Vec<SystemTime>,
+    /// The state after each operation (index 0: after open); probe runs only.
+    after: Vec<Snapshot>,
+    close: Result<(), &'static str>,
+    state: Arc<FaultState>,
+}
+
+fn run_op(
+    store: &Store,
+    clock: &ManualClock,
+    leases: &mut HashMap<usize, Lease>,
+    op: Op,
+) -> Outcome {
+    let failed = |e: Error| Outcome::Failed(error_kind(&e));
+    match op {
+        Op::Begin(k, v) => match store.begin(&key(k), &fp(k, v)) {
+            Ok(Begin::Started(lease)) => {
+                let token = lease.token();
+                assert!(
+                    leases.insert(k, lease).is_none(),
+                    "workload: lease of {k} held"
+                );
+                Outcome::Started(token)
+            }
+            Ok(Begin::Replay(done)) => Outcome::Replay(done.token()),
+            Ok(Begin::InFlight { .. }) => Outcome::InFlight,
+            Ok(Begin::Mismatch) => Outcome::Mismatch,
+            Err(e) => failed(e),
+        },
+        Op::Checkpoint(k, bytes) => match leases.get_mut(&k) {
+            None => Outcome::Skipped,
+            Some(l) => l
+                .checkpoint(bytes.as_bytes())
+                .map_or_else(failed, |()| Outcome::Done),
+        },
+        Op::Extend(k, secs) => match leases.get_mut(&k) {
+            None => Outcome::Skipped,
+            Some(l) => l
+                .extend(Duration::from_secs(secs))
+                .map_or_else(failed, |()| Outcome::Done),
+        },
+        Op::Complete(k, len) => match leases.remove(&k) {
+            None => Outcome::Skipped,
+            Some(l) => {
+                let bytes = response(k, len);
+                match l.complete(&bytes) {
+                    Ok(done) => {
+                        assert_eq!(done.response(), &bytes[..]);
+                        Outcome::Done
+                    }
+                    Err(e) => failed(e),
+                }
+            }
+        },
+        Op::Abandon(k) => match leases.remove(&k) {
+            None => Outcome::Skipped,
+            Some(l) => l.abandon().map_or_else(failed, |()| Outcome::Done),
+        },
+        Op::Drop(k) => match leases.remove(&k) {
+            None => Outcome::Skipped,
+            Some(l) => {
+                drop(l);
+                Outcome::Dropped
+            }
+        },
+        Op::Advance(secs) => {
+            clock.advance(Duration::from_secs(secs));
+            Outcome::Advanced
+        }
+        Op::Reap => store.reap().map_or_else(failed, Outcome::Reaped),
+    }
+}
+
+/// Runs the workload on a fresh in-memory backend with `fault` armed.
+fn run(fault: Option<Fault>, probe: bool) -> Run {
+    let state = Arc::new(FaultState::default());
+    if probe {
+        state.record_syncs();
+    }
+    state.arm(fault);
+    let backend = FaultyBackend::new(InMemoryBackend::new(), state.clone());
+    let clock = ManualClock::new(start());
+    let mut run = Run {
+        open: Ok(()),
+        outcomes: Vec::new(),
+        times: vec![start()],
+        after: Vec::new(),
+        close: Ok(()),
+        state: state.clone(),
+    };
+    let store = match builder(&clock).open_backend(backend) {
+        Ok(store) => store,
+        Err(e) => {
+            run.open = Err(error_kind(&e));
+            return run;
+        }
+    };
+    if probe {
+        run.after.push(snapshot(&store).expect("probe: get"));
+    }
+    let mut leases = HashMap::new();
+    for (i, op) in WORKLOAD.iter().enumerate() {
+        state.op.store(i + 1, SeqCst);
+        run.times.push(clock.now());
+        let outcome = run_op(&store, &clock, &mut leases, *op);
+        if let Op::Advance(_) = op {
+            *run.times.last_mut().unwrap() = clock.now();
+        }
+        if probe {
+            assert!(
+                !matches!(outcome, Outcome::Failed(_) | Outcome::Skipped),
+                "probe run: {op:?} gave {outcome:?}"
+            );
+            run.after.push(snapshot(&store).expect("probe: get"));
+        }
+        run.outcomes.push(outcome);
+    }
+    state.op.store(WORKLOAD.len() + 1, SeqCst);
+    drop(leases);
+    run.close = store.close().map_err(|e| error_kind(&e));
+    run
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+/// Reopens crash images: every `file_every`-th one through `Store::open` of a real file (the
+/// production path: read-only check, then recovery), the others on an in-memory backend
+/// through `Builder::open_backend` (no fsync: fast).
+struct Images {
+    dir: tempfile::TempDir,
+    file_every: u64,
+    checked: u64,
+    via_file: u64,
+    /// Results by image and expectation: an identical image checked against identical
+    /// expectations gives the same result (the durable image is the same for every fault
+    /// between two syncs), so it is checked once.
+    seen: HashMap<(u64, u64), Option<Snapshot>>,
+    repeats: u64,
+    /// Images of a store whose creation was cut short, refused as not a redb file.
+    refused_half_created: u64,
+}
+
+/// What a reopened image must show.
+struct Expect<'a> {
+    /// The clock of the reopened store.
+    now: SystemTime,
+    /// The possible states of all keys; the image must hold exactly one of them.
+    candidates: &'a [Snapshot],
+    /// Every token acknowledged before the crash; the next one granted must exceed it.
+    min_token: u64,
+    /// The crash hit while the store was being created (`open` had not returned).
+    creating: bool,
+}
+
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+impl Images {
+    fn new(file_every: u64) -> Images {
+        Images {
+            dir: tempfile::tempdir().expect("tempdir"),
+            file_every,
+            checked: 0,
+            via_file: 0,
+            seen: HashMap::new(),
+            repeats: 0,
+            refused_half_created: 0,
+        }
+    }
+
+    /// A crash left `image`: redb's integrity check passes on it, it opens as a store (through
+    /// a file), its keys are exactly one of the candidates (as seen at `now`), and the next
+    /// token exceeds every token acknowledged or stored.
+    ///
+    /// Exception: redb writes its magic number last when it creates a file, so a crash during
+    /// the creation of the store can leave a non-empty file without it. Nothing was
+    /// acknowledged then; the store refuses such a file as not a redb file
+    /// (`IncompatibleFormat`) and must leave it unchanged.
+    fn check(&mut self, what: &str, image: &[u8], expect: &Expect<'_>) -> Option<Snapshot> {
+        let memo = (
+            hash(image),
+            hash(format!(
+                "{:?}",
+                (
+                    expect.now,
+                    expect.candidates,
+                    expect.min_token,
+                    expect.creating
+                )
+            )),
+        );
+        if let Some(found) = self.seen.get(&memo) {
+            self.repeats += 1;
+            return found.clone();
+        }
+        let found = self.check_new(what, image, expect);
+        self.seen.insert(memo, found.clone());
+        found
+    }
+
+    fn check_new(&mut self, what: &str, image: &[u8], expect: &Expect<'_>) -> Option<Snapshot> {
+        self.checked += 1;
+        let clock = ManualClock::new(expect.now);
+        if !image.is_empty() && !image.starts_with(&REDB_MAGIC) {
+            assert!(
+                expect.creating,
+                "{what}: an image without redb's magic number"
+            );
+            let path = self.dir.path().join(format!("image-{}.redb", self.checked));
+            std::fs::write(&path, image).expect("write the image");
+            match builder(&clock).open(&path) {
+                Err(Error::IncompatibleFormat { .. }) => {}
+                other => {
+                    panic!("{what}: half-created file: expected IncompatibleFormat, got {other:?}")
+                }
+            }
+            assert!(
+                std::fs::read(&path).expect("read") == image,
+                "{what}: refused file modified"
+            );
+            std::fs::remove_file(&path).expect("remove the image");
+            self.refused_half_created += 1;
+            return None;
+        }
+        // redb's own integrity check, on a copy (the open repairs an unclean image first).
+        let mut db = redb::Builder::new()
+            .create_with_backend(backend_from(image))
+            .unwrap_or_else(|e| panic!("{what}: redb cannot open the image: {e}"));
+        match db.check_integrity() {
+            Ok(true) => {}
+            other => panic!("{what}: redb integrity check: {other:?}"),
+        }
+        drop(db);
+
+        let path = self.dir.path().join(format!("image-{}.redb", self.checked));
+        let file = self.checked.is_multiple_of(self.file_every);
+        let store = if file {
+            self.via_file += 1;
+            std::fs::write(&path, image).expect("write the image");
+            builder(&clock).open(&path)
+        } else {
+            builder(&clock).open_backend(backend_from(image))
+        };
+        let store = store.unwrap_or_else(|e| panic!("{what}: the store does not reopen: {e:?}"));
+        let state = snapshot(&store).unwrap_or_else(|e| panic!("{what}: get: {e:?}"));
+        assert!(
+            expect.candidates.contains(&state),
+            "{what}: half state or lost acknowledged change after reopen:\n  found {state:?}\n  \
+             expected one of {:#?}",
+            expect.candidates
+        );
+        let fresh = Key::new("faults", "fresh").expect("key");
+        match store.begin(&fresh, &Fingerprint::of(b"fresh")) {
+            Ok(Begin::Started(lease)) => {
+                let floor = expect.min_token.max(tokens_in(&state));
+                assert!(
+                    lease.token() > floor,
+                    "{what}: token {} granted after reopen, {floor} acknowledged or stored",
+                    lease.token()
+                );
+                lease.abandon().expect("abandon");
+            }
+            other => panic!("{what}: begin on a fresh key after reopen: {other:?}"),
+        }
+        store.close().expect("close the reopened image");
+        if file {
+            std::fs::remove_file(&path).expect("remove the image");
+        }
+        Some(state)
+    }
+}
+
+fn hash(x: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(x)
+}
+
+const CLEAR: [&str; 2] = ["Storage", "Poisoned"];
+
+/// The highest token acknowledged among `outcomes`.
+fn acked_token(outcomes: &[Outcome]) -> u64 {
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Started(t) => Some(*t),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Checks one faulty run against the probe run.
+fn check_run(probe: &Run, r: &Run, images: &mut Images, what: &str) {
+    if let Err(kind) = r.open {
+        assert!(CLEAR.contains(&kind), "{what}: open failed with {kind}");
+        assert_eq!(
+            r.state.closes.load(SeqCst),
+            1,
+            "{what}: a failed open closes the backend"
+        );
+        let expect = Expect {
+            now: probe.times[0],
+            candidates: std::slice::from_ref(&probe.after[0]),
+            min_token: 0,
+            creating: true,
+        };
+        images.check(
+            &format!("{what}, durable image"),
+            &r.state.durable(),
+            &expect,
+        );
+        images.check(
+            &format!("{what}, written image"),
+            &r.state.written(),
+            &expect,
+        );
+        return;
+    }
+    if let Err(kind) = r.close {
+        assert!(CLEAR.contains(&kind), "{what}: close failed with {kind}");
+    }
+    assert_eq!(
+        r.state.closes.load(SeqCst),
+        1,
+        "{what}: after close the backend is closed once (its locks released)"
+    );
+    // The first answer that differs from the probe run: normally the first error; or, when the
+    // release of a dropped lease failed silently (best effort, SPEC §3), a read that still sees
+    // the lease.
+    let first = r
+        .outcomes
+        .iter()
+        .zip(&probe.outcomes)
+        .position(|(a, b)| a != b);
+    let ok_until = first.unwrap_or(r.outcomes.len());
+    let failed_at_first = first.is_some_and(|i| matches!(r.outcomes[i], Outcome::Failed(_)));
+    if let Some(i) = first
+        && !failed_at_first
+    {
+        assert!(
+            WORKLOAD[..i].iter().any(|op| matches!(op, Op::Drop(_))),
+            "{what}: op {i} {:?} answered {:?}, the probe {:?}, with no error before",
+            WORKLOAD[i],
+            r.outcomes[i],
+            probe.outcomes[i]
+        );
+    }
+    // From the first error on: clear errors and nothing acknowledged. Reads may still answer
+    // (SPEC §4.3 refuses writes); they are checked below.
+    let mut reads = Vec::new();
+    for (j, (o, op)) in r.outcomes.iter().zip(WORKLOAD).enumerate().skip(ok_until) {
+        match o {
+            Outcome::Failed(kind) => assert!(
+                CLEAR.contains(kind),
+                "{what}: op {j} {op:?} failed with {kind}, not a clear Storage/Poisoned"
+            ),
+            Outcome::Skipped | Outcome::Dropped | Outcome::Advanced => {}
+            Outcome::Replay(_) | Outcome::InFlight | Outcome::Mismatch => reads.push((j, *op, o)),
+            other => panic!("{what}: op {j} {op:?} answered {other:?} after an earlier error"),
+        }
+    }
+    // Index into `after` (0: open, j + 1: after op j): from the last acknowledged write to
+    // the failed operation (or the end), every state is a possible outcome; nothing else is.
+    let end = match first {
+        None => WORKLOAD.len(),
+        Some(i) if failed_at_first => i + 1,
+        Some(i) => i,
+    };
+    let acked = r.outcomes[..ok_until]
+        .iter()
+        .rposition(Outcome::acknowledges_write)
+        .map_or(0, |j| j + 1);
+    let now = probe.times[end];
+    let candidates: Vec<Snapshot> = (acked..=end)
+        .map(|j| view_at(&probe.after[j], now))
+        .collect();
+    let expect = Expect {
+        now,
+        candidates: &candidates,
+        min_token: acked_token(&r.outcomes[..ok_until]),
+        creating: false,
+    };
+    let durable = images.check(
+        &format!("{what}, durable image"),
+        &r.state.durable(),
+        &expect,
+    );
+    images.check(
+        &format!("{what}, written image"),
+        &r.state.written(),
+        &expect,
+    );
+    let durable = durable.expect("the store was created");
+    // A read after the failure answers from one of the possible states, and a replay only
+    // from a completion that is durable (never a response that may be lost).
+    for (j, op, o) in reads {
+        let Op::Begin(k, v) = op else {
+            panic!("{what}: op {j} {op:?} is not a read")
+        };
+        let at = r.times[j + 1];
+        let possible: Vec<Option<Outcome>> = candidates
+            .iter()
+            .map(|c| answer(&view_at(c, at), k, v, at))
+            .collect();
+        assert!(
+            possible.contains(&Some(o.clone())),
+            "{what}: op {j} {op:?} answered {o:?} after the failure; possible: {possible:?}"
+        );
+        if let Outcome::Replay(_) = o {
+            assert_eq!(
+                answer(&view_at(&durable, at), k, v, at).as_ref(),
+                Some(o),
+                "{what}: op {j} replayed a completion that is not durable"
+            );
+        }
+    }
+}
+
+/// What `begin(key k, fingerprint variant v)` answers without writing, from the state `s` at
+/// `now`; `None` when it must write (a claim). Every key is begun with variant 0 only, but
+/// for the one `Mismatch` probe.
+fn answer(s: &Snapshot, k: usize, v: u8, now: SystemTime) -> Option<Outcome> {
+    match &s[k] {
+        None => None,
+        Some(_) if v != 0 => Some(Outcome::Mismatch),
+        Some(Entry::Completed(done)) => Some(Outcome::Replay(done.token())),
+        Some(Entry::InFlight {
+            lease_expires_at, ..
+        }) => (now < *lease_expires_at).then_some(Outcome::InFlight),
+    }
+}
+
+fn run_checked(probe: &Run, fault: Fault, images: &mut Images) -> u64 {
+    let what = format!("{fault:?}");
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let r = run(Some(fault), false);
+        check_run(probe, &r, images, &what);
+        r.state.injected.load(SeqCst)
+    }));
+    result.unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        panic!("fault {what}: {msg}")
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn every_write_set_len_and_sync_fault_of_a_workload_keeps_the_guarantees() {
+    let probe = run(None, true);
+    assert!(
+        probe.open.is_ok() && probe.close.is_ok(),
+        "the probe run fails by itself"
+    );
+    let counts = CALLS.map(|c| probe.state.count(c));
+    println!(
+        "probe run: {} operations, {} writes, {} set_len, {} sync_data, {} lock calls",
+        WORKLOAD.len(),
+        counts[0],
+        counts[1],
+        counts[2],
+        probe.state.lock_calls.load(SeqCst)
+    );
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "the workload exercises every call kind"
+    );
+    let mut images = Images::new(8);
+    let (mut injected, mut runs) = (0, 0);
+    for call in CALLS {
+        for mode in [Mode::Once, Mode::Always] {
+            for n in 1..=probe.state.count(call) {
+                let fault = Fault { call, n, mode };
+                let got = run_checked(&probe, fault, &mut images);
+                assert!(got >= 1, "{fault:?}: the fault was not injected");
+                injected += got;
+                runs += 1;
+            }
+        }
+    }
+    println!(
+        "fault sweep: {runs} runs, {injected} faults injected; {} distinct crash images \
+         reopened and checked ({} through a file, {} half-created files refused), {} repeats",
+        images.checked, images.via_file, images.refused_half_created, images.repeats
+    );
+}
+
+#[test]
+fn every_sync_point_image_of_a_workload_is_a_consistent_store() {
+    let probe = run(None, true);
+    let syncs = probe.state.take_syncs();
+    assert!(
+        syncs.len() > WORKLOAD.len() / 2,
+        "one sync per write at least"
+    );
+    let mut images = Images::new(1);
+    let n = WORKLOAD.len();
+    for (s, sp) in syncs.iter().enumerate() {
+        // A power cut at this fsync: the operation running then may or may not have happened.
+        let (now, candidates, min_token) = match sp.op {
+            0 => (probe.times[0], vec![probe.after[0].clone()], 0),
+            j if j > n => (
+                probe.times[n],
+                vec![probe.after[n].clone()],
+                acked_token(&probe.outcomes),
+            ),
+            j => {
+                let now = probe.times[j];
+                let c = vec![
+                    view_at(&probe.after[j - 1], now),
+                    view_at(&probe.after[j], now),
+                ];
+                (now, c, acked_token(&probe.outcomes[..j - 1]))
+            }
+        };
+        let label = format!("sync point {s} (op {})", sp.op);
+        let expect = Expect {
+            now,
+            candidates: &candidates,
+            min_token,
+            creating: sp.op == 0,
+        };
+        images.check(&format!("{label}, durable image"), &sp.durable, &expect);
+        images.check(&format!("{label}, torn image"), &sp.torn, &expect);
+    }
+    println!(
+        "sync points: {} (a power cut at each, and torn during each), {} images checked, {} \
+         half-created files refused",
+        syncs.len(),
+        images.checked,
+        images.refused_half_created
+    );
+}
+
+/// `begin`, expecting `Started`.
+#[track_caller]
+fn started(store: &Store, k: usize) -> Lease {
+    match store.begin(&key(k), &fp(k, 0)) {
+        Ok(Begin::Started(lease)) => lease,
+        other => panic!("expected Started, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_already_open(path: &std::path::Path, clock: &ManualClock) {
+    match builder(clock).open(path) {
+        Err(Error::AlreadyOpen { .. }) => {}
+        other => panic!("expected AlreadyOpen, got {other:?}"),
+    }
+}
+
+/// On a file, the wrapper's forwarded lock methods are what keeps a second open out: the file
+/// is `AlreadyOpen` while the store lives, still after a failed commit poisoned it, and free
+/// once `close` returns (the backend's `close` released the locks). After the reopen, the
+/// failed completion is wholly there or wholly absent, and redb's integrity check passes.
+#[test]
+fn on_a_file_the_wrapper_forwards_the_locks_and_a_poisoned_store_keeps_the_file_locked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("locked.redb");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .expect("create the file");
+    let state = Arc::new(FaultState::default());
+    let backend = FaultyBackend::new(FileBackend::new(file).expect("file backend"), state.clone());
+    let clock = ManualClock::new(start());
+    let store = builder(&clock)
+        .open_backend(backend)
+        .expect("open on the file");
+    assert!(
+        state.lock_calls.load(SeqCst) > 0,
+        "redb locked the file through the wrapper"
+    );
+    assert_already_open(&path, &clock);
+
+    let done = started(&store, 0)
+        .complete(b"acknowledged")
+        .expect("complete");
+    let mut held = started(&store, 1);
+    held.checkpoint(b"step 1").expect("checkpoint");
+    let held_token = held.token();
+    // Every fsync from now on fails.
+    state.arm(Some(Fault {
+        call: Call::Sync,
+        n: state.count(Call::Sync) + 1,
+        mode: Mode::Always,
+    }));
+    match held.complete(b"unknown outcome") {
+        Err(Error::Storage { .. }) => {}
+        other => panic!("a failed fsync must be a Storage error, got {other:?}"),
+    }
+    for k in [2, 3] {
+        match store.begin(&key(k), &fp(k, 0)) {
+            Err(Error::Poisoned | Error::Storage { .. }) => {}
+            other => panic!("a poisoned store must refuse writes, got {other:?}"),
+        }
+    }
+    assert!(state.injected.load(SeqCst) >= 1);
+    assert_already_open(&path, &clock);
+    assert_eq!(state.closes.load(SeqCst), 0);
+    match store.close() {
+        Ok(()) | Err(Error::Storage { .. }) => {}
+        Err(e) => panic!("close of a poisoned store: {e:?}"),
+    }
+    assert_eq!(state.closes.load(SeqCst), 1, "close released the backend");
+
+    let reopened = builder(&clock).open(&path).expect("reopen once closed");
+    match reopened.get(&key(0)).expect("get") {
+        Some(Entry::Completed(c)) => {
+            assert_eq!(c.response(), b"acknowledged");
+            assert_eq!(c.token(), done.token());
+        }
+        other => panic!("acknowledged completion lost: {other:?}"),
+    }
+    match reopened.get(&key(1)).expect("get") {
+        Some(Entry::InFlight {
+            token, checkpoint, ..
+        }) => {
+            assert_eq!(token, held_token);
+            assert_eq!(checkpoint.as_deref(), Some(&b"step 1"[..]));
+        }
+        Some(Entry::Completed(c)) => {
+            assert_eq!(
+                (c.response(), c.token()),
+                (&b"unknown outcome"[..], held_token)
+            );
+        }
+        None => panic!("the acknowledged claim of key 1 is lost"),
+    }
+    for k in [2, 3] {
+        assert_eq!(
+            reopened.get(&key(k)).expect("get"),
+            None,
+            "refused claims left nothing"
+        );
+    }
+    reopened.close().expect("close");
+    let mut db = redb::Database::create(&path).expect("redb opens the file");
+    assert!(matches!(db.check_integrity(), Ok(true)), "integrity check");
+}
