@@ -266,6 +266,41 @@ fn a_missing_file_becomes_a_new_store() {
 }
 
 #[test]
+fn a_new_store_appears_complete_or_not_at_all() {
+    // A new store is built beside its path and linked into place once initialized, so a
+    // crash during creation never leaves a half-written file at the path. A leftover of a
+    // crashed creation (same naming scheme, our pid) neither blocks the open nor survives it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.redb");
+    let leftover = dir
+        .path()
+        .join(format!(".new.redb.idemstore-new-{}", std::process::id()));
+    std::fs::write(&leftover, vec![0u8; 4096]).unwrap();
+    let store = builder(&clock()).open(&path).unwrap();
+    use_store(&store);
+    store.close().unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["new.redb".to_string()],
+        "only the store remains"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the store file is private to its owner"
+        );
+    }
+}
+
+#[test]
 fn a_zero_byte_file_becomes_a_new_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("empty.redb");
