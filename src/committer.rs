@@ -245,6 +245,11 @@ impl Worker {
         let results = match self.apply_all(ops) {
             Ok(results) => results,
             Err(failure) => {
+                tracing::error!(
+                    error = %failure,
+                    operations = replies.len(),
+                    "a write batch failed; its callers get an error (unknown outcome)"
+                );
                 for reply in replies {
                     let _ = reply.send(Err(failure.duplicate()));
                 }
@@ -285,6 +290,10 @@ impl Worker {
         }
         if let Err(e) = txn.commit() {
             self.poisoned.store(true, Ordering::Release);
+            tracing::error!(
+                error = %e,
+                "commit failed (outcome unknown); the store is poisoned and refuses writes until it is reopened"
+            );
             return Err(Error::storage("committing a write (outcome unknown)", e));
         }
         if note {

@@ -96,6 +96,13 @@ impl Lease {
     }
 
     fn submit(&self, action: LeaseAction) -> Result<Option<Record>> {
+        let operation = match &action {
+            LeaseAction::Complete(_) => "complete",
+            LeaseAction::Extend(_) => "extend",
+            LeaseAction::Checkpoint(_) => "checkpoint",
+            LeaseAction::Abandon => "abandon",
+            LeaseAction::Release => "release",
+        };
         let op = Op::Lease {
             key: self.encoded.clone(),
             token: self.token,
@@ -104,6 +111,16 @@ impl Lease {
         let reply = self.store.inner().submit(op);
         if let Err(Error::LeaseLost { .. }) = &reply {
             bump(&self.store.inner().stats.leases_lost, 1);
+            if operation == "release" {
+                // A stale holder dropping its lease: expected after a takeover.
+                tracing::debug!(token = self.token, operation, "lease lost");
+            } else {
+                tracing::warn!(
+                    token = self.token,
+                    operation,
+                    "lease lost: another holder took over, or the record expired or was abandoned; nothing was changed"
+                );
+            }
         }
         match reply? {
             Reply::Applied(record) => Ok(record),

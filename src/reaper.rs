@@ -26,12 +26,15 @@ pub(crate) fn reap_all(
     stats: &StatsCells,
     mut keep_going: impl FnMut() -> bool,
 ) -> Result<u64> {
+    let started = std::time::Instant::now();
     let mut total = 0;
+    let mut batches = 0u64;
     while keep_going() {
         match submitter.submit(Op::Reap { limit: REAP_BATCH })? {
             Reply::Reaped { deleted, more } => {
                 bump(&stats.reaped, deleted);
                 total += deleted;
+                batches += 1;
                 if !more {
                     break;
                 }
@@ -42,6 +45,12 @@ pub(crate) fn reap_all(
                 )));
             }
         }
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if total > 0 {
+        tracing::info!(deleted = total, batches, elapsed_ms, "reaper pass");
+    } else {
+        tracing::debug!(deleted = total, batches, elapsed_ms, "reaper pass");
     }
     Ok(total)
 }
@@ -95,8 +104,9 @@ fn run(interval: Duration, submitter: &Submitter, stats: &StatsCells, stop: &Rec
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
         let keep_going = || matches!(stop.try_recv(), Err(TryRecvError::Empty));
-        if reap_all(submitter, stats, keep_going).is_err() {
+        if let Err(e) = reap_all(submitter, stats, keep_going) {
             bump(&stats.reap_errors, 1);
+            tracing::error!(error = %e, "reaper pass failed; it retries at the next interval");
         }
     }
 }

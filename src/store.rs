@@ -177,6 +177,20 @@ impl Store {
                 bump(&stats.started, 1);
                 let recovered = takeover.map(|t| {
                     bump(&stats.takeovers, 1);
+                    // No key above debug level: ids and scopes may identify people.
+                    tracing::info!(
+                        previous_token = t.previous_token,
+                        token,
+                        attempt = t.attempt,
+                        checkpoint = t.checkpoint.is_some(),
+                        "lease taken over (the previous holder crashed, stalled past its lease or dropped it)"
+                    );
+                    tracing::debug!(
+                        scope = key.scope(),
+                        id = key.id(),
+                        token,
+                        "lease taken over: key"
+                    );
                     Recovered {
                         previous_token: t.previous_token,
                         attempt: t.attempt,

@@ -1,0 +1,310 @@
+//! The `tracing` events idemstore emits: takeovers, lost leases, reaper passes, failed
+//! commits (poisoning), and that no key leaks above debug level.
+//!
+//! A tiny `tracing::Subscriber` installed as the process-wide default captures every event
+//! with its level and fields (the committer emits from its own thread, so a thread-local
+//! default would miss it). The tests share it and run one at a time.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use idemstore::backends::InMemoryBackend;
+use idemstore::{Begin, Error, Fingerprint, Key, ManualClock, StorageBackend, Store};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Metadata, Subscriber};
+
+/// One captured event.
+#[derive(Clone, Debug)]
+struct Captured {
+    level: Level,
+    target: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Captured {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn message(&self) -> &str {
+        self.field("message").unwrap_or("")
+    }
+
+    /// Every field value, message included, as one string.
+    fn text(&self) -> String {
+        self.fields
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+struct Fields<'a>(&'a mut Vec<(String, String)>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+}
+
+#[derive(Default)]
+struct Capture {
+    events: Mutex<Vec<Captured>>,
+    next_span: AtomicU64,
+}
+
+impl Subscriber for &'static Capture {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(self.next_span.fetch_add(1, SeqCst) + 1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Vec::new();
+        event.record(&mut Fields(&mut fields));
+        self.events.lock().unwrap().push(Captured {
+            level: *event.metadata().level(),
+            target: event.metadata().target().to_owned(),
+            fields,
+        });
+    }
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+/// The process-wide capture, installed once; the guard serializes the tests.
+fn capture() -> (&'static Capture, MutexGuard<'static, ()>) {
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let capture = *CAPTURE.get_or_init(|| {
+        let capture: &'static Capture = Box::leak(Box::default());
+        tracing::subscriber::set_global_default(capture).expect("no other global subscriber");
+        capture
+    });
+    capture.events.lock().unwrap().clear();
+    (capture, guard)
+}
+
+fn events(capture: &Capture) -> Vec<Captured> {
+    capture.events.lock().unwrap().clone()
+}
+
+const ID: &str = "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11";
+const SCOPE: &str = "tenant-secret-42";
+
+fn key() -> Key {
+    Key::new(SCOPE, ID).unwrap()
+}
+
+fn clock() -> ManualClock {
+    ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+}
+
+/// No event above debug level carries the key's id or scope.
+fn assert_no_key_above_debug(events: &[Captured]) {
+    for e in events.iter().filter(|e| e.level < Level::DEBUG) {
+        let text = e.text();
+        assert!(
+            !text.contains(ID) && !text.contains(SCOPE),
+            "{:?} event leaks the key: {text}",
+            e.level
+        );
+    }
+}
+
+#[test]
+fn takeover_is_an_info_event_with_tokens_and_no_key() {
+    let (capture, _serial) = capture();
+    let clock = clock();
+    let store = Store::builder()
+        .lease(Duration::from_secs(10))
+        .reap_interval(None)
+        .clock(clock.clone())
+        .open_in_memory()
+        .unwrap();
+    let fp = Fingerprint::of(b"POST /payments amount=100");
+    let Begin::Started(mut first) = store.begin(&key(), &fp).unwrap() else {
+        panic!("expected Started");
+    };
+    first.checkpoint(b"charged ch_1").unwrap();
+    clock.advance(Duration::from_secs(11)); // the first holder stalls past its lease
+    let Begin::Started(second) = store.begin(&key(), &fp).unwrap() else {
+        panic!("expected a takeover");
+    };
+    assert_eq!(second.recovered().unwrap().attempt(), 2);
+
+    let all = events(capture);
+    let takeover: Vec<_> = all
+        .iter()
+        .filter(|e| e.message().contains("taken over") && e.level == Level::INFO)
+        .collect();
+    assert_eq!(takeover.len(), 1, "one info takeover event: {all:#?}");
+    let t = takeover[0];
+    assert_eq!(t.target, "idemstore::store");
+    assert_eq!(t.field("previous_token"), Some(&*first.token().to_string()));
+    assert_eq!(t.field("token"), Some(&*second.token().to_string()));
+    assert_eq!(t.field("attempt"), Some("2"));
+    assert_eq!(t.field("checkpoint"), Some("true"));
+    assert!(
+        !t.text().contains(ID),
+        "no key id at info level: {}",
+        t.text()
+    );
+    // The key is there, at debug level only.
+    assert!(
+        all.iter()
+            .any(|e| e.level == Level::DEBUG && e.field("id") == Some(ID)),
+        "a debug event names the key: {all:#?}"
+    );
+    assert_no_key_above_debug(&all);
+
+    // The stale holder is fenced off: a warn event with its token, still no key.
+    let stale_token = first.token();
+    assert!(matches!(
+        first.complete(b"late"),
+        Err(Error::LeaseLost { .. })
+    ));
+    let all = events(capture);
+    let lost: Vec<_> = all
+        .iter()
+        .filter(|e| e.message().starts_with("lease lost"))
+        .collect();
+    assert_eq!(lost.len(), 1, "{all:#?}");
+    assert_eq!(lost[0].level, Level::WARN);
+    assert_eq!(lost[0].field("token"), Some(&*stale_token.to_string()));
+    assert_eq!(lost[0].field("operation"), Some("complete"));
+    assert_no_key_above_debug(&all);
+
+    second.complete(b"response bytes").unwrap();
+    store.close().unwrap();
+}
+
+#[test]
+fn reaper_pass_reports_its_count() {
+    let (capture, _serial) = capture();
+    let clock = clock();
+    let store = Store::builder()
+        .ttl(Duration::from_secs(60))
+        .reap_interval(None)
+        .clock(clock.clone())
+        .open_in_memory()
+        .unwrap();
+    for i in 0..3 {
+        let key = Key::new(SCOPE, &format!("{ID}-{i}")).unwrap();
+        let Begin::Started(lease) = store.begin(&key, &Fingerprint::of(b"x")).unwrap() else {
+            panic!("expected Started");
+        };
+        lease.complete(b"secret response").unwrap();
+    }
+    assert_eq!(store.reap().unwrap(), 0);
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(store.reap().unwrap(), 3);
+
+    let all = events(capture);
+    let passes: Vec<_> = all
+        .iter()
+        .filter(|e| e.message() == "reaper pass")
+        .collect();
+    assert_eq!(passes.len(), 2, "{all:#?}");
+    assert_eq!(
+        (passes[0].level, passes[0].field("deleted")),
+        (Level::DEBUG, Some("0"))
+    );
+    assert_eq!(
+        (passes[1].level, passes[1].field("deleted")),
+        (Level::INFO, Some("3"))
+    );
+    assert_no_key_above_debug(&all);
+    assert!(
+        all.iter().all(|e| !e.text().contains("secret response")),
+        "no response bytes at any level"
+    );
+    store.close().unwrap();
+}
+
+/// An in-memory backend whose syncs fail once `fail` is set.
+#[derive(Debug)]
+struct FailingSync {
+    inner: InMemoryBackend,
+    fail: Arc<AtomicBool>,
+}
+
+impl StorageBackend for FailingSync {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        if self.fail.load(SeqCst) {
+            return Err(io::Error::other("injected: the disk is gone"));
+        }
+        self.inner.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write(offset, data)
+    }
+}
+
+#[test]
+fn failed_commit_is_an_error_event_and_poisons() {
+    let (capture, _serial) = capture();
+    let fail = Arc::new(AtomicBool::new(false));
+    let store = Store::builder()
+        .reap_interval(None)
+        .open_backend(FailingSync {
+            inner: InMemoryBackend::new(),
+            fail: fail.clone(),
+        })
+        .unwrap();
+    fail.store(true, SeqCst);
+    let err = store.begin(&key(), &Fingerprint::of(b"x")).unwrap_err();
+    assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+    assert!(matches!(
+        store.begin(&key(), &Fingerprint::of(b"x")),
+        Err(Error::Poisoned)
+    ));
+
+    let all = events(capture);
+    let errors: Vec<_> = all.iter().filter(|e| e.level == Level::ERROR).collect();
+    assert!(
+        errors.iter().any(|e| e.message().contains("poisoned")),
+        "an error event says the store is poisoned: {all:#?}"
+    );
+    assert!(
+        errors.iter().all(|e| e.target == "idemstore::committer"),
+        "{errors:#?}"
+    );
+    assert_no_key_above_debug(&all);
+    drop(store);
+}
