@@ -43,6 +43,7 @@ mod committer;
 mod config;
 mod error;
 mod fingerprint;
+mod inspect;
 mod key;
 mod lease;
 mod machine;
@@ -65,6 +66,7 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
+pub use inspect::{RecordView, Summary};
 pub use key::{Key, MAX_KEY_PART_BYTES};
 pub use lease::Lease;
 pub use outcome::{Begin, Completed, Entry, Recovered};

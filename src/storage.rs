@@ -33,7 +33,7 @@ pub(crate) const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("idem
 const MAGIC_KEY: &str = "magic";
 const MAGIC: &[u8] = b"idemstore";
 const VERSION_KEY: &str = "format_version";
-const TOKEN_KEY: &str = "last_token";
+pub(crate) const TOKEN_KEY: &str = "last_token";
 const TIME_KEY: &str = "latest_time";
 /// The file format version this build writes and reads.
 pub(crate) const FORMAT_VERSION: u32 = 1;
@@ -64,7 +64,7 @@ fn open_error(path: &Path, e: DatabaseError) -> Error {
 }
 
 /// Runs a redb call that may panic on a damaged file; a panic becomes [`Error::Corrupt`].
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
         Err(Error::corrupt(format!(
             "the storage engine failed while {what} (damaged file)"

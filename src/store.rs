@@ -75,7 +75,7 @@ struct Engine {
 
 impl Inner {
     /// Runs `f` on the open database; [`Error::Closed`] after close.
-    fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
         let guard = self.engine.read();
         let engine = guard.as_ref().ok_or(Error::Closed)?;
         f(&engine.db)
@@ -90,7 +90,7 @@ impl Inner {
         submitter.submit(op)
     }
 
-    fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         to_nanos(self.clock.now())
     }
 

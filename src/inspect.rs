@@ -1,0 +1,328 @@
+//! Looking inside a store, for tools and operators: [`Store::scan`], [`Store::inspect`] and
+//! [`Store::summary`] (the `idemstore` command-line tool is built on them).
+//!
+//! Unlike [`Store::get`], these see dead records too (expired, not yet deleted by the
+//! reaper), flagged as such. They only read: each runs in one read transaction (a consistent
+//! snapshot) and never blocks writers. [`Store::scan`] and [`Store::summary`] visit every
+//! record, so they cost O(records): for tools, not for a request path.
+
+use std::ops::ControlFlow;
+
+use redb::{ReadableDatabase, ReadableTable};
+
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::outcome::Entry;
+use crate::record::{Record, State};
+use crate::storage;
+use crate::store::Store;
+
+/// One stored record as [`Store::scan`] and [`Store::inspect`] see it, dead or alive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordView {
+    /// The record's key.
+    pub key: Key,
+    /// The fingerprint of the request that created the record.
+    pub fingerprint: Fingerprint,
+    /// What is stored: in flight (with its lease and checkpoint) or completed (with its
+    /// response).
+    pub entry: Entry,
+    /// Whether the record is dead at the store's current time: absent for every operation,
+    /// waiting for the reaper to delete it.
+    pub dead: bool,
+}
+
+/// What [`Store::summary`] counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Summary {
+    /// Live in-flight records (a request holds, or held, a lease).
+    pub in_flight: u64,
+    /// Of `in_flight`: those whose lease ran out (the holder crashed, stalled or dropped it);
+    /// the next `begin` with the same request takes over.
+    pub lease_expired: u64,
+    /// Live completed records (replayed to retries).
+    pub completed: u64,
+    /// Dead in-flight records (absent for every operation, not yet reaped).
+    pub dead_in_flight: u64,
+    /// Dead completed records (absent for every operation, not yet reaped).
+    pub dead_completed: u64,
+    /// Bytes of stored responses in live completed records.
+    pub response_bytes: u64,
+    /// The last fencing token granted (0 when none was): the next lease gets a larger one.
+    pub last_token: u64,
+    /// The file's format version (the store opened, so it is the one this build reads).
+    pub format_version: u32,
+    /// The size of the store file in bytes; `None` for a store in memory or on a custom
+    /// backend.
+    pub file_bytes: Option<u64>,
+}
+
+impl Summary {
+    /// Every record in the file, live or dead.
+    pub fn records(&self) -> u64 {
+        self.live() + self.dead()
+    }
+
+    /// Live records (`in_flight + completed`).
+    pub fn live(&self) -> u64 {
+        self.in_flight + self.completed
+    }
+
+    /// Dead records, waiting for the reaper.
+    pub fn dead(&self) -> u64 {
+        self.dead_in_flight + self.dead_completed
+    }
+}
+
+fn view(key: Key, record: Record, now: u64) -> RecordView {
+    let dead = record.is_dead(now);
+    let fingerprint = Fingerprint::from_bytes(record.fingerprint);
+    RecordView {
+        key,
+        fingerprint,
+        entry: Entry::from_record(record),
+        dead,
+    }
+}
+
+impl Store {
+    /// Visits every record, dead ones included, in the order of the stored keys (grouped by
+    /// scope: shorter scopes first, then by scope, then by id), until `visit` returns
+    /// [`ControlFlow::Break`]. Returns how many records were visited.
+    ///
+    /// The visit runs inside one read transaction: it sees a snapshot, and writers are not
+    /// blocked. Costs O(records); meant for tools such as the `idemstore` CLI.
+    ///
+    /// ```
+    /// use std::ops::ControlFlow;
+    /// use idemstore::{Begin, Fingerprint, Key, Store};
+    ///
+    /// let store = Store::builder().open_in_memory()?;
+    /// let key = Key::new("tenant-42", "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11")?;
+    /// let Begin::Started(lease) = store.begin(&key, &Fingerprint::of(b"req"))? else { unreachable!() };
+    /// lease.complete(b"done")?;
+    ///
+    /// let mut ids = Vec::new();
+    /// let visited = store.scan(|record| {
+    ///     ids.push(record.key.id().to_owned());
+    ///     ControlFlow::Continue(())
+    /// })?;
+    /// assert_eq!((visited, ids), (1, vec![key.id().to_owned()]));
+    /// # Ok::<(), idemstore::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record or key (the scan stops there),
+    /// [`Error::Storage`], [`Error::Closed`].
+    pub fn scan(&self, mut visit: impl FnMut(&RecordView) -> ControlFlow<()>) -> Result<u64> {
+        let now = self.inner().now();
+        self.inner().read(|db| {
+            storage::guarded("scanning the records", || {
+                let txn = db
+                    .begin_read()
+                    .map_err(|e| Error::storage("starting a read", e))?;
+                let table = txn
+                    .open_table(storage::RECORDS)
+                    .map_err(|e| Error::storage("opening the records table", e))?;
+                let iter = table
+                    .iter()
+                    .map_err(|e| Error::storage("reading the records", e))?;
+                let mut visited = 0;
+                for item in iter {
+                    let (k, v) = item.map_err(|e| Error::storage("reading the records", e))?;
+                    let key = Key::decode(k.value())?;
+                    let record = Record::decode(v.value())
+                        .map_err(|e| Error::corrupt(format!("record of {key}: {e}")))?;
+                    visited += 1;
+                    if visit(&view(key, record, now)).is_break() {
+                        break;
+                    }
+                }
+                Ok(visited)
+            })
+        })
+    }
+
+    /// The record stored under `key`, dead or alive (unlike [`Store::get`], which treats a
+    /// dead record as absent). `None` when there is no record at all.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
+    pub fn inspect(&self, key: &Key) -> Result<Option<RecordView>> {
+        let now = self.inner().now();
+        let record = self
+            .inner()
+            .read(|db| storage::read_record(db, &key.encode()))?;
+        Ok(record.map(|r| view(key.clone(), r, now)))
+    }
+
+    /// Counts the records by state, live and dead, and reads the fencing-token counter and
+    /// the file size. Visits every record (O(records)), in one read transaction.
+    ///
+    /// ```
+    /// use idemstore::{Begin, Fingerprint, Key, Store};
+    ///
+    /// let store = Store::builder().open_in_memory()?;
+    /// let key = Key::new("", "k1")?;
+    /// let Begin::Started(lease) = store.begin(&key, &Fingerprint::of(b"req"))? else { unreachable!() };
+    /// let summary = store.summary()?;
+    /// assert_eq!((summary.in_flight, summary.completed, summary.last_token), (1, 0, lease.token()));
+    /// # Ok::<(), idemstore::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record or meta table, [`Error::Storage`] (also when
+    /// the file's size cannot be read), [`Error::Closed`].
+    pub fn summary(&self) -> Result<Summary> {
+        let now = self.inner().now();
+        let mut summary = self.inner().read(|db| {
+            storage::guarded("summarizing the records", || {
+                let txn = db
+                    .begin_read()
+                    .map_err(|e| Error::storage("starting a read", e))?;
+                let mut summary = Summary {
+                    format_version: storage::FORMAT_VERSION,
+                    ..Summary::default()
+                };
+                let meta = txn
+                    .open_table(storage::META)
+                    .map_err(|e| Error::storage("opening the meta table", e))?;
+                summary.last_token = meta
+                    .get(storage::TOKEN_KEY)
+                    .map_err(|e| Error::storage("reading the token counter", e))?
+                    .map(|v| {
+                        <[u8; 8]>::try_from(v.value())
+                            .map(u64::from_be_bytes)
+                            .map_err(|_| Error::corrupt("the fencing-token counter is malformed"))
+                    })
+                    .transpose()?
+                    .unwrap_or(0);
+                let table = txn
+                    .open_table(storage::RECORDS)
+                    .map_err(|e| Error::storage("opening the records table", e))?;
+                let iter = table
+                    .iter()
+                    .map_err(|e| Error::storage("reading the records", e))?;
+                for item in iter {
+                    let (_, v) = item.map_err(|e| Error::storage("reading the records", e))?;
+                    let record = Record::decode(v.value())?;
+                    let dead = record.is_dead(now);
+                    match &record.state {
+                        State::InFlight {
+                            lease_expires_at, ..
+                        } => {
+                            if dead {
+                                summary.dead_in_flight += 1;
+                            } else {
+                                summary.in_flight += 1;
+                                if now >= *lease_expires_at {
+                                    summary.lease_expired += 1;
+                                }
+                            }
+                        }
+                        State::Completed { response, .. } => {
+                            if dead {
+                                summary.dead_completed += 1;
+                            } else {
+                                summary.completed += 1;
+                                summary.response_bytes += response.len() as u64;
+                            }
+                        }
+                    }
+                }
+                Ok(summary)
+            })
+        })?;
+        if let Some(path) = self.path() {
+            let meta = std::fs::metadata(path).map_err(|e| {
+                Error::storage(format!("reading the size of {}", path.display()), e)
+            })?;
+            summary.file_bytes = Some(meta.len());
+        }
+        Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::{Begin, ManualClock};
+
+    fn started(store: &Store, key: &Key) -> crate::Lease {
+        match store.begin(key, &Fingerprint::of(key.id())).unwrap() {
+            Begin::Started(lease) => lease,
+            other => panic!("expected Started, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn summary_and_scan_count_live_and_dead_records() {
+        let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::builder()
+            .ttl(Duration::from_secs(100))
+            .lease(Duration::from_secs(10))
+            .reap_interval(None)
+            .clock(clock.clone())
+            .open(dir.path().join("s.redb"))
+            .unwrap();
+        let key = |id: &str| Key::new("t", id).unwrap();
+
+        started(&store, &key("old-done"))
+            .complete(b"12345")
+            .unwrap();
+        clock.advance(Duration::from_secs(150)); // old-done is dead now
+        started(&store, &key("done")).complete(b"abc").unwrap();
+        let stalled = started(&store, &key("stalled"));
+        let stalled_token = stalled.token();
+        std::mem::forget(stalled); // a crashed holder: no release
+        clock.advance(Duration::from_secs(20)); // its lease ran out
+        let running = started(&store, &key("running"));
+
+        let s = store.summary().unwrap();
+        assert_eq!((s.in_flight, s.lease_expired), (2, 1));
+        assert_eq!((s.completed, s.response_bytes), (1, 3));
+        assert_eq!((s.dead_completed, s.dead_in_flight), (1, 0));
+        assert_eq!((s.records(), s.live(), s.dead()), (4, 3, 1));
+        assert_eq!(s.last_token, running.token());
+        assert_eq!(s.format_version, storage::FORMAT_VERSION);
+        assert!(s.file_bytes.unwrap() > 0);
+
+        let mut seen = Vec::new();
+        let n = store
+            .scan(|r| {
+                seen.push((r.key.id().to_owned(), r.dead));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(n, 4);
+        let expected = [
+            ("done", false),
+            ("old-done", true),
+            ("running", false),
+            ("stalled", false),
+        ];
+        let expected: Vec<_> = expected.iter().map(|(k, d)| (k.to_string(), *d)).collect();
+        assert_eq!(seen, expected);
+
+        // Break stops the visit.
+        assert_eq!(store.scan(|_| ControlFlow::Break(())).unwrap(), 1);
+
+        // inspect sees the dead record that get hides.
+        assert!(store.get(&key("old-done")).unwrap().is_none());
+        let old = store.inspect(&key("old-done")).unwrap().unwrap();
+        assert!(old.dead);
+        assert_eq!(old.fingerprint, Fingerprint::of("old-done"));
+        let stalled = store.inspect(&key("stalled")).unwrap().unwrap();
+        assert!(matches!(stalled.entry, Entry::InFlight { token, .. } if token == stalled_token));
+        assert!(store.inspect(&key("never")).unwrap().is_none());
+
+        drop(running);
+        store.close().unwrap();
+    }
+}
