@@ -1,0 +1,608 @@
+//! `idemstore`: look inside an idemstore store file.
+//!
+//! ```text
+//! cargo run --features cli --bin idemstore -- stats idempotency.redb
+//! cargo install --path . --features cli   # then: idemstore --help
+//! ```
+//!
+//! Commands: `stats`, `get`, `list`, `reap`, `dump` (see `idemstore --help`, or [`HELP`]).
+//! Exit codes: 0 done; 1 `get` found no record; 2 a usage error or a file that cannot be
+//! opened (missing, busy, foreign, damaged).
+//!
+//! The store file is opened like a service opens it (exclusively, with no reaper thread),
+//! so a file held open by a running service is refused as busy: stop the service first.
+//! Only `reap` changes records; opening and closing a store also writes its meta table
+//! (the latest time seen), as any open does. The tool never creates a file.
+//!
+//! Built only with the `cli` feature (it adds no dependency: argument parsing, JSON and
+//! base64 are hand-rolled here), so the library's dependency tree stays lean.
+
+mod text;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use idemstore::http::StoredResponse;
+use idemstore::{Entry, Error, Key, RecordView, Store};
+
+use text::{
+    base64, hex, human_bytes, human_duration, json_string, parse_duration, printable, relative,
+    rfc3339,
+};
+
+/// The tool's help.
+const HELP: &str = "\
+idemstore: look inside an idemstore store file (an embedded idempotency-key store on redb)
+
+USAGE:
+    idemstore <COMMAND> FILE [OPTIONS]
+    idemstore help [COMMAND]        (or: idemstore COMMAND --help)
+
+COMMANDS:
+    stats FILE                      record counts by state (live and dead), file size,
+                                    format version, last fencing token
+    get FILE --scope S ID           one record, dead or alive, with its response
+    list FILE [--state S] [--older-than D]
+                                    one line per record; S: in-flight, completed or dead
+    reap FILE                       delete the dead (expired) records now
+    dump FILE                       every record as JSON, one object per line; responses
+                                    and checkpoints in base64
+
+The file must not be open elsewhere: a running service holds its store open, and the tool
+then refuses the file as busy (stop the service first). The tool never creates a file.
+Only `reap` changes records.
+
+EXIT CODES:
+    0  done
+    1  `get` found no record under the key
+    2  usage error, or the file is missing, empty, busy, not an idemstore store, or damaged
+";
+
+const HELP_STATS: &str = "\
+idemstore stats FILE
+
+Counts the records of the store FILE by state:
+    in flight     a request holds (or held) a lease; those whose lease ran out wait for a
+                  retry to take over (the holder crashed, stalled or dropped it)
+    completed     the response is stored and replayed to retries
+    dead          expired: absent for every operation already, deleted by the next reaper
+                  pass (or by `idemstore reap`)
+and prints the file size, the format version and the last fencing token granted.
+Reads every record once.
+";
+
+const HELP_GET: &str = "\
+idemstore get FILE --scope SCOPE ID
+
+Shows the record stored under (SCOPE, ID), also when it is dead (expired, not yet reaped):
+its state, fencing token, fingerprint, times, and the stored response (or the in-flight
+checkpoint). A response stored by idemstore::http (a StoredResponse) is decoded into status,
+headers and body; any response is also printed in base64. The scope is the one the service
+chose (tenant, API user; \"\" for none); ID is the client's Idempotency-Key value, unquoted.
+
+Exit code 1 when there is no record under the key.
+";
+
+const HELP_LIST: &str = "\
+idemstore list FILE [--state in-flight|completed|dead] [--older-than DURATION]
+
+One line per record, grouped by scope: state, age, fencing token, details, scope/id.
+    --state S          only records in state S; `in-flight` and `completed` are live
+                       records, `dead` the expired ones not yet reaped (default: all)
+    --older-than D     only records older than D: begun that long ago (in flight) or
+                       completed that long ago; D like 90s, 5m, 1h30m, 2d, 500ms
+The age of an in-flight record is the time since its first attempt began.
+";
+
+const HELP_REAP: &str = "\
+idemstore reap FILE
+
+Deletes every dead record now (what the service's reaper thread does every reap interval),
+in small transactions, and prints how many it deleted. Dead records are already absent for
+every operation, so this changes no answer of the store; it frees space in the file.
+";
+
+const HELP_DUMP: &str = "\
+idemstore dump FILE
+
+Every record, dead ones included, as JSON Lines (one object per line, grouped by scope).
+Fields of every object:
+    scope, id           strings
+    state               \"in_flight\" or \"completed\"
+    dead                true when expired (absent for every operation, not yet reaped)
+    token               the fencing token (number)
+    fingerprint         the request fingerprint, 64 lowercase hex digits
+    expires_at          when the record dies (RFC 3339, UTC)
+In flight:   attempt, created_at, lease_expires_at, checkpoint_base64 (null when none)
+Completed:   completed_at, response_bytes, response_base64
+Binary data (responses, checkpoints) is standard base64 with padding (RFC 4648).
+";
+
+/// A failure that ends the tool with exit code 2 and a message.
+struct Fail(String);
+
+impl From<String> for Fail {
+    fn from(s: String) -> Fail {
+        Fail(s)
+    }
+}
+
+impl From<&str> for Fail {
+    fn from(s: &str) -> Fail {
+        Fail(s.to_owned())
+    }
+}
+
+type Outcome = Result<ExitCode, Fail>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(code) => code,
+        Err(Fail(message)) => {
+            eprintln!("idemstore: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn command_help(command: &str) -> Option<&'static str> {
+    Some(match command {
+        "stats" => HELP_STATS,
+        "get" => HELP_GET,
+        "list" => HELP_LIST,
+        "reap" => HELP_REAP,
+        "dump" => HELP_DUMP,
+        _ => return None,
+    })
+}
+
+fn run(args: &[String]) -> Outcome {
+    let Some(command) = args.first() else {
+        eprint!("{HELP}");
+        return Ok(ExitCode::from(2));
+    };
+    let rest = &args[1..];
+    match command.as_str() {
+        "-h" | "--help" => {
+            print!("{HELP}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        "-V" | "--version" => {
+            println!("idemstore {}", env!("CARGO_PKG_VERSION"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        "help" => {
+            match rest.first() {
+                None => print!("{HELP}"),
+                Some(c) => print!("{}", command_help(c).ok_or_else(|| unknown_command(c))?),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let help = command_help(command).ok_or_else(|| unknown_command(command))?;
+    if rest.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{help}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let usage = |message: &str| Fail(format!("{message}\n\n{help}"));
+    let mut options = Options::default();
+    let mut positional = Vec::new();
+    let mut iter = rest.iter();
+    while let Some(arg) = iter.next() {
+        let mut value = || {
+            iter.next()
+                .cloned()
+                .ok_or_else(|| usage(&format!("{arg} needs a value")))
+        };
+        match arg.as_str() {
+            "--scope" if command == "get" => options.scope = Some(value()?),
+            "--state" if command == "list" => {
+                let v = value()?;
+                options.state = Some(match v.as_str() {
+                    "in-flight" | "in_flight" => StateFilter::InFlight,
+                    "completed" => StateFilter::Completed,
+                    "dead" => StateFilter::Dead,
+                    _ => {
+                        return Err(usage(&format!(
+                            "--state {v:?}: use in-flight, completed or dead"
+                        )));
+                    }
+                });
+            }
+            "--older-than" if command == "list" => {
+                options.older_than = Some(parse_duration(&value()?).map_err(|e: String| usage(&e))?)
+            }
+            "--" => positional.extend(iter.by_ref().cloned()),
+            flag if flag.starts_with("--") => {
+                return Err(usage(&format!("unknown option {flag} for `{command}`")));
+            }
+            _ => positional.push(arg.clone()),
+        }
+    }
+    let expected = if command == "get" { 2 } else { 1 };
+    if positional.len() != expected {
+        return Err(usage(&format!(
+            "`{command}` takes {}, got {} argument(s)",
+            if expected == 2 { "FILE and ID" } else { "FILE" },
+            positional.len()
+        )));
+    }
+    let path = PathBuf::from(&positional[0]);
+    if command == "get" && options.scope.is_none() {
+        return Err(usage(
+            "`get` needs --scope SCOPE (use --scope \"\" for keys without a scope)",
+        ));
+    }
+    let store = open(&path)?;
+    let result = match command.as_str() {
+        "stats" => stats(&store, &path),
+        "get" => get(
+            &store,
+            options.scope.as_deref().unwrap_or(""),
+            &positional[1],
+        ),
+        "list" => list(&store, &options),
+        "reap" => reap(&store),
+        "dump" => dump(&store),
+        _ => Err(unknown_command(command)),
+    };
+    let closed = store
+        .close()
+        .map_err(|e| Fail(format!("closing {}: {e}", path.display())));
+    let code = result?;
+    closed?;
+    Ok(code)
+}
+
+fn unknown_command(command: &str) -> Fail {
+    Fail(format!(
+        "unknown command {command:?}; commands: stats, get, list, reap, dump (idemstore --help)"
+    ))
+}
+
+#[derive(Default)]
+struct Options {
+    scope: Option<String>,
+    state: Option<StateFilter>,
+    older_than: Option<Duration>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StateFilter {
+    InFlight,
+    Completed,
+    Dead,
+}
+
+/// Opens an existing store file, never creating one.
+fn open(path: &Path) -> Result<Store, Fail> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Fail(format!(
+                "{shown}: no such file (the tool never creates a store; give the path of an existing one)"
+            )));
+        }
+        Err(e) => return Err(Fail(format!("{shown}: {e}"))),
+        Ok(m) if m.is_dir() => {
+            return Err(Fail(format!(
+                "{shown} is a directory; give the path of a store file"
+            )));
+        }
+        // A service would turn an empty file into a new store; the tool does not.
+        Ok(m) if m.len() == 0 => {
+            return Err(Fail(format!(
+                "{shown} is empty: not a store yet (the tool never creates one)"
+            )));
+        }
+        Ok(_) => {}
+    }
+    Store::builder()
+        .reap_interval(None)
+        .open(path)
+        .map_err(|e| match e {
+            Error::AlreadyOpen { .. } => Fail(format!(
+                "{shown} is busy: another process (a running service?) has it open, and a store \
+                 file is opened by one process at a time; stop that process and try again"
+            )),
+            Error::IncompatibleFormat { reason } => Fail(format!(
+                "{shown} is not an idemstore store this version can read: {reason}; the file was \
+                 not modified"
+            )),
+            other => Fail(format!("{shown}: {other}")),
+        })
+}
+
+fn storage_fail(e: Error) -> Fail {
+    Fail(e.to_string())
+}
+
+fn stats(store: &Store, path: &Path) -> Outcome {
+    let s = store.summary().map_err(storage_fail)?;
+    let size = s
+        .file_bytes
+        .map_or("-".into(), |n| format!("{} ({n} bytes)", human_bytes(n)));
+    println!("file            {}", path.display());
+    println!("file size       {size}");
+    println!("format version  {}", s.format_version);
+    println!("last token      {}", s.last_token);
+    println!(
+        "records         {} ({} live, {} dead)",
+        s.records(),
+        s.live(),
+        s.dead()
+    );
+    println!(
+        "  in flight     {} ({} with an expired lease, waiting for a retry to take over)",
+        s.in_flight, s.lease_expired
+    );
+    println!(
+        "  completed     {} ({} of stored responses)",
+        s.completed,
+        human_bytes(s.response_bytes)
+    );
+    println!(
+        "  dead          {} ({} in flight, {} completed; absent already, deleted by the next reap)",
+        s.dead(),
+        s.dead_in_flight,
+        s.dead_completed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn get(store: &Store, scope: &str, id: &str) -> Outcome {
+    let key = Key::new(scope, id).map_err(storage_fail)?;
+    let Some(view) = store.inspect(&key).map_err(storage_fail)? else {
+        eprintln!(
+            "idemstore: no record under scope {} id {}",
+            json_string(scope),
+            json_string(id)
+        );
+        return Ok(ExitCode::from(1));
+    };
+    let now = SystemTime::now();
+    let at = |t: SystemTime| format!("{} ({})", rfc3339(t), relative(t, now));
+    println!("scope        {}", json_string(view.key.scope()));
+    println!("id           {}", json_string(view.key.id()));
+    println!("fingerprint  {}", view.fingerprint);
+    match &view.entry {
+        Entry::InFlight {
+            token,
+            lease_expires_at,
+            attempt,
+            checkpoint,
+            created_at,
+            expires_at,
+            ..
+        } => {
+            println!("state        {}", state_name(&view));
+            println!("token        {token}");
+            println!("attempt      {attempt}");
+            println!("created      {}", at(*created_at));
+            println!(
+                "lease until  {}{}",
+                at(*lease_expires_at),
+                if *lease_expires_at <= now && !view.dead {
+                    ": expired, the next retry takes over"
+                } else {
+                    ""
+                }
+            );
+            println!("dies         {}", at(*expires_at));
+            match checkpoint {
+                None => println!("checkpoint   none"),
+                Some(c) => {
+                    println!("checkpoint   {}", human_bytes(c.len() as u64));
+                    print_bytes(c);
+                }
+            }
+        }
+        Entry::Completed(done) => {
+            println!("state        {}", state_name(&view));
+            println!("token        {}", done.token());
+            println!("completed    {}", at(done.completed_at()));
+            println!("dies         {}", at(done.expires_at()));
+            println!("response     {}", human_bytes(done.response().len() as u64));
+            if let Ok(stored) = StoredResponse::decode(done.response()) {
+                println!("  http status  {}", stored.status());
+                for (name, value) in stored.headers() {
+                    println!(
+                        "  header       {name}: {}",
+                        printable(&String::from_utf8_lossy(value.as_bytes()))
+                    );
+                }
+                println!("  http body    {}", human_bytes(stored.body().len() as u64));
+                if let Ok(body) = std::str::from_utf8(stored.body()) {
+                    println!("  body text    {}", printable(body));
+                }
+                println!("  base64       {}", base64(done.response()));
+            } else {
+                print_bytes(done.response());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints bytes as text (when they are UTF-8) and as base64.
+fn print_bytes(bytes: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        println!("  text         {}", printable(text));
+    }
+    println!("  base64       {}", base64(bytes));
+}
+
+fn state_name(view: &RecordView) -> &'static str {
+    match (&view.entry, view.dead) {
+        (Entry::InFlight { .. }, false) => "in flight",
+        (Entry::InFlight { .. }, true) => "in flight, dead (expired, not yet reaped)",
+        (_, false) => "completed",
+        (_, true) => "completed, dead (expired, not yet reaped)",
+    }
+}
+
+/// When the record's age starts: its first attempt (in flight) or its completion.
+fn since(view: &RecordView) -> SystemTime {
+    match &view.entry {
+        Entry::InFlight { created_at, .. } => *created_at,
+        Entry::Completed(done) => done.completed_at(),
+    }
+}
+
+fn list(store: &Store, options: &Options) -> Outcome {
+    let now = SystemTime::now();
+    let mut shown = 0u64;
+    println!(
+        "{:<10} {:>8} {:>8}  {:<44} KEY (scope/id)",
+        "STATE", "AGE", "TOKEN", "DETAIL"
+    );
+    store
+        .scan(|view| {
+            let state = match (&view.entry, view.dead) {
+                (_, true) => StateFilter::Dead,
+                (Entry::InFlight { .. }, false) => StateFilter::InFlight,
+                (_, false) => StateFilter::Completed,
+            };
+            if options.state.is_some_and(|s| s != state) {
+                return ControlFlow::Continue(());
+            }
+            let age = now.duration_since(since(view)).unwrap_or(Duration::ZERO);
+            if options.older_than.is_some_and(|min| age < min) {
+                return ControlFlow::Continue(());
+            }
+            let (token, detail) = match &view.entry {
+                Entry::InFlight {
+                    token,
+                    lease_expires_at,
+                    attempt,
+                    checkpoint,
+                    ..
+                } => {
+                    let lease = if *lease_expires_at <= now {
+                        format!("lease expired {}", relative(*lease_expires_at, now))
+                    } else {
+                        format!("lease ends {}", relative(*lease_expires_at, now))
+                    };
+                    let checkpoint = checkpoint.as_ref().map_or(String::new(), |c| {
+                        format!(", checkpoint {}", human_bytes(c.len() as u64))
+                    });
+                    (*token, format!("attempt {attempt}, {lease}{checkpoint}"))
+                }
+                Entry::Completed(done) => (
+                    done.token(),
+                    format!("response {}", human_bytes(done.response().len() as u64)),
+                ),
+            };
+            let state = match state {
+                StateFilter::InFlight => "in-flight",
+                StateFilter::Completed => "completed",
+                StateFilter::Dead => "dead",
+            };
+            println!(
+                "{state:<10} {:>8} {token:>8}  {detail:<44} {}/{}",
+                human_duration(age),
+                printable(view.key.scope()),
+                printable(view.key.id())
+            );
+            shown += 1;
+            ControlFlow::Continue(())
+        })
+        .map_err(storage_fail)?;
+    eprintln!("{shown} record(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reap(store: &Store) -> Outcome {
+    let deleted = store.reap().map_err(storage_fail)?;
+    println!("deleted {deleted} dead record(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dump(store: &Store) -> Outcome {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut write_error = None;
+    store
+        .scan(|view| {
+            let line = json_line(view);
+            match writeln!(out, "{line}") {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    write_error = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })
+        .map_err(storage_fail)?;
+    if let Some(e) = write_error.or_else(|| out.flush().err()) {
+        // A closed pipe (`dump | head`) is not an error of the tool.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(Fail(format!("writing to stdout: {e}")));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One record as a JSON object on one line (see `idemstore dump --help`).
+fn json_line(view: &RecordView) -> String {
+    let mut fields = vec![
+        ("scope", json_string(view.key.scope())),
+        ("id", json_string(view.key.id())),
+    ];
+    match &view.entry {
+        Entry::InFlight {
+            token,
+            lease_expires_at,
+            attempt,
+            checkpoint,
+            created_at,
+            expires_at,
+            ..
+        } => {
+            fields.extend([
+                ("state", json_string("in_flight")),
+                ("dead", view.dead.to_string()),
+                ("token", token.to_string()),
+                (
+                    "fingerprint",
+                    json_string(&hex(view.fingerprint.as_bytes())),
+                ),
+                ("expires_at", json_string(&rfc3339(*expires_at))),
+                ("attempt", attempt.to_string()),
+                ("created_at", json_string(&rfc3339(*created_at))),
+                ("lease_expires_at", json_string(&rfc3339(*lease_expires_at))),
+                (
+                    "checkpoint_base64",
+                    checkpoint
+                        .as_ref()
+                        .map_or("null".into(), |c| json_string(&base64(c))),
+                ),
+            ]);
+        }
+        Entry::Completed(done) => {
+            fields.extend([
+                ("state", json_string("completed")),
+                ("dead", view.dead.to_string()),
+                ("token", done.token().to_string()),
+                (
+                    "fingerprint",
+                    json_string(&hex(view.fingerprint.as_bytes())),
+                ),
+                ("expires_at", json_string(&rfc3339(done.expires_at()))),
+                ("completed_at", json_string(&rfc3339(done.completed_at()))),
+                ("response_bytes", done.response().len().to_string()),
+                ("response_base64", json_string(&base64(done.response()))),
+            ]);
+        }
+    }
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(name, value)| format!("\"{name}\":{value}"))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}

@@ -1,0 +1,373 @@
+//! The `idemstore` command-line tool, run as a process on store files made here: every
+//! subcommand, `--help`, and the refusals (missing, empty, foreign, busy file).
+//!
+//! Needs the `cli` feature (`cargo test --features cli`); without it this file is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use http::{Response, StatusCode};
+use idemstore::http::StoredResponse;
+use idemstore::{Begin, Fingerprint, Key, Lease, ManualClock, Store};
+
+fn idemstore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idemstore"))
+        .args(args)
+        .output()
+        .expect("run the idemstore binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn started(store: &Store, scope: &str, id: &str) -> Lease {
+    let key = Key::new(scope, id).unwrap();
+    match store.begin(&key, &Fingerprint::of(id)).unwrap() {
+        Begin::Started(lease) => lease,
+        other => panic!("expected Started, got {other:?}"),
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A store file with five records:
+///
+/// | scope/id | state |
+/// |---|---|
+/// | `old/expired` | completed two days ago with a one-day TTL: dead |
+/// | `tenant-b/stuck` | in flight since 10 minutes, its 1-minute lease ran out |
+/// | `tenant-a/done-http` | completed, an HTTP `StoredResponse` |
+/// | `tenant-a/done-raw` | completed, raw bytes |
+/// | `tenant-b/running` | in flight, live lease, checkpoint `charged ch_1` |
+fn fixture() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let now = SystemTime::now();
+    let at = |t: SystemTime| ManualClock::new(t);
+    let builder = |clock: ManualClock| {
+        Store::builder()
+            .ttl(DAY)
+            .lease(Duration::from_secs(60))
+            .reap_interval(None)
+            .clock(clock)
+    };
+
+    let store = builder(at(now - 2 * DAY)).open(&path).unwrap();
+    started(&store, "old", "expired").complete(b"old").unwrap();
+    store.close().unwrap();
+
+    let store = builder(at(now - Duration::from_secs(600)))
+        .open(&path)
+        .unwrap();
+    std::mem::forget(started(&store, "tenant-b", "stuck")); // a crashed holder
+    store.close().unwrap();
+
+    let store = Store::builder()
+        .ttl(DAY)
+        .reap_interval(None)
+        .open(&path)
+        .unwrap();
+    let response = Response::builder()
+        .status(StatusCode::CREATED)
+        .header("content-type", "application/json")
+        .body(br#"{"id":"pay_1"}"#.to_vec())
+        .unwrap();
+    started(&store, "tenant-a", "done-http")
+        .complete(&StoredResponse::from_response(&response).encode())
+        .unwrap();
+    started(&store, "tenant-a", "done-raw")
+        .complete(b"\x00\xffbinary")
+        .unwrap();
+    let mut running = started(&store, "tenant-b", "running");
+    running.checkpoint(b"charged ch_1").unwrap();
+    std::mem::forget(running);
+    store.close().unwrap();
+    (dir, path)
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn stats_counts_records_by_state() {
+    let (_dir, path) = fixture();
+    let o = idemstore(&["stats", path_str(&path)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("format version  1"), "{out}");
+    assert!(out.contains("last token      5"), "{out}");
+    assert!(out.contains("records         5 (4 live, 1 dead)"), "{out}");
+    assert!(
+        out.contains("in flight     2 (1 with an expired lease"),
+        "{out}"
+    );
+    assert!(out.contains("completed     2 ("), "{out}");
+    assert!(
+        out.contains("dead          1 (0 in flight, 1 completed"),
+        "{out}"
+    );
+    assert!(out.contains("bytes)"), "file size shown: {out}");
+}
+
+#[test]
+fn get_shows_one_record_or_exits_1() {
+    let (_dir, path) = fixture();
+    let p = path_str(&path);
+
+    let o = idemstore(&["get", p, "--scope", "tenant-a", "done-http"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("state        completed"), "{out}");
+    assert!(out.contains("http status  201 Created"), "{out}");
+    assert!(out.contains(r#"body text    {"id":"pay_1"}"#), "{out}");
+    assert!(
+        out.contains(&format!("fingerprint  {}", Fingerprint::of("done-http"))),
+        "{out}"
+    );
+
+    let o = idemstore(&["get", p, "--scope", "tenant-b", "running"]);
+    let out = stdout(&o);
+    assert!(out.contains("state        in flight"), "{out}");
+    assert!(out.contains("text         charged ch_1"), "{out}");
+
+    // A dead record is shown, flagged.
+    let o = idemstore(&["get", p, "--scope", "old", "expired"]);
+    assert!(stdout(&o).contains("dead (expired, not yet reaped)"));
+
+    let o = idemstore(&["get", p, "--scope", "tenant-a", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no record"), "{}", stderr(&o));
+
+    let o = idemstore(&["get", p, "done-http"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--scope"), "{}", stderr(&o));
+}
+
+/// The data lines of `list` (the first line is the header).
+fn rows(o: &Output) -> Vec<String> {
+    stdout(o).lines().skip(1).map(str::to_owned).collect()
+}
+
+#[test]
+fn list_filters_by_state_and_age() {
+    let (_dir, path) = fixture();
+    let p = path_str(&path);
+
+    let o = idemstore(&["list", p]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all = rows(&o);
+    assert_eq!(all.len(), 5, "{all:#?}");
+    assert!(stdout(&o).starts_with("STATE"));
+    // Grouped by scope, shorter scopes first.
+    assert!(all[0].starts_with("dead") && all[0].ends_with("old/expired"));
+    assert!(all[1].starts_with("completed") && all[1].ends_with("tenant-a/done-http"));
+
+    let ids = |args: &[&str]| -> Vec<String> {
+        let o = idemstore(args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        rows(&o)
+            .iter()
+            .map(|r| r.rsplit(' ').next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        ids(&["list", p, "--state", "in-flight"]),
+        ["tenant-b/running", "tenant-b/stuck"]
+    );
+    assert_eq!(
+        ids(&["list", p, "--state", "completed"]),
+        ["tenant-a/done-http", "tenant-a/done-raw"]
+    );
+    assert_eq!(ids(&["list", p, "--state", "dead"]), ["old/expired"]);
+    assert_eq!(
+        ids(&["list", p, "--older-than", "5m"]),
+        ["old/expired", "tenant-b/stuck"]
+    );
+    assert_eq!(
+        ids(&["list", p, "--state", "in-flight", "--older-than", "1h"]),
+        Vec::<String>::new()
+    );
+    let stuck = ids(&["list", p, "--state", "in-flight", "--older-than", "5m"]);
+    assert_eq!(stuck, ["tenant-b/stuck"]);
+
+    let o = idemstore(&["list", p, "--state", "sleeping"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = idemstore(&["list", p, "--older-than", "5 minutes"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not a duration"), "{}", stderr(&o));
+}
+
+#[test]
+fn reap_deletes_only_dead_records() {
+    let (_dir, path) = fixture();
+    let p = path_str(&path);
+    let o = idemstore(&["reap", p]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("deleted 1 dead record(s)"),
+        "{}",
+        stdout(&o)
+    );
+    let o = idemstore(&["stats", p]);
+    assert!(stdout(&o).contains("records         4 (4 live, 0 dead)"));
+    let o = idemstore(&["reap", p]);
+    assert!(stdout(&o).contains("deleted 0 dead record(s)"));
+}
+
+#[test]
+fn dump_writes_one_json_object_per_record() {
+    let (_dir, path) = fixture();
+    let o = idemstore(&["dump", path_str(&path)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    for line in &lines {
+        assert!(
+            line.starts_with("{\"scope\":") && line.ends_with('}'),
+            "{line}"
+        );
+        assert!(line.contains("\"fingerprint\":\""), "{line}");
+    }
+    let raw = lines
+        .iter()
+        .find(|l| l.contains("\"id\":\"done-raw\""))
+        .unwrap();
+    // b"\x00\xffbinary" in standard base64.
+    assert!(
+        raw.contains("\"response_base64\":\"AP9iaW5hcnk=\""),
+        "{raw}"
+    );
+    assert!(
+        raw.contains("\"state\":\"completed\",\"dead\":false"),
+        "{raw}"
+    );
+    assert!(raw.contains("\"response_bytes\":8"), "{raw}");
+    let running = lines
+        .iter()
+        .find(|l| l.contains("\"id\":\"running\""))
+        .unwrap();
+    // "charged ch_1" in base64.
+    assert!(
+        running.contains("\"checkpoint_base64\":\"Y2hhcmdlZCBjaF8x\""),
+        "{running}"
+    );
+    assert!(running.contains("\"attempt\":1"), "{running}");
+    let stuck = lines
+        .iter()
+        .find(|l| l.contains("\"id\":\"stuck\""))
+        .unwrap();
+    assert!(stuck.contains("\"checkpoint_base64\":null"), "{stuck}");
+    let old = lines
+        .iter()
+        .find(|l| l.contains("\"id\":\"expired\""))
+        .unwrap();
+    assert!(old.contains("\"dead\":true"), "{old}");
+}
+
+#[test]
+fn help_for_the_tool_and_every_command() {
+    for args in [&["--help"][..], &["help"], &["-h"]] {
+        let o = idemstore(args);
+        assert!(o.status.success());
+        let out = stdout(&o);
+        for command in ["stats", "get", "list", "reap", "dump", "EXIT CODES"] {
+            assert!(out.contains(command), "{command} in {out}");
+        }
+    }
+    for command in ["stats", "get", "list", "reap", "dump"] {
+        for o in [
+            idemstore(&[command, "--help"]),
+            idemstore(&["help", command]),
+        ] {
+            assert!(o.status.success());
+            assert!(
+                stdout(&o).starts_with(&format!("idemstore {command}")),
+                "{}",
+                stdout(&o)
+            );
+        }
+    }
+    let o = idemstore(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = idemstore(&["frobnicate", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown command"), "{}", stderr(&o));
+    let o = idemstore(&["stats"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn a_missing_or_empty_file_is_refused_and_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.redb");
+    for command in ["stats", "list", "reap", "dump"] {
+        let o = idemstore(&[command, path_str(&missing)]);
+        assert_eq!(o.status.code(), Some(2), "{command}");
+        assert!(stderr(&o).contains("no such file"), "{}", stderr(&o));
+        assert!(!missing.exists(), "{command} created the file");
+    }
+    let empty = dir.path().join("empty.redb");
+    std::fs::write(&empty, b"").unwrap();
+    let o = idemstore(&["stats", path_str(&empty)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("empty"), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    let o = idemstore(&["stats", path_str(dir.path())]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("directory"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_foreign_file_is_refused_and_not_modified() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, b"not a database at all").unwrap();
+    let o = idemstore(&["stats", path_str(&text)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("not an idemstore store"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&text).unwrap(), b"not a database at all");
+
+    // A redb file of someone else's.
+    let other = dir.path().join("other.redb");
+    {
+        let db = redb::Database::create(&other).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("orders");
+            txn.open_table(table).unwrap().insert("o-1", 7).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let before = std::fs::read(&other).unwrap();
+    let o = idemstore(&["dump", path_str(&other)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("not an idemstore store"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), before, "file modified");
+}
+
+#[test]
+fn a_busy_file_is_refused() {
+    let (_dir, path) = fixture();
+    let store = Store::open(&path).unwrap(); // a running service holds it
+    let o = idemstore(&["stats", path_str(&path)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is busy"), "{}", stderr(&o));
+    store.close().unwrap();
+    assert!(idemstore(&["stats", path_str(&path)]).status.success());
+}
