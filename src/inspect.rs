@@ -7,6 +7,7 @@
 //! record, so they cost O(records): for tools, not for a request path.
 
 use std::ops::ControlFlow;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use redb::{ReadableDatabase, ReadableTable};
 
@@ -117,9 +118,15 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged record or key (the scan stops there),
     /// [`Error::Storage`], [`Error::Closed`].
+    ///
+    /// # Panics
+    /// Only if `visit` panics: its panic is passed on unchanged.
     pub fn scan(&self, mut visit: impl FnMut(&RecordView) -> ControlFlow<()>) -> Result<u64> {
         let now = self.inner().now();
-        self.inner().read(|db| {
+        // The engine is guarded against panics on damaged pages; a panic of `visit` is the
+        // caller's own and is resumed as it was, never reported as a damaged file.
+        let mut visitor_panic = None;
+        let visited = self.inner().read(|db| {
             storage::guarded("scanning the records", || {
                 let txn = db
                     .begin_read()
@@ -137,13 +144,23 @@ impl Store {
                     let record = Record::decode(v.value())
                         .map_err(|e| Error::corrupt(format!("record of {key}: {e}")))?;
                     visited += 1;
-                    if visit(&view(key, record, now)).is_break() {
-                        break;
+                    let record = view(key, record, now);
+                    match catch_unwind(AssertUnwindSafe(|| visit(&record))) {
+                        Ok(ControlFlow::Continue(())) => {}
+                        Ok(ControlFlow::Break(())) => break,
+                        Err(payload) => {
+                            visitor_panic = Some(payload);
+                            break;
+                        }
                     }
                 }
                 Ok(visited)
             })
-        })
+        });
+        if let Some(payload) = visitor_panic {
+            resume_unwind(payload);
+        }
+        visited
     }
 
     /// The record stored under `key`, dead or alive (unlike [`Store::get`], which treats a
@@ -309,6 +326,13 @@ mod tests {
         ];
         let expected: Vec<_> = expected.iter().map(|(k, d)| (k.to_string(), *d)).collect();
         assert_eq!(seen, expected);
+
+        // A panic of the visitor is passed on, not reported as a damaged file.
+        let caught = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let _ = store.scan(|_| panic!("visitor bug"));
+        }));
+        let payload = caught.expect_err("the visitor's panic is resumed");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"visitor bug"));
 
         // Break stops the visit.
         assert_eq!(store.scan(|_| ControlFlow::Break(())).unwrap(), 1);

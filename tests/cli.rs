@@ -371,3 +371,26 @@ fn a_busy_file_is_refused() {
     store.close().unwrap();
     assert!(idemstore(&["stats", path_str(&path)]).status.success());
 }
+
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let (_dir, path) = fixture();
+    for args in [
+        &["list", path_str(&path)][..],
+        &["dump", path_str(&path)],
+        &["get", path_str(&path), "--scope", "tenant-a", "done-http"],
+        &["--help"],
+    ] {
+        // The reader goes away before the tool writes (as `idemstore dump FILE | head -0`).
+        let mut child = Command::new(env!("CARGO_BIN_EXE_idemstore"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+    }
+}

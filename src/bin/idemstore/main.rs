@@ -19,6 +19,7 @@
 
 mod text;
 
+use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -137,6 +138,50 @@ impl From<&str> for Fail {
 
 type Outcome = Result<ExitCode, Fail>;
 
+/// Standard output, buffered. The first write error stops further output; a closed pipe
+/// (`idemstore dump FILE | head`) ends the output quietly instead of panicking as
+/// `println!` would.
+struct Out {
+    w: std::io::BufWriter<std::io::StdoutLock<'static>>,
+    error: Option<std::io::Error>,
+}
+
+impl Out {
+    fn new() -> Out {
+        Out {
+            w: std::io::BufWriter::new(std::io::stdout().lock()),
+            error: None,
+        }
+    }
+
+    /// Writes one line; `false` once output failed (stop producing more).
+    fn line(&mut self, args: std::fmt::Arguments<'_>) -> bool {
+        if self.error.is_none()
+            && let Err(e) = writeln!(self.w, "{args}")
+        {
+            self.error = Some(e);
+        }
+        self.error.is_none()
+    }
+
+    /// Flushes; a closed pipe is not an error of the tool.
+    fn finish(mut self) -> Result<(), Fail> {
+        match self.error.take().or_else(|| self.w.flush().err()) {
+            Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(Fail(format!("writing to stdout: {e}")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `println!` into an [`Out`].
+macro_rules! out {
+    ($o:expr, $($arg:tt)*) => {
+        $o.line(format_args!($($arg)*))
+    };
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
@@ -167,25 +212,34 @@ fn run(args: &[String]) -> Outcome {
     let rest = &args[1..];
     match command.as_str() {
         "-h" | "--help" => {
-            print!("{HELP}");
+            let mut o = Out::new();
+            out!(o, "{}", HELP.trim_end());
+            o.finish()?;
             return Ok(ExitCode::SUCCESS);
         }
         "-V" | "--version" => {
-            println!("idemstore {}", env!("CARGO_PKG_VERSION"));
+            let mut o = Out::new();
+            out!(o, "idemstore {}", env!("CARGO_PKG_VERSION"));
+            o.finish()?;
             return Ok(ExitCode::SUCCESS);
         }
         "help" => {
-            match rest.first() {
-                None => print!("{HELP}"),
-                Some(c) => print!("{}", command_help(c).ok_or_else(|| unknown_command(c))?),
-            }
+            let text = match rest.first() {
+                None => HELP,
+                Some(c) => command_help(c).ok_or_else(|| unknown_command(c))?,
+            };
+            let mut o = Out::new();
+            out!(o, "{}", text.trim_end());
+            o.finish()?;
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
     }
     let help = command_help(command).ok_or_else(|| unknown_command(command))?;
     if rest.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{help}");
+        let mut o = Out::new();
+        out!(o, "{}", help.trim_end());
+        o.finish()?;
         return Ok(ExitCode::SUCCESS);
     }
     let usage = |message: &str| Fail(format!("{message}\n\n{help}"));
@@ -323,34 +377,41 @@ fn storage_fail(e: Error) -> Fail {
 
 fn stats(store: &Store, path: &Path) -> Outcome {
     let s = store.summary().map_err(storage_fail)?;
+    let mut o = Out::new();
     let size = s
         .file_bytes
         .map_or("-".into(), |n| format!("{} ({n} bytes)", human_bytes(n)));
-    println!("file            {}", path.display());
-    println!("file size       {size}");
-    println!("format version  {}", s.format_version);
-    println!("last token      {}", s.last_token);
-    println!(
+    out!(o, "file            {}", path.display());
+    out!(o, "file size       {size}");
+    out!(o, "format version  {}", s.format_version);
+    out!(o, "last token      {}", s.last_token);
+    out!(
+        o,
         "records         {} ({} live, {} dead)",
         s.records(),
         s.live(),
         s.dead()
     );
-    println!(
+    out!(
+        o,
         "  in flight     {} ({} with an expired lease, waiting for a retry to take over)",
-        s.in_flight, s.lease_expired
+        s.in_flight,
+        s.lease_expired
     );
-    println!(
+    out!(
+        o,
         "  completed     {} ({} of stored responses)",
         s.completed,
         human_bytes(s.response_bytes)
     );
-    println!(
+    out!(
+        o,
         "  dead          {} ({} in flight, {} completed; absent already, deleted by the next reap)",
         s.dead(),
         s.dead_in_flight,
         s.dead_completed
     );
+    o.finish()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -364,11 +425,12 @@ fn get(store: &Store, scope: &str, id: &str) -> Outcome {
         );
         return Ok(ExitCode::from(1));
     };
+    let mut o = Out::new();
     let now = SystemTime::now();
     let at = |t: SystemTime| format!("{} ({})", rfc3339(t), relative(t, now));
-    println!("scope        {}", json_string(view.key.scope()));
-    println!("id           {}", json_string(view.key.id()));
-    println!("fingerprint  {}", view.fingerprint);
+    out!(o, "scope        {}", json_string(view.key.scope()));
+    out!(o, "id           {}", json_string(view.key.id()));
+    out!(o, "fingerprint  {}", view.fingerprint);
     match &view.entry {
         Entry::InFlight {
             token,
@@ -379,11 +441,12 @@ fn get(store: &Store, scope: &str, id: &str) -> Outcome {
             expires_at,
             ..
         } => {
-            println!("state        {}", state_name(&view));
-            println!("token        {token}");
-            println!("attempt      {attempt}");
-            println!("created      {}", at(*created_at));
-            println!(
+            out!(o, "state        {}", state_name(&view));
+            out!(o, "token        {token}");
+            out!(o, "attempt      {attempt}");
+            out!(o, "created      {}", at(*created_at));
+            out!(
+                o,
                 "lease until  {}{}",
                 at(*lease_expires_at),
                 if *lease_expires_at <= now && !view.dead {
@@ -392,48 +455,60 @@ fn get(store: &Store, scope: &str, id: &str) -> Outcome {
                     ""
                 }
             );
-            println!("dies         {}", at(*expires_at));
+            out!(o, "dies         {}", at(*expires_at));
             match checkpoint {
-                None => println!("checkpoint   none"),
+                None => {
+                    out!(o, "checkpoint   none");
+                }
                 Some(c) => {
-                    println!("checkpoint   {}", human_bytes(c.len() as u64));
-                    print_bytes(c);
+                    out!(o, "checkpoint   {}", human_bytes(c.len() as u64));
+                    print_bytes(&mut o, c);
                 }
             }
         }
         Entry::Completed(done) => {
-            println!("state        {}", state_name(&view));
-            println!("token        {}", done.token());
-            println!("completed    {}", at(done.completed_at()));
-            println!("dies         {}", at(done.expires_at()));
-            println!("response     {}", human_bytes(done.response().len() as u64));
+            out!(o, "state        {}", state_name(&view));
+            out!(o, "token        {}", done.token());
+            out!(o, "completed    {}", at(done.completed_at()));
+            out!(o, "dies         {}", at(done.expires_at()));
+            out!(
+                o,
+                "response     {}",
+                human_bytes(done.response().len() as u64)
+            );
             if let Ok(stored) = StoredResponse::decode(done.response()) {
-                println!("  http status  {}", stored.status());
+                out!(o, "  http status  {}", stored.status());
                 for (name, value) in stored.headers() {
-                    println!(
+                    out!(
+                        o,
                         "  header       {name}: {}",
                         printable(&String::from_utf8_lossy(value.as_bytes()))
                     );
                 }
-                println!("  http body    {}", human_bytes(stored.body().len() as u64));
+                out!(
+                    o,
+                    "  http body    {}",
+                    human_bytes(stored.body().len() as u64)
+                );
                 if let Ok(body) = std::str::from_utf8(stored.body()) {
-                    println!("  body text    {}", printable(body));
+                    out!(o, "  body text    {}", printable(body));
                 }
-                println!("  base64       {}", base64(done.response()));
+                out!(o, "  base64       {}", base64(done.response()));
             } else {
-                print_bytes(done.response());
+                print_bytes(&mut o, done.response());
             }
         }
     }
+    o.finish()?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Prints bytes as text (when they are UTF-8) and as base64.
-fn print_bytes(bytes: &[u8]) {
+fn print_bytes(o: &mut Out, bytes: &[u8]) {
     if let Ok(text) = std::str::from_utf8(bytes) {
-        println!("  text         {}", printable(text));
+        out!(o, "  text         {}", printable(text));
     }
-    println!("  base64       {}", base64(bytes));
+    out!(o, "  base64       {}", base64(bytes));
 }
 
 fn state_name(view: &RecordView) -> &'static str {
@@ -456,9 +531,14 @@ fn since(view: &RecordView) -> SystemTime {
 fn list(store: &Store, options: &Options) -> Outcome {
     let now = SystemTime::now();
     let mut shown = 0u64;
-    println!(
+    let mut o = Out::new();
+    out!(
+        o,
         "{:<10} {:>8} {:>8}  {:<44} KEY (scope/id)",
-        "STATE", "AGE", "TOKEN", "DETAIL"
+        "STATE",
+        "AGE",
+        "TOKEN",
+        "DETAIL"
     );
     store
         .scan(|view| {
@@ -502,49 +582,46 @@ fn list(store: &Store, options: &Options) -> Outcome {
                 StateFilter::Completed => "completed",
                 StateFilter::Dead => "dead",
             };
-            println!(
+            let ok = out!(
+                o,
                 "{state:<10} {:>8} {token:>8}  {detail:<44} {}/{}",
                 human_duration(age),
                 printable(view.key.scope()),
                 printable(view.key.id())
             );
             shown += 1;
-            ControlFlow::Continue(())
+            if ok {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
         })
         .map_err(storage_fail)?;
+    o.finish()?;
     eprintln!("{shown} record(s)");
     Ok(ExitCode::SUCCESS)
 }
 
 fn reap(store: &Store) -> Outcome {
     let deleted = store.reap().map_err(storage_fail)?;
-    println!("deleted {deleted} dead record(s)");
+    let mut o = Out::new();
+    out!(o, "deleted {deleted} dead record(s)");
+    o.finish()?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn dump(store: &Store) -> Outcome {
-    use std::io::Write;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut write_error = None;
+    let mut o = Out::new();
     store
         .scan(|view| {
-            let line = json_line(view);
-            match writeln!(out, "{line}") {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    write_error = Some(e);
-                    ControlFlow::Break(())
-                }
+            if out!(o, "{}", json_line(view)) {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
             }
         })
         .map_err(storage_fail)?;
-    if let Some(e) = write_error.or_else(|| out.flush().err()) {
-        // A closed pipe (`dump | head`) is not an error of the tool.
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(Fail(format!("writing to stdout: {e}")));
-        }
-    }
+    o.finish()?;
     Ok(ExitCode::SUCCESS)
 }
 
