@@ -10,6 +10,7 @@
 //! outcome) and poisons the store: later writes get [`Error::Poisoned`] until it is reopened.
 
 use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -225,13 +226,16 @@ impl Worker {
             return;
         }
         let now = to_nanos(self.clock.now());
-        let Ok(txn) = self.db.begin_write() else {
-            return;
-        };
-        let noted = WriteTables::open(&txn).and_then(|mut t| t.note_time(now));
-        if noted.is_ok() {
-            let _ = txn.commit();
-        }
+        // Guarded like every write: the engine can panic on a damaged page.
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            let Ok(txn) = self.db.begin_write() else {
+                return;
+            };
+            let noted = WriteTables::open(&txn).and_then(|mut t| t.note_time(now));
+            if noted.is_ok() {
+                let _ = txn.commit();
+            }
+        }));
     }
 
     fn commit_batch(&self, batch: &mut Vec<(Op, Sender<Result<Reply>>)>) {
@@ -261,8 +265,21 @@ impl Worker {
         }
     }
 
-    /// Applies every op in one transaction and commits. `Err` fails the whole batch.
+    /// [`Worker::apply_all_unguarded`], guarded: the storage engine can panic on a damaged
+    /// page. A panic fails the batch with [`Error::Corrupt`] and poisons the store, as a failed
+    /// commit does (the outcome is unknown).
     fn apply_all(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
+        catch_unwind(AssertUnwindSafe(|| self.apply_all_unguarded(ops))).unwrap_or_else(|_| {
+            self.poisoned.store(true, Ordering::Release);
+            Err(Error::corrupt(
+                "the storage engine failed while writing (damaged file); the store refuses \
+                 writes until it is reopened",
+            ))
+        })
+    }
+
+    /// Applies every op in one transaction and commits. `Err` fails the whole batch.
+    fn apply_all_unguarded(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
         let mut txn = self
             .db
             .begin_write()

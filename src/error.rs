@@ -58,7 +58,9 @@ pub enum Error {
     /// The storage engine or the file system failed.
     ///
     /// For a write, this is an *unknown outcome*: the change may or may not be durable.
-    /// The store then refuses further writes with [`Error::Poisoned`] until it is reopened.
+    /// The store then refuses further writes until it is reopened: with [`Error::Poisoned`]
+    /// after a failed commit, or with this error again when the storage engine itself
+    /// latched an I/O failure.
     Storage {
         /// What idemstore was doing.
         context: String,

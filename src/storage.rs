@@ -176,7 +176,12 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
     }
     let existing_len = match std::fs::metadata(path) {
         Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            create_in_place(path).map_err(|e| io_err("creating", e))?;
+            std::fs::metadata(path)
+                .map_err(|e| io_err("inspecting", e))?
+                .len()
+        }
         Err(e) => return Err(io_err("inspecting", e)),
     };
     let mut repaired = false;
@@ -207,28 +212,82 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
         repaired = checked.is_none();
     }
 
-    let file = {
-        let mut options = OpenOptions::new();
-        options.read(true).write(true).create(true).truncate(false);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        options.open(path).map_err(|e| io_err("opening", e))?
-    };
+    let file = new_file_options()
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io_err("opening", e))?;
     let backend = redb::backends::FileBackend::new(file).map_err(|e| open_error(path, e))?;
     let db = guarded("opening the file", || {
         redb::Builder::new()
             .set_cache_size(cache_bytes)
+            // An existing file is verified page by page (checksums) before it is trusted: on a
+            // damaged file the engine can panic while unwinding from a panic, which aborts the
+            // process past any guard. Verified, a damaged file is `Corrupt` instead.
+            .set_check_integrity_on_open(existing_len > 0)
             .create_with_backend(backend)
             .map_err(|e| open_error(path, e))
     })?;
     if repaired {
         // Recovery had to modify the file before it could be checked.
-        guarded("checking the recovered file", || check_read(&db))?;
+        if let Err(e) = guarded("checking the recovered file", || check_read(&db)) {
+            discard(db);
+            return Err(e);
+        }
     }
     Ok(db)
+}
+
+/// Creates a new, initialized store at `path` without ever exposing a half-written file
+/// there: the store is built in a temporary file beside it, made durable, and then linked
+/// to `path` (a link never replaces an existing file, so a concurrent creator wins cleanly).
+/// A crash before the link leaves only the temporary file, named
+/// `.<name>.idemstore-new-<pid>`; the path itself stays missing and the next open starts over.
+fn create_in_place(path: &Path) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the path has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".idemstore-new-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    // A leftover of a crashed process that had our pid is stale: nobody else uses this name.
+    let _ = std::fs::remove_file(&tmp);
+    let built = (|| {
+        let file = new_file_options().create_new(true).open(&tmp)?;
+        let backend = redb::backends::FileBackend::new(file).map_err(std::io::Error::other)?;
+        let db = redb::Builder::new()
+            .set_cache_size(1 << 20)
+            .create_with_backend(backend)
+            .map_err(std::io::Error::other)?;
+        let (db, _) = initialize(db).map_err(std::io::Error::other)?;
+        db.close().map_err(std::io::Error::other)
+    })();
+    let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        // Another process created the store first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    });
+    let _ = std::fs::remove_file(&tmp);
+    linked?;
+    // Make the new name durable.
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Options for a store file: read-write, and on Unix readable by the owner only (0600).
+fn new_file_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
 }
 
 fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -265,7 +324,26 @@ pub(crate) fn open_memory(cache_bytes: usize) -> Result<Database> {
 
 /// Writes the meta table and creates the tables of a new store, or checks an existing one.
 /// Always commits durably. Returns the latest time a write of this store saw (0 when new).
-pub(crate) fn initialize(db: &Database) -> Result<u64> {
+///
+/// Guarded: the engine can panic on a damaged page that the read-only check did not visit
+/// (its commit reads the system tables); the caller then gets [`Error::Corrupt`].
+pub(crate) fn initialize(db: Database) -> Result<(Database, u64)> {
+    match guarded("initializing the store", || initialize_unguarded(&db)) {
+        Ok(latest_time) => Ok((db, latest_time)),
+        Err(e) => {
+            discard(db);
+            Err(e)
+        }
+    }
+}
+
+/// Drops a database after an error: dropping closes it, which can panic again when the
+/// engine panicked before (its locks are poisoned). The error is already being returned.
+fn discard(db: Database) {
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(db)));
+}
+
+fn initialize_unguarded(db: &Database) -> Result<u64> {
     let mut latest_time = 0;
     let txn = db.begin_write().map_err(engine("starting a write"))?;
     {

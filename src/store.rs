@@ -52,7 +52,8 @@ use crate::storage;
 /// With [`Durability::Immediate`] (the default), a `begin` that returns `Started`, and every
 /// lease operation that returns `Ok`, is on disk (fsync'd) before it returns. Concurrent
 /// writers share fsyncs (group commit). An `Err` from a write is an unknown outcome: the
-/// store then refuses writes with [`Error::Poisoned`] until it is reopened.
+/// store then refuses writes (with [`Error::Poisoned`] or [`Error::Storage`]) until it is
+/// reopened, and a reopen shows what is really on disk.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -105,9 +106,14 @@ impl Inner {
         engine.committer.shutdown();
         let Engine { db, .. } = engine;
         match Arc::try_unwrap(db) {
-            Ok(db) => db
-                .close()
-                .map_err(|e| Error::storage("closing the database", e)),
+            // Guarded: closing commits the engine's allocator state, and the engine can panic
+            // on a damaged page.
+            Ok(db) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.close())) {
+                Ok(closed) => closed.map_err(|e| Error::storage("closing the database", e)),
+                Err(_) => Err(Error::corrupt(
+                    "the storage engine failed while closing the file (damaged file)",
+                )),
+            },
             // Unreachable: readers hold the lock, the committer was joined.
             Err(_) => Ok(()),
         }
@@ -428,7 +434,7 @@ impl Builder {
         let settings = self.settings()?;
         let path = path.as_ref();
         let db = storage::open_file(path, self.cache_bytes)?;
-        let latest_time = storage::initialize(&db)?;
+        let (db, latest_time) = storage::initialize(db)?;
         self.start(db, settings, Some(path.to_owned()), latest_time)
     }
 
@@ -439,7 +445,7 @@ impl Builder {
     pub fn open_in_memory(self) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_memory(self.cache_bytes)?;
-        let latest_time = storage::initialize(&db)?;
+        let (db, latest_time) = storage::initialize(db)?;
         self.start(db, settings, None, latest_time)
     }
 
@@ -456,7 +462,7 @@ impl Builder {
     pub fn open_backend(self, backend: impl redb::StorageBackend) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_backend(backend, self.cache_bytes)?;
-        let latest_time = storage::initialize(&db)?;
+        let (db, latest_time) = storage::initialize(db)?;
         self.start(db, settings, None, latest_time)
     }
 
