@@ -500,46 +500,51 @@ impl<'t> WriteTables<'t> {
     /// first. Returns how many records were deleted and whether the limit was reached (more
     /// may be due). Cost: O(entries visited), never a scan of live records.
     pub fn reap(&mut self, now: u64, limit: usize) -> Result<(u64, bool)> {
-        let mut due: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Index keys of records dead at `now` sort before `now + 1` (big-endian prefix).
+        let upper = now.checked_add(1).map(u64::to_be_bytes);
+        let mut due: Vec<(u64, Vec<u8>)> = Vec::with_capacity(limit.min(1024));
         {
-            let iter = self
-                .expiry
-                .iter()
-                .map_err(|e| Error::storage("reading the expiry index", e))?;
-            for entry in iter.take(limit) {
-                let (k, _) = entry.map_err(|e| Error::storage("reading the expiry index", e))?;
-                let k = k.value();
-                let Some((at, key)) = k.split_first_chunk::<8>() else {
-                    return Err(Error::corrupt("expiry index entry shorter than 8 bytes"));
-                };
-                let dies_at = u64::from_be_bytes(*at);
-                if dies_at > now {
-                    break;
+            let index_error = |e| Error::storage("draining the expiry index", e);
+            let all = |_: &[u8], _: ()| true;
+            let drained = match &upper {
+                Some(upper) => self
+                    .expiry
+                    .extract_from_if::<&[u8], _>(..upper.as_slice(), all),
+                None => self.expiry.extract_from_if::<&[u8], _>(.., all),
+            }
+            .map_err(index_error)?;
+            for entry in drained.take(limit) {
+                let (k, _) = entry.map_err(index_error)?;
+                // A malformed entry (shorter than its time) is dropped with the batch.
+                if let Some((at, key)) = k.value().split_first_chunk::<8>() {
+                    due.push((u64::from_be_bytes(*at), key.to_vec()));
                 }
-                due.push((dies_at, key.to_vec()));
             }
         }
         let more = due.len() == limit;
         let mut deleted = 0;
         for (dies_at, key) in due {
-            self.unindex(&key, dies_at)?;
-            // Delete only what is really dead; a record whose death moved keeps its other entry.
-            let stored = self
-                .records
-                .get(key.as_slice())
-                .map_err(|e| Error::storage("reading a record", e))?
-                .map(|v| Record::peek_dies_at(v.value()));
-            let dead = match stored {
-                Some(Ok(at)) => at == dies_at && now >= at,
-                None => false,
-                // A damaged record that the index says is dead: removing it is the safe choice.
-                Some(Err(_)) => true,
-            };
-            if dead {
-                self.records
+            let stale = {
+                let removed = self
+                    .records
                     .remove(key.as_slice())
                     .map_err(|e| Error::storage("deleting a record", e))?;
-                deleted += 1;
+                let Some(removed) = removed else { continue };
+                match Record::peek_dies_at(removed.value()) {
+                    // A stale entry: the record's death moved (it has another entry).
+                    Ok(at) if at != dies_at => Some(removed.value().to_vec()),
+                    // Dead, and this is its index entry; or damaged while the index says it
+                    // is dead, when removing it is the safe choice.
+                    _ => None,
+                }
+            };
+            match stale {
+                None => deleted += 1,
+                Some(bytes) => {
+                    self.records
+                        .insert(key.as_slice(), bytes.as_slice())
+                        .map_err(|e| Error::storage("restoring a record", e))?;
+                }
             }
         }
         Ok((deleted, more))
