@@ -50,6 +50,7 @@ mod machine;
 mod outcome;
 mod reaper;
 mod record;
+mod redb_file;
 mod stats;
 mod storage;
 mod store;

@@ -13,8 +13,6 @@
 //! The expiry index holds exactly one entry per record, keyed by the record's death time,
 //! so the reaper walks dead records in time order and never scans live ones.
 
-use std::fs::OpenOptions;
-use std::io::Read;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
@@ -25,6 +23,7 @@ use redb::{
 
 use crate::error::{Error, Result};
 use crate::record::Record;
+use crate::redb_file::{self, io_error, open_error, private_file_options};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
 pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idemstore_records");
@@ -38,29 +37,10 @@ const TIME_KEY: &str = "latest_time";
 /// The file format version this build writes and reads.
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
-/// redb's file signature (the first bytes of every redb file).
-const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
-
 fn engine<E: std::error::Error + Send + Sync + 'static>(
     context: &str,
 ) -> impl FnOnce(E) -> Error + '_ {
     move |e| Error::storage(context, e)
-}
-
-/// Maps an open error of redb to ours.
-fn open_error(path: &Path, e: DatabaseError) -> Error {
-    match e {
-        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
-            Error::AlreadyOpen {
-                path: path.to_owned(),
-            }
-        }
-        DatabaseError::UpgradeRequired(v) => Error::IncompatibleFormat {
-            reason: format!("redb file format {v} is not supported by this build"),
-        },
-        DatabaseError::Storage(redb::StorageError::Corrupted(reason)) => Error::corrupt(reason),
-        other => Error::storage(format!("opening {}", path.display()), other),
-    }
 }
 
 /// Runs a redb call that may panic on a damaged file; a panic becomes [`Error::Corrupt`].
@@ -155,46 +135,17 @@ fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
 /// crash recovery cannot be checked that way: it is repaired by the read-write open first and
 /// checked afterwards.
 pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
-    let io_err =
-        |what: &str, e: std::io::Error| Error::storage(format!("{what} {}", path.display()), e);
-    if path.is_dir() {
-        return Err(io_err(
-            "opening",
-            std::io::Error::other("the path is a directory; give a file path"),
-        ));
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.is_dir()
-    {
-        return Err(io_err(
-            "opening",
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the parent directory does not exist; create it first",
-            ),
-        ));
-    }
-    let existing_len = match std::fs::metadata(path) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let io_err = |what: &str, e: std::io::Error| io_error(path, what, e);
+    let existing_len = match redb_file::existing_len(path)? {
+        Some(len) => len,
+        None => {
             create_in_place(path).map_err(|e| io_err("creating", e))?;
-            std::fs::metadata(path)
-                .map_err(|e| io_err("inspecting", e))?
-                .len()
+            redb_file::existing_len(path)?.unwrap_or(0)
         }
-        Err(e) => return Err(io_err("inspecting", e)),
     };
     let mut repaired = false;
     if existing_len > 0 {
-        let mut head = [0u8; REDB_MAGIC.len()];
-        let mut f = std::fs::File::open(path).map_err(|e| io_err("reading", e))?;
-        let n = read_up_to(&mut f, &mut head).map_err(|e| io_err("reading", e))?;
-        if n < head.len() || head != REDB_MAGIC {
-            return Err(Error::IncompatibleFormat {
-                reason: "the file is not a redb database".into(),
-            });
-        }
-        drop(f);
+        redb_file::require_redb(path, "")?;
         let checked = guarded("checking the file", || {
             let ro = redb::Builder::new()
                 .set_cache_size(1 << 20)
@@ -212,7 +163,7 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
         repaired = checked.is_none();
     }
 
-    let file = new_file_options()
+    let file = private_file_options()
         .create(true)
         .truncate(false)
         .open(path)
@@ -254,7 +205,7 @@ fn create_in_place(path: &Path) -> std::io::Result<()> {
     // A leftover of a crashed process that had our pid is stale: nobody else uses this name.
     let _ = std::fs::remove_file(&tmp);
     let built = (|| {
-        let file = new_file_options().create_new(true).open(&tmp)?;
+        let file = private_file_options().create_new(true).open(&tmp)?;
         let backend = redb::backends::FileBackend::new(file).map_err(std::io::Error::other)?;
         let db = redb::Builder::new()
             .set_cache_size(1 << 20)
@@ -276,29 +227,6 @@ fn create_in_place(path: &Path) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
-}
-
-/// Options for a store file: read-write, and on Unix readable by the owner only (0600).
-fn new_file_options() -> OpenOptions {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    options
-}
-
-fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Opens (or creates) a database on a custom backend, guarding against engine panics.

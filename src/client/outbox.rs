@@ -31,6 +31,7 @@ use crate::config::DEFAULT_TTL;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{Key, MAX_KEY_PART_BYTES};
+use crate::redb_file;
 
 /// The table an [`Outbox`] uses unless told otherwise: `"idemstore_outbox"`.
 pub const DEFAULT_OUTBOX_TABLE: &str = "idemstore_outbox";
@@ -40,9 +41,6 @@ const STORE_TABLES: [&str; 3] = ["idemstore_meta", "idemstore_records", "idemsto
 
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 58;
-
-/// redb's file signature (the first bytes of every redb file).
-const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
 
 /// A durable, client-side list of operations and their idempotency keys, on redb.
 ///
@@ -624,41 +622,10 @@ fn refuse_store_file(db: &impl ReadableDatabase) -> Result<()> {
 }
 
 fn open_file(path: &Path) -> Result<Database> {
-    let io_err =
-        |what: &str, e: std::io::Error| Error::storage(format!("{what} {}", path.display()), e);
-    let open_err = |e: redb::DatabaseError| match e {
-        redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
-            Error::AlreadyOpen {
-                path: path.to_owned(),
-            }
-        }
-        redb::DatabaseError::UpgradeRequired(v) => Error::IncompatibleFormat {
-            reason: format!("redb file format {v} is not supported by this build"),
-        },
-        other => Error::storage(format!("opening {}", path.display()), other),
-    };
-    if path.is_dir() {
-        return Err(io_err(
-            "opening",
-            std::io::Error::other("the path is a directory; give a file path"),
-        ));
-    }
-    let existing_len = match std::fs::metadata(path) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(io_err("inspecting", e)),
-    };
-    if existing_len > 0 {
+    let open_err = |e| redb_file::open_error(path, e);
+    if redb_file::existing_len(path)?.is_some_and(|len| len > 0) {
         // Check read-only first: a file that is not ours to write is not modified.
-        let mut head = [0u8; REDB_MAGIC.len()];
-        let mut f = std::fs::File::open(path).map_err(|e| io_err("reading", e))?;
-        let n = read_up_to(&mut f, &mut head).map_err(|e| io_err("reading", e))?;
-        if n < head.len() || head != REDB_MAGIC {
-            return Err(Error::IncompatibleFormat {
-                reason: "the file is not a redb database; give the outbox a file of its own".into(),
-            });
-        }
-        drop(f);
+        redb_file::require_redb(path, "; give the outbox a file of its own")?;
         match redb::Builder::new().open_read_only(path) {
             Ok(ro) => {
                 let checked = refuse_store_file(&ro);
@@ -670,33 +637,16 @@ fn open_file(path: &Path) -> Result<Database> {
             Err(e) => return Err(open_err(e)),
         }
     }
-    let file = {
-        let mut options = std::fs::OpenOptions::new();
-        options.read(true).write(true).create(true).truncate(false);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        options.open(path).map_err(|e| io_err("opening", e))?
-    };
+    let file = redb_file::private_file_options()
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| redb_file::io_error(path, "opening", e))?;
     let backend = redb::backends::FileBackend::new(file).map_err(open_err)?;
     redb::Builder::new()
         .set_cache_size(1 << 20)
         .create_with_backend(backend)
         .map_err(open_err)
-}
-
-fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::io::Read;
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
