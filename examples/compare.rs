@@ -4,7 +4,7 @@
 //! at 1, 8 and 64 callers; then replay lookups vs raw redb read transactions.
 //!
 //! ```sh
-//! cargo run --release --example compare                 # ~2 minutes
+//! cargo run --release --example compare                 # 3 rounds, ~2 minutes
 //! cargo run --release --example compare -- --smoke      # seconds, for CI
 //! cargo run --release --example compare -- --seconds 5  # longer runs per cell
 //! cargo run --release --example compare -- --keys sequential  # thread-counter key ids
@@ -29,12 +29,14 @@ use peers::{Idem, NaiveRedb, Peer, Sqlite, raw_batch_ceiling, run_cycles};
 struct Args {
     seconds: f64,
     callers: Vec<usize>,
+    rounds: usize,
 }
 
 fn args() -> Args {
     let mut a = Args {
         seconds: 2.0,
         callers: vec![1, 8, 64],
+        rounds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -42,6 +44,14 @@ fn args() -> Args {
             "--smoke" => {
                 a.seconds = 0.3;
                 a.callers = vec![1, 8];
+                a.rounds = 1;
+            }
+            "--rounds" => {
+                a.rounds = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&r| r > 0)
+                    .expect("--rounds needs a number above 0")
             }
             "--seconds" => {
                 a.seconds = it
@@ -62,7 +72,7 @@ fn args() -> Args {
             },
             "-h" | "--help" => {
                 println!(
-                    "usage: compare [--smoke] [--seconds S] [--callers 1,8,64] [--keys random|sequential]"
+                    "usage: compare [--smoke] [--seconds S] [--rounds R] [--callers 1,8,64] [--keys random|sequential]"
                 );
                 std::process::exit(0);
             }
@@ -72,66 +82,102 @@ fn args() -> Args {
     a
 }
 
+type Maker = dyn Fn(usize, &std::path::Path) -> Box<dyn Peer>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     let a = args();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut rows: Vec<(&str, Vec<f64>)> = Vec::new();
-    let measure = |name: &str, make: &dyn Fn(usize, &std::path::Path) -> Box<dyn Peer>| {
-        let mut out = Vec::new();
-        for &n in &a.callers {
-            let path = dir.path().join(format!("{name}-{n}.db"));
-            let peer = make(n, &path);
-            let (cycles, secs) = run_cycles(peer.as_ref(), n, a.seconds);
-            let rate = cycles as f64 / secs;
-            eprintln!(
-                "  {name:<22} {n:>3} callers: {rate:>10.0} cycles/s {}",
-                peer.note()
-            );
-            out.push(rate);
+    let peers: Vec<(&str, Box<Maker>)> = vec![
+        (
+            "naive redb (1 txn/op)",
+            Box::new(|_, p: &std::path::Path| Box::new(NaiveRedb::open(p)) as Box<dyn Peer>),
+        ),
+        (
+            "idemstore",
+            Box::new(|_, p: &std::path::Path| Box::new(Idem::open(p)) as Box<dyn Peer>),
+        ),
+        (
+            "sqlite WAL sync=FULL",
+            Box::new(|n, p: &std::path::Path| Box::new(Sqlite::open(p, n)) as Box<dyn Peer>),
+        ),
+    ];
+    // rates[peer][callers] = one rate per round; the peers take turns within each round (in a
+    // rotating order), so slow drifts of the machine hit them all alike.
+    let mut rates = vec![vec![Vec::new(); a.callers.len()]; peers.len()];
+    let mut ceilings = Vec::new();
+    eprintln!(
+        "measuring {} round(s) of {} s per cell…",
+        a.rounds, a.seconds
+    );
+    for round in 0..a.rounds {
+        for (ci, &n) in a.callers.iter().enumerate() {
+            for k in 0..peers.len() {
+                let pi = (k + round + ci) % peers.len();
+                let (name, make) = &peers[pi];
+                let path = dir.path().join(format!("p{pi}-n{n}-r{round}.db"));
+                let peer = make(n, &path);
+                let (cycles, secs) = run_cycles(peer.as_ref(), n, a.seconds);
+                let rate = cycles as f64 / secs;
+                eprintln!(
+                    "  round {round}: {name:<22} {n:>3} callers: {rate:>10.0} cycles/s {}",
+                    peer.note()
+                );
+                rates[pi][ci].push(rate);
+            }
         }
-        out
-    };
-    eprintln!("measuring {} s per cell…", a.seconds);
+        let (c, secs) =
+            raw_batch_ceiling(&dir.path().join(format!("ceiling-r{round}.db")), a.seconds);
+        let ceiling = c as f64 / secs;
+        eprintln!("  round {round}: raw redb 64 ops/commit: {ceiling:>10.0} cycles/s");
+        ceilings.push(ceiling);
+    }
+    let mut rows: Vec<(&str, Vec<Vec<f64>>)> = peers
+        .iter()
+        .zip(rates)
+        .map(|((name, _), r)| (*name, r))
+        .collect();
     rows.push((
-        "naive redb (1 txn/op)",
-        measure("naive", &|_, p| Box::new(NaiveRedb::open(p))),
+        "raw redb 64 ops/commit",
+        vec![ceilings.clone(); a.callers.len()],
     ));
-    rows.push((
-        "idemstore",
-        measure("idemstore", &|_, p| Box::new(Idem::open(p))),
-    ));
-    rows.push((
-        "sqlite WAL sync=FULL",
-        measure("sqlite", &|n, p| Box::new(Sqlite::open(p, n))),
-    ));
-    let (c, s) = raw_batch_ceiling(&dir.path().join("ceiling.db"), a.seconds);
-    let ceiling = c as f64 / s;
-    eprintln!("  raw redb 64 ops/commit: {ceiling:>10.0} cycles/s");
-    rows.push(("raw redb 64 ops/commit", vec![ceiling; a.callers.len()]));
     match redis_cycles(&a) {
-        Some(r) => rows.push(("redis appendfsync=always", r)),
+        Some(r) => rows.push((
+            "redis appendfsync=always",
+            r.into_iter().map(|x| vec![x; a.rounds]).collect(),
+        )),
         None => eprintln!("  redis: skipped (no server on 127.0.0.1:6379)"),
     }
 
     let naive = rows[0].1.clone();
-    println!("\n## Cycles/s (begin + complete, durable), ratio to naive redb\n");
+    println!(
+        "\n## Cycles/s (begin + complete, durable): median of {} round(s), and the median of the \
+         per-round ratios to naive redb\n",
+        a.rounds
+    );
     print!("| peer |");
     for n in &a.callers {
         print!(" {n} caller{} |", if *n == 1 { "" } else { "s" });
     }
     println!();
     println!("|---|{}", "---|".repeat(a.callers.len()));
-    for (name, rates) in &rows {
+    let ratio =
+        |rates: &[f64], base: &[f64]| median(rates.iter().zip(base).map(|(r, b)| r / b).collect());
+    for (name, cells) in &rows {
         print!("| {name} |");
-        for (r, base) in rates.iter().zip(&naive) {
-            print!(" {r:.0} ({:.2}×) |", r / base);
+        for (r, base) in cells.iter().zip(&naive) {
+            print!(" {:.0} ({:.2}×) |", median(r.clone()), ratio(r, base));
         }
         println!();
     }
     let idem = &rows[1].1;
-    print!("\nidemstore / ceiling:");
+    print!("\nidemstore / ceiling (median of per-round ratios):");
     for (n, r) in a.callers.iter().zip(idem) {
-        print!(" {n} callers {:.0} %;", 100.0 * r / ceiling);
+        print!(" {n} callers {:.0} %;", 100.0 * ratio(r, &ceilings));
     }
     println!();
 
