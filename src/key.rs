@@ -87,7 +87,6 @@ impl Key {
     }
 
     /// Inverse of [`Key::encode`], validating as [`Key::new`] does.
-    #[allow(dead_code)] // for tools that list keys; tested below
     pub(crate) fn decode(bytes: &[u8]) -> Result<Key> {
         let (&len, rest) = bytes
             .split_first()
