@@ -86,6 +86,10 @@ pub use client::{
 /// crash images). Re-exported so tests need no direct redb dependency.
 pub use redb::{StorageBackend, backends};
 
+/// Hooks for the fuzz targets in `fuzz/`. Not part of the API: hidden, no semver promise.
+#[doc(hidden)]
+pub mod __fuzz;
+
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -1,0 +1,75 @@
+//! Hooks for the fuzz targets in `fuzz/` (`record_codec`): thin wrappers around the
+//! crate-private record codec ([`crate::record`]).
+//!
+//! **Not part of the API.** Hidden from the docs, exempt from semver: it may change or go
+//! away in any release. Do not use it outside the fuzz targets.
+
+use crate::error::Result;
+use crate::record::{Record, State};
+
+/// Decodes `bytes` as a record and encodes the result again: `Ok(encode(decode(bytes)))`,
+/// or the decoding error (always [`Error::Corrupt`](crate::Error::Corrupt)).
+///
+/// # Errors
+/// As the codec's decoding.
+pub fn record_roundtrip(bytes: &[u8]) -> Result<Vec<u8>> {
+    Record::decode(bytes).map(|r| r.encode())
+}
+
+/// Whether the reaper's partial read of a record agrees with a full decode: when `bytes`
+/// decode, their peeked death time is the record's. `true` for bytes that don't decode.
+pub fn peek_matches_decode(bytes: &[u8]) -> bool {
+    match Record::decode(bytes) {
+        Ok(r) => Record::peek_dies_at(bytes).ok() == Some(r.dies_at()),
+        Err(_) => true,
+    }
+}
+
+/// The death time (SPEC §3) of the record `bytes` decode to, `None` if they don't decode.
+pub fn record_dies_at(bytes: &[u8]) -> Option<u64> {
+    Record::decode(bytes).ok().map(|r| r.dies_at())
+}
+
+/// Encodes an in-flight record with these fields.
+pub fn encode_in_flight(
+    fingerprint: [u8; 32],
+    token: u64,
+    created_at: u64,
+    ttl_deadline: u64,
+    lease_expires_at: u64,
+    attempt: u32,
+    checkpoint: Option<&[u8]>,
+) -> Vec<u8> {
+    Record {
+        fingerprint,
+        token,
+        state: State::InFlight {
+            created_at,
+            ttl_deadline,
+            lease_expires_at,
+            attempt,
+            checkpoint: checkpoint.map(<[u8]>::to_vec),
+        },
+    }
+    .encode()
+}
+
+/// Encodes a completed record with these fields.
+pub fn encode_completed(
+    fingerprint: [u8; 32],
+    token: u64,
+    completed_at: u64,
+    expires_at: u64,
+    response: &[u8],
+) -> Vec<u8> {
+    Record {
+        fingerprint,
+        token,
+        state: State::Completed {
+            completed_at,
+            expires_at,
+            response: response.to_vec(),
+        },
+    }
+    .encode()
+}
