@@ -75,7 +75,9 @@ fn main() -> Result<(), idemstore::Error> {
     }
     let written = start.elapsed();
     let bytes = std::fs::metadata(&path).expect("metadata").len();
+    let reopen = Instant::now();
     let store = Store::builder().reap_interval(None).open(&path)?;
+    let reopened = reopen.elapsed();
     for i in (0..n).step_by(100) {
         let k = key(i);
         match store.begin(&k, &Fingerprint::of(k.id()))? {
@@ -92,6 +94,7 @@ fn main() -> Result<(), idemstore::Error> {
         bytes as f64 / (1 << 20) as f64,
         bytes as f64 / n as f64
     );
+    println!("| reopen (format check + integrity check of the whole file) | {reopened:.2?} |");
     match peak_rss_kib() {
         Some(kib) => println!("| peak RSS (VmHWM) | {:.1} MiB |", kib as f64 / 1024.0),
         None => println!("| peak RSS | not available on this OS |"),
