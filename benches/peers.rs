@@ -194,14 +194,15 @@ impl NaiveRedb {
         txn.commit().expect("commit");
     }
 
-    /// A read transaction per lookup (the raw replay baseline).
-    pub fn lookup(&self, key: &[u8]) -> usize {
+    /// A read transaction per lookup, returning a copy of the stored bytes: the raw replay
+    /// baseline (a replay hands its bytes back after the transaction ends, so it copies them).
+    pub fn lookup(&self, key: &[u8]) -> Option<Vec<u8>> {
         let txn = self.db.begin_read().expect("read");
         let records = txn.open_table(N_RECORDS).expect("table");
         records
             .get(key)
             .expect("get")
-            .map_or(0, |v| v.value().len())
+            .map(|v| v.value().to_vec())
     }
 }
 
