@@ -199,10 +199,7 @@ impl NaiveRedb {
     pub fn lookup(&self, key: &[u8]) -> Option<Vec<u8>> {
         let txn = self.db.begin_read().expect("read");
         let records = txn.open_table(N_RECORDS).expect("table");
-        records
-            .get(key)
-            .expect("get")
-            .map(|v| v.value().to_vec())
+        records.get(key).expect("get").map(|v| v.value().to_vec())
     }
 }
 

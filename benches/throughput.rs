@@ -116,7 +116,11 @@ fn replay(c: &mut Criterion) {
             })
         });
         group.bench_function(BenchmarkId::new("raw_lookup", threads), |b| {
-            b.iter_custom(|iters| run(iters, &|(_, _, id)| assert!(raw.lookup(id.as_bytes()).is_some())))
+            b.iter_custom(|iters| {
+                run(iters, &|(_, _, id)| {
+                    assert!(raw.lookup(id.as_bytes()).is_some())
+                })
+            })
         });
     }
     group.finish();

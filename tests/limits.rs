@@ -538,6 +538,52 @@ fn bit_flipped_store_files_are_refused_or_opened_never_a_panic() {
     eprintln!("{refused} of 64 bit-flipped files refused");
 }
 
+/// Makes `path` unwritable: mode 0400, or, for root (who ignores modes), the immutable
+/// attribute. Returns false when neither is possible here.
+#[cfg(unix)]
+fn make_unwritable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    if std::fs::OpenOptions::new().write(true).open(path).is_err() {
+        return true;
+    }
+    std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::fs::OpenOptions::new().write(true).open(path).is_err()
+}
+
+#[cfg(unix)]
+#[test]
+fn a_file_we_may_not_write_is_a_storage_error_and_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("readonly.redb");
+    let store = builder(&clock()).open(&path).unwrap();
+    use_store(&store);
+    store.close().unwrap();
+    let before = std::fs::read(&path).unwrap();
+    if !make_unwritable(&path) {
+        eprintln!("skipped: cannot make a file unwritable here (root without chattr)");
+        return;
+    }
+    let result = builder(&clock()).open(&path);
+    let _ = std::process::Command::new("chattr")
+        .arg("-i")
+        .arg(&path)
+        .status();
+    match result {
+        Err(Error::Storage { .. }) => {}
+        other => panic!("expected a Storage error, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was modified"
+    );
+}
+
 #[test]
 fn opening_the_same_file_twice_is_already_open() {
     let dir = tempfile::tempdir().unwrap();
