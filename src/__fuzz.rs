@@ -1,5 +1,5 @@
 //! Hooks for the fuzz targets in `fuzz/` (`record_codec`): thin wrappers around the
-//! crate-private record codec ([`crate::record`]).
+//! crate-private record codec (`crate::record`).
 //!
 //! **Not part of the API.** Hidden from the docs, exempt from semver: it may change or go
 //! away in any release. Do not use it outside the fuzz targets.
