@@ -213,6 +213,18 @@ fn storage<E: std::error::Error + Send + Sync + 'static>(what: &str) -> impl FnO
     move |e| Error::storage(context, e)
 }
 
+/// The entry of `operation`, dead or alive.
+fn read_entry(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    operation: &str,
+) -> Result<Option<OutboxEntry>> {
+    table
+        .get(operation)
+        .map_err(storage("reading an entry"))?
+        .map(|v| OutboxEntry::decode(operation, v.value()))
+        .transpose()
+}
+
 fn check_operation(operation: &str) -> Result<()> {
     if operation.is_empty() || operation.len() > MAX_KEY_PART_BYTES {
         return Err(Error::InvalidKey {
@@ -297,12 +309,7 @@ impl Outbox {
             let mut table = txn
                 .open_table(self.def())
                 .map_err(storage("opening the table"))?;
-            let existing = table
-                .get(operation)
-                .map_err(storage("reading an entry"))?
-                .map(|v| OutboxEntry::decode(operation, v.value()))
-                .transpose()?
-                .filter(|e| !e.is_dead(now));
+            let existing = read_entry(&table, operation)?.filter(|e| !e.is_dead(now));
             if let Some(existing) = existing {
                 if existing.fingerprint != *fingerprint {
                     return Err(Error::OperationConflict {
@@ -340,11 +347,7 @@ impl Outbox {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(Error::storage("opening the outbox table", e)),
         };
-        let value = table.get(operation).map_err(storage("reading an entry"))?;
-        Ok(value
-            .map(|v| OutboxEntry::decode(operation, v.value()))
-            .transpose()?
-            .filter(|e| !e.is_dead(now)))
+        Ok(read_entry(&table, operation)?.filter(|e| !e.is_dead(now)))
     }
 
     /// Every live entry, oldest first.
@@ -396,11 +399,7 @@ impl Outbox {
             let mut table = txn
                 .open_table(self.def())
                 .map_err(storage("opening the table"))?;
-            let existing = table
-                .get(operation)
-                .map_err(storage("reading an entry"))?
-                .map(|v| OutboxEntry::decode(operation, v.value()))
-                .transpose()?;
+            let existing = read_entry(&table, operation)?;
             match existing {
                 Some(mut entry) if !entry.is_dead(now) && !entry.is_finished() => {
                     // 0 means "pending" in the encoding: a finish at the epoch is stored as 1 ns.
