@@ -5,6 +5,8 @@
 //! [`MAX_BATCH`] operations), applies them in arrival order inside one redb write transaction
 //! (each sees the state the ones before it left), commits once (one fsync for the whole
 //! batch) and then answers every caller. A lone caller is committed at once: there is no timer.
+//! Between batches the committer yields the CPU a bounded number of times while the callers
+//! it just answered queue their next operation, so batches stay full under load.
 //!
 //! A commit that fails answers every caller of the batch with [`Error::Storage`] (an unknown
 //! outcome) and poisons the store: later writes get [`Error::Poisoned`] until it is reopened.
