@@ -365,8 +365,11 @@ impl Worker {
                 }
             }
             Op::Reap { limit } => {
-                let (deleted, more) = tables.reap(now, limit)?;
-                Ok(Reply::Reaped { deleted, more })
+                let pass = tables.reap(now, limit)?;
+                Ok(Reply::Reaped {
+                    deleted: pass.deleted,
+                    more: pass.more,
+                })
             }
         }
     }

@@ -13,6 +13,7 @@
 //! The expiry index holds exactly one entry per record, keyed by the record's death time,
 //! so the reaper walks dead records in time order and never scans live ones.
 
+use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
@@ -331,6 +332,17 @@ pub(crate) struct WriteTables<'t> {
     last_token: Option<u64>,
 }
 
+/// What one reaping pass did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ReapPass {
+    /// Records deleted.
+    pub deleted: u64,
+    /// Index entries the pass examined (its cost).
+    pub examined: usize,
+    /// Whether the pass stopped at its limit (more records may be dead).
+    pub more: bool,
+}
+
 fn expiry_key(dies_at: u64, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + key.len());
     k.extend_from_slice(&dies_at.to_be_bytes());
@@ -425,15 +437,19 @@ impl<'t> WriteTables<'t> {
     }
 
     /// Deletes the records dead at `now`, visiting at most `limit` index entries, oldest death
-    /// first. Returns how many records were deleted and whether the limit was reached (more
-    /// may be due). Cost: O(entries visited), never a scan of live records.
-    pub fn reap(&mut self, now: u64, limit: usize) -> Result<(u64, bool)> {
+    /// first. Cost: O(entries visited), never a scan of live records (the index range ends
+    /// at `now`).
+    pub fn reap(&mut self, now: u64, limit: usize) -> Result<ReapPass> {
         // Index keys of records dead at `now` sort before `now + 1` (big-endian prefix).
         let upper = now.checked_add(1).map(u64::to_be_bytes);
         let mut due: Vec<(u64, Vec<u8>)> = Vec::with_capacity(limit.min(1024));
+        let examined = Cell::new(0usize);
         {
             let index_error = |e| Error::storage("draining the expiry index", e);
-            let all = |_: &[u8], _: ()| true;
+            let all = |_: &[u8], _: ()| {
+                examined.set(examined.get() + 1);
+                true
+            };
             let drained = match &upper {
                 Some(upper) => self
                     .expiry
@@ -475,6 +491,63 @@ impl<'t> WriteTables<'t> {
                 }
             }
         }
-        Ok((deleted, more))
+        Ok(ReapPass {
+            deleted,
+            examined: examined.get(),
+            more,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+    use crate::machine;
+
+    /// Writes `n` fresh in-flight records created at `now` (death `now + ttl`).
+    fn fill(db: &Database, prefix: &str, n: usize, now: u64, ttl: u64) {
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = WriteTables::open(&txn).unwrap();
+            for i in 0..n {
+                let key = crate::Key::new("s", &format!("{prefix}{i}"))
+                    .unwrap()
+                    .encode();
+                let token = t.next_token().unwrap();
+                let fp = Fingerprint::of(&key);
+                let (record, _) = machine::claim(None, &fp, token, now, ttl, 1);
+                t.put(&key, None, &record).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn reaping_examines_only_dead_index_entries() {
+        let (db, _) = initialize(open_memory(1 << 20).unwrap()).unwrap();
+        fill(&db, "dead-", 7, 0, 100);
+        fill(&db, "live-", 5_000, 0, 1_000_000);
+        let txn = db.begin_write().unwrap();
+        let mut t = WriteTables::open(&txn).unwrap();
+        // At time 500 only the 7 short-lived records are dead: a pass costs 7 entries, not
+        // the 5,007 the store holds.
+        let pass = t.reap(500, 1_000).unwrap();
+        assert_eq!(
+            pass,
+            ReapPass {
+                deleted: 7,
+                examined: 7,
+                more: false
+            }
+        );
+        // Nothing dead is left: the next pass examines nothing.
+        assert_eq!(t.reap(500, 1_000).unwrap().examined, 0);
+        // A limit bounds a pass, and says more may be due.
+        let pass = t.reap(2_000_000, 1_000).unwrap();
+        assert_eq!(
+            (pass.deleted, pass.examined, pass.more),
+            (1_000, 1_000, true)
+        );
     }
 }
