@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use redb::Database;
 
 use crate::clock::{Clock, to_nanos};
 use crate::config::{Durability, Settings};
@@ -27,7 +26,7 @@ use crate::fingerprint::Fingerprint;
 use crate::machine::{self, BeginStep, LeaseAction, Takeover, Transition};
 use crate::record::Record;
 use crate::stats::{StatsCells, bump};
-use crate::storage::WriteTables;
+use crate::storage::{Stored, WriteTables};
 
 /// Most operations applied in one write transaction.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -102,7 +101,7 @@ impl Submitter {
 }
 
 struct Worker {
-    db: Arc<Database>,
+    stored: Arc<Stored>,
     clock: Arc<dyn Clock>,
     settings: Settings,
     stats: Arc<StatsCells>,
@@ -117,14 +116,14 @@ impl Committer {
     /// # Errors
     /// [`Error::Storage`] if the thread cannot be spawned.
     pub fn spawn(
-        db: Arc<Database>,
+        stored: Arc<Stored>,
         clock: Arc<dyn Clock>,
         settings: Settings,
         stats: Arc<StatsCells>,
     ) -> Result<Committer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let worker = Worker {
-            db,
+            stored,
             clock,
             settings,
             stats,
@@ -230,10 +229,10 @@ impl Worker {
         let now = to_nanos(self.clock.now());
         // Guarded like every write: the engine can panic on a damaged page.
         let _ = catch_unwind(AssertUnwindSafe(|| {
-            let Ok(txn) = self.db.begin_write() else {
+            let Ok(txn) = self.stored.db.begin_write() else {
                 return;
             };
-            let noted = WriteTables::open(&txn).and_then(|mut t| t.note_time(now));
+            let noted = WriteTables::open(&txn, &self.stored).and_then(|mut t| t.note_time(now));
             if noted.is_ok() {
                 let _ = txn.commit();
             }
@@ -283,6 +282,7 @@ impl Worker {
     /// Applies every op in one transaction and commits. `Err` fails the whole batch.
     fn apply_all_unguarded(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
         let mut txn = self
+            .stored
             .db
             .begin_write()
             .map_err(|e| Error::storage("starting a write transaction", e))?;
@@ -295,8 +295,8 @@ impl Worker {
         let now = to_nanos(self.clock.now());
         let mut results = Vec::with_capacity(ops.len());
         let note = now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY);
-        {
-            let mut tables = WriteTables::open(&txn)?;
+        let changes = {
+            let mut tables = WriteTables::open(&txn, &self.stored)?;
             for op in ops {
                 match self.apply(&mut tables, op, now) {
                     Err(e @ Error::Storage { .. }) => return Err(e),
@@ -306,7 +306,8 @@ impl Worker {
             if note {
                 tables.note_time(now)?;
             }
-        }
+            tables.into_changes()
+        };
         if let Err(e) = txn.commit() {
             self.poisoned.store(true, Ordering::Release);
             tracing::error!(
@@ -315,6 +316,8 @@ impl Worker {
             );
             return Err(Error::storage("committing a write (outcome unknown)", e));
         }
+        // Published only now: readers never see an entry that is not committed.
+        self.stored.index.apply(&changes);
         if note {
             self.noted_time.set(now);
         }
@@ -333,7 +336,7 @@ impl Worker {
                         let token = tables.next_token()?;
                         let (record, takeover) =
                             machine::claim(current.as_ref(), &fp, token, now, ttl, lease);
-                        tables.put(&key, current.as_ref(), &record)?;
+                        tables.put(&key, &record)?;
                         Ok(Reply::Started {
                             token,
                             lease_expires_at: now.saturating_add(lease),
@@ -353,13 +356,11 @@ impl Worker {
                 let current = tables.get(&key)?;
                 match machine::apply_lease(current.as_ref(), token, action, now, ttl)? {
                     Transition::Put(record) => {
-                        tables.put(&key, current.as_ref(), &record)?;
+                        tables.put(&key, &record)?;
                         Ok(Reply::Applied(Some(record)))
                     }
                     Transition::Delete => {
-                        if let Some(old) = &current {
-                            tables.delete(&key, old)?;
-                        }
+                        tables.delete(&key)?;
                         Ok(Reply::Applied(None))
                     }
                 }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::outcome::Entry;
-use crate::record::{Record, State};
+use crate::record::{Record, State, split_entry};
 use crate::storage;
 use crate::store::Store;
 
@@ -90,9 +90,9 @@ fn view(key: Key, record: Record, now: u64) -> RecordView {
 }
 
 impl Store {
-    /// Visits every record, dead ones included, in the order of the stored keys (grouped by
-    /// scope: shorter scopes first, then by scope, then by id), until `visit` returns
-    /// [`ControlFlow::Break`]. Returns how many records were visited.
+    /// Visits every record, dead ones included, in the order they were last written (oldest
+    /// write first), until `visit` returns [`ControlFlow::Break`]. Returns how many records
+    /// were visited.
     ///
     /// The visit runs inside one read transaction: it sees a snapshot, and writers are not
     /// blocked. Costs O(records); meant for tools such as the `idemstore` CLI.
@@ -129,19 +129,21 @@ impl Store {
         let visited = self.inner().read(|db| {
             storage::guarded("scanning the records", || {
                 let txn = db
+                    .db
                     .begin_read()
                     .map_err(|e| Error::storage("starting a read", e))?;
                 let table = txn
-                    .open_table(storage::RECORDS)
-                    .map_err(|e| Error::storage("opening the records table", e))?;
+                    .open_table(storage::LOG)
+                    .map_err(|e| Error::storage("opening the log table", e))?;
                 let iter = table
                     .iter()
                     .map_err(|e| Error::storage("reading the records", e))?;
                 let mut visited = 0;
                 for item in iter {
-                    let (k, v) = item.map_err(|e| Error::storage("reading the records", e))?;
-                    let key = Key::decode(k.value())?;
-                    let record = Record::decode(v.value())
+                    let (_, v) = item.map_err(|e| Error::storage("reading the records", e))?;
+                    let (k, record) = split_entry(v.value())?;
+                    let key = Key::decode(k)?;
+                    let record = Record::decode(record)
                         .map_err(|e| Error::corrupt(format!("record of {key}: {e}")))?;
                     visited += 1;
                     let record = view(key, record, now);
@@ -170,9 +172,7 @@ impl Store {
     /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
     pub fn inspect(&self, key: &Key) -> Result<Option<RecordView>> {
         let now = self.inner().now();
-        let record = self
-            .inner()
-            .read(|db| storage::read_record(db, &key.encode()))?;
+        let record = self.inner().read(|db| db.read_record(&key.encode()))?;
         Ok(record.map(|r| view(key.clone(), r, now)))
     }
 
@@ -198,6 +198,7 @@ impl Store {
         let mut summary = self.inner().read(|db| {
             storage::guarded("summarizing the records", || {
                 let txn = db
+                    .db
                     .begin_read()
                     .map_err(|e| Error::storage("starting a read", e))?;
                 let mut summary = Summary {
@@ -218,14 +219,14 @@ impl Store {
                     .transpose()?
                     .unwrap_or(0);
                 let table = txn
-                    .open_table(storage::RECORDS)
-                    .map_err(|e| Error::storage("opening the records table", e))?;
+                    .open_table(storage::LOG)
+                    .map_err(|e| Error::storage("opening the log table", e))?;
                 let iter = table
                     .iter()
                     .map_err(|e| Error::storage("reading the records", e))?;
                 for item in iter {
                     let (_, v) = item.map_err(|e| Error::storage("reading the records", e))?;
-                    let record = Record::decode(v.value())?;
+                    let record = Record::decode(split_entry(v.value())?.1)?;
                     let dead = record.is_dead(now);
                     match &record.state {
                         State::InFlight {
@@ -319,10 +320,10 @@ mod tests {
             .unwrap();
         assert_eq!(n, 4);
         let expected = [
-            ("done", false),
             ("old-done", true),
-            ("running", false),
+            ("done", false),
             ("stalled", false),
+            ("running", false),
         ];
         let expected: Vec<_> = expected.iter().map(|(k, d)| (k.to_string(), *d)).collect();
         assert_eq!(seen, expected);

@@ -32,10 +32,39 @@
 //! | 58 | 4 | response length `n` |
 //! | 62 | n | response bytes |
 //!
+//! In the log table a record is preceded by its key (see [`encode_entry`]).
+//!
 //! A record ends exactly after its last field; anything else (short, long, unknown version or
 //! state, a flag other than 0/1) decodes to [`Error::Corrupt`]. Decoding never panics.
 
 use crate::error::{Error, Result};
+
+/// Encodes a log entry: the record of `key` (an encoded [`crate::Key`]) as stored in the log
+/// table: key length (`u16` BE), key, then the record.
+pub(crate) fn encode_entry(key: &[u8], record: &Record) -> Vec<u8> {
+    let body = record.encode();
+    let mut entry = Vec::with_capacity(2 + key.len() + body.len());
+    // Encoded keys are at most 511 bytes (two parts of at most 255 and a length byte).
+    entry.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    entry.extend_from_slice(key);
+    entry.extend_from_slice(&body);
+    entry
+}
+
+/// Splits a log entry into the encoded key and the record bytes.
+///
+/// # Errors
+/// [`Error::Corrupt`] if the entry is shorter than its key length says.
+pub(crate) fn split_entry(entry: &[u8]) -> Result<(&[u8], &[u8])> {
+    let (len, rest) = entry
+        .split_first_chunk::<2>()
+        .ok_or_else(|| Error::corrupt("a log entry is shorter than its key length"))?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    if rest.len() < len {
+        return Err(Error::corrupt("a log entry is shorter than its key"));
+    }
+    Ok(rest.split_at(len))
+}
 
 /// Codec version written by this build.
 pub(crate) const RECORD_VERSION: u8 = 1;

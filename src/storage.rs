@@ -1,21 +1,38 @@
-//! The redb layer: the file's tables, opening and format checks, and the reads and writes of
-//! records with their expiry index. Decisions are made by [`crate::machine`]; this module
-//! only moves records in and out of redb.
+//! The redb layer: the file's tables, opening, format checks and migration, and the reads
+//! and writes of records with their expiry index. Decisions are made by [`crate::machine`];
+//! this module only moves records in and out of redb.
 //!
-//! # Tables
+//! # Tables (format version 2)
 //!
 //! | table | key | value |
 //! |---|---|---|
 //! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw: the store's clock never goes below it) |
-//! | `idemstore_records` | encoded [`Key`](crate::Key): scope length (1 byte), scope, id | a [`Record`] ([`crate::record`]) |
-//! | `idemstore_expiry` | death time (`u64` BE nanoseconds) followed by the record key | `()` |
+//! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]) |
+//! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
 //!
-//! The expiry index holds exactly one entry per record, keyed by the record's death time,
+//! # Why a log
+//!
+//! Idempotency keys are random (UUID v4). In a tree keyed by them every write lands on a
+//! different page, so a commit of *n* writes copies about *n* pages of the tree and their
+//! parents, and the disk's write bandwidth, not the fsync, bounds group commit. Here every
+//! write appends a new log entry under the next sequence number and deletes the key's
+//! previous entry (which, for the in-flight record of a request that just ran, sits near the
+//! log's end too), so a commit of a whole batch touches a handful of pages. The cost is an
+//! in-memory index from key hash to sequence number ([`crate::index`]), rebuilt by a scan of
+//! the log when the store opens.
+//!
+//! The expiry index holds exactly one entry per log entry, keyed by the record's death time,
 //! so the reaper walks dead records in time order and never scans live ones.
+//!
+//! Format version 1 (a `idemstore_records` table keyed by the encoded key, and an
+//! `idemstore_expiry` index keyed by death time and key) is migrated to version 2 in one
+//! transaction the first time a build of this version opens the file read-write.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
@@ -23,12 +40,17 @@ use redb::{
 };
 
 use crate::error::{Error, Result};
-use crate::record::Record;
+use crate::index::{Change, Index};
+use crate::record::{Record, encode_entry, split_entry};
 use crate::redb_file::{self, io_error, open_error, private_file_options};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
-pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idemstore_records");
-pub(crate) const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("idemstore_expiry");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");
+pub(crate) const DEATHS: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("idemstore_log_expiry");
+/// Format version 1's tables, read once to migrate them.
+const V1_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idemstore_records");
+const V1_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("idemstore_expiry");
 
 const MAGIC_KEY: &str = "magic";
 const MAGIC: &[u8] = b"idemstore";
@@ -36,7 +58,9 @@ const VERSION_KEY: &str = "format_version";
 pub(crate) const TOKEN_KEY: &str = "last_token";
 const TIME_KEY: &str = "latest_time";
 /// The file format version this build writes and reads.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build opens (and migrates to [`FORMAT_VERSION`]).
+const OLDEST_FORMAT_VERSION: u32 = 1;
 
 fn engine<E: std::error::Error + Send + Sync + 'static>(
     context: &str,
@@ -56,8 +80,10 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T>
 /// What the format check found.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
-    /// A store of ours.
+    /// A store of ours, of this format version.
     Ours,
+    /// A store of ours in format version 1 (migrated by the read-write open).
+    Version1,
     /// A redb file without any table: a new store (or one whose creation was interrupted).
     Empty,
 }
@@ -79,11 +105,14 @@ fn check_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<
         .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
         .map(u32::from_be_bytes)
         .ok_or_else(|| Error::corrupt("the format version is missing from the meta table"))?;
+    if version == 1 {
+        return Ok(Found::Version1);
+    }
     if version != FORMAT_VERSION {
         return Err(Error::IncompatibleFormat {
             reason: format!(
-                "the file has format version {version}, this build of idemstore reads version \
-                 {FORMAT_VERSION}{}",
+                "the file has format version {version}, this build of idemstore reads versions \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}{}",
                 if version > FORMAT_VERSION {
                     " (upgrade idemstore)"
                 } else {
@@ -123,10 +152,15 @@ fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
         return Ok(Found::Empty);
     }
     let meta = txn.open_table(META).map_err(table_error)?;
-    check_meta(&meta)?;
-    txn.open_table(RECORDS).map_err(table_error)?;
-    txn.open_table(EXPIRY).map_err(table_error)?;
-    Ok(Found::Ours)
+    let found = check_meta(&meta)?;
+    if found == Found::Version1 {
+        txn.open_table(V1_RECORDS).map_err(table_error)?;
+        txn.open_table(V1_EXPIRY).map_err(table_error)?;
+    } else {
+        txn.open_table(LOG).map_err(table_error)?;
+        txn.open_table(DEATHS).map_err(table_error)?;
+    }
+    Ok(found)
 }
 
 /// Opens (or creates) the store file at `path`.
@@ -213,7 +247,7 @@ fn create_in_place(path: &Path) -> std::io::Result<()> {
             .create_with_backend(backend)
             .map_err(std::io::Error::other)?;
         let (db, _) = initialize(db).map_err(std::io::Error::other)?;
-        db.close().map_err(std::io::Error::other)
+        db.db.close().map_err(std::io::Error::other)
     })();
     let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
         // Another process created the store first: use theirs.
@@ -251,14 +285,27 @@ pub(crate) fn open_memory(cache_bytes: usize) -> Result<Database> {
         .map_err(|e| Error::storage("creating an in-memory database", e))
 }
 
-/// Writes the meta table and creates the tables of a new store, or checks an existing one.
-/// Always commits durably. Returns the latest time a write of this store saw (0 when new).
+/// Writes the meta table and creates the tables of a new store, or checks an existing one
+/// (migrating format version 1), then builds the key index from the log. Always commits
+/// durably. Returns the store's storage and the latest time a write of it saw (0 when new).
 ///
 /// Guarded: the engine can panic on a damaged page that the read-only check did not visit
 /// (its commit reads the system tables); the caller then gets [`Error::Corrupt`].
-pub(crate) fn initialize(db: Database) -> Result<(Database, u64)> {
-    match guarded("initializing the store", || initialize_unguarded(&db)) {
-        Ok(latest_time) => Ok((db, latest_time)),
+pub(crate) fn initialize(db: Database) -> Result<(Stored, u64)> {
+    let built = guarded("initializing the store", || {
+        let latest_time = initialize_unguarded(&db)?;
+        let (index, next_seq) = build_index(&db)?;
+        Ok((index, next_seq, latest_time))
+    });
+    match built {
+        Ok((index, next_seq, latest_time)) => Ok((
+            Stored {
+                db,
+                index,
+                next_seq: AtomicU64::new(next_seq),
+            },
+            latest_time,
+        )),
         Err(e) => {
             discard(db);
             Err(e)
@@ -285,51 +332,166 @@ fn initialize_unguarded(db: &Database) -> Result<u64> {
                 .len()
                 .map_err(|e| Error::storage("reading the meta table", e))?
                 == 0;
+        let put = |meta: &mut Table<&str, &[u8]>, k: &str, v: &[u8]| {
+            meta.insert(k, v)
+                .map(|_| ())
+                .map_err(|e| Error::storage("writing the meta table", e))
+        };
         if fresh {
-            let put = |meta: &mut Table<&str, &[u8]>, k: &str, v: &[u8]| {
-                meta.insert(k, v)
-                    .map(|_| ())
-                    .map_err(|e| Error::storage("writing the meta table", e))
-            };
             put(&mut meta, MAGIC_KEY, MAGIC)?;
             put(&mut meta, VERSION_KEY, &FORMAT_VERSION.to_be_bytes())?;
             put(&mut meta, TOKEN_KEY, &0u64.to_be_bytes())?;
         } else {
-            check_meta(&meta)?;
+            let found = check_meta(&meta)?;
             latest_time = meta
                 .get(TIME_KEY)
                 .map_err(|e| Error::storage("reading the meta table", e))?
                 .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
                 .map_or(0, u64::from_be_bytes);
+            if found == Found::Version1 {
+                migrate_v1(&txn)?;
+                put(&mut meta, VERSION_KEY, &FORMAT_VERSION.to_be_bytes())?;
+            }
         }
-        txn.open_table(RECORDS).map_err(table_error)?;
-        txn.open_table(EXPIRY).map_err(table_error)?;
+        txn.open_table(LOG).map_err(table_error)?;
+        txn.open_table(DEATHS).map_err(table_error)?;
     }
     txn.commit()
         .map_err(|e| Error::storage("creating the store's tables", e))?;
     Ok(latest_time)
 }
 
-/// Reads one record in a read transaction.
-///
-/// Guarded: if the engine panics on a damaged page, the caller gets [`Error::Corrupt`].
-pub(crate) fn read_record(db: &Database, key: &[u8]) -> Result<Option<Record>> {
-    guarded("reading a record", || {
-        let txn = db.begin_read().map_err(engine("starting a read"))?;
-        let table = txn.open_table(RECORDS).map_err(table_error)?;
-        let value = table
-            .get(key)
-            .map_err(|e| Error::storage("reading a record", e))?;
-        value.map(|v| Record::decode(v.value())).transpose()
-    })
+/// Moves format version 1's records into the log (in key order) with their expiry entries,
+/// and deletes the version 1 tables. Part of the caller's transaction: all or nothing.
+fn migrate_v1(txn: &WriteTransaction) -> Result<()> {
+    let migrate_error = |e| Error::storage("migrating a format version 1 store", e);
+    {
+        let old = txn.open_table(V1_RECORDS).map_err(table_error)?;
+        let mut log = txn.open_table(LOG).map_err(table_error)?;
+        let mut deaths = txn.open_table(DEATHS).map_err(table_error)?;
+        let mut seq = 0u64;
+        for item in old.iter().map_err(migrate_error)? {
+            let (k, v) = item.map_err(migrate_error)?;
+            let record = Record::decode(v.value())?;
+            seq += 1;
+            log.insert(seq, encode_entry(k.value(), &record).as_slice())
+                .map_err(migrate_error)?;
+            deaths
+                .insert((record.dies_at(), seq), ())
+                .map_err(migrate_error)?;
+        }
+    }
+    txn.delete_table(V1_RECORDS).map_err(table_error)?;
+    txn.delete_table(V1_EXPIRY).map_err(table_error)?;
+    Ok(())
 }
 
-/// The store's tables, opened inside one write transaction.
+/// Reads every log entry's key into a new index; returns it and the next sequence number.
+fn build_index(db: &Database) -> Result<(Index, u64)> {
+    let read_error = |e| Error::storage("reading the log to build the key index", e);
+    let txn = db.begin_read().map_err(engine("starting a read"))?;
+    let log = txn.open_table(LOG).map_err(table_error)?;
+    let len = log.len().map_err(read_error)?;
+    let index = Index::with_capacity(usize::try_from(len).unwrap_or(usize::MAX));
+    let mut changes = Vec::with_capacity(4096);
+    let mut last = 0;
+    for item in log.iter().map_err(read_error)? {
+        let (seq, entry) = item.map_err(read_error)?;
+        let (key, _) = split_entry(entry.value())?;
+        last = seq.value();
+        changes.push(Change {
+            hash: index.hash(key),
+            old: None,
+            new: Some(last),
+        });
+        if changes.len() == changes.capacity() {
+            index.apply(&changes);
+            changes.clear();
+        }
+    }
+    index.apply(&changes);
+    let next = last
+        .checked_add(1)
+        .ok_or_else(|| Error::corrupt("the log's sequence numbers are exhausted"))?;
+    Ok((index, next))
+}
+
+/// A store's database and the in-memory index of its log.
+pub(crate) struct Stored {
+    pub db: Database,
+    pub index: Index,
+    /// The sequence number of the next log entry (only the committer takes them).
+    next_seq: AtomicU64,
+}
+
+/// How long a read keeps retrying when the log entry its index lookup found is gone from its
+/// snapshot. That happens only while a commit that replaced this very key is being published
+/// (the moment between redb making it visible and the committer updating the index), which
+/// takes microseconds; an index entry still missing after this long is a bug or damage.
+const READ_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Stored {
+    /// Reads one record in a read transaction. An absent key costs one index lookup and no
+    /// transaction.
+    ///
+    /// Guarded: if the engine panics on a damaged page, the caller gets [`Error::Corrupt`].
+    pub fn read_record(&self, key: &[u8]) -> Result<Option<Record>> {
+        let hash = self.index.hash(key);
+        guarded("reading a record", || {
+            let mut since: Option<std::time::Instant> = None;
+            loop {
+                // The index first, then the snapshot: every entry the index names was
+                // committed before the snapshot began, so a missing one was replaced since.
+                let candidates = self.index.candidates(hash);
+                let mut seqs = candidates.iter().peekable();
+                if seqs.peek().is_none() {
+                    return Ok(None);
+                }
+                let txn = self.db.begin_read().map_err(engine("starting a read"))?;
+                let log = txn.open_table(LOG).map_err(table_error)?;
+                let mut replaced = false;
+                for seq in seqs {
+                    match log
+                        .get(seq)
+                        .map_err(|e| Error::storage("reading a record", e))?
+                    {
+                        Some(entry) => {
+                            let (k, record) = split_entry(entry.value())?;
+                            if k == key {
+                                return Record::decode(record).map(Some);
+                            }
+                        }
+                        None => replaced = true,
+                    }
+                }
+                if !replaced {
+                    return Ok(None);
+                }
+                // A commit replaced the entry and is being published: look again shortly.
+                let since = *since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > READ_RETRY_LIMIT {
+                    return Err(Error::corrupt(
+                        "the key index names log entries that do not exist; reopen the store \
+                         to rebuild it",
+                    ));
+                }
+                std::thread::yield_now();
+            }
+        })
+    }
+}
+
+/// The store's tables, opened inside one write transaction, with the index changes the
+/// transaction made so far (published by the committer once it committed).
 pub(crate) struct WriteTables<'t> {
-    records: Table<'t, &'static [u8], &'static [u8]>,
-    expiry: Table<'t, &'static [u8], ()>,
+    log: Table<'t, u64, &'static [u8]>,
+    deaths: Table<'t, (u64, u64), ()>,
     meta: Table<'t, &'static str, &'static [u8]>,
+    stored: &'t Stored,
     last_token: Option<u64>,
+    /// Where each key touched by this transaction lives now (`None`: absent).
+    located: HashMap<Vec<u8>, Option<u64>>,
+    changes: Vec<Change>,
 }
 
 /// What one reaping pass did.
@@ -343,63 +505,109 @@ pub(crate) struct ReapPass {
     pub more: bool,
 }
 
-fn expiry_key(dies_at: u64, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len());
-    k.extend_from_slice(&dies_at.to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
 impl<'t> WriteTables<'t> {
     /// Opens the tables in `txn`.
-    pub fn open(txn: &'t WriteTransaction) -> Result<WriteTables<'t>> {
+    pub fn open(txn: &'t WriteTransaction, stored: &'t Stored) -> Result<WriteTables<'t>> {
         Ok(WriteTables {
-            records: txn.open_table(RECORDS).map_err(table_error)?,
-            expiry: txn.open_table(EXPIRY).map_err(table_error)?,
+            log: txn.open_table(LOG).map_err(table_error)?,
+            deaths: txn.open_table(DEATHS).map_err(table_error)?,
             meta: txn.open_table(META).map_err(table_error)?,
+            stored,
             last_token: None,
+            located: HashMap::new(),
+            changes: Vec::new(),
         })
     }
 
-    /// The record of `key`, as written by earlier operations of this transaction.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Record>> {
-        let value = self
-            .records
-            .get(key)
-            .map_err(|e| Error::storage("reading a record", e))?;
-        value.map(|v| Record::decode(v.value())).transpose()
+    /// The index changes of this transaction, to publish once it committed.
+    pub fn into_changes(self) -> Vec<Change> {
+        self.changes
     }
 
-    /// Writes `record` under `key`, moving its expiry index entry from `old`'s death time.
-    pub fn put(&mut self, key: &[u8], old: Option<&Record>, record: &Record) -> Result<()> {
-        let dies_at = record.dies_at();
-        if let Some(old) = old
-            && old.dies_at() != dies_at
-        {
-            self.unindex(key, old.dies_at())?;
+    /// The log entry of `key` as of this transaction, and its record bytes.
+    fn find(&mut self, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
+        let read_error = |e| Error::storage("reading a record", e);
+        if let Some(&located) = self.located.get(key) {
+            let Some(seq) = located else { return Ok(None) };
+            let entry = self
+                .log
+                .get(seq)
+                .map_err(read_error)?
+                .ok_or_else(|| Error::corrupt("a record written by this batch is missing"))?;
+            let (_, record) = split_entry(entry.value())?;
+            return Ok(Some((seq, record.to_vec())));
         }
-        self.records
-            .insert(key, record.encode().as_slice())
+        let hash = self.stored.index.hash(key);
+        for seq in self.stored.index.candidates(hash).iter() {
+            // Entries of colliding keys deleted by this batch are gone: skip them.
+            let Some(entry) = self.log.get(seq).map_err(read_error)? else {
+                continue;
+            };
+            let (k, record) = split_entry(entry.value())?;
+            if k == key {
+                let record = record.to_vec();
+                self.located.insert(key.to_vec(), Some(seq));
+                return Ok(Some((seq, record)));
+            }
+        }
+        self.located.insert(key.to_vec(), None);
+        Ok(None)
+    }
+
+    /// The record of `key`, as written by earlier operations of this transaction.
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Record>> {
+        self.find(key)?
+            .map(|(_, bytes)| Record::decode(&bytes))
+            .transpose()
+    }
+
+    /// Writes `record` as the record of `key`: appends it to the log with its expiry entry and
+    /// removes the key's previous entry.
+    pub fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
+        let old = self.remove_current(key)?;
+        let seq = self.stored.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.log
+            .insert(seq, encode_entry(key, record).as_slice())
             .map_err(|e| Error::storage("writing a record", e))?;
-        self.expiry
-            .insert(expiry_key(dies_at, key).as_slice(), ())
+        self.deaths
+            .insert((record.dies_at(), seq), ())
             .map_err(|e| Error::storage("writing the expiry index", e))?;
+        self.moved(key, old, Some(seq));
         Ok(())
     }
 
-    /// Deletes the record of `key` and its expiry index entry.
-    pub fn delete(&mut self, key: &[u8], old: &Record) -> Result<()> {
-        self.records
-            .remove(key)
+    /// Deletes the record of `key` (if any) and its expiry index entry.
+    pub fn delete(&mut self, key: &[u8]) -> Result<()> {
+        let old = self.remove_current(key)?;
+        self.moved(key, old, None);
+        Ok(())
+    }
+
+    /// Removes the current log entry of `key` and its expiry entry; returns its number.
+    fn remove_current(&mut self, key: &[u8]) -> Result<Option<u64>> {
+        let Some((seq, record)) = self.find(key)? else {
+            return Ok(None);
+        };
+        self.log
+            .remove(seq)
             .map_err(|e| Error::storage("deleting a record", e))?;
-        self.unindex(key, old.dies_at())
+        // A damaged record has no readable death time; its expiry entry then stays behind,
+        // and the reaper drops it when it finds no log entry for it.
+        if let Ok(dies_at) = Record::peek_dies_at(&record) {
+            self.deaths
+                .remove((dies_at, seq))
+                .map_err(|e| Error::storage("updating the expiry index", e))?;
+        }
+        Ok(Some(seq))
     }
 
-    fn unindex(&mut self, key: &[u8], dies_at: u64) -> Result<()> {
-        self.expiry
-            .remove(expiry_key(dies_at, key).as_slice())
-            .map_err(|e| Error::storage("updating the expiry index", e))?;
-        Ok(())
+    fn moved(&mut self, key: &[u8], old: Option<u64>, new: Option<u64>) {
+        self.changes.push(Change {
+            hash: self.stored.index.hash(key),
+            old,
+            new,
+        });
+        self.located.insert(key.to_vec(), new);
     }
 
     /// Allocates the next fencing token: the persisted counter, bumped in this transaction.
@@ -440,54 +648,52 @@ impl<'t> WriteTables<'t> {
     /// first. Cost: O(entries visited), never a scan of live records (the index range ends
     /// at `now`).
     pub fn reap(&mut self, now: u64, limit: usize) -> Result<ReapPass> {
-        // Index keys of records dead at `now` sort before `now + 1` (big-endian prefix).
-        let upper = now.checked_add(1).map(u64::to_be_bytes);
-        let mut due: Vec<(u64, Vec<u8>)> = Vec::with_capacity(limit.min(1024));
+        let mut due: Vec<(u64, u64)> = Vec::with_capacity(limit.min(1024));
         let examined = Cell::new(0usize);
         {
             let index_error = |e| Error::storage("draining the expiry index", e);
-            let all = |_: &[u8], _: ()| {
+            let all = |_: (u64, u64), _: ()| {
                 examined.set(examined.get() + 1);
                 true
             };
-            let drained = match &upper {
-                Some(upper) => self
-                    .expiry
-                    .extract_from_if::<&[u8], _>(..upper.as_slice(), all),
-                None => self.expiry.extract_from_if::<&[u8], _>(.., all),
-            }
-            .map_err(index_error)?;
+            let drained = self
+                .deaths
+                .extract_from_if::<(u64, u64), _>(..=(now, u64::MAX), all)
+                .map_err(index_error)?;
             for entry in drained.take(limit) {
                 let (k, _) = entry.map_err(index_error)?;
-                // A malformed entry (shorter than its time) is dropped with the batch.
-                if let Some((at, key)) = k.value().split_first_chunk::<8>() {
-                    due.push((u64::from_be_bytes(*at), key.to_vec()));
-                }
+                due.push(k.value());
             }
         }
         let more = due.len() == limit;
         let mut deleted = 0;
-        for (dies_at, key) in due {
-            let stale = {
-                let removed = self
-                    .records
-                    .remove(key.as_slice())
-                    .map_err(|e| Error::storage("deleting a record", e))?;
-                let Some(removed) = removed else { continue };
-                match Record::peek_dies_at(removed.value()) {
-                    // A stale entry: the record's death moved (it has another entry).
-                    Ok(at) if at != dies_at => Some(removed.value().to_vec()),
-                    // Dead, and this is its index entry; or damaged while the index says it
-                    // is dead, when removing it is the safe choice.
-                    _ => None,
+        for (dies_at, seq) in due {
+            let removed = self
+                .log
+                .remove(seq)
+                .map_err(|e| Error::storage("deleting a record", e))?
+                .map(|v| v.value().to_vec());
+            // No entry: the expiry entry of a record removed while damaged; drop it.
+            let Some(entry) = removed else { continue };
+            let parsed = split_entry(&entry)
+                .and_then(|(key, record)| Ok((key, Record::peek_dies_at(record)?)));
+            match parsed {
+                Ok((key, at)) if at == dies_at || at <= now => {
+                    let key = key.to_vec();
+                    self.moved(&key, Some(seq), None);
+                    deleted += 1;
                 }
-            };
-            match stale {
-                None => deleted += 1,
-                Some(bytes) => {
-                    self.records
-                        .insert(key.as_slice(), bytes.as_slice())
+                // Not dead after all (an index entry that disagrees with its record), or
+                // damaged: put it back, indexed at its own death time when it has one.
+                other => {
+                    self.log
+                        .insert(seq, entry.as_slice())
                         .map_err(|e| Error::storage("restoring a record", e))?;
+                    if let Ok((_, at)) = other {
+                        self.deaths
+                            .insert((at, seq), ())
+                            .map_err(|e| Error::storage("restoring an expiry entry", e))?;
+                    }
                 }
             }
         }
@@ -506,10 +712,10 @@ mod tests {
     use crate::machine;
 
     /// Writes `n` fresh in-flight records created at `now` (death `now + ttl`).
-    fn fill(db: &Database, prefix: &str, n: usize, now: u64, ttl: u64) {
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = WriteTables::open(&txn).unwrap();
+    fn fill(stored: &Stored, prefix: &str, n: usize, now: u64, ttl: u64) {
+        let txn = stored.db.begin_write().unwrap();
+        let changes = {
+            let mut t = WriteTables::open(&txn, stored).unwrap();
             for i in 0..n {
                 let key = crate::Key::new("s", &format!("{prefix}{i}"))
                     .unwrap()
@@ -517,19 +723,22 @@ mod tests {
                 let token = t.next_token().unwrap();
                 let fp = Fingerprint::of(&key);
                 let (record, _) = machine::claim(None, &fp, token, now, ttl, 1);
-                t.put(&key, None, &record).unwrap();
+                t.put(&key, &record).unwrap();
             }
-        }
+            t.into_changes()
+        };
         txn.commit().unwrap();
+        stored.index.apply(&changes);
     }
 
     #[test]
     fn reaping_examines_only_dead_index_entries() {
-        let (db, _) = initialize(open_memory(1 << 20).unwrap()).unwrap();
-        fill(&db, "dead-", 7, 0, 100);
-        fill(&db, "live-", 5_000, 0, 1_000_000);
-        let txn = db.begin_write().unwrap();
-        let mut t = WriteTables::open(&txn).unwrap();
+        let (stored, _) = initialize(open_memory(1 << 20).unwrap()).unwrap();
+        fill(&stored, "dead-", 7, 0, 100);
+        fill(&stored, "live-", 5_000, 0, 1_000_000);
+        assert_eq!(stored.index.len(), 5_007);
+        let txn = stored.db.begin_write().unwrap();
+        let mut t = WriteTables::open(&txn, &stored).unwrap();
         // At time 500 only the 7 short-lived records are dead: a pass costs 7 entries, not
         // the 5,007 the store holds.
         let pass = t.reap(500, 1_000).unwrap();

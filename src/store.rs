@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use redb::Database;
 
 use crate::clock::{Clock, Monotonic, SystemClock, duration_nanos, to_nanos};
 use crate::committer::{Committer, Op, Reply, Submitter};
@@ -22,7 +21,7 @@ use crate::machine::{self, BeginStep};
 use crate::outcome::{Begin, Completed, Entry, Recovered};
 use crate::reaper::{self, Reaper};
 use crate::stats::{Stats, StatsCells, bump};
-use crate::storage;
+use crate::storage::{self, Stored};
 
 /// An idempotency-key store on one redb file.
 ///
@@ -68,7 +67,7 @@ pub(crate) struct Inner {
 }
 
 struct Engine {
-    db: Arc<Database>,
+    stored: Arc<Stored>,
     committer: Committer,
     submitter: Submitter,
     reaper: Option<Reaper>,
@@ -76,10 +75,10 @@ struct Engine {
 
 impl Inner {
     /// Runs `f` on the open database; [`Error::Closed`] after close.
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Stored) -> Result<T>) -> Result<T> {
         let guard = self.engine.read();
         let engine = guard.as_ref().ok_or(Error::Closed)?;
-        f(&engine.db)
+        f(&engine.stored)
     }
 
     /// Sends a write to the committer and waits for its answer.
@@ -104,8 +103,8 @@ impl Inner {
             reaper.stop();
         }
         engine.committer.shutdown();
-        let Engine { db, .. } = engine;
-        match Arc::try_unwrap(db) {
+        let Engine { stored, .. } = engine;
+        match Arc::try_unwrap(stored).map(|s| s.db) {
             // Guarded: closing commits the engine's allocator state, and the engine can panic
             // on a damaged page.
             Ok(db) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.close())) {
@@ -160,7 +159,7 @@ impl Store {
     /// claim could not be written (unknown outcome: retry after reopening), [`Error::Closed`].
     pub fn begin(&self, key: &Key, fp: &Fingerprint) -> Result<Begin> {
         let encoded = key.encode();
-        let current = self.inner.read(|db| storage::read_record(db, &encoded))?;
+        let current = self.inner.read(|db| db.read_record(&encoded))?;
         let reply = match machine::decide_begin(current.as_ref(), fp, self.inner.now()) {
             BeginStep::Claim => self.inner.submit(Op::Begin {
                 key: encoded.clone(),
@@ -242,9 +241,7 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
     pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
-        let record = self
-            .inner
-            .read(|db| storage::read_record(db, &key.encode()))?;
+        let record = self.inner.read(|db| db.read_record(&key.encode()))?;
         let now = self.inner.now();
         Ok(record.filter(|r| !r.is_dead(now)).map(Entry::from_record))
     }
@@ -468,16 +465,16 @@ impl Builder {
 
     fn start(
         self,
-        db: Database,
+        stored: Stored,
         settings: Settings,
         path: Option<PathBuf>,
         latest_time: u64,
     ) -> Result<Store> {
-        let db = Arc::new(db);
+        let stored = Arc::new(stored);
         let stats = Arc::new(StatsCells::default());
         // Both the read path and the committer see one clock that never goes backwards.
         let clock: Arc<dyn Clock> = Arc::new(Monotonic::new(self.clock, latest_time));
-        let committer = Committer::spawn(db.clone(), clock.clone(), settings, stats.clone())?;
+        let committer = Committer::spawn(stored.clone(), clock.clone(), settings, stats.clone())?;
         let submitter = committer.submitter();
         let reaper = self
             .reap_interval
@@ -486,7 +483,7 @@ impl Builder {
         Ok(Store {
             inner: Arc::new(Inner {
                 engine: RwLock::new(Some(Engine {
-                    db,
+                    stored,
                     committer,
                     submitter,
                     reaper,

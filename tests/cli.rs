@@ -101,7 +101,7 @@ fn stats_counts_records_by_state() {
     let o = idemstore(&["stats", path_str(&path)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("format version  1"), "{out}");
+    assert!(out.contains("format version  2"), "{out}");
     assert!(out.contains("last token      5"), "{out}");
     assert!(out.contains("records         5 (4 live, 1 dead)"), "{out}");
     assert!(
@@ -165,9 +165,10 @@ fn list_filters_by_state_and_age() {
     let all = rows(&o);
     assert_eq!(all.len(), 5, "{all:#?}");
     assert!(stdout(&o).starts_with("STATE"));
-    // Grouped by scope, shorter scopes first.
+    // In the order of their last write, oldest first.
     assert!(all[0].starts_with("dead") && all[0].ends_with("old/expired"));
-    assert!(all[1].starts_with("completed") && all[1].ends_with("tenant-a/done-http"));
+    assert!(all[1].starts_with("in-flight") && all[1].ends_with("tenant-b/stuck"));
+    assert!(all[4].starts_with("in-flight") && all[4].ends_with("tenant-b/running"));
 
     let ids = |args: &[&str]| -> Vec<String> {
         let o = idemstore(args);
@@ -179,7 +180,7 @@ fn list_filters_by_state_and_age() {
     };
     assert_eq!(
         ids(&["list", p, "--state", "in-flight"]),
-        ["tenant-b/running", "tenant-b/stuck"]
+        ["tenant-b/stuck", "tenant-b/running"]
     );
     assert_eq!(
         ids(&["list", p, "--state", "completed"]),

@@ -435,8 +435,8 @@ fn store_with_format_version(path: &Path, version: u32) {
             .to_vec();
         assert_eq!(
             old,
-            1u32.to_be_bytes(),
-            "this build writes format version 1"
+            2u32.to_be_bytes(),
+            "this build writes format version 2"
         );
         meta.insert("format_version", &version.to_be_bytes()[..])
             .unwrap();
@@ -448,21 +448,129 @@ fn store_with_format_version(path: &Path, version: u32) {
 fn a_store_of_another_format_version_is_incompatible_and_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let newer = dir.path().join("newer.redb");
-    store_with_format_version(&newer, 2);
+    store_with_format_version(&newer, 3);
     assert_refused_unchanged(&newer);
 
     let older = dir.path().join("older.redb");
     store_with_format_version(&older, 0);
     assert_refused_unchanged(&older);
 
-    // Control: the same steps with version 1 give a file we open.
+    // Control: the same steps with version 2 give a file we open.
     let same = dir.path().join("same.redb");
-    store_with_format_version(&same, 1);
+    store_with_format_version(&same, 2);
     let store = builder(&clock()).open(&same).unwrap();
     assert_eq!(
         replay(&store, &key("probe"), &fp("probe")).response(),
         b"probe"
     );
+    store.close().unwrap();
+}
+
+/// A record in format version 1's record codec (documented in `src/record.rs`).
+fn v1_record(state: u8, fp: &[u8; 32], token: u64, fields: &[u64], tail: &[u8]) -> Vec<u8> {
+    let mut v = vec![1, state];
+    v.extend_from_slice(fp);
+    v.extend_from_slice(&token.to_be_bytes());
+    for f in fields {
+        v.extend_from_slice(&f.to_be_bytes());
+    }
+    v.extend_from_slice(tail);
+    v
+}
+
+/// Writes a store in format version 1 by hand (as idemstore 0.1 before the log layout did):
+/// `idemstore_records` keyed by the encoded key, `idemstore_expiry` keyed by death time and
+/// key. Returns (completed key, in-flight key).
+fn write_v1_store(path: &Path) -> (Key, Key) {
+    let now = start().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let encode = |k: &Key| {
+        let mut v = vec![k.scope().len() as u8];
+        v.extend_from_slice(k.scope().as_bytes());
+        v.extend_from_slice(k.id().as_bytes());
+        v
+    };
+    let (done, running) = (key("v1-done"), key("v1-running"));
+    let ttl = TTL.as_nanos() as u64;
+    let done_record = {
+        let mut tail = 5u32.to_be_bytes().to_vec();
+        tail.extend_from_slice(b"hello");
+        v1_record(2, fp("done").as_bytes(), 1, &[now, now + ttl], &tail)
+    };
+    let lease_end = now + LEASE.as_nanos() as u64;
+    let mut tail = 1u32.to_be_bytes().to_vec();
+    tail.push(0);
+    let running_record = v1_record(
+        2 - 1,
+        fp("run").as_bytes(),
+        2,
+        &[now, now + ttl, lease_end],
+        &tail,
+    );
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let meta_def: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
+        let records_def: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idemstore_records");
+        let expiry_def: TableDefinition<&[u8], ()> = TableDefinition::new("idemstore_expiry");
+        let mut meta = txn.open_table(meta_def).unwrap();
+        meta.insert("magic", &b"idemstore"[..]).unwrap();
+        meta.insert("format_version", &1u32.to_be_bytes()[..])
+            .unwrap();
+        meta.insert("last_token", &2u64.to_be_bytes()[..]).unwrap();
+        let mut records = txn.open_table(records_def).unwrap();
+        let mut expiry = txn.open_table(expiry_def).unwrap();
+        for (k, rec) in [(&done, &done_record), (&running, &running_record)] {
+            records
+                .insert(encode(k).as_slice(), rec.as_slice())
+                .unwrap();
+            let mut e = (now + ttl).to_be_bytes().to_vec();
+            e.extend_from_slice(&encode(k));
+            expiry.insert(e.as_slice(), ()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    (done, running)
+}
+
+#[test]
+fn a_format_version_1_store_is_migrated_with_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.redb");
+    let (done, running) = write_v1_store(&path);
+    let clock = clock();
+    let store = builder(&clock).open(&path).unwrap();
+    assert_eq!(store.summary().unwrap().format_version, 2);
+    assert_eq!(replay(&store, &done, &fp("done")).response(), b"hello");
+    assert!(matches!(
+        store.begin(&running, &fp("run")).unwrap(),
+        Begin::InFlight { .. }
+    ));
+    // The token counter carried over: the next claim gets token 3.
+    assert_eq!(started(&store, &key("new"), &fp("new")).token(), 3);
+    // The expiry index carried over: both old records die at their TTL.
+    clock.advance(TTL + LEASE);
+    let reaped = store.reap().unwrap();
+    assert!(reaped >= 2, "reaped {reaped}");
+    store.close().unwrap();
+
+    // The old tables are gone; a reopen reads the migrated file as it is.
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let names: Vec<String> = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| redb::TableHandle::name(&t).to_owned())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "idemstore_records" || n == "idemstore_expiry"),
+        "{names:?}"
+    );
+    drop(txn);
+    drop(db);
+    let store = builder(&clock).open(&path).unwrap();
+    assert_eq!(store.summary().unwrap().format_version, 2);
     store.close().unwrap();
 }
 
