@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::stats::{StatsCells, bump};
 
 /// Index entries visited per reaping transaction.
-pub(crate) const REAP_BATCH: usize = 512;
+pub(crate) const REAP_BATCH: usize = 256;
 
 /// Runs reaping transactions until no dead record is left; returns how many were deleted.
 /// `keep_going` is asked before each batch.

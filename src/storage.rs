@@ -666,36 +666,59 @@ impl<'t> WriteTables<'t> {
             }
         }
         let more = due.len() == limit;
-        let mut deleted = 0;
-        for (dies_at, seq) in due {
-            let removed = self
-                .log
-                .remove(seq)
-                .map_err(|e| Error::storage("deleting a record", e))?
-                .map(|v| v.value().to_vec());
-            // No entry: the expiry entry of a record removed while damaged; drop it.
-            let Some(entry) = removed else { continue };
-            let parsed = split_entry(&entry)
-                .and_then(|(key, record)| Ok((key, Record::peek_dies_at(record)?)));
-            match parsed {
-                Ok((key, at)) if at == dies_at || at <= now => {
-                    let key = key.to_vec();
-                    self.moved(&key, Some(seq), None);
-                    deleted += 1;
-                }
-                // Not dead after all (an index entry that disagrees with its record), or
-                // damaged: put it back, indexed at its own death time when it has one.
-                other => {
-                    self.log
-                        .insert(seq, entry.as_slice())
-                        .map_err(|e| Error::storage("restoring a record", e))?;
-                    if let Ok((_, at)) = other {
-                        self.deaths
-                            .insert((at, seq), ())
-                            .map_err(|e| Error::storage("restoring an expiry entry", e))?;
-                    }
-                }
+        // The log entries go in runs of nearby sequence numbers, each removed in one pass over
+        // its range (redb rebuilds each leaf once, not once per entry). A run never spans more
+        // than `MAX_GAP - 1` live entries between two dead ones, so the cost stays proportional
+        // to the dead entries.
+        const MAX_GAP: u64 = 16;
+        due.sort_unstable_by_key(|&(_, seq)| seq);
+        let mut removed: Vec<(u64, Vec<u8>)> = Vec::with_capacity(due.len());
+        let mut reindex: Vec<(u64, u64)> = Vec::new();
+        let mut start = 0;
+        while start < due.len() {
+            let mut end = start + 1;
+            while end < due.len() && due[end].1 - due[end - 1].1 <= MAX_GAP {
+                end += 1;
             }
+            let run = &due[start..end];
+            let (first, last) = (run[0].1, run[run.len() - 1].1);
+            let mut next = 0;
+            self.log
+                .retain_in(first..=last, |seq, entry| {
+                    while next < run.len() && run[next].1 < seq {
+                        next += 1;
+                    }
+                    let Some(&(dies_at, _)) = run.get(next).filter(|&&(_, s)| s == seq) else {
+                        return true; // a live entry between two dead ones
+                    };
+                    let parsed = split_entry(entry)
+                        .and_then(|(key, record)| Ok((key, Record::peek_dies_at(record)?)));
+                    match parsed {
+                        Ok((key, at)) if at == dies_at || at <= now => {
+                            removed.push((seq, key.to_vec()));
+                            false
+                        }
+                        // Not dead after all (an index entry that disagrees with its record):
+                        // keep it, indexed at its own death time.
+                        Ok((_, at)) => {
+                            reindex.push((at, seq));
+                            true
+                        }
+                        // Damaged: keep it (readers report it); its expiry entry is gone.
+                        Err(_) => true,
+                    }
+                })
+                .map_err(|e| Error::storage("deleting dead records", e))?;
+            start = end;
+        }
+        for (at, seq) in reindex {
+            self.deaths
+                .insert((at, seq), ())
+                .map_err(|e| Error::storage("restoring an expiry entry", e))?;
+        }
+        let deleted = removed.len() as u64;
+        for (seq, key) in removed {
+            self.moved(&key, Some(seq), None);
         }
         Ok(ReapPass {
             deleted,
