@@ -273,7 +273,7 @@ fn outboxes_in_a_shared_database_use_only_their_own_tables() {
             .open_database(db.clone()),
         Err(Error::IncompatibleFormat { .. })
     ));
-    for reserved in ["", "idemstore_records"] {
+    for reserved in ["", "idemstore_records", "idemstore_log"] {
         assert!(matches!(
             Outbox::builder().table(reserved).open_database(db.clone()),
             Err(Error::InvalidConfig { .. })

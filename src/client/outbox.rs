@@ -37,7 +37,13 @@ use crate::redb_file;
 pub const DEFAULT_OUTBOX_TABLE: &str = "idemstore_outbox";
 
 /// The store's own table names: an outbox refuses a file that holds them.
-const STORE_TABLES: [&str; 3] = ["idemstore_meta", "idemstore_records", "idemstore_expiry"];
+const STORE_TABLES: [&str; 5] = [
+    "idemstore_meta",
+    "idemstore_log",
+    "idemstore_log_expiry",
+    "idemstore_records",
+    "idemstore_expiry",
+];
 
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 58;
