@@ -426,8 +426,9 @@ pub(crate) struct Stored {
 
 /// How long a read keeps retrying when the log entry its index lookup found is gone from its
 /// snapshot. That happens only while a commit that replaced this very key is being published
-/// (the moment between redb making it visible and the committer updating the index), which
-/// takes microseconds; an index entry still missing after this long is a bug or damage.
+/// (the moment between redb making it visible and the committer updating the index, which
+/// is only the end of the commit call and a map update); an index entry still missing after
+/// this long is a bug or damage.
 const READ_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Stored {
