@@ -586,15 +586,23 @@ impl<'t> WriteTables<'t> {
 
     /// Removes the current log entry of `key` and its expiry entry; returns its number.
     fn remove_current(&mut self, key: &[u8]) -> Result<Option<u64>> {
-        let Some((seq, record)) = self.find(key)? else {
-            return Ok(None);
+        // Usually known from the `get` before: no second read of the entry.
+        let located = match self.located.get(key) {
+            Some(&located) => located,
+            None => self.find(key)?.map(|(seq, _)| seq),
         };
-        self.log
+        let Some(seq) = located else { return Ok(None) };
+        let dies_at = self
+            .log
             .remove(seq)
-            .map_err(|e| Error::storage("deleting a record", e))?;
+            .map_err(|e| Error::storage("deleting a record", e))?
+            .and_then(|entry| {
+                let (_, record) = split_entry(entry.value()).ok()?;
+                Record::peek_dies_at(record).ok()
+            });
         // A damaged record has no readable death time; its expiry entry then stays behind,
         // and the reaper drops it when it finds no log entry for it.
-        if let Ok(dies_at) = Record::peek_dies_at(&record) {
+        if let Some(dies_at) = dies_at {
             self.deaths
                 .remove((dies_at, seq))
                 .map_err(|e| Error::storage("updating the expiry index", e))?;
