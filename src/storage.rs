@@ -450,23 +450,10 @@ impl Stored {
                 }
                 let txn = self.db.begin_read().map_err(engine("starting a read"))?;
                 let log = txn.open_table(LOG).map_err(table_error)?;
-                let mut replaced = false;
-                for seq in seqs {
-                    match log
-                        .get(seq)
-                        .map_err(|e| Error::storage("reading a record", e))?
-                    {
-                        Some(entry) => {
-                            let (k, record) = split_entry(entry.value())?;
-                            if k == key {
-                                return Record::decode(record).map(Some);
-                            }
-                        }
-                        None => replaced = true,
-                    }
-                }
-                if !replaced {
-                    return Ok(None);
+                match lookup(&log, seqs, key)? {
+                    Lookup::Found(_, record) => return Ok(Some(record)),
+                    Lookup::Absent => return Ok(None),
+                    Lookup::Missing => {}
                 }
                 // A commit replaced the entry and is being published: look again shortly.
                 let since = *since.get_or_insert_with(std::time::Instant::now);
@@ -480,6 +467,44 @@ impl Stored {
             }
         })
     }
+}
+
+/// What the log entries an index lookup named hold for a key.
+enum Lookup {
+    /// The key's entry: its sequence number and record.
+    Found(u64, Record),
+    /// Every named entry exists and holds another key (or none was named).
+    Absent,
+    /// No entry holds the key, and some named entry does not exist.
+    Missing,
+}
+
+/// Looks for `key` among the log entries `seqs` of `log`.
+fn lookup(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    seqs: impl Iterator<Item = u64>,
+    key: &[u8],
+) -> Result<Lookup> {
+    let mut missing = false;
+    for seq in seqs {
+        match log
+            .get(seq)
+            .map_err(|e| Error::storage("reading a record", e))?
+        {
+            Some(entry) => {
+                let (k, record) = split_entry(entry.value())?;
+                if k == key {
+                    return Ok(Lookup::Found(seq, Record::decode(record)?));
+                }
+            }
+            None => missing = true,
+        }
+    }
+    Ok(if missing {
+        Lookup::Missing
+    } else {
+        Lookup::Absent
+    })
 }
 
 /// The store's tables, opened inside one write transaction, with the index changes the
@@ -526,40 +551,32 @@ impl<'t> WriteTables<'t> {
     }
 
     /// The log entry of `key` as of this transaction, and its record bytes.
-    fn find(&mut self, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
-        let read_error = |e| Error::storage("reading a record", e);
+    fn find(&mut self, key: &[u8]) -> Result<Option<(u64, Record)>> {
         if let Some(&located) = self.located.get(key) {
             let Some(seq) = located else { return Ok(None) };
             let entry = self
                 .log
                 .get(seq)
-                .map_err(read_error)?
+                .map_err(|e| Error::storage("reading a record", e))?
                 .ok_or_else(|| Error::corrupt("a record written by this batch is missing"))?;
             let (_, record) = split_entry(entry.value())?;
-            return Ok(Some((seq, record.to_vec())));
+            return Ok(Some((seq, Record::decode(record)?)));
         }
-        let hash = self.stored.index.hash(key);
-        for seq in self.stored.index.candidates(hash).iter() {
-            // Entries of colliding keys deleted by this batch are gone: skip them.
-            let Some(entry) = self.log.get(seq).map_err(read_error)? else {
-                continue;
-            };
-            let (k, record) = split_entry(entry.value())?;
-            if k == key {
-                let record = record.to_vec();
-                self.located.insert(key.to_vec(), Some(seq));
-                return Ok(Some((seq, record)));
-            }
-        }
-        self.located.insert(key.to_vec(), None);
-        Ok(None)
+        let candidates = self.stored.index.candidates(self.stored.index.hash(key));
+        // A missing entry here belongs to a colliding key this batch deleted (a key this
+        // batch touched is in `located`).
+        let found = match lookup(&self.log, candidates.iter(), key)? {
+            Lookup::Found(seq, record) => Some((seq, record)),
+            Lookup::Absent | Lookup::Missing => None,
+        };
+        self.located
+            .insert(key.to_vec(), found.as_ref().map(|&(seq, _)| seq));
+        Ok(found)
     }
 
     /// The record of `key`, as written by earlier operations of this transaction.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Record>> {
-        self.find(key)?
-            .map(|(_, bytes)| Record::decode(&bytes))
-            .transpose()
+        Ok(self.find(key)?.map(|(_, record)| record))
     }
 
     /// Writes `record` as the record of `key`: appends it to the log with its expiry entry and
