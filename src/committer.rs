@@ -1,12 +1,14 @@
 //! Group commit: the one thread that writes.
 //!
 //! Every state change (a claiming `begin`, the lease operations, release on drop, reaper
-//! batches) is sent here over a channel. The committer takes what is already queued (at most
+//! batches) is sent here over a crossbeam channel. The committer takes what is already queued (at most
 //! [`MAX_BATCH`] operations), applies them in arrival order inside one redb write transaction
 //! (each sees the state the ones before it left), commits once (one fsync for the whole
 //! batch) and then answers every caller. A lone caller is committed at once: there is no timer.
 //! Between batches the committer yields the CPU a bounded number of times while the callers
-//! it just answered queue their next operation, so batches stay full under load.
+//! it just answered queue their next operation, so batches stay full under load. With the
+//! queue empty it sleeps on a doorbell the callers ring, and each caller sleeps until its
+//! answer arrives; neither wait spins (see [`crate::handoff`] for why).
 //!
 //! A commit that fails answers every caller of the batch with [`Error::Storage`] (an unknown
 //! outcome) and poisons the store: later writes get [`Error::Poisoned`] until it is reopened.
@@ -18,6 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::handoff::{self, Doorbell};
 
 use crate::clock::{Clock, to_nanos};
 use crate::config::{Durability, Settings};
@@ -71,14 +75,18 @@ pub(crate) enum Reply {
     Reaped { deleted: u64, more: bool },
 }
 
+/// Where the committer sends the answer to one operation.
+type ReplyTo = handoff::Sender<Result<Reply>>;
+
 enum Msg {
-    Op(Op, Sender<Result<Reply>>),
+    Op(Op, ReplyTo),
     Shutdown,
 }
 
 /// Handle of the committer thread.
 pub(crate) struct Committer {
     tx: Sender<Msg>,
+    bell: Arc<Doorbell>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -86,6 +94,7 @@ pub(crate) struct Committer {
 #[derive(Clone)]
 pub(crate) struct Submitter {
     tx: Sender<Msg>,
+    bell: Arc<Doorbell>,
 }
 
 impl Submitter {
@@ -94,9 +103,13 @@ impl Submitter {
     /// # Errors
     /// The operation's own error, a batch failure, or [`Error::Closed`] once the committer stopped.
     pub fn submit(&self, op: Op) -> Result<Reply> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.tx.send(Msg::Op(op, tx)).map_err(|_| Error::Closed)?;
-        rx.recv().map_err(|_| Error::Closed)?
+        let (reply_to, answer) = handoff::oneshot();
+        self.tx
+            .send(Msg::Op(op, reply_to))
+            .map_err(|_| Error::Closed)?;
+        self.bell.ring();
+        // No answer: the committer stopped before it took the operation.
+        answer.recv().unwrap_or(Err(Error::Closed))
     }
 }
 
@@ -108,6 +121,8 @@ struct Worker {
     poisoned: AtomicBool,
     /// The latest time persisted by a batch (nanoseconds).
     noted_time: Cell<u64>,
+    /// Where the committer sleeps while its queue is empty.
+    bell: Arc<Doorbell>,
 }
 
 impl Committer {
@@ -122,6 +137,7 @@ impl Committer {
         stats: Arc<StatsCells>,
     ) -> Result<Committer> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let bell = Arc::new(Doorbell::default());
         let worker = Worker {
             stored,
             clock,
@@ -129,13 +145,16 @@ impl Committer {
             stats,
             poisoned: AtomicBool::new(false),
             noted_time: Cell::new(0),
+            bell: Arc::clone(&bell),
         };
         let handle = std::thread::Builder::new()
             .name("idemstore-committer".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| Error::storage("starting the committer thread", e))?;
+        bell.set_sleeper(handle.thread().clone());
         Ok(Committer {
             tx,
+            bell,
             handle: Some(handle),
         })
     }
@@ -144,12 +163,14 @@ impl Committer {
     pub fn submitter(&self) -> Submitter {
         Submitter {
             tx: self.tx.clone(),
+            bell: Arc::clone(&self.bell),
         }
     }
 
     /// Stops the thread after it answered everything queued before, and joins it.
     pub fn shutdown(&mut self) {
         let _ = self.tx.send(Msg::Shutdown);
+        self.bell.ring();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -192,12 +213,12 @@ fn let_callers_catch_up(rx: &Receiver<Msg>, answered: usize) {
 
 impl Worker {
     fn run(self, rx: Receiver<Msg>) {
-        let mut batch: Vec<(Op, Sender<Result<Reply>>)> = Vec::with_capacity(MAX_BATCH);
+        let mut batch: Vec<(Op, ReplyTo)> = Vec::with_capacity(MAX_BATCH);
         loop {
             let mut stop = false;
-            match rx.recv() {
-                Ok(Msg::Op(op, reply)) => batch.push((op, reply)),
-                Ok(Msg::Shutdown) | Err(_) => break,
+            match self.next(&rx) {
+                Some(Msg::Op(op, reply)) => batch.push((op, reply)),
+                Some(Msg::Shutdown) | None => break,
             }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -217,6 +238,19 @@ impl Worker {
             let_callers_catch_up(&rx, answered);
         }
         self.flush_on_close();
+    }
+
+    /// Waits for the next message, sleeping on the doorbell (not in the channel's `recv`,
+    /// which spins first; see [`crate::handoff`]). `None` once every sender is gone; the
+    /// committer is normally stopped by [`Msg::Shutdown`], which is followed by a ring.
+    fn next(&self, rx: &Receiver<Msg>) -> Option<Msg> {
+        loop {
+            match rx.try_recv() {
+                Ok(msg) => return Some(msg),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => self.bell.sleep_unless(|| !rx.is_empty()),
+            }
+        }
     }
 
     /// On a clean close: one last durable commit that records the latest time seen (so a
@@ -239,10 +273,10 @@ impl Worker {
         }));
     }
 
-    fn commit_batch(&self, batch: &mut Vec<(Op, Sender<Result<Reply>>)>) {
+    fn commit_batch(&self, batch: &mut Vec<(Op, ReplyTo)>) {
         if self.poisoned.load(Ordering::Acquire) {
             for (_, reply) in batch.drain(..) {
-                let _ = reply.send(Err(Error::Poisoned));
+                reply.send(Err(Error::Poisoned));
             }
             return;
         }
@@ -256,13 +290,13 @@ impl Worker {
                     "a write batch failed; its callers get an error (unknown outcome)"
                 );
                 for reply in replies {
-                    let _ = reply.send(Err(failure.duplicate()));
+                    reply.send(Err(failure.duplicate()));
                 }
                 return;
             }
         };
         for (result, reply) in results.into_iter().zip(replies) {
-            let _ = reply.send(result);
+            reply.send(result);
         }
     }
 

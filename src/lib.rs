@@ -43,6 +43,7 @@ mod committer;
 mod config;
 mod error;
 mod fingerprint;
+mod handoff;
 mod index;
 mod inspect;
 mod key;
