@@ -90,8 +90,8 @@ fn view(key: Key, record: Record, now: u64) -> RecordView {
 }
 
 impl Store {
-    /// Visits every record, dead ones included, in the order they were last written (oldest
-    /// write first), until `visit` returns [`ControlFlow::Break`]. Returns how many records
+    /// Visits every record, dead ones included, in the order their keys were claimed (oldest
+    /// first; a key deleted and claimed again counts from its new claim), until `visit` returns [`ControlFlow::Break`]. Returns how many records
     /// were visited.
     ///
     /// The visit runs inside one read transaction: it sees a snapshot, and writers are not

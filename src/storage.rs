@@ -14,10 +14,12 @@
 //!
 //! Idempotency keys are random (UUID v4). In a tree keyed by them every write lands on a
 //! different page, so a commit of *n* writes copies about *n* pages of the tree and their
-//! parents, and the disk's write bandwidth, not the fsync, bounds group commit. Here every
-//! write appends a new log entry under the next sequence number and deletes the key's
-//! previous entry (which, for the in-flight record of a request that just ran, sits near the
-//! log's end too), so a commit of a whole batch touches a handful of pages. The cost is an
+//! parents, and the disk's write bandwidth, not the fsync, bounds group commit. Here a new
+//! key's first record is appended to the log under the next sequence number, and later
+//! records of the key rewrite that entry in place (for the request that just ran it sits
+//! near the log's end too), so a commit of a whole batch touches a handful of pages. The
+//! log is in the order keys were claimed; a key deleted (released, abandoned or reaped) and
+//! claimed again gets a new entry at the end. The cost is an
 //! in-memory index from key hash to sequence number ([`crate::index`]), rebuilt by a scan of
 //! the log when the store opens.
 //!
@@ -520,6 +522,12 @@ pub(crate) struct WriteTables<'t> {
     changes: Vec<Change>,
 }
 
+/// The death time of the record in a log entry; `None` if the entry is damaged.
+fn entry_dies_at(entry: &[u8]) -> Option<u64> {
+    let (_, record) = split_entry(entry).ok()?;
+    Record::peek_dies_at(record).ok()
+}
+
 /// What one reaping pass did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct ReapPass {
@@ -579,18 +587,44 @@ impl<'t> WriteTables<'t> {
         Ok(self.find(key)?.map(|(_, record)| record))
     }
 
-    /// Writes `record` as the record of `key`: appends it to the log with its expiry entry and
-    /// removes the key's previous entry.
+    /// Writes `record` as the record of `key`. A key that has an entry gets it rewritten in
+    /// place (one change to the log, none to the key index; its expiry entry moves only if
+    /// the death time changed); a new key gets an entry appended at the log's end.
+    ///
+    /// In place rather than appended again: the key's old entry has to be touched anyway (to
+    /// delete it), so rewriting it dirties no more pages, and saves the append.
     pub fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
-        let old = self.remove_current(key)?;
-        let seq = self.stored.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.log
-            .insert(seq, encode_entry(key, record).as_slice())
-            .map_err(|e| Error::storage("writing a record", e))?;
-        self.deaths
-            .insert((record.dies_at(), seq), ())
-            .map_err(|e| Error::storage("writing the expiry index", e))?;
-        self.moved(key, old, Some(seq));
+        let located = self.locate(key)?;
+        let entry = encode_entry(key, record);
+        let dies_at = record.dies_at();
+        let Some(seq) = located else {
+            let seq = self.stored.next_seq.fetch_add(1, Ordering::Relaxed);
+            self.log
+                .insert(seq, entry.as_slice())
+                .map_err(|e| Error::storage("writing a record", e))?;
+            self.deaths
+                .insert((dies_at, seq), ())
+                .map_err(|e| Error::storage("writing the expiry index", e))?;
+            self.moved(key, None, Some(seq));
+            return Ok(());
+        };
+        let old_dies_at = self
+            .log
+            .insert(seq, entry.as_slice())
+            .map_err(|e| Error::storage("writing a record", e))?
+            .and_then(|old| entry_dies_at(old.value()));
+        if old_dies_at != Some(dies_at) {
+            // A damaged old record has no readable death time; its expiry entry then stays
+            // behind, and the reaper re-files it under the record's own death time.
+            if let Some(old) = old_dies_at {
+                self.deaths
+                    .remove((old, seq))
+                    .map_err(|e| Error::storage("updating the expiry index", e))?;
+            }
+            self.deaths
+                .insert((dies_at, seq), ())
+                .map_err(|e| Error::storage("writing the expiry index", e))?;
+        }
         Ok(())
     }
 
@@ -601,22 +635,25 @@ impl<'t> WriteTables<'t> {
         Ok(())
     }
 
+    /// The sequence number of `key`'s entry as of this transaction. Usually known from the
+    /// `get` before: no second read of the entry.
+    fn locate(&mut self, key: &[u8]) -> Result<Option<u64>> {
+        match self.located.get(key) {
+            Some(&located) => Ok(located),
+            None => Ok(self.find(key)?.map(|(seq, _)| seq)),
+        }
+    }
+
     /// Removes the current log entry of `key` and its expiry entry; returns its number.
     fn remove_current(&mut self, key: &[u8]) -> Result<Option<u64>> {
-        // Usually known from the `get` before: no second read of the entry.
-        let located = match self.located.get(key) {
-            Some(&located) => located,
-            None => self.find(key)?.map(|(seq, _)| seq),
+        let Some(seq) = self.locate(key)? else {
+            return Ok(None);
         };
-        let Some(seq) = located else { return Ok(None) };
         let dies_at = self
             .log
             .remove(seq)
             .map_err(|e| Error::storage("deleting a record", e))?
-            .and_then(|entry| {
-                let (_, record) = split_entry(entry.value()).ok()?;
-                Record::peek_dies_at(record).ok()
-            });
+            .and_then(|old| entry_dies_at(old.value()));
         // A damaged record has no readable death time; its expiry entry then stays behind,
         // and the reaper drops it when it finds no log entry for it.
         if let Some(dies_at) = dies_at {
@@ -807,5 +844,89 @@ mod tests {
             (pass.deleted, pass.examined, pass.more),
             (1_000, 1_000, true)
         );
+    }
+
+    /// The log entries and expiry entries of the store, as (seq, key) and (death, seq).
+    fn contents(stored: &Stored) -> (Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>) {
+        let txn = stored.db.begin_read().unwrap();
+        let log = txn.open_table(LOG).unwrap();
+        let deaths = txn.open_table(DEATHS).unwrap();
+        let entries = log
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (seq, entry) = e.unwrap();
+                (seq.value(), split_entry(entry.value()).unwrap().0.to_vec())
+            })
+            .collect();
+        let deaths = deaths
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().0.value())
+            .collect();
+        (entries, deaths)
+    }
+
+    /// Runs `f` on the tables in one committed transaction and publishes its index changes.
+    fn write(stored: &Stored, f: impl FnOnce(&mut WriteTables<'_>)) -> usize {
+        let txn = stored.db.begin_write().unwrap();
+        let changes = {
+            let mut t = WriteTables::open(&txn, stored).unwrap();
+            f(&mut t);
+            t.into_changes()
+        };
+        txn.commit().unwrap();
+        stored.index.apply(&changes);
+        changes.len()
+    }
+
+    #[test]
+    fn a_key_is_rewritten_in_place_and_its_expiry_entry_follows_its_death_time() {
+        let (stored, _) = initialize(open_memory(1 << 20).unwrap()).unwrap();
+        fill(&stored, "k", 2, 0, 100);
+        let key = crate::Key::new("s", "k0").unwrap().encode();
+        let other = crate::Key::new("s", "k1").unwrap().encode();
+        let (entries, deaths) = contents(&stored);
+        let seq = entries.iter().find(|(_, k)| *k == key).unwrap().0;
+        assert!(deaths.contains(&(100, seq)));
+
+        // Completing the key: same entry, new record, expiry entry moved; no index change.
+        let record = stored.read_record(&key).unwrap().unwrap();
+        let done = machine::apply_lease(
+            Some(&record),
+            record.token,
+            machine::LeaseAction::Complete(b"ok".to_vec()),
+            10,
+            500,
+        )
+        .unwrap();
+        let machine::Transition::Put(done) = done else {
+            panic!("complete must write")
+        };
+        assert_eq!(done.dies_at(), 510);
+        let changes = write(&stored, |t| {
+            assert!(t.get(&key).unwrap().is_some());
+            t.put(&key, &done).unwrap();
+        });
+        assert_eq!(changes, 0, "the index does not change");
+        let (after, deaths) = contents(&stored);
+        assert_eq!(after, entries, "no entry added or moved");
+        assert!(deaths.contains(&(510, seq)) && !deaths.contains(&(100, seq)));
+        assert_eq!(deaths.len(), 2);
+        assert_eq!(stored.read_record(&key).unwrap(), Some(done.clone()));
+
+        // The same record again (same death time): the expiry index is left alone.
+        write(&stored, |t| t.put(&key, &done).unwrap());
+        assert_eq!(contents(&stored).1, deaths);
+
+        // Deleted and claimed again: a new entry at the log's end.
+        assert_eq!(write(&stored, |t| t.delete(&key).unwrap()), 1);
+        assert_eq!(stored.read_record(&key).unwrap(), None);
+        write(&stored, |t| t.put(&key, &done).unwrap());
+        let (entries, deaths) = contents(&stored);
+        let keys: Vec<_> = entries.iter().map(|(_, k)| k.clone()).collect();
+        assert_eq!(keys, [other, key.clone()]);
+        assert_eq!(deaths.len(), 2);
+        assert_eq!(stored.read_record(&key).unwrap(), Some(done));
     }
 }

@@ -165,7 +165,7 @@ fn list_filters_by_state_and_age() {
     let all = rows(&o);
     assert_eq!(all.len(), 5, "{all:#?}");
     assert!(stdout(&o).starts_with("STATE"));
-    // In the order of their last write, oldest first.
+    // In the order their keys were claimed, oldest first.
     assert!(all[0].starts_with("dead") && all[0].ends_with("old/expired"));
     assert!(all[1].starts_with("in-flight") && all[1].ends_with("tenant-b/stuck"));
     assert!(all[4].starts_with("in-flight") && all[4].ends_with("tenant-b/running"));
