@@ -846,8 +846,11 @@ mod tests {
         );
     }
 
+    /// (sequence number, key) of each log entry.
+    type Entries = Vec<(u64, Vec<u8>)>;
+
     /// The log entries and expiry entries of the store, as (seq, key) and (death, seq).
-    fn contents(stored: &Stored) -> (Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>) {
+    fn contents(stored: &Stored) -> (Entries, Vec<(u64, u64)>) {
         let txn = stored.db.begin_read().unwrap();
         let log = txn.open_table(LOG).unwrap();
         let deaths = txn.open_table(DEATHS).unwrap();
