@@ -514,7 +514,9 @@ fn lookup(
 pub(crate) struct WriteTables<'t> {
     log: Table<'t, u64, &'static [u8]>,
     deaths: Table<'t, (u64, u64), ()>,
-    meta: Table<'t, &'static str, &'static [u8]>,
+    /// Opened on first use: most operations (all but a claim's token) do not touch it.
+    meta: Option<Table<'t, &'static str, &'static [u8]>>,
+    txn: &'t WriteTransaction,
     stored: &'t Stored,
     last_token: Option<u64>,
     /// Where each key touched by this transaction lives now (`None`: absent).
@@ -545,12 +547,21 @@ impl<'t> WriteTables<'t> {
         Ok(WriteTables {
             log: txn.open_table(LOG).map_err(table_error)?,
             deaths: txn.open_table(DEATHS).map_err(table_error)?,
-            meta: txn.open_table(META).map_err(table_error)?,
+            meta: None,
+            txn,
             stored,
             last_token: None,
             located: HashMap::new(),
             changes: Vec::new(),
         })
+    }
+
+    fn meta(&mut self) -> Result<&mut Table<'t, &'static str, &'static [u8]>> {
+        let meta = match self.meta.take() {
+            Some(meta) => meta,
+            None => self.txn.open_table(META).map_err(table_error)?,
+        };
+        Ok(self.meta.insert(meta))
     }
 
     /// The index changes of this transaction, to publish once it committed.
@@ -679,7 +690,7 @@ impl<'t> WriteTables<'t> {
             Some(t) => t,
             None => {
                 let v = self
-                    .meta
+                    .meta()?
                     .get(TOKEN_KEY)
                     .map_err(|e| Error::storage("reading the token counter", e))?
                     .ok_or_else(|| Error::corrupt("the fencing-token counter is missing"))?;
@@ -691,7 +702,7 @@ impl<'t> WriteTables<'t> {
         let next = last
             .checked_add(1)
             .ok_or_else(|| Error::corrupt("the fencing-token counter is exhausted"))?;
-        self.meta
+        self.meta()?
             .insert(TOKEN_KEY, next.to_be_bytes().as_slice())
             .map_err(|e| Error::storage("writing the token counter", e))?;
         self.last_token = Some(next);
@@ -701,7 +712,7 @@ impl<'t> WriteTables<'t> {
     /// Records `now` as the latest time a write saw (the floor of the store's clock after a
     /// reopen).
     pub fn note_time(&mut self, now: u64) -> Result<()> {
-        self.meta
+        self.meta()?
             .insert(TIME_KEY, now.to_be_bytes().as_slice())
             .map_err(|e| Error::storage("writing the latest time", e))?;
         Ok(())
