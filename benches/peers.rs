@@ -211,6 +211,125 @@ impl Peer for NaiveRedb {
     }
 }
 
+/// A job for [`NaiveOnThread`]'s worker.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// How [`NaiveOnThread`]'s two threads wait for each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// crossbeam's blocking `recv` on both sides (it spins and yields before it parks).
+    Recv,
+    /// Park at once: the worker sleeps after an empty `try_recv`, the caller until its
+    /// answer is there (what idemstore's committer and callers do).
+    Park,
+}
+
+/// Diagnostic: the naive baseline with each operation handed to a worker thread over a
+/// crossbeam channel while the caller waits, i.e. the cost of a thread hand-off alone, with
+/// no batching (`compare --handoff`).
+pub struct NaiveOnThread {
+    naive: Arc<NaiveRedb>,
+    wait: Wait,
+    tx: Option<crossbeam_channel::Sender<Job>>,
+    sleeping: Arc<std::sync::atomic::AtomicBool>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NaiveOnThread {
+    pub fn open(path: &Path, wait: Wait) -> NaiveOnThread {
+        use crossbeam_channel::TryRecvError;
+        use std::sync::atomic::{AtomicBool, fence};
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let sleeping = Arc::new(AtomicBool::new(false));
+        let asleep = Arc::clone(&sleeping);
+        let worker = std::thread::spawn(move || {
+            loop {
+                let job = match wait {
+                    Wait::Recv => match rx.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    },
+                    Wait::Park => match rx.try_recv() {
+                        Ok(job) => job,
+                        Err(TryRecvError::Disconnected) => return,
+                        Err(TryRecvError::Empty) => {
+                            asleep.store(true, Ordering::Relaxed);
+                            fence(Ordering::SeqCst);
+                            if rx.is_empty() {
+                                std::thread::park();
+                            }
+                            asleep.store(false, Ordering::Relaxed);
+                            continue;
+                        }
+                    },
+                };
+                job();
+            }
+        });
+        NaiveOnThread {
+            naive: Arc::new(NaiveRedb::open(path)),
+            wait,
+            tx: Some(tx),
+            sleeping,
+            worker: Some(worker),
+        }
+    }
+
+    /// Runs `f` on the worker and waits for its result.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let tx = self.tx.as_ref().expect("open");
+        match self.wait {
+            Wait::Recv => {
+                let (done, result) = crossbeam_channel::bounded(1);
+                tx.send(Box::new(move || {
+                    let _ = done.send(f());
+                }))
+                .expect("worker");
+                result.recv().expect("worker")
+            }
+            Wait::Park => {
+                let slot = Arc::new(parking_lot::Mutex::new(None));
+                let (out, caller) = (Arc::clone(&slot), std::thread::current());
+                tx.send(Box::new(move || {
+                    *out.lock() = Some(f());
+                    caller.unpark();
+                }))
+                .expect("worker");
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if self.sleeping.load(Ordering::Relaxed) {
+                    self.worker.as_ref().expect("open").thread().unpark();
+                }
+                loop {
+                    if let Some(v) = slot.lock().take() {
+                        return v;
+                    }
+                    std::thread::park();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NaiveOnThread {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(worker) = self.worker.take() {
+            worker.thread().unpark();
+            worker.join().expect("worker");
+        }
+    }
+}
+
+impl Peer for NaiveOnThread {
+    fn cycle(&self, thread: usize, i: u64) {
+        let key = key_id(thread, i);
+        let (naive, k) = (Arc::clone(&self.naive), key.clone());
+        let token = self.run(move || naive.begin(k.as_bytes()));
+        let naive = Arc::clone(&self.naive);
+        self.run(move || naive.complete(key.as_bytes(), token, &RESPONSE));
+    }
+}
+
 /// SQLite through rusqlite (bundled): WAL, `synchronous=FULL`, a connection per thread,
 /// the same transitions in `BEGIN IMMEDIATE` transactions.
 pub struct Sqlite {

@@ -8,7 +8,12 @@
 //! cargo run --release --example compare -- --smoke      # seconds, for CI
 //! cargo run --release --example compare -- --seconds 5  # longer runs per cell
 //! cargo run --release --example compare -- --keys sequential  # thread-counter key ids
+//! cargo run --release --example compare -- --callers 1 --handoff  # + the cost of a thread hop
 //! ```
+//!
+//! `--handoff` adds two diagnostic rows: the naive baseline with every operation run on a
+//! second thread, the threads waiting for each other either in crossbeam's blocking `recv`
+//! or by parking at once. They show what a hand-off to a committer thread costs by itself.
 //!
 //! Keys are UUID-shaped and random by default, as clients generate them, so every peer
 //! inserts all over its tree; `--keys sequential` gives each caller its own append point.
@@ -24,12 +29,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idemstore::{Begin, Fingerprint, Key};
-use peers::{Idem, NaiveRedb, Peer, Sqlite, raw_batch_ceiling, run_cycles};
+use peers::{Idem, NaiveOnThread, NaiveRedb, Peer, Sqlite, Wait, raw_batch_ceiling, run_cycles};
 
 struct Args {
     seconds: f64,
     callers: Vec<usize>,
     rounds: usize,
+    handoff: bool,
 }
 
 fn args() -> Args {
@@ -37,6 +43,7 @@ fn args() -> Args {
         seconds: 2.0,
         callers: vec![1, 8, 64],
         rounds: 3,
+        handoff: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -46,6 +53,7 @@ fn args() -> Args {
                 a.callers = vec![1, 8];
                 a.rounds = 1;
             }
+            "--handoff" => a.handoff = true,
             "--rounds" => {
                 a.rounds = it
                     .next()
@@ -72,7 +80,7 @@ fn args() -> Args {
             },
             "-h" | "--help" => {
                 println!(
-                    "usage: compare [--smoke] [--seconds S] [--rounds R] [--callers 1,8,64] [--keys random|sequential]"
+                    "usage: compare [--smoke] [--seconds S] [--rounds R] [--callers 1,8,64] [--keys random|sequential] [--handoff]"
                 );
                 std::process::exit(0);
             }
@@ -92,7 +100,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let a = args();
     let dir = tempfile::tempdir().expect("tempdir");
-    let peers: Vec<(&str, Box<Maker>)> = vec![
+    let mut peers: Vec<(&str, Box<Maker>)> = vec![
         (
             "naive redb (1 txn/op)",
             Box::new(|_, p: &std::path::Path| Box::new(NaiveRedb::open(p)) as Box<dyn Peer>),
@@ -106,6 +114,21 @@ fn main() {
             Box::new(|n, p: &std::path::Path| Box::new(Sqlite::open(p, n)) as Box<dyn Peer>),
         ),
     ];
+    if a.handoff {
+        // Diagnostics: what a thread hand-off alone costs (no batching, naive's work).
+        peers.push((
+            "naive on a thread, recv",
+            Box::new(|_, p: &std::path::Path| {
+                Box::new(NaiveOnThread::open(p, Wait::Recv)) as Box<dyn Peer>
+            }),
+        ));
+        peers.push((
+            "naive on a thread, park",
+            Box::new(|_, p: &std::path::Path| {
+                Box::new(NaiveOnThread::open(p, Wait::Park)) as Box<dyn Peer>
+            }),
+        ));
+    }
     // rates[peer][callers] = one rate per round; the peers take turns within each round (in a
     // rotating order), so slow drifts of the machine hit them all alike.
     let mut rates = vec![vec![Vec::new(); a.callers.len()]; peers.len()];
