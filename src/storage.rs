@@ -427,7 +427,8 @@ pub(crate) struct Stored {
 }
 
 /// How long a read keeps retrying when the log entry its index lookup found is gone from its
-/// snapshot. That happens only while a commit that replaced this very key is being published
+/// snapshot. That happens only while a commit that deleted this very key's entry (an abandon
+/// or the reaper, possibly followed by a new claim) is being published
 /// (the moment between redb making it visible and the committer updating the index, which
 /// is only the end of the commit call and a map update); an index entry still missing after
 /// this long is a bug or damage.
@@ -444,7 +445,7 @@ impl Stored {
             let mut since: Option<std::time::Instant> = None;
             loop {
                 // The index first, then the snapshot: every entry the index names was
-                // committed before the snapshot began, so a missing one was replaced since.
+                // committed before the snapshot began, so a missing one was deleted since.
                 let candidates = self.index.candidates(hash);
                 let mut seqs = candidates.iter().peekable();
                 if seqs.peek().is_none() {
@@ -457,7 +458,7 @@ impl Stored {
                     Lookup::Absent => return Ok(None),
                     Lookup::Missing => {}
                 }
-                // A commit replaced the entry and is being published: look again shortly.
+                // A commit deleted the entry and is being published: look again shortly.
                 let since = *since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() > READ_RETRY_LIMIT {
                     return Err(Error::corrupt(
