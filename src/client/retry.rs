@@ -492,17 +492,23 @@ impl RetryPolicy {
     }
 }
 
-/// Parses a `Retry-After` value: delay-seconds (`"120"`) or an HTTP-date in the IMF-fixdate
-/// form (`"Sun, 06 Nov 1994 08:49:37 GMT"`, relative to `now`; a date in the past is zero).
-/// `None` for anything else (the obsolete RFC 850 and asctime date forms included); the
-/// retry helper then uses its backoff alone.
+/// Parses a `Retry-After` value: delay-seconds (`"120"`) or an HTTP-date (relative to
+/// `now`; a date in the past is zero), in any of the three forms RFC 9110 §5.6.7 asks
+/// recipients to accept: IMF-fixdate (`"Sun, 06 Nov 1994 08:49:37 GMT"`), the obsolete
+/// RFC 850 form (`"Sunday, 06-Nov-94 08:49:37 GMT"`, its two-digit year read as the latest
+/// year with those digits that is not more than 50 years after `now`) and asctime
+/// (`"Sun Nov  6 08:49:37 1994"`). `None` for anything else; the retry helper then uses its
+/// backoff alone.
 ///
 /// ```
 /// use std::time::{Duration, UNIX_EPOCH};
 /// use idemstore::client::parse_retry_after;
 /// let now = UNIX_EPOCH + Duration::from_secs(784_111_717); // 06 Nov 1994 08:48:37
 /// assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
-/// assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now), Some(Duration::from_secs(60)));
+/// let minute = Some(Duration::from_secs(60));
+/// assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now), minute);
+/// assert_eq!(parse_retry_after("Sunday, 06-Nov-94 08:49:37 GMT", now), minute);
+/// assert_eq!(parse_retry_after("Sun Nov  6 08:49:37 1994", now), minute);
 /// assert_eq!(parse_retry_after("soon", now), None);
 /// ```
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
@@ -511,53 +517,194 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         // Absurdly long numbers saturate rather than fail: the server means "a long time".
         return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
-    let at = parse_imf_fixdate(value)?;
+    let at = parse_http_date(value, now)?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// `Sun, 06 Nov 1994 08:49:37 GMT` (RFC 9110 §5.6.7).
-fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+/// An HTTP-date in any of its three forms (RFC 9110 §5.6.7); `now` places RFC 850's
+/// two-digit years.
+fn parse_http_date(s: &str, now: SystemTime) -> Option<SystemTime> {
+    parse_imf_fixdate(s)
+        .or_else(|| parse_rfc850(s, now))
+        .or_else(|| parse_asctime(s))
+}
+
+const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+const LONG_DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// A date and time of day, UTC, as written.
+struct Civil {
+    year: u64,
+    month: u64,
+    day: u64,
+    hour: u64,
+    minute: u64,
+    second: u64,
+}
+
+/// `s` as a number if it is all ASCII digits (no sign, no spaces).
+fn digits(s: &str) -> Option<u64> {
+    (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
+fn month(s: &str) -> Option<u64> {
+    MONTHS.iter().position(|m| *m == s).map(|i| i as u64 + 1)
+}
+
+/// `HH:MM:SS`.
+fn time_of_day(s: &str) -> Option<(u64, u64, u64)> {
     let b = s.as_bytes();
-    if b.len() != 29 || &b[3..5] != b", " || &b[25..] != b" GMT" {
+    if b.len() != 8 || b[2] != b':' || b[5] != b':' {
         return None;
     }
-    if !["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"].contains(&&s[..3]) {
+    Some((digits(&s[..2])?, digits(&s[3..5])?, digits(&s[6..])?))
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+    let (name, rest) = s.split_once(", ")?;
+    if !DAYS.contains(&name) {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<u64> {
-        let part = s.get(r)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())?
+    let rest = rest.strip_suffix(" GMT")?;
+    let b = rest.as_bytes();
+    // "06 Nov 1994 08:49:37"
+    if b.len() != 20 || b[2] != b' ' || b[6] != b' ' || b[11] != b' ' {
+        return None;
+    }
+    let (hour, minute, second) = time_of_day(rest.get(12..)?)?;
+    Civil {
+        year: digits(rest.get(7..11)?)?,
+        month: month(rest.get(3..6)?)?,
+        day: digits(rest.get(..2)?)?,
+        hour,
+        minute,
+        second,
+    }
+    .to_time()
+}
+
+/// `Sunday, 06-Nov-94 08:49:37 GMT` (obsolete; two-digit year placed relative to `now`).
+fn parse_rfc850(s: &str, now: SystemTime) -> Option<SystemTime> {
+    let (name, rest) = s.split_once(", ")?;
+    if !LONG_DAYS.contains(&name) {
+        return None;
+    }
+    let rest = rest.strip_suffix(" GMT")?;
+    let b = rest.as_bytes();
+    // "06-Nov-94 08:49:37"
+    if b.len() != 18 || b[2] != b'-' || b[6] != b'-' || b[9] != b' ' {
+        return None;
+    }
+    let yy = digits(rest.get(7..9)?)?;
+    let this_year = year_of(now);
+    let mut year = this_year - this_year % 100 + yy;
+    if year > this_year + 50 {
+        year -= 100;
+    }
+    let (hour, minute, second) = time_of_day(rest.get(10..)?)?;
+    Civil {
+        year,
+        month: month(rest.get(3..6)?)?,
+        day: digits(rest.get(..2)?)?,
+        hour,
+        minute,
+        second,
+    }
+    .to_time()
+}
+
+/// `Sun Nov  6 08:49:37 1994` (obsolete; a one-digit day is padded with a space).
+fn parse_asctime(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 24 || b[3] != b' ' || b[7] != b' ' || b[10] != b' ' || b[19] != b' ' {
+        return None;
+    }
+    if !DAYS.contains(&s.get(..3)?) {
+        return None;
+    }
+    let day = match (b[8], b[9]) {
+        (b' ', d) if d.is_ascii_digit() => u64::from(d - b'0'),
+        _ => digits(s.get(8..10)?)?,
     };
-    let day = num(5..7)?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| s.get(8..11) == Some(*m))? as u64
-        + 1;
-    let year = num(12..16)?;
-    if b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
-        return None;
+    let (hour, minute, second) = time_of_day(s.get(11..19)?)?;
+    Civil {
+        year: digits(s.get(20..)?)?,
+        month: month(s.get(4..7)?)?,
+        day,
+        hour,
+        minute,
+        second,
     }
-    let (hour, minute, second) = (num(17..19)?, num(20..22)?, num(23..25)?);
-    if !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 || year < 1970 {
-        return None;
+    .to_time()
+}
+
+/// The civil year (UTC) of `t`; 1970 for times before the epoch.
+fn year_of(t: SystemTime) -> u64 {
+    let days = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400);
+    // Howard Hinnant's civil_from_days, for days from 1970 on.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    yoe + era * 400 + u64::from(month <= 2)
+}
+
+impl Civil {
+    /// The instant, if the fields make a date from 1970 on (days up to 31 in any month
+    /// are accepted, as before; a leap second counts as the next second).
+    fn to_time(&self) -> Option<SystemTime> {
+        let Civil {
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            second,
+        } = *self;
+        if !(1..=31).contains(&day)
+            || !(1..=12).contains(&month)
+            || hour > 23
+            || minute > 59
+            || second > 60
+            || year < 1970
+        {
+            return None;
+        }
+        // Days from the civil date (Howard Hinnant's days_from_civil), for years from 1970 on.
+        let (y, m) = if month <= 2 {
+            (year - 1, month + 9)
+        } else {
+            (year, month - 3)
+        };
+        let era = y / 400;
+        let yoe = y % 400;
+        let doy = (153 * m + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = (era * 146_097 + doe).checked_sub(719_468)?;
+        let secs = days
+            .checked_mul(86_400)?
+            .checked_add(hour * 3600 + minute * 60 + second)?;
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
     }
-    // Days from the civil date (Howard Hinnant's algorithm), for years from 1970 on.
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y % 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146_097 + doe).checked_sub(719_468)?;
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 #[cfg(test)]
@@ -608,6 +755,8 @@ mod tests {
             "Sunday, 06-Nov-94 08:49:37 GMT",
             "Sun Nov  6 08:49:37 1994",
             "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 06 Nov 19944 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:3 GMT",
             "Sun, 6 Nov 1994 08:49:37 GMT ",
             "Sun, 06 Nov 1994 25:49:37 GMT",
             "Sun, +6 Nov 1994 08:49:37 GMT",
@@ -615,6 +764,44 @@ mod tests {
             "Sün, 06 Nov 1994 08:49:37 GMT",
         ] {
             assert_eq!(parse_imf_fixdate(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn obsolete_date_forms() {
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // 1994
+        let t = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(parse_rfc850("Sunday, 06-Nov-94 08:49:37 GMT", now), Some(t));
+        assert_eq!(parse_asctime("Sun Nov  6 08:49:37 1994"), Some(t));
+        assert_eq!(
+            parse_asctime("Tue Feb 29 23:59:59 2028"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_835_481_599))
+        );
+        // Two-digit years: at most 50 years ahead of `now`, else the century before.
+        let in_2026 = UNIX_EPOCH + Duration::from_secs(1_795_824_000); // 2026-11-28
+        assert_eq!(year_of(in_2026), 2026);
+        let year = |s| parse_rfc850(s, in_2026).map(year_of);
+        assert_eq!(year("Monday, 01-Jan-76 00:00:00 GMT"), Some(2076));
+        assert_eq!(year("Friday, 01-Jan-77 00:00:00 GMT"), Some(1977));
+        assert_eq!(year("Thursday, 01-Jan-70 00:00:00 GMT"), Some(2070));
+        for bad in [
+            "Sun, 06-Nov-94 08:49:37 GMT",
+            "Sunday, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 UTC",
+            "Sunday, 06-Xyz-94 08:49:37 GMT",
+        ] {
+            assert_eq!(parse_rfc850(bad, now), None, "{bad:?}");
+        }
+        for bad in [
+            "Sun Nov 6 08:49:37 1994",
+            "Sun Nov 06 08:49:37 94",
+            "Sunday Nov  6 08:49:37 1994",
+            "Sun Nov  6 08:49:37 1994 GMT",
+            "Sun Nov  x 08:49:37 1994",
+            "Sun Nov 32 08:49:37 1994",
+        ] {
+            assert_eq!(parse_asctime(bad), None, "{bad:?}");
         }
     }
 
