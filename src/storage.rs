@@ -426,88 +426,55 @@ pub(crate) struct Stored {
     next_seq: AtomicU64,
 }
 
-/// How long a read keeps retrying when the log entry its index lookup found is gone from its
-/// snapshot. That happens only while a commit that deleted this very key's entry (an abandon
-/// or the reaper, possibly followed by a new claim) is being published
-/// (the moment between redb making it visible and the committer updating the index, which
-/// is only the end of the commit call and a map update); an index entry still missing after
-/// this long is a bug or damage.
-const READ_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl Stored {
     /// Reads one record in a read transaction. An absent key costs one index lookup and no
-    /// transaction.
+    /// transaction. Never waits for the committer.
+    ///
+    /// The index is read first, then the snapshot, so every entry the index names was
+    /// committed before the snapshot began. One that is gone from the snapshot was deleted
+    /// (an abandon or the reaper, perhaps followed by a new claim of the key in the same
+    /// batch) by a commit whose index changes the committer has not published yet; its
+    /// callers are not answered before that, so the commit is concurrent with this read and
+    /// reading the key as absent is a state the key really passed through (after the
+    /// deletion, before any new claim). A `begin` that then asks the committer to claim the
+    /// key gets the current answer from it.
     ///
     /// Guarded: if the engine panics on a damaged page, the caller gets [`Error::Corrupt`].
     pub fn read_record(&self, key: &[u8]) -> Result<Option<Record>> {
         let hash = self.index.hash(key);
         guarded("reading a record", || {
-            let mut since: Option<std::time::Instant> = None;
-            loop {
-                // The index first, then the snapshot: every entry the index names was
-                // committed before the snapshot began, so a missing one was deleted since.
-                let candidates = self.index.candidates(hash);
-                let mut seqs = candidates.iter().peekable();
-                if seqs.peek().is_none() {
-                    return Ok(None);
-                }
-                let txn = self.db.begin_read().map_err(engine("starting a read"))?;
-                let log = txn.open_table(LOG).map_err(table_error)?;
-                match lookup(&log, seqs, key)? {
-                    Lookup::Found(_, record) => return Ok(Some(record)),
-                    Lookup::Absent => return Ok(None),
-                    Lookup::Missing => {}
-                }
-                // A commit deleted the entry and is being published: look again shortly.
-                let since = *since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > READ_RETRY_LIMIT {
-                    return Err(Error::corrupt(
-                        "the key index names log entries that do not exist; reopen the store \
-                         to rebuild it",
-                    ));
-                }
-                std::thread::yield_now();
+            let candidates = self.index.candidates(hash);
+            let mut seqs = candidates.iter().peekable();
+            if seqs.peek().is_none() {
+                return Ok(None);
             }
+            let txn = self.db.begin_read().map_err(engine("starting a read"))?;
+            let log = txn.open_table(LOG).map_err(table_error)?;
+            Ok(lookup(&log, seqs, key)?.map(|(_, record)| record))
         })
     }
 }
 
-/// What the log entries an index lookup named hold for a key.
-enum Lookup {
-    /// The key's entry: its sequence number and record.
-    Found(u64, Record),
-    /// Every named entry exists and holds another key (or none was named).
-    Absent,
-    /// No entry holds the key, and some named entry does not exist.
-    Missing,
-}
-
-/// Looks for `key` among the log entries `seqs` of `log`.
+/// Looks for `key` among the log entries `seqs` of `log`: its sequence number and record.
+/// Named entries that do not exist (deleted by a commit whose index changes are not
+/// published yet) and entries of other keys (hash collisions) are passed over.
 fn lookup(
     log: &impl ReadableTable<u64, &'static [u8]>,
     seqs: impl Iterator<Item = u64>,
     key: &[u8],
-) -> Result<Lookup> {
-    let mut missing = false;
+) -> Result<Option<(u64, Record)>> {
     for seq in seqs {
-        match log
+        let entry = log
             .get(seq)
-            .map_err(|e| Error::storage("reading a record", e))?
-        {
-            Some(entry) => {
-                let (k, record) = split_entry(entry.value())?;
-                if k == key {
-                    return Ok(Lookup::Found(seq, Record::decode(record)?));
-                }
+            .map_err(|e| Error::storage("reading a record", e))?;
+        if let Some(entry) = entry {
+            let (k, record) = split_entry(entry.value())?;
+            if k == key {
+                return Ok(Some((seq, Record::decode(record)?)));
             }
-            None => missing = true,
         }
     }
-    Ok(if missing {
-        Lookup::Missing
-    } else {
-        Lookup::Absent
-    })
+    Ok(None)
 }
 
 /// The store's tables, opened inside one write transaction, with the index changes the
@@ -585,10 +552,7 @@ impl<'t> WriteTables<'t> {
         let candidates = self.stored.index.candidates(self.stored.index.hash(key));
         // A missing entry here belongs to a colliding key this batch deleted (a key this
         // batch touched is in `located`).
-        let found = match lookup(&self.log, candidates.iter(), key)? {
-            Lookup::Found(seq, record) => Some((seq, record)),
-            Lookup::Absent | Lookup::Missing => None,
-        };
+        let found = lookup(&self.log, candidates.iter(), key)?;
         self.located
             .insert(key.to_vec(), found.as_ref().map(|&(seq, _)| seq));
         Ok(found)

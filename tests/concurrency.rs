@@ -344,3 +344,82 @@ fn takeovers_are_fenced_and_side_effects_counted() {
 fn takeovers_are_fenced_with_immediate_durability() {
     races(Durability::Immediate);
 }
+
+/// Reads racing two writers that claim one key, rewrite its record in place (checkpoints)
+/// and delete it (abandon), over and over (a deletion and the other writer's claim can land
+/// in one batch): a read never fails and only ever sees a state the key really had (absent,
+/// or in flight with a checkpoint a writer stored), and never an older checkpoint after a
+/// newer one within one claim.
+#[test]
+fn reads_racing_claims_rewrites_and_deletes_see_only_real_states() {
+    const CLAIMS: u64 = 500;
+    let store = Store::builder()
+        .durability(Durability::None)
+        .reap_interval(None)
+        .open_in_memory()
+        .unwrap();
+    let key = Key::new("race", "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11").unwrap();
+    let writers_done = AtomicU64::new(0);
+    let (seen_absent, seen_present) = (AtomicU64::new(0), AtomicU64::new(0));
+    thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                // (token, last checkpoint number) of the claim this reader saw last.
+                let mut last: Option<(u64, u64)> = None;
+                while writers_done.load(Ordering::Acquire) < 2 {
+                    match store.get(&key).expect("a read never fails") {
+                        None => {
+                            seen_absent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(Entry::InFlight {
+                            token, checkpoint, ..
+                        }) => {
+                            seen_present.fetch_add(1, Ordering::Relaxed);
+                            let n = checkpoint.map_or(0, |c| {
+                                let text = String::from_utf8(c).expect("a stored checkpoint");
+                                text.strip_prefix("step ")
+                                    .and_then(|n| n.parse().ok())
+                                    .expect("a checkpoint a writer stored")
+                            });
+                            if let Some((t, m)) = last
+                                && t == token
+                            {
+                                assert!(n >= m, "checkpoint {n} read after {m}, token {token}");
+                            }
+                            last = Some((token, n));
+                        }
+                        Some(other) => panic!("the key is never completed: {other:?}"),
+                    }
+                }
+            });
+        }
+        for _ in 0..2 {
+            s.spawn(|| {
+                let fp = Fingerprint::of(b"request");
+                let mut claims = 0;
+                while claims < CLAIMS {
+                    match store.begin(&key, &fp).unwrap() {
+                        Begin::Started(mut lease) => {
+                            claims += 1;
+                            for step in 1..=(claims % 3) {
+                                lease.checkpoint(format!("step {step}").as_bytes()).unwrap();
+                            }
+                            lease.abandon().unwrap();
+                        }
+                        Begin::InFlight { .. } => thread::yield_now(),
+                        other => panic!("the key is never completed: {other:?}"),
+                    }
+                }
+                writers_done.fetch_add(1, Ordering::Release);
+            });
+        }
+    });
+    let (absent, present) = (
+        seen_absent.load(Ordering::Relaxed),
+        seen_present.load(Ordering::Relaxed),
+    );
+    assert!(
+        absent > 0 && present > 0,
+        "absent {absent}, present {present}"
+    );
+}
