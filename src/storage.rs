@@ -18,7 +18,7 @@
 //! key's first record is appended to the log under the next sequence number, and later
 //! records of the key rewrite that entry in place (for the request that just ran it sits
 //! near the log's end too), so a commit of a whole batch touches a handful of pages. The
-//! log is in the order keys were claimed; a key deleted (released, abandoned or reaped) and
+//! log is in the order keys were claimed; a key deleted (abandoned or reaped) and
 //! claimed again gets a new entry at the end. The cost is an
 //! in-memory index from key hash to sequence number ([`crate::index`]), rebuilt by a scan of
 //! the log when the store opens.
@@ -571,27 +571,16 @@ impl<'t> WriteTables<'t> {
     /// delete it), so rewriting it dirties no more pages, and saves the append.
     pub fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
         let located = self.locate(key)?;
-        let entry = encode_entry(key, record);
+        let seq = located.unwrap_or_else(|| self.stored.next_seq.fetch_add(1, Ordering::Relaxed));
         let dies_at = record.dies_at();
-        let Some(seq) = located else {
-            let seq = self.stored.next_seq.fetch_add(1, Ordering::Relaxed);
-            self.log
-                .insert(seq, entry.as_slice())
-                .map_err(|e| Error::storage("writing a record", e))?;
-            self.deaths
-                .insert((dies_at, seq), ())
-                .map_err(|e| Error::storage("writing the expiry index", e))?;
-            self.moved(key, None, Some(seq));
-            return Ok(());
-        };
+        // `None` for a new entry, and for a damaged old record (no readable death time: its
+        // expiry entry then stays behind, and the reaper re-files it under the record's own).
         let old_dies_at = self
             .log
-            .insert(seq, entry.as_slice())
+            .insert(seq, encode_entry(key, record).as_slice())
             .map_err(|e| Error::storage("writing a record", e))?
             .and_then(|old| entry_dies_at(old.value()));
         if old_dies_at != Some(dies_at) {
-            // A damaged old record has no readable death time; its expiry entry then stays
-            // behind, and the reaper re-files it under the record's own death time.
             if let Some(old) = old_dies_at {
                 self.deaths
                     .remove((old, seq))
@@ -600,6 +589,9 @@ impl<'t> WriteTables<'t> {
             self.deaths
                 .insert((dies_at, seq), ())
                 .map_err(|e| Error::storage("writing the expiry index", e))?;
+        }
+        if located.is_none() {
+            self.moved(key, None, Some(seq));
         }
         Ok(())
     }

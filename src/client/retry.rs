@@ -573,58 +573,44 @@ fn time_of_day(s: &str) -> Option<(u64, u64, u64)> {
     Some((digits(&s[..2])?, digits(&s[3..5])?, digits(&s[6..])?))
 }
 
-/// `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+/// `<day name>, DD<sep>Mon<sep>YEAR HH:MM:SS GMT`, the shape IMF-fixdate (`sep` a space,
+/// 4-digit year) and RFC 850 (`sep` `-`, 2-digit year) share; the year as written.
+fn named_gmt_date(s: &str, names: &[&str], sep: u8, year_digits: usize) -> Option<Civil> {
     let (name, rest) = s.split_once(", ")?;
-    if !DAYS.contains(&name) {
+    if !names.contains(&name) {
         return None;
     }
     let rest = rest.strip_suffix(" GMT")?;
     let b = rest.as_bytes();
-    // "06 Nov 1994 08:49:37"
-    if b.len() != 20 || b[2] != b' ' || b[6] != b' ' || b[11] != b' ' {
+    let year_end = 7 + year_digits;
+    if b.len() != year_end + 9 || b[2] != sep || b[6] != sep || b[year_end] != b' ' {
         return None;
     }
-    let (hour, minute, second) = time_of_day(rest.get(12..)?)?;
-    Civil {
-        year: digits(rest.get(7..11)?)?,
+    let (hour, minute, second) = time_of_day(rest.get(year_end + 1..)?)?;
+    Some(Civil {
+        year: digits(rest.get(7..year_end)?)?,
         month: month(rest.get(3..6)?)?,
         day: digits(rest.get(..2)?)?,
         hour,
         minute,
         second,
-    }
-    .to_time()
+    })
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+    named_gmt_date(s, &DAYS, b' ', 4)?.to_time()
 }
 
 /// `Sunday, 06-Nov-94 08:49:37 GMT` (obsolete; two-digit year placed relative to `now`).
 fn parse_rfc850(s: &str, now: SystemTime) -> Option<SystemTime> {
-    let (name, rest) = s.split_once(", ")?;
-    if !LONG_DAYS.contains(&name) {
-        return None;
-    }
-    let rest = rest.strip_suffix(" GMT")?;
-    let b = rest.as_bytes();
-    // "06-Nov-94 08:49:37"
-    if b.len() != 18 || b[2] != b'-' || b[6] != b'-' || b[9] != b' ' {
-        return None;
-    }
-    let yy = digits(rest.get(7..9)?)?;
+    let mut date = named_gmt_date(s, &LONG_DAYS, b'-', 2)?;
     let this_year = year_of(now);
-    let mut year = this_year - this_year % 100 + yy;
-    if year > this_year + 50 {
-        year -= 100;
+    date.year += this_year - this_year % 100;
+    if date.year > this_year + 50 {
+        date.year -= 100;
     }
-    let (hour, minute, second) = time_of_day(rest.get(10..)?)?;
-    Civil {
-        year,
-        month: month(rest.get(3..6)?)?,
-        day: digits(rest.get(..2)?)?,
-        hour,
-        minute,
-        second,
-    }
-    .to_time()
+    date.to_time()
 }
 
 /// `Sun Nov  6 08:49:37 1994` (obsolete; a one-digit day is padded with a space).
