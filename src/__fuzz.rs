@@ -6,6 +6,7 @@
 
 use crate::error::Result;
 use crate::record::{Record, State};
+use crate::timeline::Stamp;
 
 /// Decodes `bytes` as a record and encodes the result again: `Ok(encode(decode(bytes)))`,
 /// or the decoding error (always [`Error::Corrupt`](crate::Error::Corrupt)).
@@ -13,27 +14,30 @@ use crate::record::{Record, State};
 /// # Errors
 /// As the codec's decoding.
 pub fn record_roundtrip(bytes: &[u8]) -> Result<Vec<u8>> {
-    Record::decode(bytes).map(|r| r.encode())
+    Record::decode(bytes).map(|(r, stamp)| r.encode(stamp))
 }
 
 /// Whether the reaper's partial read of a record agrees with a full decode: when `bytes`
 /// decode, their peeked death time is the record's. `true` for bytes that don't decode.
 pub fn peek_matches_decode(bytes: &[u8]) -> bool {
     match Record::decode(bytes) {
-        Ok(r) => Record::peek_dies_at(bytes).ok() == Some(r.dies_at()),
+        Ok((r, stamp)) => Record::peek(bytes).ok() == Some((r.dies_at(), stamp)),
         Err(_) => true,
     }
 }
 
 /// The death time (SPEC §3) of the record `bytes` decode to, `None` if they don't decode.
 pub fn record_dies_at(bytes: &[u8]) -> Option<u64> {
-    Record::decode(bytes).ok().map(|r| r.dies_at())
+    Record::decode(bytes).ok().map(|(r, _)| r.dies_at())
 }
 
-/// Encodes an in-flight record with these fields.
+/// Encodes an in-flight record with these fields, written at `written_at` in clock epoch
+/// `epoch`.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_in_flight(
     fingerprint: [u8; 32],
     token: u64,
+    (written_at, epoch): (u64, u32),
     created_at: u64,
     ttl_deadline: u64,
     lease_expires_at: u64,
@@ -51,13 +55,18 @@ pub fn encode_in_flight(
             checkpoint: checkpoint.map(<[u8]>::to_vec),
         },
     }
-    .encode()
+    .encode(Stamp {
+        at: written_at,
+        epoch,
+    })
 }
 
-/// Encodes a completed record with these fields.
+/// Encodes a completed record with these fields, written at `written_at` in clock epoch
+/// `epoch`.
 pub fn encode_completed(
     fingerprint: [u8; 32],
     token: u64,
+    (written_at, epoch): (u64, u32),
     completed_at: u64,
     expires_at: u64,
     response: &[u8],
@@ -71,5 +80,8 @@ pub fn encode_completed(
             response: response.to_vec(),
         },
     }
-    .encode()
+    .encode(Stamp {
+        at: written_at,
+        epoch,
+    })
 }

@@ -2,7 +2,6 @@
 //! timestamp arithmetic (nanoseconds since the Unix epoch, saturating, never panicking).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -10,9 +9,11 @@ use parking_lot::Mutex;
 /// Where the store reads the time from.
 ///
 /// The store asks for `now` at every operation; deadlines (lease expiry, record death) are
-/// computed from it and stored. A clock that goes backwards is tolerated: nothing panics,
-/// nothing dead comes back, and nothing expires early (a deadline only passes once `now`
-/// reaches it).
+/// computed from it and stored. A clock that steps back by up to a second is absorbed (the
+/// store's time waits for it); a larger step back is taken as the correction of a clock that
+/// was wrong before: records written under the wrong time are read as if written at the
+/// correction, so they expire within one lease or TTL of it. A reading before 1970 or from
+/// year 2262 on fails the call with [`Error::Clock`](crate::Error::Clock) and is never stored.
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> SystemTime;
@@ -70,37 +71,6 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
         *self.now.lock()
-    }
-}
-
-/// The store's view of a [`Clock`]: it never goes backwards. It returns the latest time read
-/// so far when the wrapped clock is behind it, so a record once seen dead stays dead and no
-/// deadline passes before `now` has reached it (SPEC §6, the clock going backwards).
-///
-/// The latest time is persisted by write batches (at most once a second) and exactly on a
-/// clean close, and a reopened store starts from it, so this holds across restarts too
-/// (after a crash, up to a second of it may be lost).
-pub(crate) struct Monotonic {
-    clock: Arc<dyn Clock>,
-    /// The latest time read, in nanoseconds since the Unix epoch.
-    latest: AtomicU64,
-}
-
-impl Monotonic {
-    /// Wraps `clock`, never answering less than `floor` (nanoseconds since the epoch).
-    pub(crate) fn new(clock: Arc<dyn Clock>, floor: u64) -> Monotonic {
-        Monotonic {
-            clock,
-            latest: AtomicU64::new(floor),
-        }
-    }
-}
-
-impl Clock for Monotonic {
-    fn now(&self) -> SystemTime {
-        let now = to_nanos(self.clock.now());
-        let latest = self.latest.fetch_max(now, Ordering::AcqRel);
-        from_nanos(latest.max(now))
     }
 }
 

@@ -23,14 +23,13 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::handoff::{self, Doorbell};
 
-use crate::clock::{Clock, to_nanos};
 use crate::config::{Durability, Settings};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::machine::{self, BeginStep, LeaseAction, Takeover, Transition};
 use crate::record::Record;
 use crate::stats::{StatsCells, bump};
-use crate::storage::{Stored, WriteTables};
+use crate::storage::{self, Stored, WriteTables};
 
 /// Most operations applied in one write transaction.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -115,7 +114,6 @@ impl Submitter {
 
 struct Worker {
     stored: Arc<Stored>,
-    clock: Arc<dyn Clock>,
     settings: Settings,
     stats: Arc<StatsCells>,
     poisoned: AtomicBool,
@@ -132,7 +130,6 @@ impl Committer {
     /// [`Error::Storage`] if the thread cannot be spawned.
     pub fn spawn(
         stored: Arc<Stored>,
-        clock: Arc<dyn Clock>,
         settings: Settings,
         stats: Arc<StatsCells>,
     ) -> Result<Committer> {
@@ -140,7 +137,6 @@ impl Committer {
         let bell = Arc::new(Doorbell::default());
         let worker = Worker {
             stored,
-            clock,
             settings,
             stats,
             poisoned: AtomicBool::new(false),
@@ -260,15 +256,23 @@ impl Worker {
         if self.poisoned.load(Ordering::Acquire) {
             return;
         }
-        let now = to_nanos(self.clock.now());
+        let Ok(stamp) = self.stored.timeline.now() else {
+            return;
+        };
         // Guarded like every write: the engine can panic on a damaged page.
         let _ = catch_unwind(AssertUnwindSafe(|| {
-            let Ok(txn) = self.stored.db.begin_write() else {
+            let Ok(txn) = storage::begin_write(&self.stored.db, Durability::Immediate) else {
                 return;
             };
-            let noted = WriteTables::open(&txn, &self.stored).and_then(|mut t| t.note_time(now));
-            if noted.is_ok() {
-                let _ = txn.commit();
+            let noted = WriteTables::open(&txn, &self.stored, stamp).and_then(|mut t| {
+                let saved = self.save_corrections(&mut t)?;
+                t.note_time(stamp.at)?;
+                Ok(saved)
+            });
+            if let Ok(saved) = noted
+                && txn.commit().is_ok()
+            {
+                self.corrections_saved(saved);
             }
         }));
     }
@@ -315,29 +319,27 @@ impl Worker {
 
     /// Applies every op in one transaction and commits. `Err` fails the whole batch.
     fn apply_all_unguarded(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
-        let mut txn = self
-            .stored
-            .db
-            .begin_write()
-            .map_err(|e| Error::storage("starting a write transaction", e))?;
-        let durability = match self.settings.durability {
-            Durability::Immediate => redb::Durability::Immediate,
-            Durability::None => redb::Durability::None,
+        let txn = storage::begin_write(&self.stored.db, self.settings.durability)?;
+        let stamp = match self.stored.timeline.now() {
+            Ok(stamp) => stamp,
+            // A clock reading the store cannot represent: nothing is written, every
+            // operation of the batch gets the error (the store is not poisoned).
+            Err(e) => return Ok(ops.iter().map(|_| Err(e.duplicate())).collect()),
         };
-        txn.set_durability(durability)
-            .map_err(|e| Error::storage("setting durability", e))?;
-        let now = to_nanos(self.clock.now());
+        let now = stamp.at;
         let mut results = Vec::with_capacity(ops.len());
-        let note = now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY);
+        let mut saved = None;
         let changes = {
-            let mut tables = WriteTables::open(&txn, &self.stored)?;
+            let mut tables = WriteTables::open(&txn, &self.stored, stamp)?;
+            // Before any record of a new clock epoch: the correction that began it.
+            saved = self.save_corrections(&mut tables)?.or(saved);
             for op in ops {
                 match self.apply(&mut tables, op, now) {
                     Err(e @ Error::Storage { .. }) => return Err(e),
                     other => results.push(other),
                 }
             }
-            if note {
+            if saved.is_some() || now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY) {
                 tables.note_time(now)?;
             }
             tables.into_changes()
@@ -352,12 +354,45 @@ impl Worker {
         }
         // Published only now: readers never see an entry that is not committed.
         self.stored.index.apply(&changes);
-        if note {
+        if saved.is_some() || now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY) {
             self.noted_time.set(now);
         }
+        self.corrections_saved(saved);
         bump(&self.stats.commits, 1);
         bump(&self.stats.committed_ops, results.len() as u64);
         Ok(results)
+    }
+
+    /// Writes the clock corrections not persisted yet, and where the reaper's re-filing of
+    /// the records they move back starts. Returns how many corrections are then persisted
+    /// (`None` when there was nothing to write), for [`Worker::corrections_saved`] once the
+    /// transaction committed.
+    fn save_corrections(
+        &self,
+        tables: &mut WriteTables<'_>,
+    ) -> Result<Option<(usize, Option<u64>)>> {
+        let Some((corrections, saved)) = self.stored.timeline.unsaved() else {
+            return Ok(None);
+        };
+        let from = {
+            let pending = *self.stored.resweep_from.lock();
+            match (pending, corrections.resweep_from(saved)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        tables.save_corrections(&corrections, from)?;
+        // The reap operations of this same batch start re-filing at once (a failed commit
+        // poisons the store, so this is never acted on without the commit).
+        *self.stored.resweep_from.lock() = from;
+        Ok(Some((corrections.len(), from)))
+    }
+
+    /// Notes, after the commit, what [`Worker::save_corrections`] persisted.
+    fn corrections_saved(&self, saved: Option<(usize, Option<u64>)>) {
+        if let Some((count, _)) = saved {
+            self.stored.timeline.mark_saved(count);
+        }
     }
 
     fn apply(&self, tables: &mut WriteTables<'_>, op: Op, now: u64) -> Result<Reply> {
@@ -400,10 +435,22 @@ impl Worker {
                 }
             }
             Op::Reap { limit } => {
+                // After a clock correction: re-file the expiry entries of records it moved
+                // back, a bounded step per pass, until the index is done; the ones due now
+                // are then deleted by this same pass.
+                let pending = *self.stored.resweep_from.lock();
+                let resweeping = match pending {
+                    Some(from) => {
+                        let next = tables.resweep(from, limit)?;
+                        *self.stored.resweep_from.lock() = next;
+                        next.is_some()
+                    }
+                    None => false,
+                };
                 let pass = tables.reap(now, limit)?;
                 Ok(Reply::Reaped {
                     deleted: pass.deleted,
-                    more: pass.more,
+                    more: pass.more || resweeping,
                 })
             }
         }

@@ -70,6 +70,12 @@ pub enum Error {
     /// An earlier write failed with an unknown outcome; the store refuses writes until it is
     /// closed and reopened (reopening reads what is really on disk).
     Poisoned,
+    /// The clock read a time the store cannot represent (before 1970, or from year 2262 on).
+    /// Nothing was stored; the call can be retried once the clock is right.
+    Clock {
+        /// What the clock read.
+        reason: String,
+    },
     /// The store was closed; this handle (a clone of the store or a lease) can no longer be used.
     Closed,
     /// The request carries no `Idempotency-Key` header, and the endpoint needs one (HTTP 400).
@@ -105,6 +111,16 @@ impl Error {
         }
     }
 
+    /// Names the log entry a [`Error::Corrupt`] was found in (other errors are unchanged).
+    pub(crate) fn at_log_entry(self, seq: u64) -> Self {
+        match self {
+            Error::Corrupt { reason } => Error::Corrupt {
+                reason: format!("log entry {seq}: {reason}"),
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn config(reason: impl Into<String>) -> Self {
         Error::InvalidConfig {
             reason: reason.into(),
@@ -133,6 +149,9 @@ impl Error {
                 source: source.to_string().into(),
             },
             Error::Poisoned => Error::Poisoned,
+            Error::Clock { reason } => Error::Clock {
+                reason: reason.clone(),
+            },
             Error::Closed => Error::Closed,
             Error::MissingIdempotencyKey => Error::MissingIdempotencyKey,
             Error::MalformedIdempotencyKey { reason } => Error::MalformedIdempotencyKey {
@@ -183,6 +202,7 @@ impl fmt::Display for Error {
                 "an earlier write failed with an unknown outcome; the store refuses writes until \
                  it is closed and reopened"
             ),
+            Error::Clock { reason } => write!(f, "unusable clock reading: {reason}"),
             Error::Closed => write!(f, "the store was closed; open it again to use it"),
             Error::MissingIdempotencyKey => write!(
                 f,

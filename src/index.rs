@@ -11,7 +11,7 @@
 //! The index is rebuilt from the log when the store opens. The committer changes it only
 //! after a batch has committed, and the read path looks it up *before* starting its read
 //! transaction, so every sequence number a reader finds is in its snapshot unless a later
-//! commit removed it (the reader then retries).
+//! commit removed it (the reader then reads the key as absent, a state it passed through).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -176,6 +176,16 @@ impl Index {
         for &c in changes {
             map.apply(c);
         }
+    }
+
+    /// The sequence numbers of every hash that several log entries share (hash collisions,
+    /// and duplicated entries of one key in a damaged or crafted file).
+    pub fn shared(&self) -> Vec<Vec<u64>> {
+        let map = self.map.read();
+        map.more
+            .keys()
+            .map(|&hash| map.candidates(hash).iter().collect())
+            .collect()
     }
 
     /// Number of indexed records.

@@ -122,7 +122,7 @@ impl Store {
     /// # Panics
     /// Only if `visit` panics: its panic is passed on unchanged.
     pub fn scan(&self, mut visit: impl FnMut(&RecordView) -> ControlFlow<()>) -> Result<u64> {
-        let now = self.inner().now();
+        let now = self.inner().now()?;
         // The engine is guarded against panics on damaged pages; a panic of `visit` is the
         // caller's own and is resumed as it was, never reported as a damaged file.
         let mut visitor_panic = None;
@@ -139,12 +139,13 @@ impl Store {
                     .iter()
                     .map_err(|e| Error::storage("reading the records", e))?;
                 let mut visited = 0;
+                let corrections = db.timeline.corrections();
                 for item in iter {
-                    let (_, v) = item.map_err(|e| Error::storage("reading the records", e))?;
-                    let (k, record) = split_entry(v.value())?;
-                    let key = Key::decode(k)?;
-                    let record = Record::decode(record)
-                        .map_err(|e| Error::corrupt(format!("record of {key}: {e}")))?;
+                    let (seq, v) = item.map_err(|e| Error::storage("reading the records", e))?;
+                    let at = |e: Error| e.at_log_entry(seq.value());
+                    let (k, record) = split_entry(v.value()).map_err(at)?;
+                    let key = Key::decode(k).map_err(at)?;
+                    let record = storage::decode_record(record, &corrections).map_err(at)?;
                     visited += 1;
                     let record = view(key, record, now);
                     match catch_unwind(AssertUnwindSafe(|| visit(&record))) {
@@ -171,7 +172,7 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
     pub fn inspect(&self, key: &Key) -> Result<Option<RecordView>> {
-        let now = self.inner().now();
+        let now = self.inner().now()?;
         let record = self.inner().read(|db| db.read_record(&key.encode()))?;
         Ok(record.map(|r| view(key.clone(), r, now)))
     }
@@ -194,7 +195,7 @@ impl Store {
     /// [`Error::Corrupt`] for a damaged record or meta table, [`Error::Storage`] (also when
     /// the file's size cannot be read), [`Error::Closed`].
     pub fn summary(&self) -> Result<Summary> {
-        let now = self.inner().now();
+        let now = self.inner().now()?;
         let mut summary = self.inner().read(|db| {
             storage::guarded("summarizing the records", || {
                 let txn = db
@@ -224,9 +225,13 @@ impl Store {
                 let iter = table
                     .iter()
                     .map_err(|e| Error::storage("reading the records", e))?;
+                let corrections = db.timeline.corrections();
                 for item in iter {
-                    let (_, v) = item.map_err(|e| Error::storage("reading the records", e))?;
-                    let record = Record::decode(split_entry(v.value())?.1)?;
+                    let (seq, v) = item.map_err(|e| Error::storage("reading the records", e))?;
+                    let at = |e: Error| e.at_log_entry(seq.value());
+                    let record =
+                        storage::decode_record(split_entry(v.value()).map_err(at)?.1, &corrections)
+                            .map_err(at)?;
                     let dead = record.is_dead(now);
                     match &record.state {
                         State::InFlight {

@@ -56,6 +56,7 @@ mod redb_file;
 mod stats;
 mod storage;
 mod store;
+mod timeline;
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -88,7 +89,9 @@ pub use client::{
 /// crash images). Re-exported so tests need no direct redb dependency.
 pub use redb::{StorageBackend, backends};
 
-/// Hooks for the fuzz targets in `fuzz/`. Not part of the API: hidden, no semver promise.
+/// Hooks for the fuzz targets in `fuzz/`, built only under `cfg(fuzzing)` (cargo-fuzz sets
+/// it): a user's build never contains them.
+#[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod __fuzz;
 

@@ -1,62 +1,100 @@
 //! The stored record of one key, and its versioned binary codec.
 //!
-//! # Record format, version 1
+//! # Record format, version 2
 //!
 //! Every integer is big-endian. Times are nanoseconds since the Unix epoch (`u64`).
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 1 | codec version, `1` |
+//! | 0 | 1 | codec version, `2` |
 //! | 1 | 1 | state: `1` in-flight, `2` completed |
 //! | 2 | 32 | request fingerprint (SHA-256) |
 //! | 34 | 8 | fencing token |
+//! | 42 | 8 | `written_at`: the store's time when this record was written |
+//! | 50 | 4 | clock epoch in which it was written (see [`crate::timeline`]) |
 //!
 //! In-flight (state 1) continues with:
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 42 | 8 | `created_at`: when the first attempt began |
-//! | 50 | 8 | `ttl_deadline`: `created_at + ttl`, with the ttl in force then |
-//! | 58 | 8 | `lease_expires_at` |
-//! | 66 | 4 | attempt number (1 for the first attempt) |
-//! | 70 | 1 | `1` if a checkpoint follows, else `0` |
-//! | 71 | 4 | checkpoint length `n` (only if present) |
-//! | 75 | n | checkpoint bytes (only if present) |
+//! | 54 | 8 | `created_at`: when the first attempt began |
+//! | 62 | 8 | `ttl_deadline`: `created_at + ttl`, with the ttl in force then |
+//! | 70 | 8 | `lease_expires_at` |
+//! | 78 | 4 | attempt number (1 for the first attempt) |
+//! | 82 | 1 | `1` if a checkpoint follows, else `0` |
+//! | 83 | 4 | checkpoint length `n` (only if present) |
+//! | 87 | n | checkpoint bytes (only if present) |
 //!
 //! Completed (state 2) continues with:
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 42 | 8 | `completed_at` |
-//! | 50 | 8 | `expires_at`: `completed_at + ttl`, with the ttl in force then |
-//! | 58 | 4 | response length `n` |
-//! | 62 | n | response bytes |
-//!
-//! In the log table a record is preceded by its key (see [`encode_entry`]).
+//! | 54 | 8 | `completed_at` |
+//! | 62 | 8 | `expires_at`: `completed_at + ttl`, with the ttl in force then |
+//! | 70 | 4 | response length `n` |
+//! | 74 | n | response bytes |
 //!
 //! A record ends exactly after its last field; anything else (short, long, unknown version or
 //! state, a flag other than 0/1) decodes to [`Error::Corrupt`]. Decoding never panics.
+//!
+//! # Log entry
+//!
+//! In the log table a record is framed with its key and a checksum:
+//!
+//! | size | field |
+//! |---|---|
+//! | 2 | key length `k` (`u16` BE) |
+//! | k | the encoded [`crate::Key`] |
+//! | rest − 4 | the record |
+//! | 4 | CRC-32 (IEEE) of every byte before it, `u32` BE |
+//!
+//! Every read of an entry (replay, `get`, a takeover, the reaper, scans, the CLI) verifies the
+//! checksum first, so a byte damaged on disk is [`Error::Corrupt`], never replayed.
 
 use crate::error::{Error, Result};
+use crate::timeline::Stamp;
 
-/// Encodes a log entry: the record of `key` (an encoded [`crate::Key`]) as stored in the log
-/// table: key length (`u16` BE), key, then the record.
-pub(crate) fn encode_entry(key: &[u8], record: &Record) -> Vec<u8> {
-    let body = record.encode();
-    let mut entry = Vec::with_capacity(2 + key.len() + body.len());
-    // Encoded keys are at most 511 bytes (two parts of at most 255 and a length byte).
-    entry.extend_from_slice(&(key.len() as u16).to_be_bytes());
-    entry.extend_from_slice(key);
-    entry.extend_from_slice(&body);
-    entry
+/// The length of the log entry of `key` and `record`.
+pub(crate) fn entry_len(key: &[u8], record: &Record) -> usize {
+    2 + key.len() + record.encoded_len() + 4
 }
 
-/// Splits a log entry into the encoded key and the record bytes.
+/// Writes the log entry of `key` (an encoded [`crate::Key`]) and `record`, written at
+/// `stamp`, into `out`, which is exactly [`entry_len`] bytes long (a buffer the storage engine
+/// reserved: a large response is copied once, straight into the page that stores it).
+pub(crate) fn write_entry(key: &[u8], record: &Record, stamp: Stamp, out: &mut [u8]) {
+    let mut w = Writer { out, pos: 0 };
+    // Encoded keys are at most 511 bytes (two parts of at most 255 and a length byte).
+    w.put(&(key.len() as u16).to_be_bytes());
+    w.put(key);
+    record.encode_to(stamp, &mut w);
+    let end = w.pos;
+    let crc = crc32fast::hash(&w.out[..end]);
+    w.put(&crc.to_be_bytes());
+}
+
+/// [`write_entry`] into a new vector.
+#[cfg(test)]
+pub(crate) fn encode_entry(key: &[u8], record: &Record, stamp: Stamp) -> Vec<u8> {
+    let mut out = vec![0; entry_len(key, record)];
+    write_entry(key, record, stamp, &mut out);
+    out
+}
+
+/// Verifies a log entry's checksum and splits it into the encoded key and the record bytes.
 ///
 /// # Errors
-/// [`Error::Corrupt`] if the entry is shorter than its key length says.
+/// [`Error::Corrupt`] if the checksum does not match or the entry is shorter than its framing.
 pub(crate) fn split_entry(entry: &[u8]) -> Result<(&[u8], &[u8])> {
-    let (len, rest) = entry
+    let (body, crc) = entry
+        .split_last_chunk::<4>()
+        .ok_or_else(|| Error::corrupt("a log entry is shorter than its checksum"))?;
+    if crc32fast::hash(body) != u32::from_be_bytes(*crc) {
+        return Err(Error::corrupt(
+            "a log entry fails its checksum (its bytes were damaged on disk)",
+        ));
+    }
+    let (len, rest) = body
         .split_first_chunk::<2>()
         .ok_or_else(|| Error::corrupt("a log entry is shorter than its key length"))?;
     let len = usize::from(u16::from_be_bytes(*len));
@@ -67,10 +105,10 @@ pub(crate) fn split_entry(entry: &[u8]) -> Result<(&[u8], &[u8])> {
 }
 
 /// Codec version written by this build.
-pub(crate) const RECORD_VERSION: u8 = 1;
+pub(crate) const RECORD_VERSION: u8 = 2;
 const STATE_IN_FLIGHT: u8 = 1;
 const STATE_COMPLETED: u8 = 2;
-const HEADER_LEN: usize = 42;
+const HEADER_LEN: usize = 54;
 
 /// One key's record, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,42 +154,106 @@ impl Record {
         now >= self.dies_at()
     }
 
-    /// The death time of an encoded record, reading only its fixed-size fields (the reaper's
-    /// check, without copying the response).
-    pub fn peek_dies_at(bytes: &[u8]) -> Result<u64> {
+    /// Moves every time of the record `by` nanoseconds back (saturating): a record written
+    /// while the clock ran ahead, seen after the clock was corrected ([`crate::timeline`]).
+    pub fn shift_back(&mut self, by: u64) {
+        let back = |t: &mut u64| *t = t.saturating_sub(by);
+        match &mut self.state {
+            State::InFlight {
+                created_at,
+                ttl_deadline,
+                lease_expires_at,
+                ..
+            } => {
+                back(created_at);
+                back(ttl_deadline);
+                back(lease_expires_at);
+            }
+            State::Completed {
+                completed_at,
+                expires_at,
+                ..
+            } => {
+                back(completed_at);
+                back(expires_at);
+            }
+        }
+    }
+
+    /// The death time and write stamp of an encoded record, reading only its fixed-size
+    /// fields (the reaper's check, without copying the response).
+    pub fn peek(bytes: &[u8]) -> Result<(u64, Stamp)> {
         let mut r = Reader { bytes, pos: 0 };
         if r.u8()? != RECORD_VERSION {
             return Err(Error::corrupt("record codec version"));
         }
         let tag = r.u8()?;
-        // Fingerprint, token, and created_at / completed_at.
-        r.take(48)?;
+        // Fingerprint and token.
+        r.take(40)?;
+        let stamp = Stamp {
+            at: r.u64()?,
+            epoch: r.u32()?,
+        };
+        // created_at / completed_at
+        r.take(8)?;
         let deadline = r.u64()?;
-        match tag {
+        let dies_at = match tag {
             // max(ttl_deadline, lease_expires_at)
-            STATE_IN_FLIGHT => Ok(deadline.max(r.u64()?)),
+            STATE_IN_FLIGHT => deadline.max(r.u64()?),
             // expires_at
-            STATE_COMPLETED => Ok(deadline),
-            other => Err(Error::corrupt(format!("record state tag {other}"))),
-        }
+            STATE_COMPLETED => deadline,
+            other => return Err(Error::corrupt(format!("record state tag {other}"))),
+        };
+        Ok((dies_at, stamp))
     }
 
-    /// Encodes the record (format above).
-    pub fn encode(&self) -> Vec<u8> {
-        let payload = match &self.state {
-            State::InFlight { checkpoint, .. } => {
-                29 + checkpoint.as_ref().map_or(0, |c| 4 + c.len())
+    /// The fencing token of an encoded record, reading only its header.
+    pub fn peek_token(bytes: &[u8]) -> Result<u64> {
+        let mut r = Reader { bytes, pos: 0 };
+        if r.u8()? != RECORD_VERSION {
+            return Err(Error::corrupt("record codec version"));
+        }
+        r.take(33)?;
+        r.u64()
+    }
+
+    /// The length of the encoding.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN
+            + match &self.state {
+                State::InFlight { checkpoint, .. } => {
+                    29 + checkpoint.as_ref().map_or(0, |c| 4 + c.len())
+                }
+                State::Completed { response, .. } => 20 + response.len(),
             }
-            State::Completed { response, .. } => 20 + response.len(),
-        };
-        let mut out = Vec::with_capacity(HEADER_LEN + payload);
-        out.push(RECORD_VERSION);
-        out.push(match self.state {
-            State::InFlight { .. } => STATE_IN_FLIGHT,
-            State::Completed { .. } => STATE_COMPLETED,
-        });
-        out.extend_from_slice(&self.fingerprint);
-        out.extend_from_slice(&self.token.to_be_bytes());
+    }
+
+    /// Encodes the record (format above), written at `stamp`.
+    #[cfg(any(test, fuzzing))]
+    pub fn encode(&self, stamp: Stamp) -> Vec<u8> {
+        let mut out = vec![0; self.encoded_len()];
+        self.encode_to(
+            stamp,
+            &mut Writer {
+                out: &mut out,
+                pos: 0,
+            },
+        );
+        out
+    }
+
+    fn encode_to(&self, stamp: Stamp, out: &mut Writer<'_>) {
+        out.put(&[
+            RECORD_VERSION,
+            match self.state {
+                State::InFlight { .. } => STATE_IN_FLIGHT,
+                State::Completed { .. } => STATE_COMPLETED,
+            },
+        ]);
+        out.put(&self.fingerprint);
+        out.put(&self.token.to_be_bytes());
+        out.put(&stamp.at.to_be_bytes());
+        out.put(&stamp.epoch.to_be_bytes());
         match &self.state {
             State::InFlight {
                 created_at,
@@ -160,16 +262,16 @@ impl Record {
                 attempt,
                 checkpoint,
             } => {
-                out.extend_from_slice(&created_at.to_be_bytes());
-                out.extend_from_slice(&ttl_deadline.to_be_bytes());
-                out.extend_from_slice(&lease_expires_at.to_be_bytes());
-                out.extend_from_slice(&attempt.to_be_bytes());
+                out.put(&created_at.to_be_bytes());
+                out.put(&ttl_deadline.to_be_bytes());
+                out.put(&lease_expires_at.to_be_bytes());
+                out.put(&attempt.to_be_bytes());
                 match checkpoint {
-                    None => out.push(0),
+                    None => out.put(&[0]),
                     Some(c) => {
-                        out.push(1);
-                        out.extend_from_slice(&len_u32(c.len()).to_be_bytes());
-                        out.extend_from_slice(c);
+                        out.put(&[1]);
+                        out.put(&len_u32(c.len()).to_be_bytes());
+                        out.put(c);
                     }
                 }
             }
@@ -178,17 +280,17 @@ impl Record {
                 expires_at,
                 response,
             } => {
-                out.extend_from_slice(&completed_at.to_be_bytes());
-                out.extend_from_slice(&expires_at.to_be_bytes());
-                out.extend_from_slice(&len_u32(response.len()).to_be_bytes());
-                out.extend_from_slice(response);
+                out.put(&completed_at.to_be_bytes());
+                out.put(&expires_at.to_be_bytes());
+                out.put(&len_u32(response.len()).to_be_bytes());
+                out.put(response);
             }
         }
-        out
     }
 
-    /// Decodes a record; bad bytes give [`Error::Corrupt`], never a panic.
-    pub fn decode(bytes: &[u8]) -> Result<Record> {
+    /// Decodes a record and the stamp it was written at; bad bytes give [`Error::Corrupt`],
+    /// never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<(Record, Stamp)> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.u8()?;
         if version != RECORD_VERSION {
@@ -202,6 +304,10 @@ impl Record {
             .try_into()
             .map_err(|_| Error::corrupt("record fingerprint"))?;
         let token = r.u64()?;
+        let stamp = Stamp {
+            at: r.u64()?,
+            epoch: r.u32()?,
+        };
         let state = match tag {
             STATE_IN_FLIGHT => {
                 let created_at = r.u64()?;
@@ -244,11 +350,27 @@ impl Record {
                 bytes.len() - r.pos
             )));
         }
-        Ok(Record {
-            fingerprint,
-            token,
-            state,
-        })
+        Ok((
+            Record {
+                fingerprint,
+                token,
+                state,
+            },
+            stamp,
+        ))
+    }
+}
+
+/// Writes into a buffer of exactly the right length.
+struct Writer<'a> {
+    out: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.out[self.pos..self.pos + bytes.len()].copy_from_slice(bytes);
+        self.pos += bytes.len();
     }
 }
 
@@ -334,9 +456,11 @@ mod tests {
                 },
             },
         ] {
-            let bytes = r.encode();
-            assert_eq!(Record::decode(&bytes).unwrap(), r);
-            assert_eq!(Record::peek_dies_at(&bytes).unwrap(), r.dies_at());
+            let stamp = Stamp { at: 77, epoch: 3 };
+            let bytes = r.encode(stamp);
+            assert_eq!(bytes.len(), r.encoded_len());
+            assert_eq!(Record::decode(&bytes).unwrap(), (r.clone(), stamp));
+            assert_eq!(Record::peek(&bytes).unwrap(), (r.dies_at(), stamp));
             for cut in 0..bytes.len() {
                 assert!(matches!(
                     Record::decode(&bytes[..cut]),
@@ -349,6 +473,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn entries_carry_a_checksum_that_catches_any_flipped_byte() {
+        let r = in_flight(Some(b"step 2".to_vec()));
+        let entry = encode_entry(b"key", &r, Stamp { at: 5, epoch: 1 });
+        let (key, record) = split_entry(&entry).unwrap();
+        assert_eq!((key, Record::decode(record).unwrap().0), (&b"key"[..], r));
+        for i in 0..entry.len() {
+            for bit in 0..8 {
+                let mut bad = entry.clone();
+                bad[i] ^= 1 << bit;
+                assert!(
+                    matches!(split_entry(&bad), Err(Error::Corrupt { .. })),
+                    "flip of bit {bit} of byte {i} went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shifting_back_moves_every_time() {
+        let mut r = in_flight(None);
+        r.shift_back(50);
+        assert_eq!(r.dies_at(), 150);
+        r.shift_back(u64::MAX);
+        assert_eq!(r.dies_at(), 0);
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
@@ -358,7 +509,8 @@ mod tests {
         #[test]
         fn encode_decode_identity(token: u64, a: u64, b: u64, resp in proptest::collection::vec(any::<u8>(), 0..64)) {
             let r = Record { fingerprint: [9; 32], token, state: State::Completed { completed_at: a, expires_at: b, response: resp } };
-            prop_assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+            let stamp = Stamp { at: a, epoch: 0 };
+            prop_assert_eq!(Record::decode(&r.encode(stamp)).unwrap(), (r, stamp));
         }
     }
 }

@@ -2,11 +2,11 @@
 //! and writes of records with their expiry index. Decisions are made by [`crate::machine`];
 //! this module only moves records in and out of redb.
 //!
-//! # Tables (format version 2)
+//! # Tables (format version 3)
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw: the store's clock never goes below it) |
+//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
 //! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]) |
 //! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
 //!
@@ -26,43 +26,45 @@
 //! The expiry index holds exactly one entry per log entry, keyed by the record's death time,
 //! so the reaper walks dead records in time order and never scans live ones.
 //!
-//! Format version 1 (a `idemstore_records` table keyed by the encoded key, and an
-//! `idemstore_expiry` index keyed by death time and key) is migrated to version 2 in one
-//! transaction the first time a build of this version opens the file read-write.
+//! Other format versions (1 and 2 were development formats) are refused with
+//! [`Error::IncompatibleFormat`], never migrated.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
     TableDefinition, TableError, WriteTransaction,
 };
 
+use crate::clock::Clock;
+use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::index::{Change, Index};
-use crate::record::{Record, encode_entry, split_entry};
+use crate::record::{Record, entry_len, split_entry, write_entry};
 use crate::redb_file::{self, io_error, open_error, private_file_options};
+use crate::timeline::{Corrections, Stamp, StoreClock};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");
 pub(crate) const DEATHS: TableDefinition<(u64, u64), ()> =
     TableDefinition::new("idemstore_log_expiry");
-/// Format version 1's tables, read once to migrate them.
-const V1_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idemstore_records");
-const V1_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("idemstore_expiry");
 
 const MAGIC_KEY: &str = "magic";
 const MAGIC: &[u8] = b"idemstore";
 const VERSION_KEY: &str = "format_version";
 pub(crate) const TOKEN_KEY: &str = "last_token";
 const TIME_KEY: &str = "latest_time";
+const CORRECTIONS_KEY: &str = "clock_corrections";
+const RESWEEP_KEY: &str = "resweep_from";
 /// The file format version this build writes and reads.
-pub(crate) const FORMAT_VERSION: u32 = 2;
-/// The oldest format version this build opens (and migrates to [`FORMAT_VERSION`]).
-const OLDEST_FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 fn engine<E: std::error::Error + Send + Sync + 'static>(
     context: &str,
@@ -84,8 +86,6 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T>
 enum Found {
     /// A store of ours, of this format version.
     Ours,
-    /// A store of ours in format version 1 (migrated by the read-write open).
-    Version1,
     /// A redb file without any table: a new store (or one whose creation was interrupted).
     Empty,
 }
@@ -107,14 +107,11 @@ fn check_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<
         .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
         .map(u32::from_be_bytes)
         .ok_or_else(|| Error::corrupt("the format version is missing from the meta table"))?;
-    if version == 1 {
-        return Ok(Found::Version1);
-    }
     if version != FORMAT_VERSION {
         return Err(Error::IncompatibleFormat {
             reason: format!(
-                "the file has format version {version}, this build of idemstore reads versions \
-                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}{}",
+                "the file has format version {version}, this build of idemstore reads version \
+                 {FORMAT_VERSION}{}",
                 if version > FORMAT_VERSION {
                     " (upgrade idemstore)"
                 } else {
@@ -155,13 +152,8 @@ fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
     }
     let meta = txn.open_table(META).map_err(table_error)?;
     let found = check_meta(&meta)?;
-    if found == Found::Version1 {
-        txn.open_table(V1_RECORDS).map_err(table_error)?;
-        txn.open_table(V1_EXPIRY).map_err(table_error)?;
-    } else {
-        txn.open_table(LOG).map_err(table_error)?;
-        txn.open_table(DEATHS).map_err(table_error)?;
-    }
+    txn.open_table(LOG).map_err(table_error)?;
+    txn.open_table(DEATHS).map_err(table_error)?;
     Ok(found)
 }
 
@@ -248,8 +240,9 @@ fn create_in_place(path: &Path) -> std::io::Result<()> {
             .set_cache_size(1 << 20)
             .create_with_backend(backend)
             .map_err(std::io::Error::other)?;
-        let (db, _) = initialize(db).map_err(std::io::Error::other)?;
-        db.db.close().map_err(std::io::Error::other)
+        let stored =
+            initialize(db, Arc::new(crate::clock::SystemClock)).map_err(std::io::Error::other)?;
+        stored.db.close().map_err(std::io::Error::other)
     })();
     let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
         // Another process created the store first: use theirs.
@@ -287,27 +280,27 @@ pub(crate) fn open_memory(cache_bytes: usize) -> Result<Database> {
         .map_err(|e| Error::storage("creating an in-memory database", e))
 }
 
-/// Writes the meta table and creates the tables of a new store, or checks an existing one
-/// (migrating format version 1), then builds the key index from the log. Always commits
-/// durably. Returns the store's storage and the latest time a write of it saw (0 when new).
+/// Writes the meta table and creates the tables of a new store, or checks an existing one,
+/// then builds the key index from the log. Always commits durably. The store's clock reads
+/// `clock`, starting from the latest time and the clock corrections persisted in the file.
 ///
 /// Guarded: the engine can panic on a damaged page that the read-only check did not visit
 /// (its commit reads the system tables); the caller then gets [`Error::Corrupt`].
-pub(crate) fn initialize(db: Database) -> Result<(Stored, u64)> {
+pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>) -> Result<Stored> {
     let built = guarded("initializing the store", || {
-        let latest_time = initialize_unguarded(&db)?;
-        let (index, next_seq) = build_index(&db)?;
-        Ok((index, next_seq, latest_time))
+        let meta = initialize_unguarded(&db)?;
+        let log = build_index(&db)?;
+        Ok((meta, log))
     });
     match built {
-        Ok((index, next_seq, latest_time)) => Ok((
-            Stored {
-                db,
-                index,
-                next_seq: AtomicU64::new(next_seq),
-            },
-            latest_time,
-        )),
+        Ok((meta, log)) => Ok(Stored {
+            db,
+            index: log.index,
+            next_seq: AtomicU64::new(log.next_seq),
+            tokens_above: log.highest_token,
+            timeline: StoreClock::new(clock, meta.latest_time, meta.corrections),
+            resweep_from: Mutex::new(meta.resweep_from),
+        }),
         Err(e) => {
             discard(db);
             Err(e)
@@ -321,9 +314,54 @@ fn discard(db: Database) {
     let _ = catch_unwind(AssertUnwindSafe(move || drop(db)));
 }
 
-fn initialize_unguarded(db: &Database) -> Result<u64> {
-    let mut latest_time = 0;
-    let txn = db.begin_write().map_err(engine("starting a write"))?;
+/// Starts a write transaction. A durable one commits in two phases (the new commit slot is
+/// written and fsync'd, then the header byte that makes it the newest one, then fsync'd
+/// again), so after a crash the newest commit is never mistaken for a torn write: with one
+/// phase, redb verifies the newest commit's checksum at recovery and, if a damaged page fails
+/// it, silently falls back to the commit before, rolling back an acknowledged write. With
+/// two, a damaged newest commit is [`Error::Corrupt`] at open instead.
+pub(crate) fn begin_write(db: &Database, durability: Durability) -> Result<WriteTransaction> {
+    let mut txn = db
+        .begin_write()
+        .map_err(engine("starting a write transaction"))?;
+    match durability {
+        Durability::Immediate => txn.set_two_phase_commit(true),
+        Durability::None => txn
+            .set_durability(redb::Durability::None)
+            .map_err(engine("setting durability"))?,
+    }
+    Ok(txn)
+}
+
+/// What the meta table of an opened store holds about time.
+struct Meta {
+    latest_time: u64,
+    corrections: Corrections,
+    resweep_from: Option<u64>,
+}
+
+fn read_u64(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<u64>> {
+    let Some(v) = meta
+        .get(key)
+        .map_err(|e| Error::storage("reading the meta table", e))?
+    else {
+        return Ok(None);
+    };
+    let bytes = <[u8; 8]>::try_from(v.value())
+        .map_err(|_| Error::corrupt(format!("the meta table's {key:?} is malformed")))?;
+    Ok(Some(u64::from_be_bytes(bytes)))
+}
+
+fn initialize_unguarded(db: &Database) -> Result<Meta> {
+    let mut found = Meta {
+        latest_time: 0,
+        corrections: Corrections::default(),
+        resweep_from: None,
+    };
+    let txn = begin_write(db, Durability::Immediate)?;
     {
         let mut meta = txn.open_table(META).map_err(table_error)?;
         let fresh = meta
@@ -344,15 +382,14 @@ fn initialize_unguarded(db: &Database) -> Result<u64> {
             put(&mut meta, VERSION_KEY, &FORMAT_VERSION.to_be_bytes())?;
             put(&mut meta, TOKEN_KEY, &0u64.to_be_bytes())?;
         } else {
-            let found = check_meta(&meta)?;
-            latest_time = meta
-                .get(TIME_KEY)
+            check_meta(&meta)?;
+            found.latest_time = read_u64(&meta, TIME_KEY)?.unwrap_or(0);
+            found.resweep_from = read_u64(&meta, RESWEEP_KEY)?;
+            if let Some(v) = meta
+                .get(CORRECTIONS_KEY)
                 .map_err(|e| Error::storage("reading the meta table", e))?
-                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                .map_or(0, u64::from_be_bytes);
-            if found == Found::Version1 {
-                migrate_v1(&txn)?;
-                put(&mut meta, VERSION_KEY, &FORMAT_VERSION.to_be_bytes())?;
+            {
+                found.corrections = Corrections::decode(v.value())?;
             }
         }
         txn.open_table(LOG).map_err(table_error)?;
@@ -360,36 +397,21 @@ fn initialize_unguarded(db: &Database) -> Result<u64> {
     }
     txn.commit()
         .map_err(|e| Error::storage("creating the store's tables", e))?;
-    Ok(latest_time)
+    Ok(found)
 }
 
-/// Moves format version 1's records into the log (in key order) with their expiry entries,
-/// and deletes the version 1 tables. Part of the caller's transaction: all or nothing.
-fn migrate_v1(txn: &WriteTransaction) -> Result<()> {
-    let migrate_error = |e| Error::storage("migrating a format version 1 store", e);
-    {
-        let old = txn.open_table(V1_RECORDS).map_err(table_error)?;
-        let mut log = txn.open_table(LOG).map_err(table_error)?;
-        let mut deaths = txn.open_table(DEATHS).map_err(table_error)?;
-        let mut seq = 0u64;
-        for item in old.iter().map_err(migrate_error)? {
-            let (k, v) = item.map_err(migrate_error)?;
-            let record = Record::decode(v.value())?;
-            seq += 1;
-            log.insert(seq, encode_entry(k.value(), &record).as_slice())
-                .map_err(migrate_error)?;
-            deaths
-                .insert((record.dies_at(), seq), ())
-                .map_err(migrate_error)?;
-        }
-    }
-    txn.delete_table(V1_RECORDS).map_err(table_error)?;
-    txn.delete_table(V1_EXPIRY).map_err(table_error)?;
-    Ok(())
+/// What reading the log at open found.
+struct LogScan {
+    index: Index,
+    next_seq: u64,
+    /// The highest fencing token of any record in the log.
+    highest_token: u64,
 }
 
-/// Reads every log entry's key into a new index; returns it and the next sequence number.
-fn build_index(db: &Database) -> Result<(Index, u64)> {
+/// Reads every log entry (verifying its checksum) into a new index; finds the next sequence
+/// number and the highest fencing token in the log. A damaged entry, or two entries of one
+/// key, is [`Error::Corrupt`] naming the entries' sequence numbers.
+fn build_index(db: &Database) -> Result<LogScan> {
     let read_error = |e| Error::storage("reading the log to build the key index", e);
     let txn = db.begin_read().map_err(engine("starting a read"))?;
     let log = txn.open_table(LOG).map_err(table_error)?;
@@ -397,10 +419,13 @@ fn build_index(db: &Database) -> Result<(Index, u64)> {
     let index = Index::with_capacity(usize::try_from(len).unwrap_or(usize::MAX));
     let mut changes = Vec::with_capacity(4096);
     let mut last = 0;
+    let mut highest_token = 0;
     for item in log.iter().map_err(read_error)? {
         let (seq, entry) = item.map_err(read_error)?;
-        let (key, _) = split_entry(entry.value())?;
         last = seq.value();
+        let at = |e: Error| e.at_log_entry(last);
+        let (key, record) = split_entry(entry.value()).map_err(at)?;
+        highest_token = highest_token.max(Record::peek_token(record).map_err(at)?);
         changes.push(Change {
             hash: index.hash(key),
             old: None,
@@ -412,18 +437,48 @@ fn build_index(db: &Database) -> Result<(Index, u64)> {
         }
     }
     index.apply(&changes);
-    let next = last
+    // Entries of one key share a hash: compare the keys of every shared hash.
+    for seqs in index.shared() {
+        let mut keys: Vec<(Vec<u8>, u64)> = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if let Some(entry) = log.get(seq).map_err(read_error)? {
+                let (key, _) = split_entry(entry.value()).map_err(|e| e.at_log_entry(seq))?;
+                if let Some((_, first)) = keys.iter().find(|(k, _)| k == key) {
+                    return Err(Error::corrupt(format!(
+                        "log entries {} and {} hold records of one key (a damaged or \
+                         crafted file)",
+                        first.min(&seq),
+                        first.max(&seq)
+                    )));
+                }
+                keys.push((key.to_vec(), seq));
+            }
+        }
+    }
+    let next_seq = last
         .checked_add(1)
         .ok_or_else(|| Error::corrupt("the log's sequence numbers are exhausted"))?;
-    Ok((index, next))
+    Ok(LogScan {
+        index,
+        next_seq,
+        highest_token,
+    })
 }
 
-/// A store's database and the in-memory index of its log.
+/// A store's database, the in-memory index of its log, and its clock.
 pub(crate) struct Stored {
     pub db: Database,
     pub index: Index,
     /// The sequence number of the next log entry (only the committer takes them).
     next_seq: AtomicU64,
+    /// The highest fencing token found in the log at open: the next token is above it,
+    /// whatever the persisted counter says (a counter lowered by a crafted file).
+    tokens_above: u64,
+    /// The store's time ([`crate::timeline`]); records are read with its corrections.
+    pub timeline: StoreClock,
+    /// The death time from which the reaper has to re-file records moved back by a clock
+    /// correction (`None`: nothing to re-file). Only the committer changes it.
+    pub resweep_from: Mutex<Option<u64>>,
 }
 
 impl Stored {
@@ -450,9 +505,41 @@ impl Stored {
             }
             let txn = self.db.begin_read().map_err(engine("starting a read"))?;
             let log = txn.open_table(LOG).map_err(table_error)?;
-            Ok(lookup(&log, seqs, key)?.map(|(_, record)| record))
+            let corrections = self.timeline.corrections();
+            Ok(lookup(&log, seqs, key, &corrections)?.map(|(_, record)| record))
         })
     }
+
+    /// The fencing token above which new tokens are granted: at least the highest token of
+    /// any record found in the log when the store opened.
+    fn token_floor(&self) -> u64 {
+        self.tokens_above
+    }
+}
+
+/// Decodes the record bytes of a log entry (whose checksum [`split_entry`] verified), with
+/// its times moved back if it was written under a clock that was later corrected.
+pub(crate) fn decode_record(bytes: &[u8], corrections: &Corrections) -> Result<Record> {
+    let (mut record, stamp) = Record::decode(bytes)?;
+    let by = corrections.shift(stamp, record.dies_at());
+    if by > 0 {
+        record.shift_back(by);
+    }
+    Ok(record)
+}
+
+/// The death time of the record in a log entry, as [`decode_record`] would give it, reading
+/// only its fixed-size fields.
+///
+/// # Errors
+/// [`Error::Corrupt`] for a damaged entry.
+fn entry_dies_at<'e>(entry: &'e [u8], corrections: &Corrections) -> Result<(&'e [u8], u64)> {
+    let (key, record) = split_entry(entry)?;
+    let (dies_at, stamp) = Record::peek(record)?;
+    Ok((
+        key,
+        dies_at.saturating_sub(corrections.shift(stamp, dies_at)),
+    ))
 }
 
 /// Looks for `key` among the log entries `seqs` of `log`: its sequence number and record.
@@ -462,19 +549,58 @@ fn lookup(
     log: &impl ReadableTable<u64, &'static [u8]>,
     seqs: impl Iterator<Item = u64>,
     key: &[u8],
+    corrections: &Corrections,
 ) -> Result<Option<(u64, Record)>> {
+    Ok(lookup_located(log, seqs, key, corrections)?.map(|(l, record)| (l.seq, record)))
+}
+
+/// [`lookup`], with where the entry is filed in the expiry index.
+fn lookup_located(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    seqs: impl Iterator<Item = u64>,
+    key: &[u8],
+    corrections: &Corrections,
+) -> Result<Option<(Located, Record)>> {
     for seq in seqs {
         let entry = log
             .get(seq)
             .map_err(|e| Error::storage("reading a record", e))?;
         if let Some(entry) = entry {
-            let (k, record) = split_entry(entry.value())?;
+            let at = |e: Error| e.at_log_entry(seq);
+            let (k, bytes) = split_entry(entry.value()).map_err(at)?;
             if k == key {
-                return Ok(Some((seq, Record::decode(record)?)));
+                let (stored_death, _) = Record::peek(bytes).map_err(at)?;
+                let record = decode_record(bytes, corrections).map_err(at)?;
+                let located = Located {
+                    seq,
+                    filed: [stored_death, record.dies_at()],
+                };
+                return Ok(Some((located, record)));
             }
         }
     }
     Ok(None)
+}
+
+/// Where a key's entry is in the log, as of a write transaction.
+#[derive(Clone, Copy, Debug)]
+struct Located {
+    seq: u64,
+    /// The death times its expiry entry may be filed under: the stored one, and the one after
+    /// clock corrections (the same unless a correction moved the record back; the reaper
+    /// re-files such an entry from the first to the second).
+    filed: [u64; 2],
+}
+
+impl Located {
+    /// The distinct death times of [`Located::filed`].
+    fn distinct(&self) -> &[u64] {
+        if self.filed[0] == self.filed[1] {
+            &self.filed[..1]
+        } else {
+            &self.filed
+        }
+    }
 }
 
 /// The store's tables, opened inside one write transaction, with the index changes the
@@ -486,16 +612,13 @@ pub(crate) struct WriteTables<'t> {
     meta: Option<Table<'t, &'static str, &'static [u8]>>,
     txn: &'t WriteTransaction,
     stored: &'t Stored,
+    /// When this transaction writes (every record it writes is stamped with it).
+    stamp: Stamp,
+    corrections: Arc<Corrections>,
     last_token: Option<u64>,
     /// Where each key touched by this transaction lives now (`None`: absent).
-    located: HashMap<Vec<u8>, Option<u64>>,
+    located: HashMap<Vec<u8>, Option<Located>>,
     changes: Vec<Change>,
-}
-
-/// The death time of the record in a log entry; `None` if the entry is damaged.
-fn entry_dies_at(entry: &[u8]) -> Option<u64> {
-    let (_, record) = split_entry(entry).ok()?;
-    Record::peek_dies_at(record).ok()
 }
 
 /// What one reaping pass did.
@@ -510,14 +633,20 @@ pub(crate) struct ReapPass {
 }
 
 impl<'t> WriteTables<'t> {
-    /// Opens the tables in `txn`.
-    pub fn open(txn: &'t WriteTransaction, stored: &'t Stored) -> Result<WriteTables<'t>> {
+    /// Opens the tables in `txn`, whose writes are stamped `stamp`.
+    pub fn open(
+        txn: &'t WriteTransaction,
+        stored: &'t Stored,
+        stamp: Stamp,
+    ) -> Result<WriteTables<'t>> {
         Ok(WriteTables {
             log: txn.open_table(LOG).map_err(table_error)?,
             deaths: txn.open_table(DEATHS).map_err(table_error)?,
             meta: None,
             txn,
             stored,
+            stamp,
+            corrections: stored.timeline.corrections(),
             last_token: None,
             located: HashMap::new(),
             changes: Vec::new(),
@@ -537,24 +666,36 @@ impl<'t> WriteTables<'t> {
         self.changes
     }
 
-    /// The log entry of `key` as of this transaction, and its record bytes.
-    fn find(&mut self, key: &[u8]) -> Result<Option<(u64, Record)>> {
-        if let Some(&located) = self.located.get(key) {
-            let Some(seq) = located else { return Ok(None) };
-            let entry = self
-                .log
-                .get(seq)
-                .map_err(|e| Error::storage("reading a record", e))?
-                .ok_or_else(|| Error::corrupt("a record written by this batch is missing"))?;
-            let (_, record) = split_entry(entry.value())?;
-            return Ok(Some((seq, Record::decode(record)?)));
-        }
-        let candidates = self.stored.index.candidates(self.stored.index.hash(key));
-        // A missing entry here belongs to a colliding key this batch deleted (a key this
-        // batch touched is in `located`).
-        let found = lookup(&self.log, candidates.iter(), key)?;
+    /// The log entry of `key` as of this transaction, and its record.
+    fn find(&mut self, key: &[u8]) -> Result<Option<(Located, Record)>> {
+        let found = match self.located.get(key) {
+            Some(None) => return Ok(None),
+            Some(&Some(located)) => {
+                let entry = self
+                    .log
+                    .get(located.seq)
+                    .map_err(|e| Error::storage("reading a record", e))?
+                    .ok_or_else(|| Error::Storage {
+                        context: format!(
+                            "reading log entry {} written by this transaction: the storage \
+                                 engine does not have it",
+                            located.seq
+                        ),
+                        source: "an entry written by this transaction is missing".into(),
+                    })?;
+                let (_, record) = split_entry(entry.value())?;
+                let record = decode_record(record, &self.corrections)?;
+                return Ok(Some((located, record)));
+            }
+            None => {
+                let candidates = self.stored.index.candidates(self.stored.index.hash(key));
+                // A missing entry here belongs to a colliding key this batch deleted (a key
+                // this batch touched is in `located`).
+                lookup_located(&self.log, candidates.iter(), key, &self.corrections)?
+            }
+        };
         self.located
-            .insert(key.to_vec(), found.as_ref().map(|&(seq, _)| seq));
+            .insert(key.to_vec(), found.as_ref().map(|&(located, _)| located));
         Ok(found)
     }
 
@@ -568,80 +709,88 @@ impl<'t> WriteTables<'t> {
     /// the death time changed); a new key gets an entry appended at the log's end.
     ///
     /// In place rather than appended again: the key's old entry has to be touched anyway (to
-    /// delete it), so rewriting it dirties no more pages, and saves the append.
+    /// delete it), so rewriting it dirties no more pages, and saves the append. The entry is
+    /// encoded straight into the space the storage engine reserved for it: a response is
+    /// copied once, into the page that stores it.
     pub fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
         let located = self.locate(key)?;
-        let seq = located.unwrap_or_else(|| self.stored.next_seq.fetch_add(1, Ordering::Relaxed));
+        let seq = located.map_or_else(
+            || self.stored.next_seq.fetch_add(1, Ordering::Relaxed),
+            |l| l.seq,
+        );
         let dies_at = record.dies_at();
-        // `None` for a new entry, and for a damaged old record (no readable death time: its
-        // expiry entry then stays behind, and the reaper re-files it under the record's own).
-        let old_dies_at = self
-            .log
-            .insert(seq, encode_entry(key, record).as_slice())
-            .map_err(|e| Error::storage("writing a record", e))?
-            .and_then(|old| entry_dies_at(old.value()));
-        if old_dies_at != Some(dies_at) {
-            if let Some(old) = old_dies_at {
-                self.deaths
-                    .remove((old, seq))
-                    .map_err(|e| Error::storage("updating the expiry index", e))?;
-            }
-            self.deaths
-                .insert((dies_at, seq), ())
-                .map_err(|e| Error::storage("writing the expiry index", e))?;
+        {
+            let mut space = self
+                .log
+                .insert_reserve(seq, entry_len(key, record))
+                .map_err(|e| Error::storage("writing a record", e))?;
+            write_entry(key, record, self.stamp, space.as_mut());
         }
+        match located {
+            Some(old) if old.filed == [dies_at, dies_at] => {}
+            old => {
+                if let Some(old) = old {
+                    for &at in old.distinct() {
+                        self.deaths
+                            .remove((at, seq))
+                            .map_err(|e| Error::storage("updating the expiry index", e))?;
+                    }
+                }
+                self.deaths
+                    .insert((dies_at, seq), ())
+                    .map_err(|e| Error::storage("writing the expiry index", e))?;
+            }
+        }
+        let now_at = Located {
+            seq,
+            filed: [dies_at, dies_at],
+        };
         if located.is_none() {
-            self.moved(key, None, Some(seq));
+            self.moved(key, None, Some(now_at));
+        } else {
+            self.located.insert(key.to_vec(), Some(now_at));
         }
         Ok(())
     }
 
     /// Deletes the record of `key` (if any) and its expiry index entry.
     pub fn delete(&mut self, key: &[u8]) -> Result<()> {
-        let old = self.remove_current(key)?;
-        self.moved(key, old, None);
+        let Some(old) = self.locate(key)? else {
+            return Ok(());
+        };
+        self.log
+            .remove(old.seq)
+            .map_err(|e| Error::storage("deleting a record", e))?;
+        for &at in old.distinct() {
+            self.deaths
+                .remove((at, old.seq))
+                .map_err(|e| Error::storage("updating the expiry index", e))?;
+        }
+        self.moved(key, Some(old), None);
         Ok(())
     }
 
-    /// The sequence number of `key`'s entry as of this transaction. Usually known from the
-    /// `get` before: no second read of the entry.
-    fn locate(&mut self, key: &[u8]) -> Result<Option<u64>> {
+    /// Where `key`'s entry is as of this transaction. Usually known from the `get` before: no
+    /// second read of the entry.
+    fn locate(&mut self, key: &[u8]) -> Result<Option<Located>> {
         match self.located.get(key) {
             Some(&located) => Ok(located),
-            None => Ok(self.find(key)?.map(|(seq, _)| seq)),
+            None => Ok(self.find(key)?.map(|(located, _)| located)),
         }
     }
 
-    /// Removes the current log entry of `key` and its expiry entry; returns its number.
-    fn remove_current(&mut self, key: &[u8]) -> Result<Option<u64>> {
-        let Some(seq) = self.locate(key)? else {
-            return Ok(None);
-        };
-        let dies_at = self
-            .log
-            .remove(seq)
-            .map_err(|e| Error::storage("deleting a record", e))?
-            .and_then(|old| entry_dies_at(old.value()));
-        // A damaged record has no readable death time; its expiry entry then stays behind,
-        // and the reaper drops it when it finds no log entry for it.
-        if let Some(dies_at) = dies_at {
-            self.deaths
-                .remove((dies_at, seq))
-                .map_err(|e| Error::storage("updating the expiry index", e))?;
-        }
-        Ok(Some(seq))
-    }
-
-    fn moved(&mut self, key: &[u8], old: Option<u64>, new: Option<u64>) {
+    fn moved(&mut self, key: &[u8], old: Option<Located>, new: Option<Located>) {
         self.changes.push(Change {
             hash: self.stored.index.hash(key),
-            old,
-            new,
+            old: old.map(|l| l.seq),
+            new: new.map(|l| l.seq),
         });
         self.located.insert(key.to_vec(), new);
     }
 
     /// Allocates the next fencing token: the persisted counter, bumped in this transaction.
+    /// It is also above every token found in the log at open, so a counter that a damaged or
+    /// crafted file lowered never makes a token be granted twice.
     pub fn next_token(&mut self) -> Result<u64> {
         let last = match self.last_token {
             Some(t) => t,
@@ -655,7 +804,8 @@ impl<'t> WriteTables<'t> {
                     .map_err(|_| Error::corrupt("the fencing-token counter is malformed"))?;
                 u64::from_be_bytes(bytes)
             }
-        };
+        }
+        .max(self.stored.token_floor());
         let next = last
             .checked_add(1)
             .ok_or_else(|| Error::corrupt("the fencing-token counter is exhausted"))?;
@@ -673,6 +823,70 @@ impl<'t> WriteTables<'t> {
             .insert(TIME_KEY, now.to_be_bytes().as_slice())
             .map_err(|e| Error::storage("writing the latest time", e))?;
         Ok(())
+    }
+
+    /// Persists the clock corrections (all of them, the new ones included) and, when they move
+    /// records back, where the reaper's re-filing of expiry entries starts.
+    pub fn save_corrections(
+        &mut self,
+        corrections: &Corrections,
+        resweep_from: Option<u64>,
+    ) -> Result<()> {
+        self.meta()?
+            .insert(CORRECTIONS_KEY, corrections.encode().as_slice())
+            .map_err(|e| Error::storage("writing the clock corrections", e))?;
+        self.set_resweep(resweep_from)
+    }
+
+    fn set_resweep(&mut self, from: Option<u64>) -> Result<()> {
+        let meta = self.meta()?;
+        match from {
+            Some(at) => meta
+                .insert(RESWEEP_KEY, at.to_be_bytes().as_slice())
+                .map(|_| ()),
+            None => meta.remove(RESWEEP_KEY).map(|_| ()),
+        }
+        .map_err(|e| Error::storage("writing the re-filing position", e))
+    }
+
+    /// Re-files the expiry entries of records that a clock correction moved back, visiting
+    /// at most `limit` index entries from death time `from` upwards. Returns where the next
+    /// pass starts, `None` once the index is done. Records written under a clock that ran
+    /// ahead are filed under deaths far in the future; this moves each under its death as
+    /// read now, so the reaper finds it when it is due. Runs only after a correction, once
+    /// over the entries filed above the corrected time.
+    pub fn resweep(&mut self, from: u64, limit: usize) -> Result<Option<u64>> {
+        let index_error = |e| Error::storage("re-filing the expiry index", e);
+        let mut visited = Vec::with_capacity(limit.min(1024));
+        for item in self
+            .deaths
+            .range((from, 0)..)
+            .map_err(index_error)?
+            .take(limit + 1)
+        {
+            let (k, _) = item.map_err(index_error)?;
+            visited.push(k.value());
+        }
+        let next = (visited.len() > limit).then(|| visited[limit].0);
+        visited.truncate(limit);
+        for (filed, seq) in visited {
+            let death = match self.log.get(seq).map_err(index_error)? {
+                None => None,
+                // Damaged: left where it is; readers report it.
+                Some(entry) => match entry_dies_at(entry.value(), &self.corrections) {
+                    Ok((_, death)) => Some(death),
+                    Err(_) => continue,
+                },
+            };
+            if death != Some(filed) {
+                self.deaths.remove((filed, seq)).map_err(index_error)?;
+                if let Some(death) = death {
+                    self.deaths.insert((death, seq), ()).map_err(index_error)?;
+                }
+            }
+        }
+        self.set_resweep(next)?;
+        Ok(next)
     }
 
     /// Deletes the records dead at `now`, visiting at most `limit` index entries, oldest death
@@ -719,13 +933,11 @@ impl<'t> WriteTables<'t> {
                     while next < run.len() && run[next].1 < seq {
                         next += 1;
                     }
-                    let Some(&(dies_at, _)) = run.get(next).filter(|&&(_, s)| s == seq) else {
+                    if run.get(next).is_none_or(|&(_, s)| s != seq) {
                         return true; // a live entry between two dead ones
-                    };
-                    let parsed = split_entry(entry)
-                        .and_then(|(key, record)| Ok((key, Record::peek_dies_at(record)?)));
-                    match parsed {
-                        Ok((key, at)) if at == dies_at || at <= now => {
+                    }
+                    match entry_dies_at(entry, &self.corrections) {
+                        Ok((key, at)) if at <= now => {
                             removed.push((seq, key.to_vec()));
                             false
                         }
@@ -749,7 +961,12 @@ impl<'t> WriteTables<'t> {
         }
         let deleted = removed.len() as u64;
         for (seq, key) in removed {
-            self.moved(&key, Some(seq), None);
+            self.changes.push(Change {
+                hash: self.stored.index.hash(&key),
+                old: Some(seq),
+                new: None,
+            });
+            self.located.insert(key, None);
         }
         Ok(ReapPass {
             deleted,
@@ -769,7 +986,7 @@ mod tests {
     fn fill(stored: &Stored, prefix: &str, n: usize, now: u64, ttl: u64) {
         let txn = stored.db.begin_write().unwrap();
         let changes = {
-            let mut t = WriteTables::open(&txn, stored).unwrap();
+            let mut t = WriteTables::open(&txn, stored, Stamp::default()).unwrap();
             for i in 0..n {
                 let key = crate::Key::new("s", &format!("{prefix}{i}"))
                     .unwrap()
@@ -787,12 +1004,16 @@ mod tests {
 
     #[test]
     fn reaping_examines_only_dead_index_entries() {
-        let (stored, _) = initialize(open_memory(1 << 20).unwrap()).unwrap();
+        let stored = initialize(
+            open_memory(1 << 20).unwrap(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         fill(&stored, "dead-", 7, 0, 100);
         fill(&stored, "live-", 5_000, 0, 1_000_000);
         assert_eq!(stored.index.len(), 5_007);
         let txn = stored.db.begin_write().unwrap();
-        let mut t = WriteTables::open(&txn, &stored).unwrap();
+        let mut t = WriteTables::open(&txn, &stored, Stamp::default()).unwrap();
         // At time 500 only the 7 short-lived records are dead: a pass costs 7 entries, not
         // the 5,007 the store holds.
         let pass = t.reap(500, 1_000).unwrap();
@@ -842,7 +1063,7 @@ mod tests {
     fn write(stored: &Stored, f: impl FnOnce(&mut WriteTables<'_>)) -> usize {
         let txn = stored.db.begin_write().unwrap();
         let changes = {
-            let mut t = WriteTables::open(&txn, stored).unwrap();
+            let mut t = WriteTables::open(&txn, stored, Stamp::default()).unwrap();
             f(&mut t);
             t.into_changes()
         };
@@ -853,7 +1074,11 @@ mod tests {
 
     #[test]
     fn a_key_is_rewritten_in_place_and_its_expiry_entry_follows_its_death_time() {
-        let (stored, _) = initialize(open_memory(1 << 20).unwrap()).unwrap();
+        let stored = initialize(
+            open_memory(1 << 20).unwrap(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         fill(&stored, "k", 2, 0, 100);
         let key = crate::Key::new("s", "k0").unwrap().encode();
         let other = crate::Key::new("s", "k1").unwrap().encode();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use crate::clock::{Clock, Monotonic, SystemClock, duration_nanos, to_nanos};
+use crate::clock::{Clock, SystemClock, duration_nanos};
 use crate::committer::{Committer, Op, Reply, Submitter};
 use crate::config::{
     DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
@@ -60,7 +60,6 @@ pub struct Store {
 
 pub(crate) struct Inner {
     engine: RwLock<Option<Engine>>,
-    clock: Arc<dyn Clock>,
     settings: Settings,
     pub(crate) stats: Arc<StatsCells>,
     path: Option<PathBuf>,
@@ -90,8 +89,12 @@ impl Inner {
         submitter.submit(op)
     }
 
-    pub(crate) fn now(&self) -> u64 {
-        to_nanos(self.clock.now())
+    /// The store's time ([`crate::timeline`]).
+    ///
+    /// # Errors
+    /// [`Error::Clock`] for a clock reading the store cannot represent, [`Error::Closed`].
+    pub(crate) fn now(&self) -> Result<u64> {
+        self.read(|db| db.timeline.nanos())
     }
 
     /// Stops the reaper and the committer, joins both, and closes the file.
@@ -159,8 +162,10 @@ impl Store {
     /// claim could not be written (unknown outcome: retry after reopening), [`Error::Closed`].
     pub fn begin(&self, key: &Key, fp: &Fingerprint) -> Result<Begin> {
         let encoded = key.encode();
+        // The time first: a clock correction it finds applies to the record read next.
+        let now = self.inner.now()?;
         let current = self.inner.read(|db| db.read_record(&encoded))?;
-        let reply = match machine::decide_begin(current.as_ref(), fp, self.inner.now()) {
+        let reply = match machine::decide_begin(current.as_ref(), fp, now) {
             BeginStep::Claim => self.inner.submit(Op::Begin {
                 key: encoded.clone(),
                 fp: *fp,
@@ -241,8 +246,8 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
     pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
+        let now = self.inner.now()?;
         let record = self.inner.read(|db| db.read_record(&key.encode()))?;
-        let now = self.inner.now();
         Ok(record.filter(|r| !r.is_dead(now)).map(Entry::from_record))
     }
 
@@ -431,8 +436,8 @@ impl Builder {
         let settings = self.settings()?;
         let path = path.as_ref();
         let db = storage::open_file(path, self.cache_bytes)?;
-        let (db, latest_time) = storage::initialize(db)?;
-        self.start(db, settings, Some(path.to_owned()), latest_time)
+        let stored = storage::initialize(db, self.clock.clone())?;
+        self.start(stored, settings, Some(path.to_owned()))
     }
 
     /// Opens a new, empty store held in memory (nothing survives `close`).
@@ -442,8 +447,8 @@ impl Builder {
     pub fn open_in_memory(self) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_memory(self.cache_bytes)?;
-        let (db, latest_time) = storage::initialize(db)?;
-        self.start(db, settings, None, latest_time)
+        let stored = storage::initialize(db, self.clock.clone())?;
+        self.start(stored, settings, None)
     }
 
     /// Opens a store on a custom redb storage backend, creating it when the backend is
@@ -459,22 +464,14 @@ impl Builder {
     pub fn open_backend(self, backend: impl redb::StorageBackend) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_backend(backend, self.cache_bytes)?;
-        let (db, latest_time) = storage::initialize(db)?;
-        self.start(db, settings, None, latest_time)
+        let stored = storage::initialize(db, self.clock.clone())?;
+        self.start(stored, settings, None)
     }
 
-    fn start(
-        self,
-        stored: Stored,
-        settings: Settings,
-        path: Option<PathBuf>,
-        latest_time: u64,
-    ) -> Result<Store> {
+    fn start(self, stored: Stored, settings: Settings, path: Option<PathBuf>) -> Result<Store> {
         let stored = Arc::new(stored);
         let stats = Arc::new(StatsCells::default());
-        // Both the read path and the committer see one clock that never goes backwards.
-        let clock: Arc<dyn Clock> = Arc::new(Monotonic::new(self.clock, latest_time));
-        let committer = Committer::spawn(stored.clone(), clock.clone(), settings, stats.clone())?;
+        let committer = Committer::spawn(stored.clone(), settings, stats.clone())?;
         let submitter = committer.submitter();
         let reaper = self
             .reap_interval
@@ -488,7 +485,6 @@ impl Builder {
                     submitter,
                     reaper,
                 })),
-                clock,
                 settings,
                 stats,
                 path,

@@ -435,8 +435,8 @@ fn store_with_format_version(path: &Path, version: u32) {
             .to_vec();
         assert_eq!(
             old,
-            2u32.to_be_bytes(),
-            "this build writes format version 2"
+            3u32.to_be_bytes(),
+            "this build writes format version 3"
         );
         meta.insert("format_version", &version.to_be_bytes()[..])
             .unwrap();
@@ -448,16 +448,19 @@ fn store_with_format_version(path: &Path, version: u32) {
 fn a_store_of_another_format_version_is_incompatible_and_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let newer = dir.path().join("newer.redb");
-    store_with_format_version(&newer, 3);
+    store_with_format_version(&newer, 4);
     assert_refused_unchanged(&newer);
 
-    let older = dir.path().join("older.redb");
-    store_with_format_version(&older, 0);
-    assert_refused_unchanged(&older);
+    // Older versions are refused like any other, never migrated.
+    for old in [0, 2] {
+        let older = dir.path().join(format!("older-{old}.redb"));
+        store_with_format_version(&older, old);
+        assert_refused_unchanged(&older);
+    }
 
-    // Control: the same steps with version 2 give a file we open.
+    // Control: the same steps with version 3 give a file we open.
     let same = dir.path().join("same.redb");
-    store_with_format_version(&same, 2);
+    store_with_format_version(&same, 3);
     let store = builder(&clock()).open(&same).unwrap();
     assert_eq!(
         replay(&store, &key("probe"), &fp("probe")).response(),
@@ -533,45 +536,11 @@ fn write_v1_store(path: &Path) -> (Key, Key) {
 }
 
 #[test]
-fn a_format_version_1_store_is_migrated_with_its_records() {
+fn a_format_version_1_store_is_refused_not_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v1.redb");
-    let (done, running) = write_v1_store(&path);
-    let clock = clock();
-    let store = builder(&clock).open(&path).unwrap();
-    assert_eq!(store.summary().unwrap().format_version, 2);
-    assert_eq!(replay(&store, &done, &fp("done")).response(), b"hello");
-    assert!(matches!(
-        store.begin(&running, &fp("run")).unwrap(),
-        Begin::InFlight { .. }
-    ));
-    // The token counter carried over: the next claim gets token 3.
-    assert_eq!(started(&store, &key("new"), &fp("new")).token(), 3);
-    // The expiry index carried over: both old records die at their TTL.
-    clock.advance(TTL + LEASE);
-    let reaped = store.reap().unwrap();
-    assert!(reaped >= 2, "reaped {reaped}");
-    store.close().unwrap();
-
-    // The old tables are gone; a reopen reads the migrated file as it is.
-    let db = redb::Database::open(&path).unwrap();
-    let txn = db.begin_read().unwrap();
-    let names: Vec<String> = txn
-        .list_tables()
-        .unwrap()
-        .map(|t| redb::TableHandle::name(&t).to_owned())
-        .collect();
-    assert!(
-        !names
-            .iter()
-            .any(|n| n == "idemstore_records" || n == "idemstore_expiry"),
-        "{names:?}"
-    );
-    drop(txn);
-    drop(db);
-    let store = builder(&clock).open(&path).unwrap();
-    assert_eq!(store.summary().unwrap().format_version, 2);
-    store.close().unwrap();
+    write_v1_store(&path);
+    assert_refused_unchanged(&path);
 }
 
 /// A store file with a few records, closed, as bytes.
@@ -798,16 +767,23 @@ fn durations_that_overflow_system_time_do_not_panic() {
             let _ = (done.completed_at(), done.expires_at());
             assert!(done.expires_at() > done.completed_at());
 
-            // Hundreds of years later it is still alive.
-            clock.advance(Duration::from_secs(300 * 365 * 24 * 3600));
+            // Two hundred years later it is still alive.
+            clock.advance(Duration::from_secs(200 * 365 * 24 * 3600));
             assert_eq!(replay(store, &k, &f).response(), b"kept forever");
             assert_eq!(store.reap().unwrap(), 0);
-            // A clock past what nanoseconds since 1970 can hold: no panic.
+            // A clock past what the store can represent (year 2262): a clear error for each
+            // call, nothing stored, no panic.
             clock.advance(Duration::from_secs(400 * 365 * 24 * 3600));
-            let _ = store.get(&k).unwrap();
-            let _ = store.begin(&k, &f).unwrap();
-            let _ = store.begin(&key("late"), &f).unwrap();
-            let _ = store.reap().unwrap();
+            assert!(matches!(store.get(&k), Err(Error::Clock { .. })));
+            assert!(matches!(store.begin(&k, &f), Err(Error::Clock { .. })));
+            assert!(matches!(
+                store.begin(&key("late"), &f),
+                Err(Error::Clock { .. })
+            ));
+            assert!(matches!(store.reap(), Err(Error::Clock { .. })));
+            // The bad readings were not kept: with the clock back, the record is there.
+            clock.set(idemstore::Clock::now(clock) - Duration::from_secs(400 * 365 * 24 * 3600));
+            assert_eq!(replay(store, &k, &f).response(), b"kept forever");
         },
     );
     // A huge extend on a store with ordinary settings, and a clock before 1970.
@@ -818,11 +794,15 @@ fn durations_that_overflow_system_time_do_not_panic() {
         assert!(in_flight(store, &key("huge-extend"), &fp("b")) > TTL);
         lease.complete(b"ok").unwrap();
         clock.set(UNIX_EPOCH - Duration::from_secs(3600));
-        let _ = store.get(&key("huge-extend")).unwrap();
-        if let Begin::Started(l) = store.begin(&key("pre-epoch"), &fp("b")).unwrap() {
-            let _ = l.complete(b"x");
-        }
-        let _ = store.reap().unwrap();
+        assert!(matches!(
+            store.get(&key("huge-extend")),
+            Err(Error::Clock { .. })
+        ));
+        assert!(matches!(
+            store.begin(&key("pre-epoch"), &fp("b")),
+            Err(Error::Clock { .. })
+        ));
+        assert!(matches!(store.reap(), Err(Error::Clock { .. })));
     });
 }
 
@@ -884,28 +864,41 @@ fn a_clock_going_backwards_does_not_expire_anything_early() {
         let kl = key("lease-after-jump");
         let kc = key("completed-after-jump");
         let lease = started(store, &kl, &f);
-        let lease_end = lease.expires_at();
+        let lease_left = lease.expires_at().duration_since(t0).unwrap();
         std::mem::forget(lease);
         let done = started(store, &kc, &f).complete(b"kept").unwrap();
+        let ttl_left = done.expires_at().duration_since(t0).unwrap();
 
-        // Back by an hour, then forward again to just before each deadline.
-        clock.set(t0 - Duration::from_secs(3600));
-        assert!(in_flight(store, &kl, &f) >= NS);
+        // A step back within the tolerance (half a second) is absorbed: nothing moves.
+        clock.set(t0 - Duration::from_millis(500));
+        assert_eq!(in_flight(store, &kl, &f), lease_left);
+
+        // Back by an hour: taken as a corrected clock. The records keep the time they had
+        // left, counted from the correction: nothing expires early, nothing waits an hour more.
+        let back = t0 - Duration::from_secs(3600);
+        clock.set(back);
+        assert_eq!(in_flight(store, &kl, &f), lease_left);
         assert_eq!(replay(store, &kc, &f).response(), b"kept");
         assert_eq!(store.reap().unwrap(), 0);
 
-        clock.set(lease_end - NS);
+        clock.set(back + lease_left - NS);
         assert!(in_flight(store, &kl, &f) >= NS, "the lease is still live");
-        clock.set(done.expires_at() - NS);
+        clock.set(back + ttl_left - NS);
         assert_eq!(replay(store, &kc, &f).response(), b"kept");
         assert_eq!(store.reap().unwrap(), 0);
         assert!(store.get(&kl).unwrap().is_some());
+        clock.set(back + ttl_left);
+        assert_eq!(
+            store.get(&kc).unwrap(),
+            None,
+            "dead one TTL after the correction"
+        );
 
-        // A lease granted while the clock is behind does not run out before its own end.
-        clock.set(t0 - Duration::from_secs(7200));
+        // A lease granted after the correction does not run out before its own end.
         let k3 = key("granted-behind");
+        let granted = idemstore::Clock::now(clock);
         std::mem::forget(started(store, &k3, &f));
-        clock.set(t0 - Duration::from_secs(7200) + LEASE - NS);
+        clock.set(granted + LEASE - NS);
         assert!(in_flight(store, &k3, &f) >= NS);
     });
 }

@@ -8,10 +8,13 @@
 //! `Started`, takeovers included) and its own counters. After every operation the checker
 //! compares the store's answer with the model's, then `get` of every key and `stats()`.
 //!
-//! Time: the store never sees its clock go backwards. Its `now` is the latest time it has
-//! read since it was opened (it reads at every operation, and the checker calls `get` after
-//! every step, so it reads every value the clock takes); a clock moved back is ignored until
-//! it passes that time again. A reopened store starts from the latest time it saw before.
+//! Time: the store's `now` is the latest time it has read (it reads at every operation, and
+//! the checker calls `get` after every step, so it reads every value the clock takes). A
+//! clock moved back by at most a second is ignored until it passes that time again; one moved
+//! back further is a correction: `now` follows it, records dead before stay dead (they die
+//! at the corrected time), and records written more than a second after the corrected time
+//! are moved back to it with all their times. A reopened store starts from the latest time it
+//! saw before.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -38,6 +41,9 @@ pub const MAX_BYTES: usize = 64;
 pub const SETTINGS: [(u64, u64); 2] = [(10_000, 2_000), (20_000, 3_000)];
 
 const MS: u64 = 1_000_000;
+/// Backward steps of the clock up to this are absorbed by the store; larger ones are
+/// corrections.
+const TOLERANCE: u64 = 1_000 * MS;
 const START: u64 = 1_700_000_000 * 1_000_000_000;
 
 /// How far the clock moves, relative to the current settings.
@@ -212,6 +218,8 @@ pub struct Coverage {
     pub reopens: u64,
     /// Advances that left the clock behind the store's time (ignored by the store).
     pub clock_behind: u64,
+    /// Clock corrections (the clock moved back by more than the tolerance).
+    pub corrections: u64,
 }
 
 impl Coverage {
@@ -229,6 +237,7 @@ impl Coverage {
         self.reaped += o.reaped;
         self.reopens += o.reopens;
         self.clock_behind += o.clock_behind;
+        self.corrections += o.corrections;
     }
 }
 
@@ -256,10 +265,38 @@ enum MState {
 struct MRecord {
     fp: usize,
     token: u64,
+    /// The store's time of the last write of the record.
+    written: u64,
     state: MState,
 }
 
 impl MRecord {
+    /// Moves every time of the record `by` back.
+    fn shift_back(&mut self, by: u64) {
+        self.written = self.written.saturating_sub(by);
+        match &mut self.state {
+            MState::InFlight {
+                created_at,
+                ttl_deadline,
+                lease_expires_at,
+                ..
+            } => {
+                for t in [created_at, ttl_deadline, lease_expires_at] {
+                    *t = t.saturating_sub(by);
+                }
+            }
+            MState::Completed {
+                completed_at,
+                expires_at,
+                ..
+            } => {
+                for t in [completed_at, expires_at] {
+                    *t = t.saturating_sub(by);
+                }
+            }
+        }
+    }
+
     /// SPEC §3: completed records die at `completed_at + ttl`, in-flight ones at
     /// `max(created_at + ttl, lease_expires_at)` (both computed when written).
     fn dies_at(&self) -> u64 {
@@ -335,6 +372,8 @@ pub struct Model {
     pub ttl: u64,
     pub lease: u64,
     pub last_token: u64,
+    /// Clock corrections seen.
+    pub corrections: u64,
     records: HashMap<usize, MRecord>,
     pub stats: Stats,
 }
@@ -347,14 +386,33 @@ impl Model {
             ttl: settings.0 * MS,
             lease: settings.1 * MS,
             last_token: 0,
+            corrections: 0,
             records: HashMap::new(),
             stats: Stats::default(),
         }
     }
 
-    /// The store reads the clock: its time follows the clock forwards only.
+    /// The store reads the clock: its time follows the clock forwards, absorbs a small step
+    /// back, and takes a larger one as a correction.
     fn read_clock(&mut self) {
-        self.now = self.now.max(self.clock);
+        if self.clock >= self.now {
+            self.now = self.clock;
+        } else if self.now - self.clock > TOLERANCE {
+            let (from, to) = (self.now, self.clock);
+            for r in self.records.values_mut() {
+                let death = r.dies_at();
+                let by = if death <= from {
+                    death.saturating_sub(to)
+                } else if r.written > to + TOLERANCE {
+                    r.written - to
+                } else {
+                    0
+                };
+                r.shift_back(by);
+            }
+            self.now = to;
+            self.corrections += 1;
+        }
     }
 
     /// A reopened store starts from the latest time it saw before (persisted on close), so
@@ -443,6 +501,7 @@ impl Model {
                     MRecord {
                         fp,
                         token,
+                        written: now,
                         state: MState::InFlight {
                             created_at,
                             ttl_deadline,
@@ -467,6 +526,7 @@ impl Model {
                     MRecord {
                         fp,
                         token,
+                        written: now,
                         state: MState::InFlight {
                             created_at: now,
                             ttl_deadline: now.saturating_add(self.ttl),
@@ -503,6 +563,7 @@ impl Model {
             completed_at: now,
             expires_at: now.saturating_add(ttl),
         };
+        r.written = now;
         r.state = MState::Completed {
             completed_at: done.completed_at,
             expires_at: done.expires_at,
@@ -517,10 +578,11 @@ impl Model {
         if by == 0 {
             return Err(ErrOut::InvalidConfig);
         }
-        let until = self.now.saturating_add(by);
+        let (now, until) = (self.now, self.now.saturating_add(by));
         let Some(r) = self.held(key, token) else {
             return Err(self.lost(token));
         };
+        r.written = now;
         if let MState::InFlight {
             lease_expires_at, ..
         } = &mut r.state
@@ -534,9 +596,11 @@ impl Model {
         if bytes.len() > MAX_BYTES {
             return Err(ErrOut::TooLarge);
         }
+        let now = self.now;
         let Some(r) = self.held(key, token) else {
             return Err(self.lost(token));
         };
+        r.written = now;
         if let MState::InFlight { checkpoint, .. } = &mut r.state {
             *checkpoint = Some(bytes.to_vec());
         }
@@ -559,6 +623,7 @@ impl Model {
             self.stats.leases_lost += 1;
             return;
         };
+        r.written = now;
         if let MState::InFlight {
             lease_expires_at, ..
         } = &mut r.state
@@ -984,6 +1049,7 @@ impl Harness {
         }
         self.check_stats("at the end");
         self.store.take().expect("open").close().expect("close");
+        self.coverage.corrections = self.model.corrections;
         self.coverage
     }
 }
