@@ -26,8 +26,12 @@ pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// Default size of the storage engine's page cache: 32 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
-/// Largest accepted `max_response_bytes`: 1 GiB.
-pub const MAX_RESPONSE_LIMIT: usize = 1 << 30;
+/// Largest accepted `max_response_bytes`: 64 MiB.
+///
+/// An idempotency store keeps responses to replay them, and a response is held in memory
+/// whole while it is stored or replayed: about two to three times its size (idemstore's copy,
+/// and the storage engine's page for it, whose size is rounded up to a power of two).
+pub const MAX_RESPONSE_LIMIT: usize = 64 << 20;
 
 /// The validated settings a store runs with (durations in nanoseconds).
 #[derive(Clone, Copy, Debug)]

@@ -368,7 +368,9 @@ impl Builder {
         self
     }
 
-    /// Largest response (and checkpoint) accepted, in bytes. Default 4 MiB, at most 1 GiB.
+    /// Largest response (and checkpoint) accepted, in bytes. Default 4 MiB, at most
+    /// [`MAX_RESPONSE_LIMIT`](crate::MAX_RESPONSE_LIMIT) (64 MiB). Storing or replaying a
+    /// response holds two to three times its size in memory for the duration of the call.
     pub fn max_response_bytes(mut self, max: usize) -> Builder {
         self.max_response_bytes = max;
         self
@@ -408,7 +410,7 @@ impl Builder {
         }
         if self.max_response_bytes > MAX_RESPONSE_LIMIT {
             return Err(Error::config(format!(
-                "max_response_bytes is {}, at most {MAX_RESPONSE_LIMIT} (1 GiB) is supported",
+                "max_response_bytes is {}, at most {MAX_RESPONSE_LIMIT} (64 MiB) is supported",
                 self.max_response_bytes
             )));
         }

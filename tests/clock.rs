@@ -46,7 +46,10 @@ fn check_recovers(store: &Store, clock: &ManualClock, corrected: SystemTime) {
         Begin::Replay(done) => {
             assert_eq!(done.response(), b"written during the glitch");
             let dies = done.expires_at().duration_since(corrected).expect("after");
-            assert!(dies <= TTL, "the completion lives {dies:?} past the correction");
+            assert!(
+                dies <= TTL,
+                "the completion lives {dies:?} past the correction"
+            );
         }
         other => panic!("expected the replay, got {other:?}"),
     }
@@ -105,7 +108,10 @@ fn a_glitch_persisted_by_a_crashed_process_is_corrected_at_reopen() {
         .stdout(Stdio::null())
         .status()
         .expect("run the child");
-    assert!(!status.success(), "the child must abort, not exit: {status:?}");
+    assert!(
+        !status.success(),
+        "the child must abort, not exit: {status:?}"
+    );
     assert!(path.exists());
     let clock = clock();
     let corrected = start();
