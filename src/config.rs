@@ -8,8 +8,21 @@ use std::time::Duration;
 pub enum Durability {
     /// Every acknowledged change is fsync'd before the call returns (the default).
     /// Group commit shares one fsync between all callers whose changes are queued together.
+    ///
+    /// Commits are made in two phases (the new commit, fsync, then the header byte that makes
+    /// it current, fsync again), so that after a crash a damaged newest commit is reported as
+    /// [`Error::Corrupt`](crate::Error::Corrupt) when the store opens, never taken for a torn
+    /// write and silently rolled back.
     #[default]
     Immediate,
+    /// Like [`Durability::Immediate`], every acknowledged change is fsync'd before the call
+    /// returns, but in one phase (one fsync per commit instead of two). The price: when the
+    /// newest commit's pages are damaged on disk and the process crashes, the storage engine
+    /// takes the damage for a write torn by the crash and falls back to the commit before,
+    /// *silently* losing the writes acknowledged by the newest commit (a payment that was
+    /// answered could then run again). Choose it only when that risk is acceptable;
+    /// `BENCHMARKS.md` gives what it saves.
+    ImmediateOnePhase,
     /// Changes are committed but not fsync'd: a crash or power loss may lose recent changes,
     /// fencing tokens included. For tests and caches. A clean [`close`](crate::Store::close)
     /// still makes everything durable.

@@ -326,6 +326,7 @@ pub(crate) fn begin_write(db: &Database, durability: Durability) -> Result<Write
         .map_err(engine("starting a write transaction"))?;
     match durability {
         Durability::Immediate => txn.set_two_phase_commit(true),
+        Durability::ImmediateOnePhase => {}
         Durability::None => txn
             .set_durability(redb::Durability::None)
             .map_err(engine("setting durability"))?,

@@ -28,11 +28,19 @@ fn check_raw(bytes: &[u8]) {
     );
 }
 
-/// The documented layout, version 1.
-fn documented(fp: &[u8; 32], token: u64, state_tag: u8, rest: &[u8]) -> Vec<u8> {
-    let mut v = vec![1, state_tag];
+/// The documented layout, version 2.
+fn documented(
+    fp: &[u8; 32],
+    token: u64,
+    (written_at, epoch): (u64, u32),
+    state_tag: u8,
+    rest: &[u8],
+) -> Vec<u8> {
+    let mut v = vec![2, state_tag];
     v.extend_from_slice(fp);
     v.extend_from_slice(&token.to_be_bytes());
+    v.extend_from_slice(&written_at.to_be_bytes());
+    v.extend_from_slice(&epoch.to_be_bytes());
     v.extend_from_slice(rest);
     v
 }
@@ -41,6 +49,7 @@ fn check_structured(u: &mut Unstructured<'_>) -> Result<()> {
     let fp: [u8; 32] = u.arbitrary()?;
     let token: u64 = u.arbitrary()?;
     let (a, b, c): (u64, u64, u64) = u.arbitrary()?;
+    let stamp: (u64, u32) = u.arbitrary()?;
     let in_flight: bool = u.arbitrary()?;
     let (encoded, expected, dies_at) = if in_flight {
         let attempt: u32 = u.arbitrary()?;
@@ -50,7 +59,7 @@ fn check_structured(u: &mut Unstructured<'_>) -> Result<()> {
         } else {
             None
         };
-        let encoded = codec::encode_in_flight(fp, token, a, b, c, attempt, checkpoint);
+        let encoded = codec::encode_in_flight(fp, token, stamp, a, b, c, attempt, checkpoint);
         let mut rest = Vec::new();
         rest.extend_from_slice(&a.to_be_bytes());
         rest.extend_from_slice(&b.to_be_bytes());
@@ -64,16 +73,16 @@ fn check_structured(u: &mut Unstructured<'_>) -> Result<()> {
                 rest.extend_from_slice(cp);
             }
         }
-        (encoded, documented(&fp, token, 1, &rest), b.max(c))
+        (encoded, documented(&fp, token, stamp, 1, &rest), b.max(c))
     } else {
         let response = u.bytes(u.len())?;
-        let encoded = codec::encode_completed(fp, token, a, b, response);
+        let encoded = codec::encode_completed(fp, token, stamp, a, b, response);
         let mut rest = Vec::new();
         rest.extend_from_slice(&a.to_be_bytes());
         rest.extend_from_slice(&b.to_be_bytes());
         rest.extend_from_slice(&(response.len() as u32).to_be_bytes());
         rest.extend_from_slice(response);
-        (encoded, documented(&fp, token, 2, &rest), b)
+        (encoded, documented(&fp, token, stamp, 2, &rest), b)
     };
     assert_eq!(
         encoded, expected,
