@@ -68,8 +68,14 @@ pub struct Idem {
 
 impl Idem {
     pub fn open(path: &Path) -> Idem {
+        Idem::open_with(path, Durability::Immediate)
+    }
+
+    /// With another durability (`ImmediateOnePhase`: what the default's two-phase commit
+    /// costs).
+    pub fn open_with(path: &Path, durability: Durability) -> Idem {
         let store = Store::builder()
-            .durability(Durability::Immediate)
+            .durability(durability)
             .reap_interval(None)
             .open(path)
             .expect("open idemstore");

@@ -113,6 +113,14 @@ fn main() {
             "sqlite WAL sync=FULL",
             Box::new(|n, p: &std::path::Path| Box::new(Sqlite::open(p, n)) as Box<dyn Peer>),
         ),
+        (
+            // What the default's two-phase commit costs (the second fsync per commit).
+            "idemstore, 1-phase commit",
+            Box::new(|_, p: &std::path::Path| {
+                Box::new(Idem::open_with(p, idemstore::Durability::ImmediateOnePhase))
+                    as Box<dyn Peer>
+            }),
+        ),
     ];
     if a.handoff {
         // Diagnostics: what a thread hand-off alone costs (no batching, naive's work).

@@ -75,6 +75,7 @@ impl Clock for ManualClock {
 }
 
 /// Nanoseconds since the Unix epoch; times before it count as 0, times past year 2554 as `u64::MAX`.
+#[cfg(any(test, feature = "client"))]
 pub(crate) fn to_nanos(t: SystemTime) -> u64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => duration_nanos(d),
