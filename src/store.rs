@@ -50,8 +50,9 @@ use crate::storage::{self, Stored};
 ///
 /// With [`Durability::Immediate`] (the default), a `begin` that returns `Started`, and every
 /// lease operation that returns `Ok`, is on disk (fsync'd) before it returns. Concurrent
-/// writers share fsyncs (group commit). An `Err` from a write is an unknown outcome: the
-/// store then refuses writes (with [`Error::Poisoned`] or [`Error::Storage`]) until it is
+/// writers share fsyncs (group commit), and each commit is made in two phases, so that a
+/// damaged newest commit is [`Error::Corrupt`] at open after a crash, never silently rolled
+/// back. An `Err` from a write is an unknown outcome: the store then refuses writes (with [`Error::Poisoned`] or [`Error::Storage`]) until it is
 /// reopened, and a reopen shows what is really on disk.
 #[derive(Clone)]
 pub struct Store {
