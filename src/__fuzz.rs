@@ -26,7 +26,7 @@ pub fn peek_matches_decode(bytes: &[u8]) -> bool {
     }
 }
 
-/// The death time (SPEC §3) of the record `bytes` decode to, `None` if they don't decode.
+/// The death time of the record `bytes` decode to, `None` if they don't decode.
 pub fn record_dies_at(bytes: &[u8]) -> Option<u64> {
     Record::decode(bytes).ok().map(|(r, _)| r.dies_at())
 }

@@ -1,4 +1,4 @@
-//! The state machine of SPEC §3 as pure functions: a decoded record (or none) and `now` in,
+//! The idempotency state machine as pure functions: a decoded record (or none) and `now` in,
 //! the outcome and the record to write out. No I/O, so it is tested on its own and applied
 //! many times inside one write transaction by the committer.
 
@@ -20,7 +20,7 @@ pub(crate) enum BeginStep {
     Mismatch,
 }
 
-/// Decides `begin` (SPEC §3, first table) without changing anything.
+/// Decides `begin` (absent → claim; completed → replay or mismatch; in flight → 409, takeover or mismatch) without changing anything.
 pub(crate) fn decide_begin(record: Option<&Record>, fp: &Fingerprint, now: u64) -> BeginStep {
     let Some(record) = record.filter(|r| !r.is_dead(now)) else {
         return BeginStep::Claim;
@@ -108,7 +108,7 @@ pub(crate) fn claim(
     }
 }
 
-/// An operation on a lease (SPEC §3, second table).
+/// An operation on a lease.
 #[derive(Clone, Debug)]
 pub(crate) enum LeaseAction {
     /// In flight → completed with these response bytes.

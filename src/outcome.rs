@@ -7,7 +7,7 @@ use crate::clock::from_nanos;
 use crate::lease::Lease;
 use crate::record::{Record, State};
 
-/// The answer of [`Store::begin`](crate::Store::begin), one per row of SPEC §3.
+/// The answer of [`Store::begin`](crate::Store::begin).
 ///
 /// | variant | HTTP |
 /// |---|---|

@@ -118,7 +118,7 @@ pub(crate) struct Record {
     pub state: State,
 }
 
-/// The two stored states of SPEC §3 (absent is "no record").
+/// The two stored states of a key (absent is "no record").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum State {
     InFlight {
@@ -136,7 +136,7 @@ pub(crate) enum State {
 }
 
 impl Record {
-    /// The instant from which the record counts as absent (SPEC §3): completed records die
+    /// The instant from which the record counts as absent: completed records die
     /// at `expires_at`, in-flight ones at `max(ttl_deadline, lease_expires_at)`.
     pub fn dies_at(&self) -> u64 {
         match &self.state {

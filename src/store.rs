@@ -151,9 +151,15 @@ impl Store {
         &self.inner.settings
     }
 
-    /// Asks what to do with a request carrying `key`, whose request fingerprint is `fp`
-    /// (SPEC §3): run it ([`Begin::Started`], with a [`Lease`]), replay the stored response
-    /// ([`Begin::Replay`]), answer 409 ([`Begin::InFlight`]) or 422 ([`Begin::Mismatch`]).
+    /// Asks what to do with a request carrying `key`, whose request fingerprint is `fp`:
+    ///
+    /// | state of the key | fingerprint | answer |
+    /// |---|---|---|
+    /// | absent, or dead (expired) | — | [`Begin::Started`]: run the request under the [`Lease`] |
+    /// | in flight, lease live | same | [`Begin::InFlight`] with the time left (409) |
+    /// | in flight, lease expired or released | same | [`Begin::Started`] with [`Lease::recovered`] set: a takeover |
+    /// | completed | same | [`Begin::Replay`]: the stored response, byte for byte |
+    /// | in flight or completed | differs | [`Begin::Mismatch`] (422) |
     ///
     /// Only `Started` writes (one durable commit, shared with concurrent writers); the other
     /// answers come from a read transaction.
