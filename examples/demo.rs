@@ -714,26 +714,24 @@ fn send_once(
     let result = req.send(body);
     world.on_wire.fetch_sub(1, SeqCst);
     let answer = match result {
-        Ok(response) => {
-            let replayed = response.headers().contains_key("idempotent-replayed");
-            match Sent::from_http(response) {
-                Sent::Response {
+        Ok(response) => match Sent::from_http(response) {
+            Sent::Response {
+                status,
+                retry_after,
+                replayed,
+                value,
+            } => {
+                let body = value.into_body().read_to_string().unwrap_or_default();
+                Answer::Http {
                     status,
+                    replayed,
                     retry_after,
-                    value,
-                } => {
-                    let body = value.into_body().read_to_string().unwrap_or_default();
-                    Answer::Http {
-                        status,
-                        replayed,
-                        retry_after,
-                        body,
-                    }
+                    body,
                 }
-                Sent::Timeout => Answer::Timeout,
-                Sent::ConnectionFailed(e) => Answer::Refused(e),
             }
-        }
+            Sent::Timeout => Answer::Timeout,
+            Sent::ConnectionFailed(e) => Answer::Refused(e),
+        },
         Err(ureq::Error::Timeout(_)) => Answer::Timeout,
         Err(e) => Answer::Refused(e.to_string()),
     };
@@ -783,9 +781,11 @@ fn to_sent(answer: Answer) -> Sent<String> {
         Answer::Http {
             status,
             retry_after,
+            replayed,
             body,
-            ..
-        } => Sent::response(status, body).retry_after(retry_after),
+        } => Sent::response(status, body)
+            .retry_after(retry_after)
+            .replayed(replayed),
         Answer::Timeout => Sent::Timeout,
         Answer::Refused(e) => Sent::ConnectionFailed(e),
     }
