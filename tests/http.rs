@@ -2,6 +2,7 @@
 //! the `Idempotency-Key` header, fingerprints, problem bodies, and the `StoredResponse` codec.
 #![cfg(feature = "http")]
 
+use std::sync::Mutex;
 use std::time::{Duration, UNIX_EPOCH};
 
 use http::header::{CONTENT_TYPE, SET_COOKIE};
@@ -223,10 +224,79 @@ fn scopes_keep_clients_apart() {
         &Key::new("tenant-2", &KEY[1..KEY.len() - 1]).unwrap()
     );
     drop((a, b));
+}
+
+/// Records the level and text of every event on this thread.
+struct Events(Mutex<Vec<(tracing::Level, String)>>);
+
+struct Text<'a>(&'a mut String);
+
+impl tracing::field::Visit for Text<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={value:?} ", field.name()));
+    }
+}
+
+impl tracing::Subscriber for &'static Events {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut text = String::new();
+        event.record(&mut Text(&mut text));
+        let level = *event.metadata().level();
+        self.0.lock().unwrap().push((level, text));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_scope_the_store_refuses_is_the_servers_fault_a_500_that_says_nothing_of_it() {
+    let clock = clock();
+    let guard = guard(&clock);
+    let req = request(Some(KEY), "{}");
+    let events: &'static Events = Box::leak(Box::new(Events(Mutex::new(Vec::new()))));
+    let scope = "s".repeat(256);
+    let err = tracing::subscriber::with_default(events, || guard.begin(&scope, &req))
+        .expect_err("a 256-byte scope is refused");
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+    let r = error_response(&err);
+    assert_problem(&r, 500, "server-error");
+    for leak in ["scope", "256", "255", "malformed", "Idempotency-Key header"] {
+        assert!(!body(&r).contains(leak), "{leak:?} in {}", body(&r));
+    }
+    let logged = events.0.lock().unwrap().clone();
+    assert!(
+        logged.iter().any(
+            |(level, text)| *level == tracing::Level::ERROR && text.contains("scope_bytes=256")
+        ),
+        "{logged:?}"
+    );
+    assert!(
+        logged.iter().all(|(_, text)| !text.contains(&scope)),
+        "the scope itself is not logged: {logged:?}"
+    );
+    assert_eq!(guard.store().stats().started, 0, "nothing begun");
+    // The id keeps its own 400, and a 255-byte scope is fine.
+    assert_problem(
+        &reject(&guard, &request(Some("\"abc"), "{}")),
+        400,
+        "malformed-idempotency-key",
+    );
     assert!(matches!(
-        guard.begin(&"s".repeat(256), &req),
-        Err(Error::InvalidKey { .. })
+        guard.begin(&"s".repeat(255), &req),
+        Ok(Decision::Run(_))
     ));
+    assert_eq!(
+        error_response(&Error::InvalidKey { reason: "x".into() }).status(),
+        400
+    );
 }
 
 #[test]

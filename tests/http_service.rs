@@ -236,3 +236,20 @@ fn unknown_routes_are_404_problems_and_charges_are_listed() {
     assert_eq!(missing.status(), 404);
     service.shutdown();
 }
+
+#[test]
+fn a_scope_the_store_refuses_is_a_500_that_says_nothing_of_the_scope() {
+    let service = start(Config::default());
+    let tenant = "t".repeat(300);
+    let reply = post_with(
+        &service,
+        Some(KEY),
+        r#"{"amount":1}"#,
+        &[("x-tenant", &tenant)],
+    );
+    assert_problem(&reply, 500, "server-error");
+    for leak in ["scope", "300", "255", "malformed"] {
+        assert!(!reply.body.contains(leak), "{leak:?} in {}", reply.body);
+    }
+    assert!(service.charges().is_empty());
+}

@@ -13,6 +13,7 @@
 //! | same key, same request, done | [`Decision::Replay`] | the stored response + `Idempotent-Replayed: true` |
 //! | same key, same request, in progress | [`Decision::Reject`] | 409 + `Retry-After` (seconds, rounded up), [in flight](#request-in-flight) |
 //! | same key, another request | [`Decision::Reject`] | 422, [reused](#idempotency-key-reused) |
+//! | a `scope` the store refuses (over 255 bytes) | `Err(`[`Error::InvalidConfig`]`)`, logged | 500, [server error](#internal-server-error) via [`error_response`] |
 //!
 //! ```
 //! use http::{Request, Response, StatusCode};
@@ -126,6 +127,11 @@
 //! Status 500. The store could not answer (I/O failure, closed store). Retrying later with the same
 //! key is safe.
 //!
+//! ### Internal server error
+//! Status 500. The service is at fault, not the request: for one, it chose a scope the store
+//! refuses. The answer says nothing more (the service logs the cause). Retrying later with
+//! the same key is safe.
+//!
 //! The module is behind the `http` cargo feature (on by default).
 
 mod header;
@@ -235,10 +241,12 @@ impl RequestGuard {
     /// from the authenticated caller, so that two clients never share keys).
     ///
     /// # Errors
-    /// Only the store's errors ([`Error::Storage`], [`Error::Poisoned`], [`Error::Closed`],
-    /// [`Error::Corrupt`], also for a stored response that is not a [`StoredResponse`]) and
-    /// [`Error::InvalidKey`] for a `scope` over 255 bytes; answer them with
-    /// [`error_response`]. The client's mistakes are `Ok(Decision::Reject(..))`.
+    /// Only the server's side: the store's errors ([`Error::Storage`], [`Error::Poisoned`],
+    /// [`Error::Closed`], [`Error::Corrupt`], also for a stored response that is not a
+    /// [`StoredResponse`]) and [`Error::InvalidConfig`] for a `scope` the store refuses (over
+    /// 255 bytes; logged at error level, with its length only). Answer them with
+    /// [`error_response`]: a 500 that tells the client nothing about the cause. The client's
+    /// mistakes are `Ok(Decision::Reject(..))`.
     pub fn begin<B: AsRef<[u8]>>(&self, scope: &str, request: &Request<B>) -> Result<Decision> {
         let id = match idempotency_key(request.headers()) {
             Ok(id) => id,
@@ -247,7 +255,18 @@ impl RequestGuard {
             }
             Err(e) => return Err(e),
         };
-        let key = Key::new(scope, &id)?;
+        // `id` passed `idempotency_key`, which checks it as `Key::new` does: a refusal here
+        // is the scope's, chosen by the service, so a server error rather than a 400.
+        let key = Key::new(scope, &id).map_err(|e| {
+            tracing::error!(
+                scope_bytes = scope.len(),
+                error = %e,
+                "the service chose a scope the store refuses; answering 500"
+            );
+            Error::InvalidConfig {
+                reason: format!("the scope passed to RequestGuard::begin is refused: {e}"),
+            }
+        })?;
         let fp = request_fingerprint(request, &self.headers);
         Ok(match self.store.begin(&key, &fp)? {
             Begin::Started(lease) => Decision::Run(lease),

@@ -27,6 +27,8 @@ pub enum Problem {
     Mismatch,
     /// 500: the idempotency store failed.
     StoreFailed,
+    /// 500: the service itself is at fault (it chose a scope the store refuses, for one).
+    ServerError,
 }
 
 impl Problem {
@@ -36,7 +38,7 @@ impl Problem {
             Problem::MissingKey | Problem::MalformedKey => StatusCode::BAD_REQUEST,
             Problem::InFlight => StatusCode::CONFLICT,
             Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::StoreFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::StoreFailed | Problem::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -48,6 +50,7 @@ impl Problem {
             Problem::InFlight => "request-in-flight",
             Problem::Mismatch => "idempotency-key-reused",
             Problem::StoreFailed => "idempotency-store-failed",
+            Problem::ServerError => "server-error",
         };
         format!("{DOCS}#{anchor}")
     }
@@ -60,6 +63,7 @@ impl Problem {
             Problem::InFlight => "A request with this Idempotency-Key is in progress",
             Problem::Mismatch => "Idempotency-Key reused for a different request",
             Problem::StoreFailed => "Idempotency store failed",
+            Problem::ServerError => "Internal server error",
         }
     }
 
@@ -176,14 +180,21 @@ pub fn mismatch() -> Response<Vec<u8>> {
 
 /// The response for an error of this crate met while handling a request: 400 for
 /// [`Error::MissingIdempotencyKey`], [`Error::MalformedIdempotencyKey`] and
-/// [`Error::InvalidKey`]; otherwise 500 (the store failed: the client may retry with the same
-/// key; the error's own text is not sent, log it yourself).
+/// [`Error::InvalidKey`] (the client's key); a 500 [server error](Problem::ServerError) for
+/// [`Error::InvalidConfig`] (the service's fault, such as a scope the store refuses, which
+/// [`RequestGuard::begin`](super::RequestGuard::begin) reports so); otherwise a 500
+/// [store failure](Problem::StoreFailed). The client may retry a 500 with the same key. The
+/// text of a 500 says nothing about the error (log it yourself).
 pub fn error_response(error: &Error) -> Response<Vec<u8>> {
     match error {
         Error::MissingIdempotencyKey => missing_key(),
         Error::MalformedIdempotencyKey { reason } | Error::InvalidKey { reason } => {
             malformed_key(reason)
         }
+        Error::InvalidConfig { .. } => Problem::ServerError.response(
+            "The service failed to handle this request; the fault is on the server's side. \
+             Retrying later with the same Idempotency-Key is safe.",
+        ),
         _ => Problem::StoreFailed.response(
             "The idempotency store failed while handling this request. Retry later with the \
              same Idempotency-Key.",
@@ -217,5 +228,10 @@ mod tests {
         assert_eq!(mismatch().status(), 422);
         assert_eq!(error_response(&Error::Poisoned).status(), 500);
         assert_eq!(error_response(&Error::MissingIdempotencyKey).status(), 400);
+        let misconfigured = error_response(&Error::InvalidConfig {
+            reason: "scope is 300 bytes long".into(),
+        });
+        assert_eq!(misconfigured.status(), 500);
+        assert!(!String::from_utf8_lossy(misconfigured.body()).contains("300"));
     }
 }
