@@ -7,8 +7,9 @@
 //! ```
 //!
 //! The first line printed is the bound address (`--addr 127.0.0.1:0` picks a free port).
-//! Flags: `--addr`, `--ttl-ms` (key TTL), `--lease-ms`, `--threads`, `--db PATH` (the store
-//! file; default a file in the temporary directory).
+//! Flags: `--addr`, `--ttl-ms` (key TTL), `--lease-ms`, `--retry-after-ms` (what a 409 tells
+//! a duplicate to wait; default 1 s), `--threads`, `--db PATH` (the store file; default a file
+//! in the temporary directory).
 //!
 //! | request | answer |
 //! |---|---|
@@ -57,8 +58,12 @@ pub struct Config {
     pub addr: String,
     /// How long a key is remembered.
     pub ttl: Duration,
-    /// The lease a request holds while it runs (the 409's `Retry-After` is what is left).
+    /// The lease a request holds while it runs; after a crash, a retry takes over once it
+    /// runs out.
     pub lease: Duration,
+    /// What a 409 tells a duplicate to wait (`Retry-After`), about how long a payment takes;
+    /// never more than the running request's lease has left.
+    pub retry_after_hint: Duration,
     /// Worker threads.
     pub threads: usize,
     /// The store file; `None` keeps the store in memory.
@@ -71,6 +76,7 @@ impl Default for Config {
             addr: "127.0.0.1:0".into(),
             ttl: idemstore::DEFAULT_TTL,
             lease: idemstore::DEFAULT_LEASE,
+            retry_after_hint: idemstore::http::DEFAULT_RETRY_AFTER_HINT,
             threads: 8,
             db: None,
         }
@@ -117,7 +123,9 @@ impl Service {
             Some(path) => builder.open(path)?,
             None => builder.open_in_memory()?,
         };
-        let guard = RequestGuard::new(store).fingerprint_headers([CONTENT_TYPE]);
+        let guard = RequestGuard::new(store)
+            .fingerprint_headers([CONTENT_TYPE])
+            .retry_after_hint(config.retry_after_hint);
         let server = Arc::new(tiny_http::Server::http(config.addr.as_str())?);
         let addr = server
             .server_addr()
@@ -366,6 +374,7 @@ fn parse_args() -> Result<Config, String> {
             "--addr" => config.addr = value()?,
             "--ttl-ms" => config.ttl = ms(value()?)?,
             "--lease-ms" => config.lease = ms(value()?)?,
+            "--retry-after-ms" => config.retry_after_hint = ms(value()?)?,
             "--threads" => {
                 config.threads = value()?
                     .parse()
@@ -374,7 +383,7 @@ fn parse_args() -> Result<Config, String> {
             "--db" => config.db = Some(PathBuf::from(value()?)),
             other => {
                 return Err(format!(
-                    "unknown flag {other}; flags: --addr, --ttl-ms, --lease-ms, --threads, --db"
+                    "unknown flag {other}; flags: --addr, --ttl-ms, --lease-ms, --retry-after-ms, --threads, --db"
                 ));
             }
         }

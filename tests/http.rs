@@ -113,27 +113,68 @@ fn first_runs_then_every_retry_replays_the_whole_response() {
 }
 
 #[test]
-fn a_request_in_flight_gets_409_with_retry_after_rounded_up() {
+fn a_request_in_flight_gets_409_with_a_short_retry_after_hint_by_default() {
     let clock = clock();
     let guard = guard(&clock);
     let req = request(Some(KEY), "{}");
     let lease = run(&guard, &req);
-    clock.advance(Duration::from_millis(10_500));
+    clock.advance(Duration::from_millis(500));
     let conflict = reject(&guard, &req);
     assert_problem(&conflict, 409, "request-in-flight");
     assert_eq!(
         conflict.headers()["retry-after"],
-        "20",
-        "19.5 s left, rounded up"
+        "1",
+        "29.5 s of lease left, but the default hint is 1 s"
     );
-    clock.advance(Duration::from_millis(19_000));
-    let conflict = reject(&guard, &req);
-    assert_eq!(conflict.headers()["retry-after"], "1", "0.5 s left");
+    assert!(
+        body(&conflict).contains("in 1 second(s)"),
+        "{}",
+        body(&conflict)
+    );
     complete(lease, &created(1)).unwrap();
     assert!(matches!(
         guard.begin("tenant-1", &req).unwrap(),
         Decision::Replay(_)
     ));
+}
+
+#[test]
+fn the_retry_after_hint_is_configurable_never_past_the_lease_whole_seconds_at_least_1() {
+    let clock = clock();
+    let retry_after = |hint: Duration, advance_ms: u64| {
+        let guard = guard(&clock).retry_after_hint(hint);
+        let req = request(Some(KEY), "{}");
+        let lease = run(&guard, &req);
+        clock.advance(Duration::from_millis(advance_ms));
+        let conflict = reject(&guard, &req);
+        drop(lease);
+        conflict.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    // The lease is 30 s.
+    assert_eq!(
+        retry_after(Duration::from_millis(2500), 0),
+        "3",
+        "rounded up"
+    );
+    assert_eq!(retry_after(Duration::from_secs(5), 10_500), "5");
+    assert_eq!(
+        retry_after(Duration::from_secs(60), 10_500),
+        "20",
+        "19.5 s of lease left caps a longer hint"
+    );
+    assert_eq!(
+        retry_after(Duration::from_secs(5), 29_500),
+        "1",
+        "0.5 s left"
+    );
+    assert_eq!(retry_after(Duration::ZERO, 0), "1", "never 0");
+    assert_eq!(
+        idemstore::http::DEFAULT_RETRY_AFTER_HINT,
+        Duration::from_secs(1)
+    );
 }
 
 #[test]

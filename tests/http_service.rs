@@ -156,6 +156,44 @@ fn a_concurrent_duplicate_gets_409_with_retry_after_then_the_replay() {
 }
 
 #[test]
+fn a_duplicate_of_a_quick_request_is_told_to_wait_the_hint_not_the_whole_lease() {
+    let retry_after = |config: Config| {
+        let service = start(config);
+        std::thread::scope(|s| {
+            let slow =
+                s.spawn(|| post_with(&service, Some(KEY), "{}", &[("x-demo-work-ms", "1500")]));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while service.charges_for(KEY_ID) == 0 {
+                assert!(Instant::now() < deadline, "the first request never started");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let duplicate = post(&service, Some(KEY), "{}");
+            assert_problem(&duplicate, 409, "request-in-flight");
+            assert_eq!(slow.join().unwrap().status, 201);
+            duplicate.header("retry-after").map(str::to_owned)
+        })
+    };
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        retry_after(Config {
+            lease,
+            ..Config::default()
+        }),
+        Some("1".to_owned()),
+        "a 30 s lease, the default 1 s hint"
+    );
+    assert_eq!(
+        retry_after(Config {
+            lease,
+            retry_after_hint: Duration::from_millis(2200),
+            ..Config::default()
+        }),
+        Some("3".to_owned()),
+        "a configured hint, rounded up"
+    );
+}
+
+#[test]
 fn the_same_key_with_another_body_is_422() {
     let service = start(Config::default());
     assert_eq!(post(&service, Some(KEY), r#"{"amount":1}"#).status, 201);

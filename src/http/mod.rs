@@ -11,7 +11,7 @@
 //! | malformed or longer than 255 bytes | [`Decision::Reject`] | 400, [malformed](#malformed-idempotency-key) |
 //! | new key (or expired) | [`Decision::Run`] with a [`Lease`] | your handler's, then [`complete`] stores it |
 //! | same key, same request, done | [`Decision::Replay`] | the stored response + `Idempotent-Replayed: true` |
-//! | same key, same request, in progress | [`Decision::Reject`] | 409 + `Retry-After` (seconds, rounded up), [in flight](#request-in-flight) |
+//! | same key, same request, in progress | [`Decision::Reject`] | 409 + `Retry-After` (the [hint](RequestGuard::retry_after_hint), at most the lease's time left), [in flight](#request-in-flight) |
 //! | same key, another request | [`Decision::Reject`] | 422, [reused](#idempotency-key-reused) |
 //! | a `scope` the store refuses (over 255 bytes) | `Err(`[`Error::InvalidConfig`]`)`, logged | 500, [server error](#internal-server-error) via [`error_response`] |
 //!
@@ -116,8 +116,10 @@
 //! lenient bare form, see [`idempotency_key`]), or there is more than one.
 //!
 //! ### Request in flight
-//! Status 409, with `Retry-After` in seconds (the time left on the running request's lease, rounded
-//! up). Retry then, with the same key and the same request: you get its response.
+//! Status 409, with `Retry-After` in whole seconds: the guard's
+//! [`retry_after_hint`](RequestGuard::retry_after_hint) (default 1 s), or the time left on the
+//! running request's lease if that is shorter, rounded up, at least 1. Retry then, with the same
+//! key and the same request: you get its response once it is done.
 //!
 //! ### Idempotency-Key reused
 //! Status 422. The key was used for a request with another fingerprint. A client bug: do not retry;
@@ -137,6 +139,8 @@
 mod header;
 mod problem;
 mod stored;
+
+use std::time::Duration;
 
 use http::{HeaderName, Request, Response};
 
@@ -212,7 +216,11 @@ pub enum Decision {
 pub struct RequestGuard {
     store: Store,
     headers: Vec<HeaderName>,
+    retry_after_hint: Duration,
 }
+
+/// The default [`RequestGuard::retry_after_hint`].
+pub const DEFAULT_RETRY_AFTER_HINT: Duration = Duration::from_secs(1);
 
 impl RequestGuard {
     /// A guard on `store`, fingerprinting method, path and query, and body.
@@ -220,7 +228,21 @@ impl RequestGuard {
         RequestGuard {
             store,
             headers: Vec::new(),
+            retry_after_hint: DEFAULT_RETRY_AFTER_HINT,
         }
+    }
+
+    /// How long a 409 tells a duplicate to wait (`Retry-After`) while the first request
+    /// runs: about how long your handler usually takes. Default 1 s
+    /// ([`DEFAULT_RETRY_AFTER_HINT`]).
+    ///
+    /// The answer is never more than the running request's lease has left (a retry then may
+    /// take over), and is sent as whole seconds, rounded up, at least 1. The lease itself is
+    /// the store's [`lease`](crate::Builder::lease) setting; a hint as long as the lease
+    /// makes every duplicate wait until the lease runs out, however quick the request.
+    pub fn retry_after_hint(mut self, hint: Duration) -> RequestGuard {
+        self.retry_after_hint = hint;
+        self
     }
 
     /// Also fingerprints these headers (in this order). Default: none.
@@ -271,7 +293,9 @@ impl RequestGuard {
         Ok(match self.store.begin(&key, &fp)? {
             Begin::Started(lease) => Decision::Run(lease),
             Begin::Replay(done) => Decision::Replay(replay(&done)?),
-            Begin::InFlight { retry_after } => Decision::Reject(in_flight(retry_after)),
+            Begin::InFlight { retry_after } => {
+                Decision::Reject(in_flight(retry_after.min(self.retry_after_hint)))
+            }
             Begin::Mismatch => Decision::Reject(mismatch()),
         })
     }

@@ -143,13 +143,16 @@ pub fn malformed_key(reason: &str) -> Response<Vec<u8>> {
     ))
 }
 
-/// Seconds for `Retry-After`: `d` rounded up, so a client never comes back too early.
+/// Seconds for `Retry-After`: `d` rounded up, so a client never comes back too early, and at
+/// least 1 (a 0 would ask for an immediate retry, which would only meet the same request).
 pub(crate) fn retry_after_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 /// 409: a request with the same key is being processed; come back after `retry_after`
-/// (sent in `Retry-After` as whole seconds, rounded up).
+/// (sent in `Retry-After` as whole seconds, rounded up, at least 1).
+/// [`RequestGuard::begin`](super::RequestGuard::begin) passes its
+/// [hint](super::RequestGuard::retry_after_hint), capped by the lease's time left.
 ///
 /// ```
 /// use std::time::Duration;
@@ -215,7 +218,7 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up() {
-        assert_eq!(retry_after_secs(Duration::ZERO), 0);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_nanos(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
         assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
