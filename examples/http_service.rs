@@ -18,14 +18,26 @@
 //! | the same request while the first still runs | 409 + `Retry-After` |
 //! | the same key with another body | 422 |
 //! | no key | 400 |
+//! | a body cut short, a header value with a byte outside ASCII | 400 problem, nothing begun |
 //! | the same request after the TTL | runs again (a new payment) |
 //! | `GET /charges` | one line per key: `scope/key charges` (for demos and tests) |
 //!
-//! Why a synchronous server: the store is synchronous (every "started" and "completed" is
-//! fsync'd before it returns), so a thread-per-request server calls it directly. `tiny_http`
-//! with a small pool of worker threads needs no async runtime and no `spawn_blocking`;
-//! concurrent requests still share fsyncs through the store's group commit. In an async
-//! server, call the same functions through `spawn_blocking` (see `idemstore::http`).
+//! The server is hyper 1 (HTTP/1.1) on a small tokio runtime: one thread accepts and speaks
+//! HTTP, and each `POST /payments` runs on the runtime's blocking pool (`--threads` threads),
+//! because the store is synchronous: every "started" and "completed" is fsync'd before it
+//! returns. Concurrent requests still share fsyncs through the store's group commit.
+//!
+//! Two things a copy must keep:
+//! * **A request is read whole before anything runs.** An upload cut short (fewer bytes than
+//!   its `Content-Length`, or a chunked body that ends inside a chunk) is answered 400 and
+//!   nothing is begun, so the client's full retry runs normally. Reading it whole first is
+//!   also what the fingerprint needs.
+//! * **Every request gets an HTTP answer.** A header value with a byte outside ASCII is
+//!   answered with a 400 problem (hyper hands such values on; a request line or header name
+//!   that breaks HTTP's syntax gets hyper's own bare 400). Why not `tiny_http`: it closes the
+//!   connection without a word on a non-ASCII header byte, before the application sees the
+//!   request, and it hands a `Content-Length` body that ended early to the handler as if
+//!   it were whole.
 //!
 //! For demos, the handler sleeps `X-Demo-Work-Ms` milliseconds (at most 10 s) while it holds
 //! the lease, to make a request slow enough to meet its own retry. The scope is taken from an
@@ -35,21 +47,29 @@
 //! [`Service::start`].
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, LOCATION, SET_COOKIE};
 use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 use idemstore::Store;
 use idemstore::http::{Decision, RequestGuard, complete, error_response, problem_response};
+use tokio::sync::oneshot;
 
 /// Largest request body accepted.
-const MAX_BODY: u64 = 64 * 1024;
+const MAX_BODY: usize = 64 * 1024;
+/// How long a shutdown waits for the requests in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// How the service runs.
 #[derive(Clone, Debug)]
@@ -64,7 +84,7 @@ pub struct Config {
     /// What a 409 tells a duplicate to wait (`Retry-After`), about how long a payment takes;
     /// never more than the running request's lease has left.
     pub retry_after_hint: Duration,
-    /// Worker threads.
+    /// Threads that run requests (the runtime's blocking pool).
     pub threads: usize,
     /// The store file; `None` keeps the store in memory.
     pub db: Option<PathBuf>,
@@ -109,14 +129,19 @@ impl Ledger {
 /// A running service. Dropping it stops it (as [`Service::shutdown`] does).
 pub struct Service {
     addr: SocketAddr,
+    app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// What every request needs.
+struct App {
     guard: RequestGuard,
-    ledger: Arc<Ledger>,
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    ledger: Ledger,
 }
 
 impl Service {
-    /// Opens the store, binds the address and starts the worker threads.
+    /// Opens the store, binds the address and starts the server thread.
     pub fn start(config: Config) -> Result<Service, Box<dyn Error + Send + Sync>> {
         let builder = Store::builder().ttl(config.ttl).lease(config.lease);
         let store = match &config.db {
@@ -126,37 +151,34 @@ impl Service {
         let guard = RequestGuard::new(store)
             .fingerprint_headers([CONTENT_TYPE])
             .retry_after_hint(config.retry_after_hint);
-        let server = Arc::new(tiny_http::Server::http(config.addr.as_str())?);
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or("the server is not listening on an IP address")?;
-        let ledger = Arc::new(Ledger::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut workers = Vec::new();
-        for i in 0..config.threads.max(1) {
-            let (server, guard, ledger, stop) =
-                (server.clone(), guard.clone(), ledger.clone(), stop.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("http-worker-{i}"))
-                    .spawn(move || {
-                        while !stop.load(Ordering::SeqCst) {
-                            match server.recv_timeout(Duration::from_millis(50)) {
-                                Ok(Some(request)) => serve(&guard, &ledger, request),
-                                Ok(None) => {}
-                                Err(e) => eprintln!("http_service: accept failed: {e}"),
-                            }
-                        }
-                    })?,
-            );
-        }
+        let app = Arc::new(App {
+            guard,
+            ledger: Ledger::default(),
+        });
+        let listener = std::net::TcpListener::bind(config.addr.as_str())?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(config.threads.max(1))
+            .thread_name("http-service-request")
+            .build()?;
+        let (stop, stopped) = oneshot::channel();
+        let server = {
+            let app = app.clone();
+            std::thread::Builder::new()
+                .name("http-service".into())
+                .spawn(move || {
+                    runtime.block_on(serve(listener, app, stopped));
+                    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+                })?
+        };
         Ok(Service {
             addr,
-            guard,
-            ledger,
-            stop,
-            workers,
+            app,
+            stop: Some(stop),
+            server: Some(server),
         })
     }
 
@@ -172,12 +194,12 @@ impl Service {
 
     /// The store behind the service.
     pub fn store(&self) -> &Store {
-        self.guard.store()
+        self.app.guard.store()
     }
 
     /// Charges per `scope/key`, as the payment processor saw them.
     pub fn charges(&self) -> BTreeMap<String, u32> {
-        self.ledger.snapshot()
+        self.app.ledger.snapshot()
     }
 
     /// How often `key` (in scope `public`) was charged.
@@ -188,15 +210,18 @@ impl Service {
             .unwrap_or(0)
     }
 
-    /// Stops the workers (each finishes its request) and waits for them.
+    /// Stops accepting connections, lets the requests in progress finish (for up to 15 s)
+    /// and waits for the server thread.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
         }
     }
 }
@@ -207,34 +232,122 @@ impl Drop for Service {
     }
 }
 
-/// Answers one request.
-fn serve(guard: &RequestGuard, ledger: &Ledger, mut request: tiny_http::Request) {
-    let response = match (request.method().as_str(), request.url()) {
-        ("POST", "/payments") => match read_request(&mut request) {
-            Ok(req) => payments(guard, ledger, &req),
-            Err(response) => *response,
-        },
-        ("GET", "/charges") => {
-            let mut body = String::new();
-            for (key, n) in ledger.snapshot() {
-                body.push_str(&format!("{key} {n}\n"));
-            }
-            text(StatusCode::OK, body)
-        }
-        _ => problem_response(
-            StatusCode::NOT_FOUND,
-            "about:blank",
-            "Not Found",
-            "Try POST /payments or GET /charges.",
-        ),
+/// Accepts connections until `stopped`, then waits (bounded) for the open ones.
+async fn serve(listener: std::net::TcpListener, app: Arc<App>, mut stopped: oneshot::Receiver<()>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => return eprintln!("http_service: listening failed: {e}"),
     };
-    if let Err(e) = request.respond(to_tiny(response)) {
-        eprintln!("http_service: sending a response failed: {e}");
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    eprintln!("http_service: accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(answer(app, request).await) }
+        });
+        // Half-closed connections are kept: a client may shut its writing side and still
+        // wait for the answer (to an upload cut short, for one).
+        let connection = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                // A client that goes away mid-request; nothing was run for it.
+                eprintln!("http_service: connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+}
+
+/// Answers one request: every request gets an HTTP answer.
+async fn answer(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let response = if let Some((name, _)) = parts
+        .headers
+        .iter()
+        .find(|(_, value)| !value.as_bytes().is_ascii())
+    {
+        bad_request(&format!(
+            "The {name} header holds a byte outside ASCII. Header values must be ASCII; \
+             nothing was done."
+        ))
+    } else {
+        match (parts.method.as_str(), parts.uri.path()) {
+            ("POST", "/payments") => match read_body(body).await {
+                Ok(body) => {
+                    let request = Request::from_parts(parts, body);
+                    let app = app.clone();
+                    // The store is synchronous (fsync), and the work sleeps: off the runtime.
+                    tokio::task::spawn_blocking(move || payments(&app, &request))
+                        .await
+                        .unwrap_or_else(|e| {
+                            eprintln!("http_service: the handler panicked: {e}");
+                            text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+                        })
+                }
+                Err(response) => *response,
+            },
+            ("GET", "/charges") => {
+                let mut body = String::new();
+                for (key, n) in app.ledger.snapshot() {
+                    body.push_str(&format!("{key} {n}\n"));
+                }
+                text(StatusCode::OK, body)
+            }
+            _ => problem_response(
+                StatusCode::NOT_FOUND,
+                "about:blank",
+                "Not Found",
+                "Try POST /payments or GET /charges.",
+            ),
+        }
+    };
+    response.map(|body| Full::new(Bytes::from(body)))
+}
+
+/// Reads the whole body, or answers why not: a body that ended before its declared end
+/// (the client went away, or its upload was cut) is never handled as if it were whole.
+async fn read_body(body: Incoming) -> Result<Vec<u8>, Box<Response<Vec<u8>>>> {
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.is::<LengthLimitError>() => Err(Box::new(problem_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "about:blank",
+            "Payload Too Large",
+            "The body is over 64 KiB; nothing was done.",
+        ))),
+        Err(e) => Err(Box::new(bad_request(&format!(
+            "The request body could not be read whole ({e}); nothing was done. Send the whole \
+             request again with the same Idempotency-Key."
+        )))),
     }
 }
 
+fn bad_request(detail: &str) -> Response<Vec<u8>> {
+    problem_response(
+        StatusCode::BAD_REQUEST,
+        "about:blank",
+        "Bad Request",
+        detail,
+    )
+}
+
 /// `POST /payments`, behind the idempotency guard.
-fn payments(guard: &RequestGuard, ledger: &Ledger, req: &Request<Vec<u8>>) -> Response<Vec<u8>> {
+fn payments(app: &App, req: &Request<Vec<u8>>) -> Response<Vec<u8>> {
+    let (guard, ledger) = (&app.guard, &app.ledger);
     let scope = req
         .headers()
         .get("x-tenant")
@@ -283,38 +396,6 @@ fn payments(guard: &RequestGuard, ledger: &Ledger, req: &Request<Vec<u8>>) -> Re
     }
 }
 
-/// Reads a tiny_http request into an `http::Request`.
-fn read_request(
-    request: &mut tiny_http::Request,
-) -> Result<Request<Vec<u8>>, Box<Response<Vec<u8>>>> {
-    let mut body = Vec::new();
-    let read = std::io::Read::read_to_end(
-        &mut std::io::Read::take(request.as_reader(), MAX_BODY + 1),
-        &mut body,
-    );
-    if read.is_err() {
-        return Err(Box::new(text(
-            StatusCode::BAD_REQUEST,
-            "could not read the body",
-        )));
-    }
-    if body.len() as u64 > MAX_BODY {
-        return Err(Box::new(text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body over 64 KiB",
-        )));
-    }
-    let mut builder = Request::builder()
-        .method(request.method().as_str())
-        .uri(request.url());
-    for h in request.headers() {
-        builder = builder.header(h.field.as_str().as_str(), h.value.as_str());
-    }
-    builder
-        .body(body)
-        .map_err(|_| Box::new(text(StatusCode::BAD_REQUEST, "malformed request")))
-}
-
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Vec<u8>> {
     let mut response = Response::new(body.into().into_bytes());
     *response.status_mut() = status;
@@ -335,21 +416,6 @@ fn json_string(s: &str) -> String {
         }
     }
     out.push('"');
-    out
-}
-
-/// An `http::Response` as a tiny_http response (tiny_http sets `Content-Length` itself).
-fn to_tiny(response: Response<Vec<u8>>) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let (parts, body) = response.into_parts();
-    let mut out = tiny_http::Response::from_data(body).with_status_code(parts.status.as_u16());
-    for (name, value) in &parts.headers {
-        if name == http::header::CONTENT_LENGTH {
-            continue;
-        }
-        if let Ok(h) = tiny_http::Header::from_bytes(name.as_str().as_bytes(), value.as_bytes()) {
-            out.add_header(h);
-        }
-    }
     out
 }
 

@@ -6,6 +6,8 @@
 #[allow(dead_code)]
 mod service;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use idemstore::Entry;
@@ -289,5 +291,169 @@ fn a_scope_the_store_refuses_is_a_500_that_says_nothing_of_the_scope() {
     for leak in ["scope", "300", "255", "malformed"] {
         assert!(!reply.body.contains(leak), "{leak:?} in {}", reply.body);
     }
+    assert!(service.charges().is_empty());
+}
+
+// ---------------------------------------------------------------- raw bytes on the wire
+
+/// An answer read off a raw connection.
+#[derive(Debug)]
+struct RawReply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// Writes `bytes` to the service, then (if `half_close`) shuts the writing side, as a client
+/// whose upload was cut short; reads whatever comes back until the server closes.
+fn raw(service: &Service, bytes: &[u8], half_close: bool) -> Option<RawReply> {
+    let mut stream = TcpStream::connect(service.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    if half_close {
+        stream.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut answer = Vec::new();
+    // A reset after (or instead of) the answer still leaves what was read.
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some(RawReply {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+    })
+}
+
+fn head_of(extra_headers: &str) -> String {
+    format!(
+        "POST /payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nIdempotency-Key: {KEY}\r\n{extra_headers}\r\n"
+    )
+}
+
+fn assert_raw_problem(reply: &Option<RawReply>, status: u16) {
+    let reply = reply
+        .as_ref()
+        .expect("an HTTP answer, not a dropped connection");
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert!(
+        reply
+            .head
+            .contains("content-type: application/problem+json"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.body.contains(&format!("\"status\":{status}")),
+        "{reply:?}"
+    );
+}
+
+/// After a refused attempt, nothing is begun: the full request runs, charged once.
+fn assert_full_retry_runs_once(service: &Service, body: &str) {
+    let key = idemstore::Key::new("public", KEY_ID).unwrap();
+    assert_eq!(service.store().get(&key).unwrap(), None, "nothing begun");
+    assert!(service.charges().is_empty(), "nothing charged");
+    let full = post(service, Some(KEY), body);
+    assert_eq!(full.status, 201, "{}", full.body);
+    assert_eq!(full.header("idempotent-replayed"), None);
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+fn amount_body(len: usize) -> String {
+    let pad = len - r#"{"amount":1,"memo":""}"#.len();
+    format!(r#"{{"amount":1,"memo":"{}"}}"#, "m".repeat(pad))
+}
+
+#[test]
+fn an_upload_cut_short_is_a_400_problem_and_the_full_retry_runs_once() {
+    for (declared, sent) in [(2000, 1500), (3000, 1024), (500, 300)] {
+        let service = start(Config::default());
+        let body = amount_body(declared);
+        let mut bytes = head_of(&format!("Content-Length: {declared}\r\n")).into_bytes();
+        bytes.extend_from_slice(&body.as_bytes()[..sent]);
+        let reply = raw(&service, &bytes, true);
+        assert_raw_problem(&reply, 400);
+        assert_full_retry_runs_once(&service, &body);
+    }
+}
+
+#[test]
+fn a_chunked_upload_cut_inside_a_chunk_is_a_400_problem_and_the_full_retry_runs_once() {
+    let service = start(Config::default());
+    let body = amount_body(3000);
+    let mut bytes = head_of("Transfer-Encoding: chunked\r\n").into_bytes();
+    bytes.extend_from_slice(format!("{:x}\r\n", 1000).as_bytes());
+    bytes.extend_from_slice(&body.as_bytes()[..1000]);
+    bytes.extend_from_slice(format!("\r\n{:x}\r\n", 2000).as_bytes());
+    bytes.extend_from_slice(&body.as_bytes()[1000..1700]);
+    let reply = raw(&service, &bytes, true);
+    assert_raw_problem(&reply, 400);
+    assert_full_retry_runs_once(&service, &body);
+}
+
+#[test]
+fn a_whole_chunked_upload_runs() {
+    let service = start(Config::default());
+    let body = amount_body(3000);
+    let mut bytes = head_of("Transfer-Encoding: chunked\r\n").into_bytes();
+    for part in [&body[..1000], &body[1000..]] {
+        bytes.extend_from_slice(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes());
+    }
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    let reply = raw(&service, &bytes, false).expect("an answer");
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+#[test]
+fn a_byte_outside_ascii_in_a_header_value_is_a_400_problem() {
+    for header in [
+        b"X-Note: caf\xc3\xa9\r\n".as_slice(),
+        b"User-Agent: \xff\r\n",
+        b"X-Tenant: t\xe9nant\r\n",
+    ] {
+        let service = start(Config::default());
+        let mut bytes = head_of("Content-Length: 12\r\n").into_bytes();
+        // The odd header goes before the blank line.
+        bytes.truncate(bytes.len() - 2);
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(b"\r\n{\"amount\":1}");
+        let reply = raw(&service, &bytes, false);
+        assert_raw_problem(&reply, 400);
+        assert!(service.charges().is_empty());
+    }
+    // In the Idempotency-Key itself.
+    let service = start(Config::default());
+    let reply = raw(
+        &service,
+        b"POST /payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\nIdempotency-Key: \"k\xc3\xa9\"\r\n\
+          Content-Length: 2\r\n\r\n{}",
+        false,
+    );
+    assert_raw_problem(&reply, 400);
+    assert!(service.charges().is_empty());
+}
+
+#[test]
+fn a_byte_outside_ascii_in_a_header_name_gets_a_400_answer() {
+    let service = start(Config::default());
+    let reply = raw(
+        &service,
+        b"POST /payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-N\xc3\xa9: 1\r\n\
+          Idempotency-Key: \"k\"\r\nContent-Length: 2\r\n\r\n{}",
+        false,
+    );
+    let reply = reply.expect("an HTTP answer, not a dropped connection");
+    assert_eq!(reply.status, 400, "{reply:?}");
     assert!(service.charges().is_empty());
 }

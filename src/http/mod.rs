@@ -83,9 +83,10 @@
 //! ```
 //!
 //! Concurrent `begin`s share fsyncs (group commit), so the blocking pool's threads are
-//! what bounds throughput, as with any blocking database driver. A sync server needs none
-//! of this: the example service (`examples/http_service.rs`) runs `tiny_http` on a small
-//! thread pool and calls the store directly, with no runtime at all.
+//! what bounds throughput, as with any blocking database driver. The example service
+//! (`examples/http_service.rs`) does this with hyper on a one-thread tokio runtime: it reads
+//! each body whole first (a body cut short is answered 400 and nothing begins), then runs the
+//! guard, the work and [`complete`] in one `spawn_blocking`.
 //!
 //! # Request fingerprints
 //!
