@@ -9,7 +9,8 @@
 //! The first line printed is the bound address (`--addr 127.0.0.1:0` picks a free port).
 //! Flags: `--addr`, `--ttl-ms` (key TTL), `--lease-ms`, `--retry-after-ms` (what a 409 tells
 //! a duplicate to wait; default 1 s), `--threads`, `--db PATH` (the store file; default a file
-//! in the temporary directory).
+//! in the temporary directory), `--ledger PATH` (the payment processor's book of charges; default
+//! in memory).
 //!
 //! | request | answer |
 //! |---|---|
@@ -46,12 +47,13 @@
 //! Tests and the `payment_client` example include this file as a module and call
 //! [`Service::start`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::error::Error;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -88,6 +90,8 @@ pub struct Config {
     pub threads: usize,
     /// The store file; `None` keeps the store in memory.
     pub db: Option<PathBuf>,
+    /// The payment processor's book of charges; `None` keeps it in memory.
+    pub ledger: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -99,30 +103,74 @@ impl Default for Config {
             retry_after_hint: idemstore::http::DEFAULT_RETRY_AFTER_HINT,
             threads: 8,
             db: None,
+            ledger: None,
         }
     }
 }
 
-/// The payment processor's side: how often each key was charged.
-#[derive(Default)]
+/// The payment processor: a book of charges, one line `reference scope/key` each, appended
+/// and fsync'd before [`Ledger::charge`] returns (with a file; else in memory). Like a real
+/// processor with its own idempotency keys, it books a reference once.
 struct Ledger {
-    next_payment: AtomicU64,
-    charges: Mutex<BTreeMap<String, u32>>,
+    book: Mutex<Book>,
+}
+
+#[derive(Default)]
+struct Book {
+    file: Option<File>,
+    references: BTreeSet<String>,
+    charges: BTreeMap<String, u32>,
 }
 
 impl Ledger {
-    /// Charges the card for `scope/key`; returns the new payment's number.
-    fn charge(&self, scope: &str, key: &str) -> u64 {
-        let mut charges = self.charges.lock().unwrap_or_else(|e| e.into_inner());
-        *charges.entry(format!("{scope}/{key}")).or_default() += 1;
-        self.next_payment.fetch_add(1, Ordering::SeqCst) + 1
+    /// The book in `path` (created if missing), or in memory.
+    fn open(path: Option<&Path>) -> std::io::Result<Ledger> {
+        let mut book = Book::default();
+        if let Some(path) = path {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    for line in text.lines() {
+                        if let Some((reference, key)) = line.split_once(' ') {
+                            book.book(reference, key);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            book.file = Some(OpenOptions::new().create(true).append(true).open(path)?);
+        }
+        Ok(Ledger {
+            book: Mutex::new(book),
+        })
+    }
+
+    /// Charges the card of `scope_key` under `reference`, durably; `Ok(false)` when the
+    /// reference was booked before (nothing charged now).
+    fn charge(&self, reference: &str, scope_key: &str) -> std::io::Result<bool> {
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        if book.references.contains(reference) {
+            return Ok(false);
+        }
+        if let Some(file) = &mut book.file {
+            file.write_all(format!("{reference} {scope_key}\n").as_bytes())?;
+            file.sync_data()?;
+        }
+        book.book(reference, scope_key);
+        Ok(true)
     }
 
     fn snapshot(&self) -> BTreeMap<String, u32> {
-        self.charges
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.charges.clone()
+    }
+}
+
+impl Book {
+    fn book(&mut self, reference: &str, scope_key: &str) {
+        if self.references.insert(reference.to_owned()) {
+            *self.charges.entry(scope_key.to_owned()).or_default() += 1;
+        }
     }
 }
 
@@ -153,7 +201,7 @@ impl Service {
             .retry_after_hint(config.retry_after_hint);
         let app = Arc::new(App {
             guard,
-            ledger: Ledger::default(),
+            ledger: Ledger::open(config.ledger.as_deref())?,
         });
         let listener = std::net::TcpListener::bind(config.addr.as_str())?;
         listener.set_nonblocking(true)?;
@@ -354,10 +402,56 @@ fn payments(app: &App, req: &Request<Vec<u8>>) -> Response<Vec<u8>> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("public");
     match guard.begin(scope, req) {
-        Ok(Decision::Run(lease)) => {
+        Ok(Decision::Run(mut lease)) => {
             let key = lease.key().id().to_owned();
-            // The side effect that must happen once per key.
-            let payment = ledger.charge(scope, &key);
+            let scope_key = format!("{scope}/{key}");
+            // The side effect that must happen once per key, even across a crash: the
+            // charge's reference is checkpointed before the charge ("intent"), its success
+            // after ("charged"). An attempt that takes over from one that crashed or stalled
+            // gets that checkpoint in `recovered()` and resumes: with the same reference
+            // (which the processor books once) or, if charged, without charging.
+            let previous = lease
+                .recovered()
+                .and_then(|r| r.checkpoint())
+                .map(|c| String::from_utf8_lossy(c).into_owned());
+            let resumed = previous.as_deref().and_then(|c| c.split_once(' '));
+            let (payment, charged) = match resumed {
+                Some(("charged", payment)) => (payment.to_owned(), true),
+                Some(("intent", payment)) => (payment.to_owned(), false),
+                // A first attempt, or one taken over before it chose a reference.
+                _ => {
+                    let payment = format!("pay_{}", lease.token());
+                    if let Err(e) = lease.checkpoint(format!("intent {payment}").as_bytes()) {
+                        eprintln!("http_service: checkpointing {scope_key} failed: {e}");
+                        return error_response(&e);
+                    }
+                    (payment, false)
+                }
+            };
+            if let Some(recovered) = lease.recovered() {
+                eprintln!(
+                    "http_service: {scope_key}: attempt {} took over from token {} ({})",
+                    recovered.attempt(),
+                    recovered.previous_token(),
+                    previous.as_deref().unwrap_or("no checkpoint"),
+                );
+            }
+            if !charged {
+                if let Err(e) = ledger.charge(&payment, &scope_key) {
+                    // Unknown whether it was booked: drop the lease (released, its `intent`
+                    // checkpoint kept), so a retry charges again under the same reference.
+                    eprintln!("http_service: the processor failed: {e}");
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "payment processor unavailable",
+                    );
+                }
+                if let Err(e) = lease.checkpoint(format!("charged {payment}").as_bytes()) {
+                    eprintln!("http_service: checkpointing {scope_key} failed: {e}");
+                    return error_response(&e);
+                }
+            }
+            // The receipt: work after the charge (a crash now leaves `charged`).
             if let Some(ms) = req
                 .headers()
                 .get("x-demo-work-ms")
@@ -366,15 +460,15 @@ fn payments(app: &App, req: &Request<Vec<u8>>) -> Response<Vec<u8>> {
                 std::thread::sleep(Duration::from_millis(ms.min(10_000)));
             }
             let body = format!(
-                "{{\"id\":\"pay_{payment}\",\"status\":\"succeeded\",\"request\":{}}}",
+                "{{\"id\":\"{payment}\",\"status\":\"succeeded\",\"request\":{}}}",
                 json_string(&String::from_utf8_lossy(req.body()))
             );
             let response = Response::builder()
                 .status(StatusCode::CREATED)
                 .header(CONTENT_TYPE, "application/json")
-                .header(LOCATION, format!("/payments/pay_{payment}"))
+                .header(LOCATION, format!("/payments/{payment}"))
                 // Not replayed: a cookie belongs to the first client only.
-                .header(SET_COOKIE, format!("last_payment=pay_{payment}; HttpOnly"))
+                .header(SET_COOKIE, format!("last_payment={payment}; HttpOnly"))
                 .body(body.into_bytes());
             let Ok(response) = response else {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "response build failed");
@@ -447,9 +541,10 @@ fn parse_args() -> Result<Config, String> {
                     .map_err(|_| "--threads: not a number".to_string())?
             }
             "--db" => config.db = Some(PathBuf::from(value()?)),
+            "--ledger" => config.ledger = Some(PathBuf::from(value()?)),
             other => {
                 return Err(format!(
-                    "unknown flag {other}; flags: --addr, --ttl-ms, --lease-ms, --retry-after-ms, --threads, --db"
+                    "unknown flag {other}; flags: --addr, --ttl-ms, --lease-ms, --retry-after-ms, --threads, --db, --ledger"
                 ));
             }
         }

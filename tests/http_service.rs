@@ -457,3 +457,176 @@ fn a_byte_outside_ascii_in_a_header_name_gets_a_400_answer() {
     assert_eq!(reply.status, 400, "{reply:?}");
     assert!(service.charges().is_empty());
 }
+
+// ---------------------------------------------------------------- kill -9 and a restart
+
+const CHILD_STORE: &str = "IDEMSTORE_HTTP_SERVICE_CHILD_STORE";
+const CHILD_LEDGER: &str = "IDEMSTORE_HTTP_SERVICE_CHILD_LEDGER";
+const CHILD_LEASE: Duration = Duration::from_millis(1500);
+
+/// The service in a child process (this test binary, run again on one test with the store
+/// and ledger files in the environment), which prints its address and serves until killed.
+struct Child {
+    process: std::process::Child,
+    url: String,
+}
+
+impl Child {
+    fn start(test: &str, store: &std::path::Path, ledger: &std::path::Path) -> Child {
+        use std::io::BufRead;
+        let mut process = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_STORE, store)
+            .env(CHILD_LEDGER, ledger)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = process.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines.next().expect("the child prints its address").unwrap();
+            // libtest may have printed "test <name> ... " on the same line.
+            if let Some((_, addr)) = line.split_once("LISTENING ") {
+                break format!("http://{addr}");
+            }
+        };
+        Child { process, url }
+    }
+
+    /// SIGKILL: no destructor runs, no lease is released.
+    fn kill(mut self) {
+        self.process.kill().unwrap();
+        self.process.wait().unwrap();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// In the child: serve on the files named in the environment until killed. `false` in the
+/// parent.
+fn serve_if_child() -> bool {
+    let (Some(store), Some(ledger)) = (
+        std::env::var_os(CHILD_STORE),
+        std::env::var_os(CHILD_LEDGER),
+    ) else {
+        return false;
+    };
+    let service = start(Config {
+        lease: CHILD_LEASE,
+        db: Some(store.into()),
+        ledger: Some(ledger.into()),
+        ..Config::default()
+    });
+    println!("LISTENING {}", service.addr());
+    loop {
+        std::thread::park();
+    }
+}
+
+fn ledger_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn kill_9_mid_request_and_a_restart_on_the_same_file_charge_once() {
+    if serve_if_child() {
+        return;
+    }
+    let name = "kill_9_mid_request_and_a_restart_on_the_same_file_charge_once";
+    let dir = tempfile::tempdir().unwrap();
+    let (store, ledger) = (dir.path().join("service.redb"), dir.path().join("ledger"));
+    let body = r#"{"amount":4200}"#;
+    let send = |url: &str| {
+        agent()
+            .post(format!("{url}/payments"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", KEY)
+            .header("x-demo-work-ms", "3000")
+            .send(body)
+    };
+
+    let first = Child::start(name, &store, &ledger);
+    std::thread::scope(|s| {
+        let url = first.url.clone();
+        let in_flight = s.spawn(move || send(&url));
+        // Mid-request: charged, its response not yet stored.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ledger_lines(&ledger).is_empty() {
+            assert!(Instant::now() < deadline, "the first attempt never charged");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        first.kill();
+        assert!(
+            in_flight.join().unwrap().is_err(),
+            "the client got no answer"
+        );
+    });
+    assert_eq!(ledger_lines(&ledger).len(), 1);
+
+    // The same store and ledger; the client retries with the same key until it gets a
+    // final answer (409s until the dead process's lease runs out, then a takeover).
+    let second = Child::start(name, &store, &ledger);
+    let policy = idemstore::client::RetryPolicy::new()
+        .base(Duration::from_millis(100))
+        .max_elapsed(Some(Duration::from_secs(30)));
+    let outcome = policy.run(KEY, |_| match send(&second.url) {
+        Ok(response) => idemstore::client::Sent::from_http(response),
+        Err(e) => idemstore::client::Sent::ConnectionFailed(e.to_string()),
+    });
+    let idemstore::client::RetryOutcome::Succeeded {
+        status: 201, value, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    let answer = value.into_body().read_to_string().unwrap();
+    let charges = ledger_lines(&ledger);
+    assert_eq!(charges.len(), 1, "charged once: {charges:?}");
+    let reference = charges[0].split(' ').next().unwrap();
+    assert!(
+        answer.contains(&format!("\"id\":\"{reference}\"")),
+        "the answer names the one charge {reference}: {answer}"
+    );
+    drop(second);
+}
+
+#[test]
+fn a_takeover_after_the_intent_checkpoint_charges_under_the_same_reference_once() {
+    // As after a crash between the charge and its "charged" checkpoint: the processor booked
+    // pay_9, the lease holds "intent pay_9" and was left behind.
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    std::fs::write(&ledger, format!("pay_9 public/{KEY_ID}\n")).unwrap();
+    let service = start(Config {
+        ledger: Some(ledger.clone()),
+        ..Config::default()
+    });
+    let body = r#"{"amount":9}"#;
+    let request = http::Request::post("/payments")
+        .header("content-type", "application/json")
+        .body(body.as_bytes().to_vec())
+        .unwrap();
+    let fp = idemstore::http::request_fingerprint(&request, &[http::header::CONTENT_TYPE]);
+    let key = idemstore::Key::new("public", KEY_ID).unwrap();
+    let idemstore::Begin::Started(mut lease) = service.store().begin(&key, &fp).unwrap() else {
+        panic!("a new key");
+    };
+    lease.checkpoint(b"intent pay_9").unwrap();
+    drop(lease); // released: the next attempt takes over at once
+
+    let reply = post(&service, Some(KEY), body);
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert!(reply.body.starts_with(r#"{"id":"pay_9""#), "{}", reply.body);
+    assert_eq!(service.charges_for(KEY_ID), 1, "booked once");
+    assert_eq!(ledger_lines(&ledger).len(), 1);
+}
