@@ -9,7 +9,7 @@
 //! # What runs
 //!
 //! * **The service** runs in a *child process* (this same executable, re-run with
-//!   `IDEMSTORE_DEMO_ROLE=server`): `POST /payments` on `tiny_http`, behind
+//!   `IDEMSTORE_DEMO_ROLE=server`): `POST /payments` on hyper, behind
 //!   [`RequestGuard`](idemstore::http::RequestGuard), on a store file. It charges a card by
 //!   appending a line to a **ledger file** with an fsync (the "payment processor"), and it
 //!   uses lease **checkpoints** so that an attempt that takes over a crashed or stalled one
@@ -61,9 +61,10 @@
 //! and charges again, and the verdict fails with exit code 1: the check is not a formality).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::error::Error;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
@@ -73,8 +74,13 @@ use std::time::{Duration, Instant};
 
 use http::header::CONTENT_TYPE;
 use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
 use idemstore::client::{Outbox, RetryOutcome, RetryPolicy, Sent};
-use idemstore::http::{Decision, RequestGuard, complete, error_response, format_idempotency_key};
+use idemstore::http::{
+    Decision, RequestGuard, complete, error_response, format_idempotency_key, problem_response,
+};
 use idemstore::{Error as StoreError, Fingerprint, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -309,66 +315,78 @@ fn serve_forever() -> Result<(), Box<dyn Error + Send + Sync>> {
     let store = Store::builder().lease(LEASE).open(&store_path)?;
     let guard = RequestGuard::new(store);
     let ledger = Arc::new(Ledger::open(Path::new(&ledger_path))?);
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0")?);
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or("the server is not listening on an IP address")?;
-    event(format!("LISTENING {addr}"));
-    let mut workers = Vec::new();
-    for i in 0..SERVER_THREADS {
-        let (server, guard, ledger) = (server.clone(), guard.clone(), ledger.clone());
-        workers.push(
-            std::thread::Builder::new()
-                .name(format!("demo-server-{i}"))
-                .spawn(move || {
-                    for request in server.incoming_requests() {
-                        serve(&guard, &ledger, request);
-                    }
-                })?,
-        );
-    }
-    for w in workers {
-        let _ = w.join();
-    }
-    Ok(())
+    // hyper on one runtime thread; handlers (store calls, fsyncs, sleeps) on its blocking pool.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(SERVER_THREADS)
+        .thread_name("demo-server")
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        event(format!("LISTENING {}", listener.local_addr()?));
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    eprintln!("demo server: accept failed: {e}");
+                    continue;
+                }
+            };
+            let (guard, ledger) = (guard.clone(), ledger.clone());
+            let service = hyper::service::service_fn(move |request| {
+                let (guard, ledger) = (guard.clone(), ledger.clone());
+                async move { Ok::<_, Infallible>(serve(guard, ledger, request).await) }
+            });
+            tokio::spawn(async move {
+                // Half-closed connections are kept: a client may shut its writing side and
+                // still wait for the answer (to an upload cut short, for one).
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .half_close(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
 }
 
-fn serve(guard: &RequestGuard, ledger: &Ledger, mut request: tiny_http::Request) {
-    let response = match read_request(&mut request) {
-        Some(req) if req.method() == "POST" && req.uri().path() == "/payments" => {
-            payments(guard, ledger, &req)
-        }
-        Some(_) => text(StatusCode::NOT_FOUND, "try POST /payments"),
-        None => text(StatusCode::BAD_REQUEST, "could not read the request"),
+/// Answers one request; every request gets an HTTP answer, and a handler only ever sees a
+/// body read whole.
+async fn serve(
+    guard: RequestGuard,
+    ledger: Arc<Ledger>,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let bad_request = |detail: &str| {
+        problem_response(
+            StatusCode::BAD_REQUEST,
+            "about:blank",
+            "Bad Request",
+            detail,
+        )
     };
-    let (parts, body) = response.into_parts();
-    let mut out = tiny_http::Response::from_data(body).with_status_code(parts.status.as_u16());
-    for (name, value) in &parts.headers {
-        if name == http::header::CONTENT_LENGTH {
-            continue;
+    let response = if parts.headers.values().any(|v| !v.as_bytes().is_ascii()) {
+        bad_request("A header value holds a byte outside ASCII; nothing was done.")
+    } else if parts.method != "POST" || parts.uri.path() != "/payments" {
+        text(StatusCode::NOT_FOUND, "try POST /payments")
+    } else {
+        match Limited::new(body, 64 * 1024).collect().await {
+            // Cut short (fewer bytes than declared, or inside a chunk), or too long.
+            Err(e) => bad_request(&format!(
+                "The request body could not be read whole ({e}); nothing was done."
+            )),
+            Ok(body) => {
+                let req = Request::from_parts(parts, body.to_bytes().to_vec());
+                tokio::task::spawn_blocking(move || payments(&guard, &ledger, &req))
+                    .await
+                    .unwrap_or_else(|_| {
+                        text(StatusCode::INTERNAL_SERVER_ERROR, "the handler panicked")
+                    })
+            }
         }
-        if let Ok(h) = tiny_http::Header::from_bytes(name.as_str().as_bytes(), value.as_bytes()) {
-            out.add_header(h);
-        }
-    }
-    let _ = request.respond(out);
-}
-
-fn read_request(request: &mut tiny_http::Request) -> Option<Request<Vec<u8>>> {
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(64 * 1024)
-        .read_to_end(&mut body)
-        .ok()?;
-    let mut builder = Request::builder()
-        .method(request.method().as_str())
-        .uri(request.url());
-    for h in request.headers() {
-        builder = builder.header(h.field.as_str().as_str(), h.value.as_str());
-    }
-    builder.body(body).ok()
+    };
+    response.map(|body| Full::new(Bytes::from(body)))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {
@@ -503,7 +521,7 @@ fn payments(guard: &RequestGuard, ledger: &Ledger, req: &Request<Vec<u8>>) -> Re
 
 /// What the server processes reported (read from their stdout).
 #[derive(Default)]
-struct ServerEvents {
+pub(crate) struct ServerEvents {
     takeover_charged: AtomicU64,
     takeover_intent: AtomicU64,
     takeover_scratch: AtomicU64,
@@ -513,14 +531,19 @@ struct ServerEvents {
 }
 
 /// A running server child; killed when dropped.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
     url: String,
     reader: Option<JoinHandle<()>>,
 }
 
 impl ServerProcess {
-    fn start(
+    /// The server's `http://` address.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) fn start(
         store: &Path,
         ledger: &Path,
         log: &Path,
@@ -714,26 +737,24 @@ fn send_once(
     let result = req.send(body);
     world.on_wire.fetch_sub(1, SeqCst);
     let answer = match result {
-        Ok(response) => {
-            let replayed = response.headers().contains_key("idempotent-replayed");
-            match Sent::from_http(response) {
-                Sent::Response {
+        Ok(response) => match Sent::from_http(response) {
+            Sent::Response {
+                status,
+                retry_after,
+                replayed,
+                value,
+            } => {
+                let body = value.into_body().read_to_string().unwrap_or_default();
+                Answer::Http {
                     status,
+                    replayed,
                     retry_after,
-                    value,
-                } => {
-                    let body = value.into_body().read_to_string().unwrap_or_default();
-                    Answer::Http {
-                        status,
-                        replayed,
-                        retry_after,
-                        body,
-                    }
+                    body,
                 }
-                Sent::Timeout => Answer::Timeout,
-                Sent::ConnectionFailed(e) => Answer::Refused(e),
             }
-        }
+            Sent::Timeout => Answer::Timeout,
+            Sent::ConnectionFailed(e) => Answer::Refused(e),
+        },
         Err(ureq::Error::Timeout(_)) => Answer::Timeout,
         Err(e) => Answer::Refused(e.to_string()),
     };
@@ -783,9 +804,11 @@ fn to_sent(answer: Answer) -> Sent<String> {
         Answer::Http {
             status,
             retry_after,
+            replayed,
             body,
-            ..
-        } => Sent::response(status, body).retry_after(retry_after),
+        } => Sent::response(status, body)
+            .retry_after(retry_after)
+            .replayed(replayed),
         Answer::Timeout => Sent::Timeout,
         Answer::Refused(e) => Sent::ConnectionFailed(e),
     }
@@ -1115,7 +1138,7 @@ pub fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
     ));
     progress.set_message("server up");
     let world = Arc::new(World {
-        url: RwLock::new(server.url.clone()),
+        url: RwLock::new(server.url().to_owned()),
         counts: Counts::default(),
         done: AtomicU64::new(0),
         on_wire: AtomicI64::new(0),
@@ -1163,7 +1186,7 @@ pub fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
         problems.clone(),
         options.ignore_checkpoints,
     )?;
-    *world.url.write().unwrap_or_else(|e| e.into_inner()) = server.url.clone();
+    *world.url.write().unwrap_or_else(|e| e.into_inner()) = server.url().to_owned();
     progress.set_message("server restarted");
     say(format!(
         "server restarted (pid {}) on {}, same store and ledger files",

@@ -7,8 +7,10 @@
 //! ```
 //!
 //! The first line printed is the bound address (`--addr 127.0.0.1:0` picks a free port).
-//! Flags: `--addr`, `--ttl-ms` (key TTL), `--lease-ms`, `--threads`, `--db PATH` (the store
-//! file; default a file in the temporary directory).
+//! Flags: `--addr`, `--ttl-ms` (key TTL), `--lease-ms`, `--retry-after-ms` (what a 409 tells
+//! a duplicate to wait; default 1 s), `--threads`, `--db PATH` (the store file; default a file
+//! in the temporary directory), `--ledger PATH` (the payment processor's book of charges; default
+//! in memory).
 //!
 //! | request | answer |
 //! |---|---|
@@ -17,14 +19,26 @@
 //! | the same request while the first still runs | 409 + `Retry-After` |
 //! | the same key with another body | 422 |
 //! | no key | 400 |
+//! | a body cut short, a header value with a byte outside ASCII | 400 problem, nothing begun |
 //! | the same request after the TTL | runs again (a new payment) |
 //! | `GET /charges` | one line per key: `scope/key charges` (for demos and tests) |
 //!
-//! Why a synchronous server: the store is synchronous (every "started" and "completed" is
-//! fsync'd before it returns), so a thread-per-request server calls it directly. `tiny_http`
-//! with a small pool of worker threads needs no async runtime and no `spawn_blocking`;
-//! concurrent requests still share fsyncs through the store's group commit. In an async
-//! server, call the same functions through `spawn_blocking` (see `idemstore::http`).
+//! The server is hyper 1 (HTTP/1.1) on a small tokio runtime: one thread accepts and speaks
+//! HTTP, and each `POST /payments` runs on the runtime's blocking pool (`--threads` threads),
+//! because the store is synchronous: every "started" and "completed" is fsync'd before it
+//! returns. Concurrent requests still share fsyncs through the store's group commit.
+//!
+//! Two things a copy must keep:
+//! * **A request is read whole before anything runs.** An upload cut short (fewer bytes than
+//!   its `Content-Length`, or a chunked body that ends inside a chunk) is answered 400 and
+//!   nothing is begun, so the client's full retry runs normally. Reading it whole first is
+//!   also what the fingerprint needs.
+//! * **Every request gets an HTTP answer.** A header value with a byte outside ASCII is
+//!   answered with a 400 problem (hyper hands such values on; a request line or header name
+//!   that breaks HTTP's syntax gets hyper's own bare 400). Why not `tiny_http`: it closes the
+//!   connection without a word on a non-ASCII header byte, before the application sees the
+//!   request, and it hands a `Content-Length` body that ended early to the handler as if
+//!   it were whole.
 //!
 //! For demos, the handler sleeps `X-Demo-Work-Ms` milliseconds (at most 10 s) while it holds
 //! the lease, to make a request slow enough to meet its own retry. The scope is taken from an
@@ -33,22 +47,31 @@
 //! Tests and the `payment_client` example include this file as a module and call
 //! [`Service::start`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
 use std::error::Error;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, LOCATION, SET_COOKIE};
 use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 use idemstore::Store;
 use idemstore::http::{Decision, RequestGuard, complete, error_response, problem_response};
+use tokio::sync::oneshot;
 
 /// Largest request body accepted.
-const MAX_BODY: u64 = 64 * 1024;
+const MAX_BODY: usize = 64 * 1024;
+/// How long a shutdown waits for the requests in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// How the service runs.
 #[derive(Clone, Debug)]
@@ -57,12 +80,18 @@ pub struct Config {
     pub addr: String,
     /// How long a key is remembered.
     pub ttl: Duration,
-    /// The lease a request holds while it runs (the 409's `Retry-After` is what is left).
+    /// The lease a request holds while it runs; after a crash, a retry takes over once it
+    /// runs out.
     pub lease: Duration,
-    /// Worker threads.
+    /// What a 409 tells a duplicate to wait (`Retry-After`), about how long a payment takes;
+    /// never more than the running request's lease has left.
+    pub retry_after_hint: Duration,
+    /// Threads that run requests (the runtime's blocking pool).
     pub threads: usize,
     /// The store file; `None` keeps the store in memory.
     pub db: Option<PathBuf>,
+    /// The payment processor's book of charges; `None` keeps it in memory.
+    pub ledger: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -71,84 +100,133 @@ impl Default for Config {
             addr: "127.0.0.1:0".into(),
             ttl: idemstore::DEFAULT_TTL,
             lease: idemstore::DEFAULT_LEASE,
+            retry_after_hint: idemstore::http::DEFAULT_RETRY_AFTER_HINT,
             threads: 8,
             db: None,
+            ledger: None,
         }
     }
 }
 
-/// The payment processor's side: how often each key was charged.
-#[derive(Default)]
+/// The payment processor: a book of charges, one line `reference scope/key` each, appended
+/// and fsync'd before [`Ledger::charge`] returns (with a file; else in memory). Like a real
+/// processor with its own idempotency keys, it books a reference once.
 struct Ledger {
-    next_payment: AtomicU64,
-    charges: Mutex<BTreeMap<String, u32>>,
+    book: Mutex<Book>,
+}
+
+#[derive(Default)]
+struct Book {
+    file: Option<File>,
+    references: BTreeSet<String>,
+    charges: BTreeMap<String, u32>,
 }
 
 impl Ledger {
-    /// Charges the card for `scope/key`; returns the new payment's number.
-    fn charge(&self, scope: &str, key: &str) -> u64 {
-        let mut charges = self.charges.lock().unwrap_or_else(|e| e.into_inner());
-        *charges.entry(format!("{scope}/{key}")).or_default() += 1;
-        self.next_payment.fetch_add(1, Ordering::SeqCst) + 1
+    /// The book in `path` (created if missing), or in memory.
+    fn open(path: Option<&Path>) -> std::io::Result<Ledger> {
+        let mut book = Book::default();
+        if let Some(path) = path {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    for line in text.lines() {
+                        if let Some((reference, key)) = line.split_once(' ') {
+                            book.book(reference, key);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            book.file = Some(OpenOptions::new().create(true).append(true).open(path)?);
+        }
+        Ok(Ledger {
+            book: Mutex::new(book),
+        })
+    }
+
+    /// Charges the card of `scope_key` under `reference`, durably; `Ok(false)` when the
+    /// reference was booked before (nothing charged now).
+    fn charge(&self, reference: &str, scope_key: &str) -> std::io::Result<bool> {
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        if book.references.contains(reference) {
+            return Ok(false);
+        }
+        if let Some(file) = &mut book.file {
+            file.write_all(format!("{reference} {scope_key}\n").as_bytes())?;
+            file.sync_data()?;
+        }
+        book.book(reference, scope_key);
+        Ok(true)
     }
 
     fn snapshot(&self) -> BTreeMap<String, u32> {
-        self.charges
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.charges.clone()
+    }
+}
+
+impl Book {
+    fn book(&mut self, reference: &str, scope_key: &str) {
+        if self.references.insert(reference.to_owned()) {
+            *self.charges.entry(scope_key.to_owned()).or_default() += 1;
+        }
     }
 }
 
 /// A running service. Dropping it stops it (as [`Service::shutdown`] does).
 pub struct Service {
     addr: SocketAddr,
+    app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// What every request needs.
+struct App {
     guard: RequestGuard,
-    ledger: Arc<Ledger>,
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    ledger: Ledger,
 }
 
 impl Service {
-    /// Opens the store, binds the address and starts the worker threads.
+    /// Opens the store, binds the address and starts the server thread.
     pub fn start(config: Config) -> Result<Service, Box<dyn Error + Send + Sync>> {
         let builder = Store::builder().ttl(config.ttl).lease(config.lease);
         let store = match &config.db {
             Some(path) => builder.open(path)?,
             None => builder.open_in_memory()?,
         };
-        let guard = RequestGuard::new(store).fingerprint_headers([CONTENT_TYPE]);
-        let server = Arc::new(tiny_http::Server::http(config.addr.as_str())?);
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or("the server is not listening on an IP address")?;
-        let ledger = Arc::new(Ledger::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut workers = Vec::new();
-        for i in 0..config.threads.max(1) {
-            let (server, guard, ledger, stop) =
-                (server.clone(), guard.clone(), ledger.clone(), stop.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("http-worker-{i}"))
-                    .spawn(move || {
-                        while !stop.load(Ordering::SeqCst) {
-                            match server.recv_timeout(Duration::from_millis(50)) {
-                                Ok(Some(request)) => serve(&guard, &ledger, request),
-                                Ok(None) => {}
-                                Err(e) => eprintln!("http_service: accept failed: {e}"),
-                            }
-                        }
-                    })?,
-            );
-        }
+        let guard = RequestGuard::new(store)
+            .fingerprint_headers([CONTENT_TYPE])
+            .retry_after_hint(config.retry_after_hint);
+        let app = Arc::new(App {
+            guard,
+            ledger: Ledger::open(config.ledger.as_deref())?,
+        });
+        let listener = std::net::TcpListener::bind(config.addr.as_str())?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(config.threads.max(1))
+            .thread_name("http-service-request")
+            .build()?;
+        let (stop, stopped) = oneshot::channel();
+        let server = {
+            let app = app.clone();
+            std::thread::Builder::new()
+                .name("http-service".into())
+                .spawn(move || {
+                    runtime.block_on(serve(listener, app, stopped));
+                    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+                })?
+        };
         Ok(Service {
             addr,
-            guard,
-            ledger,
-            stop,
-            workers,
+            app,
+            stop: Some(stop),
+            server: Some(server),
         })
     }
 
@@ -164,12 +242,12 @@ impl Service {
 
     /// The store behind the service.
     pub fn store(&self) -> &Store {
-        self.guard.store()
+        self.app.guard.store()
     }
 
     /// Charges per `scope/key`, as the payment processor saw them.
     pub fn charges(&self) -> BTreeMap<String, u32> {
-        self.ledger.snapshot()
+        self.app.ledger.snapshot()
     }
 
     /// How often `key` (in scope `public`) was charged.
@@ -180,15 +258,18 @@ impl Service {
             .unwrap_or(0)
     }
 
-    /// Stops the workers (each finishes its request) and waits for them.
+    /// Stops accepting connections, lets the requests in progress finish (for up to 15 s)
+    /// and waits for the server thread.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
         }
     }
 }
@@ -199,44 +280,178 @@ impl Drop for Service {
     }
 }
 
-/// Answers one request.
-fn serve(guard: &RequestGuard, ledger: &Ledger, mut request: tiny_http::Request) {
-    let response = match (request.method().as_str(), request.url()) {
-        ("POST", "/payments") => match read_request(&mut request) {
-            Ok(req) => payments(guard, ledger, &req),
-            Err(response) => *response,
-        },
-        ("GET", "/charges") => {
-            let mut body = String::new();
-            for (key, n) in ledger.snapshot() {
-                body.push_str(&format!("{key} {n}\n"));
-            }
-            text(StatusCode::OK, body)
-        }
-        _ => problem_response(
-            StatusCode::NOT_FOUND,
-            "about:blank",
-            "Not Found",
-            "Try POST /payments or GET /charges.",
-        ),
+/// Accepts connections until `stopped`, then waits (bounded) for the open ones.
+async fn serve(listener: std::net::TcpListener, app: Arc<App>, mut stopped: oneshot::Receiver<()>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => return eprintln!("http_service: listening failed: {e}"),
     };
-    if let Err(e) = request.respond(to_tiny(response)) {
-        eprintln!("http_service: sending a response failed: {e}");
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    eprintln!("http_service: accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(answer(app, request).await) }
+        });
+        // Half-closed connections are kept: a client may shut its writing side and still
+        // wait for the answer (to an upload cut short, for one).
+        let connection = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                // A client that goes away mid-request; nothing was run for it.
+                eprintln!("http_service: connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+}
+
+/// Answers one request: every request gets an HTTP answer.
+async fn answer(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let response = if let Some((name, _)) = parts
+        .headers
+        .iter()
+        .find(|(_, value)| !value.as_bytes().is_ascii())
+    {
+        bad_request(&format!(
+            "The {name} header holds a byte outside ASCII. Header values must be ASCII; \
+             nothing was done."
+        ))
+    } else {
+        match (parts.method.as_str(), parts.uri.path()) {
+            ("POST", "/payments") => match read_body(body).await {
+                Ok(body) => {
+                    let request = Request::from_parts(parts, body);
+                    let app = app.clone();
+                    // The store is synchronous (fsync), and the work sleeps: off the runtime.
+                    tokio::task::spawn_blocking(move || payments(&app, &request))
+                        .await
+                        .unwrap_or_else(|e| {
+                            eprintln!("http_service: the handler panicked: {e}");
+                            text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+                        })
+                }
+                Err(response) => *response,
+            },
+            ("GET", "/charges") => {
+                let mut body = String::new();
+                for (key, n) in app.ledger.snapshot() {
+                    body.push_str(&format!("{key} {n}\n"));
+                }
+                text(StatusCode::OK, body)
+            }
+            _ => problem_response(
+                StatusCode::NOT_FOUND,
+                "about:blank",
+                "Not Found",
+                "Try POST /payments or GET /charges.",
+            ),
+        }
+    };
+    response.map(|body| Full::new(Bytes::from(body)))
+}
+
+/// Reads the whole body, or answers why not: a body that ended before its declared end
+/// (the client went away, or its upload was cut) is never handled as if it were whole.
+async fn read_body(body: Incoming) -> Result<Vec<u8>, Box<Response<Vec<u8>>>> {
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.is::<LengthLimitError>() => Err(Box::new(problem_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "about:blank",
+            "Payload Too Large",
+            "The body is over 64 KiB; nothing was done.",
+        ))),
+        Err(e) => Err(Box::new(bad_request(&format!(
+            "The request body could not be read whole ({e}); nothing was done. Send the whole \
+             request again with the same Idempotency-Key."
+        )))),
     }
 }
 
+fn bad_request(detail: &str) -> Response<Vec<u8>> {
+    problem_response(
+        StatusCode::BAD_REQUEST,
+        "about:blank",
+        "Bad Request",
+        detail,
+    )
+}
+
 /// `POST /payments`, behind the idempotency guard.
-fn payments(guard: &RequestGuard, ledger: &Ledger, req: &Request<Vec<u8>>) -> Response<Vec<u8>> {
+fn payments(app: &App, req: &Request<Vec<u8>>) -> Response<Vec<u8>> {
+    let (guard, ledger) = (&app.guard, &app.ledger);
     let scope = req
         .headers()
         .get("x-tenant")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("public");
     match guard.begin(scope, req) {
-        Ok(Decision::Run(lease)) => {
+        Ok(Decision::Run(mut lease)) => {
             let key = lease.key().id().to_owned();
-            // The side effect that must happen once per key.
-            let payment = ledger.charge(scope, &key);
+            let scope_key = format!("{scope}/{key}");
+            // The side effect that must happen once per key, even across a crash: the
+            // charge's reference is checkpointed before the charge ("intent"), its success
+            // after ("charged"). An attempt that takes over from one that crashed or stalled
+            // gets that checkpoint in `recovered()` and resumes: with the same reference
+            // (which the processor books once) or, if charged, without charging.
+            let previous = lease
+                .recovered()
+                .and_then(|r| r.checkpoint())
+                .map(|c| String::from_utf8_lossy(c).into_owned());
+            let resumed = previous.as_deref().and_then(|c| c.split_once(' '));
+            let (payment, charged) = match resumed {
+                Some(("charged", payment)) => (payment.to_owned(), true),
+                Some(("intent", payment)) => (payment.to_owned(), false),
+                // A first attempt, or one taken over before it chose a reference.
+                _ => {
+                    let payment = format!("pay_{}", lease.token());
+                    if let Err(e) = lease.checkpoint(format!("intent {payment}").as_bytes()) {
+                        eprintln!("http_service: checkpointing {scope_key} failed: {e}");
+                        return error_response(&e);
+                    }
+                    (payment, false)
+                }
+            };
+            if let Some(recovered) = lease.recovered() {
+                eprintln!(
+                    "http_service: {scope_key}: attempt {} took over from token {} ({})",
+                    recovered.attempt(),
+                    recovered.previous_token(),
+                    previous.as_deref().unwrap_or("no checkpoint"),
+                );
+            }
+            if !charged {
+                if let Err(e) = ledger.charge(&payment, &scope_key) {
+                    // Unknown whether it was booked: drop the lease (released, its `intent`
+                    // checkpoint kept), so a retry charges again under the same reference.
+                    eprintln!("http_service: the processor failed: {e}");
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "payment processor unavailable",
+                    );
+                }
+                if let Err(e) = lease.checkpoint(format!("charged {payment}").as_bytes()) {
+                    eprintln!("http_service: checkpointing {scope_key} failed: {e}");
+                    return error_response(&e);
+                }
+            }
+            // The receipt: work after the charge (a crash now leaves `charged`).
             if let Some(ms) = req
                 .headers()
                 .get("x-demo-work-ms")
@@ -245,15 +460,15 @@ fn payments(guard: &RequestGuard, ledger: &Ledger, req: &Request<Vec<u8>>) -> Re
                 std::thread::sleep(Duration::from_millis(ms.min(10_000)));
             }
             let body = format!(
-                "{{\"id\":\"pay_{payment}\",\"status\":\"succeeded\",\"request\":{}}}",
+                "{{\"id\":\"{payment}\",\"status\":\"succeeded\",\"request\":{}}}",
                 json_string(&String::from_utf8_lossy(req.body()))
             );
             let response = Response::builder()
                 .status(StatusCode::CREATED)
                 .header(CONTENT_TYPE, "application/json")
-                .header(LOCATION, format!("/payments/pay_{payment}"))
+                .header(LOCATION, format!("/payments/{payment}"))
                 // Not replayed: a cookie belongs to the first client only.
-                .header(SET_COOKIE, format!("last_payment=pay_{payment}; HttpOnly"))
+                .header(SET_COOKIE, format!("last_payment={payment}; HttpOnly"))
                 .body(body.into_bytes());
             let Ok(response) = response else {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "response build failed");
@@ -273,38 +488,6 @@ fn payments(guard: &RequestGuard, ledger: &Ledger, req: &Request<Vec<u8>>) -> Re
             error_response(&e)
         }
     }
-}
-
-/// Reads a tiny_http request into an `http::Request`.
-fn read_request(
-    request: &mut tiny_http::Request,
-) -> Result<Request<Vec<u8>>, Box<Response<Vec<u8>>>> {
-    let mut body = Vec::new();
-    let read = std::io::Read::read_to_end(
-        &mut std::io::Read::take(request.as_reader(), MAX_BODY + 1),
-        &mut body,
-    );
-    if read.is_err() {
-        return Err(Box::new(text(
-            StatusCode::BAD_REQUEST,
-            "could not read the body",
-        )));
-    }
-    if body.len() as u64 > MAX_BODY {
-        return Err(Box::new(text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body over 64 KiB",
-        )));
-    }
-    let mut builder = Request::builder()
-        .method(request.method().as_str())
-        .uri(request.url());
-    for h in request.headers() {
-        builder = builder.header(h.field.as_str().as_str(), h.value.as_str());
-    }
-    builder
-        .body(body)
-        .map_err(|_| Box::new(text(StatusCode::BAD_REQUEST, "malformed request")))
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Vec<u8>> {
@@ -330,21 +513,6 @@ fn json_string(s: &str) -> String {
     out
 }
 
-/// An `http::Response` as a tiny_http response (tiny_http sets `Content-Length` itself).
-fn to_tiny(response: Response<Vec<u8>>) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let (parts, body) = response.into_parts();
-    let mut out = tiny_http::Response::from_data(body).with_status_code(parts.status.as_u16());
-    for (name, value) in &parts.headers {
-        if name == http::header::CONTENT_LENGTH {
-            continue;
-        }
-        if let Ok(h) = tiny_http::Header::from_bytes(name.as_str().as_bytes(), value.as_bytes()) {
-            out.add_header(h);
-        }
-    }
-    out
-}
-
 fn parse_args() -> Result<Config, String> {
     let mut config = Config {
         addr: "127.0.0.1:8080".into(),
@@ -366,15 +534,17 @@ fn parse_args() -> Result<Config, String> {
             "--addr" => config.addr = value()?,
             "--ttl-ms" => config.ttl = ms(value()?)?,
             "--lease-ms" => config.lease = ms(value()?)?,
+            "--retry-after-ms" => config.retry_after_hint = ms(value()?)?,
             "--threads" => {
                 config.threads = value()?
                     .parse()
                     .map_err(|_| "--threads: not a number".to_string())?
             }
             "--db" => config.db = Some(PathBuf::from(value()?)),
+            "--ledger" => config.ledger = Some(PathBuf::from(value()?)),
             other => {
                 return Err(format!(
-                    "unknown flag {other}; flags: --addr, --ttl-ms, --lease-ms, --threads, --db"
+                    "unknown flag {other}; flags: --addr, --ttl-ms, --lease-ms, --retry-after-ms, --threads, --db, --ledger"
                 ));
             }
         }

@@ -80,16 +80,17 @@ impl Client {
                 if fault == Fault::DropResponse {
                     return Sent::Timeout;
                 }
-                let replayed = response.headers().contains_key("idempotent-replayed");
-                let sent = Sent::from_http(response);
-                match sent {
+                match Sent::from_http(response) {
                     Sent::Response {
                         status,
                         retry_after,
+                        replayed,
                         value,
                     } => {
                         let text = value.into_body().read_to_string().unwrap_or_default();
-                        Sent::response(status, (status, text, replayed)).retry_after(retry_after)
+                        Sent::response(status, (status, text, replayed))
+                            .retry_after(retry_after)
+                            .replayed(replayed)
                     }
                     Sent::Timeout => Sent::Timeout,
                     Sent::ConnectionFailed(e) => Sent::ConnectionFailed(e),
@@ -118,7 +119,8 @@ impl Client {
                 Sent::Response {
                     status,
                     retry_after,
-                    value: (_, _, replayed),
+                    replayed,
+                    ..
                 } => format!(
                     "HTTP {status}{}{}",
                     if *replayed { " (replayed)" } else { "" },

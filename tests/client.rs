@@ -524,10 +524,12 @@ fn sent_from_http_reads_status_and_retry_after() {
         Sent::Response {
             status,
             retry_after,
+            replayed,
             value,
         } => {
             assert_eq!(status, 409);
             assert_eq!(retry_after, Some(Duration::from_secs(7)));
+            assert!(!replayed);
             assert_eq!(*value.body(), "x");
         }
         other => panic!("{other:?}"),
@@ -538,6 +540,84 @@ fn sent_from_http_reads_status_and_retry_after() {
         Sent::Response {
             status: 201,
             retry_after: None,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_replayed_answer_is_final_whatever_its_status() {
+    for status in [500, 503, 408, 409, 429] {
+        let (outcome, keys, sleeps) = scripted(
+            &policy(),
+            vec![
+                Sent::Timeout,
+                Sent::response(status, "stored")
+                    .retry_after(Some(Duration::from_secs(1)))
+                    .replayed(true),
+                Sent::response(201, "never asked for"),
+            ],
+        );
+        assert_eq!(
+            outcome,
+            RetryOutcome::Rejected {
+                status,
+                value: "stored",
+                attempts: 2
+            },
+            "a replayed {status}"
+        );
+        assert!(outcome.is_final());
+        assert_eq!((keys.len(), sleeps.len()), (2, 1));
+    }
+    // A stored 422 is the handler's own answer, not a reused key.
+    let (outcome, _, _) = scripted(&policy(), vec![Sent::response(422, "x").replayed(true)]);
+    assert!(matches!(
+        outcome,
+        RetryOutcome::Rejected { status: 422, .. }
+    ));
+    // A replayed 2xx still succeeds; an unmarked 503 is still retried.
+    let (outcome, _, _) = scripted(&policy(), vec![Sent::response(201, "ok").replayed(true)]);
+    assert!(matches!(
+        outcome,
+        RetryOutcome::Succeeded { status: 201, .. }
+    ));
+    let (outcome, keys, _) = scripted(
+        &policy().max_attempts(2),
+        vec![
+            Sent::response(503, "a").replayed(false),
+            Sent::response(503, "b"),
+        ],
+    );
+    assert!(matches!(outcome, RetryOutcome::GaveUp { .. }));
+    assert_eq!(keys.len(), 2);
+    // The builder touches responses only.
+    assert_eq!(Sent::<()>::Timeout.replayed(true), Sent::Timeout);
+}
+
+#[cfg(feature = "http")]
+#[test]
+fn sent_from_http_reads_idempotent_replayed() {
+    let replay = |value: Option<&str>| {
+        let mut b = http::Response::builder().status(500);
+        if let Some(v) = value {
+            b = b.header("idempotent-replayed", v);
+        }
+        Sent::from_http(b.body(()).unwrap())
+    };
+    let is_replay =
+        |s: Sent<http::Response<()>>| matches!(s, Sent::Response { replayed: true, .. });
+    assert!(is_replay(replay(Some("true"))));
+    assert!(is_replay(replay(Some("TRUE"))));
+    assert!(!is_replay(replay(Some("false"))));
+    assert!(!is_replay(replay(None)));
+    // And `run` stops at the replayed 500.
+    let outcome = policy().run_with("k", &mut |_: Duration| {}, |_| replay(Some("true")));
+    assert!(matches!(
+        outcome,
+        RetryOutcome::Rejected {
+            status: 500,
+            attempts: 1,
             ..
         }
     ));

@@ -2,6 +2,7 @@
 //! the `Idempotency-Key` header, fingerprints, problem bodies, and the `StoredResponse` codec.
 #![cfg(feature = "http")]
 
+use std::sync::Mutex;
 use std::time::{Duration, UNIX_EPOCH};
 
 use http::header::{CONTENT_TYPE, SET_COOKIE};
@@ -112,27 +113,68 @@ fn first_runs_then_every_retry_replays_the_whole_response() {
 }
 
 #[test]
-fn a_request_in_flight_gets_409_with_retry_after_rounded_up() {
+fn a_request_in_flight_gets_409_with_a_short_retry_after_hint_by_default() {
     let clock = clock();
     let guard = guard(&clock);
     let req = request(Some(KEY), "{}");
     let lease = run(&guard, &req);
-    clock.advance(Duration::from_millis(10_500));
+    clock.advance(Duration::from_millis(500));
     let conflict = reject(&guard, &req);
     assert_problem(&conflict, 409, "request-in-flight");
     assert_eq!(
         conflict.headers()["retry-after"],
-        "20",
-        "19.5 s left, rounded up"
+        "1",
+        "29.5 s of lease left, but the default hint is 1 s"
     );
-    clock.advance(Duration::from_millis(19_000));
-    let conflict = reject(&guard, &req);
-    assert_eq!(conflict.headers()["retry-after"], "1", "0.5 s left");
+    assert!(
+        body(&conflict).contains("in 1 second(s)"),
+        "{}",
+        body(&conflict)
+    );
     complete(lease, &created(1)).unwrap();
     assert!(matches!(
         guard.begin("tenant-1", &req).unwrap(),
         Decision::Replay(_)
     ));
+}
+
+#[test]
+fn the_retry_after_hint_is_configurable_never_past_the_lease_whole_seconds_at_least_1() {
+    let clock = clock();
+    let retry_after = |hint: Duration, advance_ms: u64| {
+        let guard = guard(&clock).retry_after_hint(hint);
+        let req = request(Some(KEY), "{}");
+        let lease = run(&guard, &req);
+        clock.advance(Duration::from_millis(advance_ms));
+        let conflict = reject(&guard, &req);
+        drop(lease);
+        conflict.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    // The lease is 30 s.
+    assert_eq!(
+        retry_after(Duration::from_millis(2500), 0),
+        "3",
+        "rounded up"
+    );
+    assert_eq!(retry_after(Duration::from_secs(5), 10_500), "5");
+    assert_eq!(
+        retry_after(Duration::from_secs(60), 10_500),
+        "20",
+        "19.5 s of lease left caps a longer hint"
+    );
+    assert_eq!(
+        retry_after(Duration::from_secs(5), 29_500),
+        "1",
+        "0.5 s left"
+    );
+    assert_eq!(retry_after(Duration::ZERO, 0), "1", "never 0");
+    assert_eq!(
+        idemstore::http::DEFAULT_RETRY_AFTER_HINT,
+        Duration::from_secs(1)
+    );
 }
 
 #[test]
@@ -223,10 +265,79 @@ fn scopes_keep_clients_apart() {
         &Key::new("tenant-2", &KEY[1..KEY.len() - 1]).unwrap()
     );
     drop((a, b));
+}
+
+/// Records the level and text of every event on this thread.
+struct Events(Mutex<Vec<(tracing::Level, String)>>);
+
+struct Text<'a>(&'a mut String);
+
+impl tracing::field::Visit for Text<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={value:?} ", field.name()));
+    }
+}
+
+impl tracing::Subscriber for &'static Events {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut text = String::new();
+        event.record(&mut Text(&mut text));
+        let level = *event.metadata().level();
+        self.0.lock().unwrap().push((level, text));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_scope_the_store_refuses_is_the_servers_fault_a_500_that_says_nothing_of_it() {
+    let clock = clock();
+    let guard = guard(&clock);
+    let req = request(Some(KEY), "{}");
+    let events: &'static Events = Box::leak(Box::new(Events(Mutex::new(Vec::new()))));
+    let scope = "s".repeat(256);
+    let err = tracing::subscriber::with_default(events, || guard.begin(&scope, &req))
+        .expect_err("a 256-byte scope is refused");
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+    let r = error_response(&err);
+    assert_problem(&r, 500, "server-error");
+    for leak in ["scope", "256", "255", "malformed", "Idempotency-Key header"] {
+        assert!(!body(&r).contains(leak), "{leak:?} in {}", body(&r));
+    }
+    let logged = events.0.lock().unwrap().clone();
+    assert!(
+        logged.iter().any(
+            |(level, text)| *level == tracing::Level::ERROR && text.contains("scope_bytes=256")
+        ),
+        "{logged:?}"
+    );
+    assert!(
+        logged.iter().all(|(_, text)| !text.contains(&scope)),
+        "the scope itself is not logged: {logged:?}"
+    );
+    assert_eq!(guard.store().stats().started, 0, "nothing begun");
+    // The id keeps its own 400, and a 255-byte scope is fine.
+    assert_problem(
+        &reject(&guard, &request(Some("\"abc"), "{}")),
+        400,
+        "malformed-idempotency-key",
+    );
     assert!(matches!(
-        guard.begin(&"s".repeat(256), &req),
-        Err(Error::InvalidKey { .. })
+        guard.begin(&"s".repeat(255), &req),
+        Ok(Decision::Run(_))
     ));
+    assert_eq!(
+        error_response(&Error::InvalidKey { reason: "x".into() }).status(),
+        400
+    );
 }
 
 #[test]

@@ -6,6 +6,8 @@
 #[allow(dead_code)]
 mod service;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use idemstore::Entry;
@@ -156,6 +158,44 @@ fn a_concurrent_duplicate_gets_409_with_retry_after_then_the_replay() {
 }
 
 #[test]
+fn a_duplicate_of_a_quick_request_is_told_to_wait_the_hint_not_the_whole_lease() {
+    let retry_after = |config: Config| {
+        let service = start(config);
+        std::thread::scope(|s| {
+            let slow =
+                s.spawn(|| post_with(&service, Some(KEY), "{}", &[("x-demo-work-ms", "1500")]));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while service.charges_for(KEY_ID) == 0 {
+                assert!(Instant::now() < deadline, "the first request never started");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let duplicate = post(&service, Some(KEY), "{}");
+            assert_problem(&duplicate, 409, "request-in-flight");
+            assert_eq!(slow.join().unwrap().status, 201);
+            duplicate.header("retry-after").map(str::to_owned)
+        })
+    };
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        retry_after(Config {
+            lease,
+            ..Config::default()
+        }),
+        Some("1".to_owned()),
+        "a 30 s lease, the default 1 s hint"
+    );
+    assert_eq!(
+        retry_after(Config {
+            lease,
+            retry_after_hint: Duration::from_millis(2200),
+            ..Config::default()
+        }),
+        Some("3".to_owned()),
+        "a configured hint, rounded up"
+    );
+}
+
+#[test]
 fn the_same_key_with_another_body_is_422() {
     let service = start(Config::default());
     assert_eq!(post(&service, Some(KEY), r#"{"amount":1}"#).status, 201);
@@ -235,4 +275,358 @@ fn unknown_routes_are_404_problems_and_charges_are_listed() {
         .unwrap();
     assert_eq!(missing.status(), 404);
     service.shutdown();
+}
+
+#[test]
+fn a_scope_the_store_refuses_is_a_500_that_says_nothing_of_the_scope() {
+    let service = start(Config::default());
+    let tenant = "t".repeat(300);
+    let reply = post_with(
+        &service,
+        Some(KEY),
+        r#"{"amount":1}"#,
+        &[("x-tenant", &tenant)],
+    );
+    assert_problem(&reply, 500, "server-error");
+    for leak in ["scope", "300", "255", "malformed"] {
+        assert!(!reply.body.contains(leak), "{leak:?} in {}", reply.body);
+    }
+    assert!(service.charges().is_empty());
+}
+
+// ---------------------------------------------------------------- raw bytes on the wire
+
+/// An answer read off a raw connection.
+#[derive(Debug)]
+struct RawReply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// Writes `bytes` to the service, then (if `half_close`) shuts the writing side, as a client
+/// whose upload was cut short; reads whatever comes back until the server closes.
+fn raw(service: &Service, bytes: &[u8], half_close: bool) -> Option<RawReply> {
+    let mut stream = TcpStream::connect(service.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    if half_close {
+        stream.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut answer = Vec::new();
+    // A reset after (or instead of) the answer still leaves what was read.
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some(RawReply {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+    })
+}
+
+fn head_of(extra_headers: &str) -> String {
+    format!(
+        "POST /payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nIdempotency-Key: {KEY}\r\n{extra_headers}\r\n"
+    )
+}
+
+fn assert_raw_problem(reply: &Option<RawReply>, status: u16) {
+    let reply = reply
+        .as_ref()
+        .expect("an HTTP answer, not a dropped connection");
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert!(
+        reply
+            .head
+            .contains("content-type: application/problem+json"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.body.contains(&format!("\"status\":{status}")),
+        "{reply:?}"
+    );
+}
+
+/// After a refused attempt, nothing is begun: the full request runs, charged once.
+fn assert_full_retry_runs_once(service: &Service, body: &str) {
+    let key = idemstore::Key::new("public", KEY_ID).unwrap();
+    assert_eq!(service.store().get(&key).unwrap(), None, "nothing begun");
+    assert!(service.charges().is_empty(), "nothing charged");
+    let full = post(service, Some(KEY), body);
+    assert_eq!(full.status, 201, "{}", full.body);
+    assert_eq!(full.header("idempotent-replayed"), None);
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+fn amount_body(len: usize) -> String {
+    let pad = len - r#"{"amount":1,"memo":""}"#.len();
+    format!(r#"{{"amount":1,"memo":"{}"}}"#, "m".repeat(pad))
+}
+
+#[test]
+fn an_upload_cut_short_is_a_400_problem_and_the_full_retry_runs_once() {
+    for (declared, sent) in [(2000, 1500), (3000, 1024), (500, 300)] {
+        let service = start(Config::default());
+        let body = amount_body(declared);
+        let mut bytes = head_of(&format!("Content-Length: {declared}\r\n")).into_bytes();
+        bytes.extend_from_slice(&body.as_bytes()[..sent]);
+        let reply = raw(&service, &bytes, true);
+        assert_raw_problem(&reply, 400);
+        assert_full_retry_runs_once(&service, &body);
+    }
+}
+
+#[test]
+fn a_chunked_upload_cut_inside_a_chunk_is_a_400_problem_and_the_full_retry_runs_once() {
+    let service = start(Config::default());
+    let body = amount_body(3000);
+    let mut bytes = head_of("Transfer-Encoding: chunked\r\n").into_bytes();
+    bytes.extend_from_slice(format!("{:x}\r\n", 1000).as_bytes());
+    bytes.extend_from_slice(&body.as_bytes()[..1000]);
+    bytes.extend_from_slice(format!("\r\n{:x}\r\n", 2000).as_bytes());
+    bytes.extend_from_slice(&body.as_bytes()[1000..1700]);
+    let reply = raw(&service, &bytes, true);
+    assert_raw_problem(&reply, 400);
+    assert_full_retry_runs_once(&service, &body);
+}
+
+#[test]
+fn a_whole_chunked_upload_runs() {
+    let service = start(Config::default());
+    let body = amount_body(3000);
+    let mut bytes = head_of("Transfer-Encoding: chunked\r\n").into_bytes();
+    for part in [&body[..1000], &body[1000..]] {
+        bytes.extend_from_slice(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes());
+    }
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    let reply = raw(&service, &bytes, false).expect("an answer");
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_eq!(service.charges_for(KEY_ID), 1);
+}
+
+#[test]
+fn a_byte_outside_ascii_in_a_header_value_is_a_400_problem() {
+    for header in [
+        b"X-Note: caf\xc3\xa9\r\n".as_slice(),
+        b"User-Agent: \xff\r\n",
+        b"X-Tenant: t\xe9nant\r\n",
+    ] {
+        let service = start(Config::default());
+        let mut bytes = head_of("Content-Length: 12\r\n").into_bytes();
+        // The odd header goes before the blank line.
+        bytes.truncate(bytes.len() - 2);
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(b"\r\n{\"amount\":1}");
+        let reply = raw(&service, &bytes, false);
+        assert_raw_problem(&reply, 400);
+        assert!(service.charges().is_empty());
+    }
+    // In the Idempotency-Key itself.
+    let service = start(Config::default());
+    let reply = raw(
+        &service,
+        b"POST /payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\nIdempotency-Key: \"k\xc3\xa9\"\r\n\
+          Content-Length: 2\r\n\r\n{}",
+        false,
+    );
+    assert_raw_problem(&reply, 400);
+    assert!(service.charges().is_empty());
+}
+
+#[test]
+fn a_byte_outside_ascii_in_a_header_name_gets_a_400_answer() {
+    let service = start(Config::default());
+    let reply = raw(
+        &service,
+        b"POST /payments HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-N\xc3\xa9: 1\r\n\
+          Idempotency-Key: \"k\"\r\nContent-Length: 2\r\n\r\n{}",
+        false,
+    );
+    let reply = reply.expect("an HTTP answer, not a dropped connection");
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert!(service.charges().is_empty());
+}
+
+// ---------------------------------------------------------------- kill -9 and a restart
+
+const CHILD_STORE: &str = "IDEMSTORE_HTTP_SERVICE_CHILD_STORE";
+const CHILD_LEDGER: &str = "IDEMSTORE_HTTP_SERVICE_CHILD_LEDGER";
+const CHILD_LEASE: Duration = Duration::from_millis(1500);
+
+/// The service in a child process (this test binary, run again on one test with the store
+/// and ledger files in the environment), which prints its address and serves until killed.
+struct Child {
+    process: std::process::Child,
+    url: String,
+}
+
+impl Child {
+    fn start(test: &str, store: &std::path::Path, ledger: &std::path::Path) -> Child {
+        use std::io::BufRead;
+        let mut process = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_STORE, store)
+            .env(CHILD_LEDGER, ledger)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = process.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines.next().expect("the child prints its address").unwrap();
+            // libtest may have printed "test <name> ... " on the same line.
+            if let Some((_, addr)) = line.split_once("LISTENING ") {
+                break format!("http://{addr}");
+            }
+        };
+        Child { process, url }
+    }
+
+    /// SIGKILL: no destructor runs, no lease is released.
+    fn kill(mut self) {
+        self.process.kill().unwrap();
+        self.process.wait().unwrap();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// In the child: serve on the files named in the environment until killed. `false` in the
+/// parent.
+fn serve_if_child() -> bool {
+    let (Some(store), Some(ledger)) = (
+        std::env::var_os(CHILD_STORE),
+        std::env::var_os(CHILD_LEDGER),
+    ) else {
+        return false;
+    };
+    let service = start(Config {
+        lease: CHILD_LEASE,
+        db: Some(store.into()),
+        ledger: Some(ledger.into()),
+        ..Config::default()
+    });
+    println!("LISTENING {}", service.addr());
+    loop {
+        std::thread::park();
+    }
+}
+
+fn ledger_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn kill_9_mid_request_and_a_restart_on_the_same_file_charge_once() {
+    if serve_if_child() {
+        return;
+    }
+    let name = "kill_9_mid_request_and_a_restart_on_the_same_file_charge_once";
+    let dir = tempfile::tempdir().unwrap();
+    let (store, ledger) = (dir.path().join("service.redb"), dir.path().join("ledger"));
+    let body = r#"{"amount":4200}"#;
+    let send = |url: &str| {
+        agent()
+            .post(format!("{url}/payments"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", KEY)
+            .header("x-demo-work-ms", "3000")
+            .send(body)
+    };
+
+    let first = Child::start(name, &store, &ledger);
+    std::thread::scope(|s| {
+        let url = first.url.clone();
+        let in_flight = s.spawn(move || send(&url));
+        // Mid-request: charged, its response not yet stored.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ledger_lines(&ledger).is_empty() {
+            assert!(Instant::now() < deadline, "the first attempt never charged");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        first.kill();
+        assert!(
+            in_flight.join().unwrap().is_err(),
+            "the client got no answer"
+        );
+    });
+    assert_eq!(ledger_lines(&ledger).len(), 1);
+
+    // The same store and ledger; the client retries with the same key until it gets a
+    // final answer (409s until the dead process's lease runs out, then a takeover).
+    let second = Child::start(name, &store, &ledger);
+    let policy = idemstore::client::RetryPolicy::new()
+        .base(Duration::from_millis(100))
+        .max_elapsed(Some(Duration::from_secs(30)));
+    let outcome = policy.run(KEY, |_| match send(&second.url) {
+        Ok(response) => idemstore::client::Sent::from_http(response),
+        Err(e) => idemstore::client::Sent::ConnectionFailed(e.to_string()),
+    });
+    let idemstore::client::RetryOutcome::Succeeded {
+        status: 201, value, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    let answer = value.into_body().read_to_string().unwrap();
+    let charges = ledger_lines(&ledger);
+    assert_eq!(charges.len(), 1, "charged once: {charges:?}");
+    let reference = charges[0].split(' ').next().unwrap();
+    assert!(
+        answer.contains(&format!("\"id\":\"{reference}\"")),
+        "the answer names the one charge {reference}: {answer}"
+    );
+    drop(second);
+}
+
+#[test]
+fn a_takeover_after_the_intent_checkpoint_charges_under_the_same_reference_once() {
+    // As after a crash between the charge and its "charged" checkpoint: the processor booked
+    // pay_9, the lease holds "intent pay_9" and was left behind.
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    std::fs::write(&ledger, format!("pay_9 public/{KEY_ID}\n")).unwrap();
+    let service = start(Config {
+        ledger: Some(ledger.clone()),
+        ..Config::default()
+    });
+    let body = r#"{"amount":9}"#;
+    let request = http::Request::post("/payments")
+        .header("content-type", "application/json")
+        .body(body.as_bytes().to_vec())
+        .unwrap();
+    let fp = idemstore::http::request_fingerprint(&request, &[http::header::CONTENT_TYPE]);
+    let key = idemstore::Key::new("public", KEY_ID).unwrap();
+    let idemstore::Begin::Started(mut lease) = service.store().begin(&key, &fp).unwrap() else {
+        panic!("a new key");
+    };
+    lease.checkpoint(b"intent pay_9").unwrap();
+    drop(lease); // released: the next attempt takes over at once
+
+    let reply = post(&service, Some(KEY), body);
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert!(reply.body.starts_with(r#"{"id":"pay_9""#), "{}", reply.body);
+    assert_eq!(service.charges_for(KEY_ID), 1, "booked once");
+    assert_eq!(ledger_lines(&ledger).len(), 1);
 }

@@ -12,7 +12,8 @@
 //! 3. **Retry with backoff, always with the same key**: [`RetryPolicy::run`] calls your send
 //!    closure with the one key of the operation on every attempt, backs off exponentially with
 //!    full jitter, honours `Retry-After`, retries what is safe to retry (timeouts, connection
-//!    errors, 409, 429, 5xx) and stops hard on a 422 or another 4xx, returning a
+//!    errors, 409, 429, 5xx) unless the answer is a replay (the server's stored, final
+//!    answer), and stops hard on a 422 or another 4xx, returning a
 //!    [`RetryOutcome`] that says why it stopped.
 //!
 //! ```

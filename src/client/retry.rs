@@ -87,6 +87,9 @@ pub enum Sent<T> {
         status: u16,
         /// Its `Retry-After`, if any (see [`parse_retry_after`]).
         retry_after: Option<Duration>,
+        /// Whether it is a replay (`Idempotent-Replayed: true`): the server's stored answer
+        /// for this key, final whatever its status (see [`RetryPolicy::run`]).
+        replayed: bool,
         /// Whatever you want back (the response, its body, ...).
         value: T,
     },
@@ -98,42 +101,61 @@ pub enum Sent<T> {
 }
 
 impl<T> Sent<T> {
-    /// A response with `status` and no `Retry-After`.
+    /// A response with `status`, no `Retry-After`, not a replay.
     pub fn response(status: u16, value: T) -> Sent<T> {
         Sent::Response {
             status,
             retry_after: None,
+            replayed: false,
             value,
         }
     }
 
     /// Sets the `Retry-After` of a response (no effect on `Timeout`/`ConnectionFailed`).
-    pub fn retry_after(self, after: Option<Duration>) -> Sent<T> {
-        match self {
-            Sent::Response { status, value, .. } => Sent::Response {
-                status,
-                retry_after: after,
-                value,
-            },
-            other => other,
+    pub fn retry_after(mut self, after: Option<Duration>) -> Sent<T> {
+        if let Sent::Response { retry_after, .. } = &mut self {
+            *retry_after = after;
         }
+        self
+    }
+
+    /// Marks a response as a replay (the server sent `Idempotent-Replayed: true`), or not (no
+    /// effect on `Timeout`/`ConnectionFailed`). [`Sent::from_http`] reads the header itself.
+    ///
+    /// ```
+    /// use idemstore::client::{RetryOutcome, RetryPolicy, Sent};
+    /// // A stored 503 is the server's final answer for this key: no retry.
+    /// let outcome = RetryPolicy::new().run("k", |_| Sent::response(503, ()).replayed(true));
+    /// assert!(matches!(outcome, RetryOutcome::Rejected { status: 503, attempts: 1, .. }));
+    /// ```
+    pub fn replayed(mut self, is_replay: bool) -> Sent<T> {
+        if let Sent::Response { replayed, .. } = &mut self {
+            *replayed = is_replay;
+        }
+        self
     }
 }
 
 #[cfg(feature = "http")]
 impl<B> Sent<http::Response<B>> {
-    /// Wraps a response of the `http` crate (as `ureq` 3 returns them), reading its status
-    /// and `Retry-After` header (see [`parse_retry_after`]; dates are taken relative to the
-    /// system clock).
+    /// Wraps a response of the `http` crate (as `ureq` 3 returns them), reading its status,
+    /// its `Retry-After` header (see [`parse_retry_after`]; dates are taken relative to the
+    /// system clock) and whether it is a replay (`Idempotent-Replayed: true`, the value
+    /// compared without regard to case).
     pub fn from_http(response: http::Response<B>) -> Sent<http::Response<B>> {
         let retry_after = response
             .headers()
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let replayed = response
+            .headers()
+            .get(crate::http::IDEMPOTENT_REPLAYED)
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"));
         Sent::Response {
             status: response.status().as_u16(),
             retry_after,
+            replayed,
             value: response,
         }
     }
@@ -211,7 +233,9 @@ pub enum RetryOutcome<T> {
         /// Attempts made.
         attempts: u32,
     },
-    /// Another final status (400, 401, 403, 404, ...): the server refused the request.
+    /// Another final status (400, 401, 403, 404, ...): the server refused the request. Also
+    /// any replayed answer that is not 2xx (a stored 500, 409, 422, ...): the outcome the
+    /// server stored for this key, which every retry would get again.
     Rejected {
         /// Its status.
         status: u16,
@@ -400,6 +424,12 @@ impl RetryPolicy {
     /// [`RetryOutcome::Mismatch`] at once; other final statuses → [`RetryOutcome::Rejected`];
     /// [`Sent::Timeout`], [`Sent::ConnectionFailed`], 408, 409, 429 and 5xx are retried,
     /// waiting at least their `Retry-After`.
+    ///
+    /// A *replayed* response (`replayed: true`, from `Idempotent-Replayed: true`) is the
+    /// answer the server stored for this key, and every retry would get it again: it ends the
+    /// run whatever its status, as [`RetryOutcome::Succeeded`] for a 2xx and
+    /// [`RetryOutcome::Rejected`] for anything else (a stored 422 is the handler's own answer,
+    /// not a reused key).
     pub fn run<T>(&self, key: &str, send: impl FnMut(&Attempt<'_>) -> Sent<T>) -> RetryOutcome<T> {
         self.run_with(key, &mut ThreadSleeper, send)
     }
@@ -428,9 +458,24 @@ impl RetryPolicy {
             });
             elapsed = elapsed.saturating_add(started.elapsed());
             let retry_after = match sent {
+                // A replay is the outcome the server stored for this key: asking again
+                // gets the same bytes, so it is final whatever its status.
+                Sent::Response {
+                    status,
+                    replayed: true,
+                    value,
+                    ..
+                } if !(200..=299).contains(&status) => {
+                    return RetryOutcome::Rejected {
+                        status,
+                        value,
+                        attempts: number,
+                    };
+                }
                 Sent::Response {
                     status,
                     retry_after,
+                    replayed,
                     value,
                 } => match classify_status(status) {
                     StatusClass::Success => {
@@ -457,6 +502,7 @@ impl RetryPolicy {
                         let last = Sent::Response {
                             status,
                             retry_after,
+                            replayed,
                             value,
                         };
                         (retry_after, last)

@@ -11,8 +11,9 @@
 //! | malformed or longer than 255 bytes | [`Decision::Reject`] | 400, [malformed](#malformed-idempotency-key) |
 //! | new key (or expired) | [`Decision::Run`] with a [`Lease`] | your handler's, then [`complete`] stores it |
 //! | same key, same request, done | [`Decision::Replay`] | the stored response + `Idempotent-Replayed: true` |
-//! | same key, same request, in progress | [`Decision::Reject`] | 409 + `Retry-After` (seconds, rounded up), [in flight](#request-in-flight) |
+//! | same key, same request, in progress | [`Decision::Reject`] | 409 + `Retry-After` (the [hint](RequestGuard::retry_after_hint), at most the lease's time left), [in flight](#request-in-flight) |
 //! | same key, another request | [`Decision::Reject`] | 422, [reused](#idempotency-key-reused) |
+//! | a `scope` the store refuses (over 255 bytes) | `Err(`[`Error::InvalidConfig`]`)`, logged | 500, [server error](#internal-server-error) via [`error_response`] |
 //!
 //! ```
 //! use http::{Request, Response, StatusCode};
@@ -82,9 +83,10 @@
 //! ```
 //!
 //! Concurrent `begin`s share fsyncs (group commit), so the blocking pool's threads are
-//! what bounds throughput, as with any blocking database driver. A sync server needs none
-//! of this: the example service (`examples/http_service.rs`) runs `tiny_http` on a small
-//! thread pool and calls the store directly, with no runtime at all.
+//! what bounds throughput, as with any blocking database driver. The example service
+//! (`examples/http_service.rs`) does this with hyper on a one-thread tokio runtime: it reads
+//! each body whole first (a body cut short is answered 400 and nothing begins), then runs the
+//! guard, the work and [`complete`] in one `spawn_blocking`.
 //!
 //! # Request fingerprints
 //!
@@ -115,8 +117,10 @@
 //! lenient bare form, see [`idempotency_key`]), or there is more than one.
 //!
 //! ### Request in flight
-//! Status 409, with `Retry-After` in seconds (the time left on the running request's lease, rounded
-//! up). Retry then, with the same key and the same request: you get its response.
+//! Status 409, with `Retry-After` in whole seconds: the guard's
+//! [`retry_after_hint`](RequestGuard::retry_after_hint) (default 1 s), or the time left on the
+//! running request's lease if that is shorter, rounded up, at least 1. Retry then, with the same
+//! key and the same request: you get its response once it is done.
 //!
 //! ### Idempotency-Key reused
 //! Status 422. The key was used for a request with another fingerprint. A client bug: do not retry;
@@ -126,11 +130,18 @@
 //! Status 500. The store could not answer (I/O failure, closed store). Retrying later with the same
 //! key is safe.
 //!
+//! ### Internal server error
+//! Status 500. The service is at fault, not the request: for one, it chose a scope the store
+//! refuses. The answer says nothing more (the service logs the cause). Retrying later with
+//! the same key is safe.
+//!
 //! The module is behind the `http` cargo feature (on by default).
 
 mod header;
 mod problem;
 mod stored;
+
+use std::time::Duration;
 
 use http::{HeaderName, Request, Response};
 
@@ -206,7 +217,11 @@ pub enum Decision {
 pub struct RequestGuard {
     store: Store,
     headers: Vec<HeaderName>,
+    retry_after_hint: Duration,
 }
+
+/// The default [`RequestGuard::retry_after_hint`].
+pub const DEFAULT_RETRY_AFTER_HINT: Duration = Duration::from_secs(1);
 
 impl RequestGuard {
     /// A guard on `store`, fingerprinting method, path and query, and body.
@@ -214,7 +229,21 @@ impl RequestGuard {
         RequestGuard {
             store,
             headers: Vec::new(),
+            retry_after_hint: DEFAULT_RETRY_AFTER_HINT,
         }
+    }
+
+    /// How long a 409 tells a duplicate to wait (`Retry-After`) while the first request
+    /// runs: about how long your handler usually takes. Default 1 s
+    /// ([`DEFAULT_RETRY_AFTER_HINT`]).
+    ///
+    /// The answer is never more than the running request's lease has left (a retry then may
+    /// take over), and is sent as whole seconds, rounded up, at least 1. The lease itself is
+    /// the store's [`lease`](crate::Builder::lease) setting; a hint as long as the lease
+    /// makes every duplicate wait until the lease runs out, however quick the request.
+    pub fn retry_after_hint(mut self, hint: Duration) -> RequestGuard {
+        self.retry_after_hint = hint;
+        self
     }
 
     /// Also fingerprints these headers (in this order). Default: none.
@@ -235,10 +264,12 @@ impl RequestGuard {
     /// from the authenticated caller, so that two clients never share keys).
     ///
     /// # Errors
-    /// Only the store's errors ([`Error::Storage`], [`Error::Poisoned`], [`Error::Closed`],
-    /// [`Error::Corrupt`], also for a stored response that is not a [`StoredResponse`]) and
-    /// [`Error::InvalidKey`] for a `scope` over 255 bytes; answer them with
-    /// [`error_response`]. The client's mistakes are `Ok(Decision::Reject(..))`.
+    /// Only the server's side: the store's errors ([`Error::Storage`], [`Error::Poisoned`],
+    /// [`Error::Closed`], [`Error::Corrupt`], also for a stored response that is not a
+    /// [`StoredResponse`]) and [`Error::InvalidConfig`] for a `scope` the store refuses (over
+    /// 255 bytes; logged at error level, with its length only). Answer them with
+    /// [`error_response`]: a 500 that tells the client nothing about the cause. The client's
+    /// mistakes are `Ok(Decision::Reject(..))`.
     pub fn begin<B: AsRef<[u8]>>(&self, scope: &str, request: &Request<B>) -> Result<Decision> {
         let id = match idempotency_key(request.headers()) {
             Ok(id) => id,
@@ -247,12 +278,25 @@ impl RequestGuard {
             }
             Err(e) => return Err(e),
         };
-        let key = Key::new(scope, &id)?;
+        // `id` passed `idempotency_key`, which checks it as `Key::new` does: a refusal here
+        // is the scope's, chosen by the service, so a server error rather than a 400.
+        let key = Key::new(scope, &id).map_err(|e| {
+            tracing::error!(
+                scope_bytes = scope.len(),
+                error = %e,
+                "the service chose a scope the store refuses; answering 500"
+            );
+            Error::InvalidConfig {
+                reason: format!("the scope passed to RequestGuard::begin is refused: {e}"),
+            }
+        })?;
         let fp = request_fingerprint(request, &self.headers);
         Ok(match self.store.begin(&key, &fp)? {
             Begin::Started(lease) => Decision::Run(lease),
             Begin::Replay(done) => Decision::Replay(replay(&done)?),
-            Begin::InFlight { retry_after } => Decision::Reject(in_flight(retry_after)),
+            Begin::InFlight { retry_after } => {
+                Decision::Reject(in_flight(retry_after.min(self.retry_after_hint)))
+            }
             Begin::Mismatch => Decision::Reject(mismatch()),
         })
     }

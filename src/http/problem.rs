@@ -27,6 +27,8 @@ pub enum Problem {
     Mismatch,
     /// 500: the idempotency store failed.
     StoreFailed,
+    /// 500: the service itself is at fault (it chose a scope the store refuses, for one).
+    ServerError,
 }
 
 impl Problem {
@@ -36,7 +38,7 @@ impl Problem {
             Problem::MissingKey | Problem::MalformedKey => StatusCode::BAD_REQUEST,
             Problem::InFlight => StatusCode::CONFLICT,
             Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::StoreFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::StoreFailed | Problem::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -48,6 +50,7 @@ impl Problem {
             Problem::InFlight => "request-in-flight",
             Problem::Mismatch => "idempotency-key-reused",
             Problem::StoreFailed => "idempotency-store-failed",
+            Problem::ServerError => "server-error",
         };
         format!("{DOCS}#{anchor}")
     }
@@ -60,6 +63,7 @@ impl Problem {
             Problem::InFlight => "A request with this Idempotency-Key is in progress",
             Problem::Mismatch => "Idempotency-Key reused for a different request",
             Problem::StoreFailed => "Idempotency store failed",
+            Problem::ServerError => "Internal server error",
         }
     }
 
@@ -139,13 +143,16 @@ pub fn malformed_key(reason: &str) -> Response<Vec<u8>> {
     ))
 }
 
-/// Seconds for `Retry-After`: `d` rounded up, so a client never comes back too early.
+/// Seconds for `Retry-After`: `d` rounded up, so a client never comes back too early, and at
+/// least 1 (a 0 would ask for an immediate retry, which would only meet the same request).
 pub(crate) fn retry_after_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 /// 409: a request with the same key is being processed; come back after `retry_after`
-/// (sent in `Retry-After` as whole seconds, rounded up).
+/// (sent in `Retry-After` as whole seconds, rounded up, at least 1).
+/// [`RequestGuard::begin`](super::RequestGuard::begin) passes its
+/// [hint](super::RequestGuard::retry_after_hint), capped by the lease's time left.
 ///
 /// ```
 /// use std::time::Duration;
@@ -176,14 +183,21 @@ pub fn mismatch() -> Response<Vec<u8>> {
 
 /// The response for an error of this crate met while handling a request: 400 for
 /// [`Error::MissingIdempotencyKey`], [`Error::MalformedIdempotencyKey`] and
-/// [`Error::InvalidKey`]; otherwise 500 (the store failed: the client may retry with the same
-/// key; the error's own text is not sent, log it yourself).
+/// [`Error::InvalidKey`] (the client's key); a 500 [server error](Problem::ServerError) for
+/// [`Error::InvalidConfig`] (the service's fault, such as a scope the store refuses, which
+/// [`RequestGuard::begin`](super::RequestGuard::begin) reports so); otherwise a 500
+/// [store failure](Problem::StoreFailed). The client may retry a 500 with the same key. The
+/// text of a 500 says nothing about the error (log it yourself).
 pub fn error_response(error: &Error) -> Response<Vec<u8>> {
     match error {
         Error::MissingIdempotencyKey => missing_key(),
         Error::MalformedIdempotencyKey { reason } | Error::InvalidKey { reason } => {
             malformed_key(reason)
         }
+        Error::InvalidConfig { .. } => Problem::ServerError.response(
+            "The service failed to handle this request; the fault is on the server's side. \
+             Retrying later with the same Idempotency-Key is safe.",
+        ),
         _ => Problem::StoreFailed.response(
             "The idempotency store failed while handling this request. Retry later with the \
              same Idempotency-Key.",
@@ -204,7 +218,7 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up() {
-        assert_eq!(retry_after_secs(Duration::ZERO), 0);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_nanos(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
         assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
@@ -217,5 +231,10 @@ mod tests {
         assert_eq!(mismatch().status(), 422);
         assert_eq!(error_response(&Error::Poisoned).status(), 500);
         assert_eq!(error_response(&Error::MissingIdempotencyKey).status(), 400);
+        let misconfigured = error_response(&Error::InvalidConfig {
+            reason: "scope is 300 bytes long".into(),
+        });
+        assert_eq!(misconfigured.status(), 500);
+        assert!(!String::from_utf8_lossy(misconfigured.body()).contains("300"));
     }
 }
