@@ -284,6 +284,8 @@ impl Worker {
         let results = match self.apply_all(ops) {
             Ok(results) => results,
             Err(failure) => {
+                // Whatever failed, it failed a write: its outcome is unknown to the callers.
+                let failure = failure.outcome_unknown();
                 tracing::error!(
                     error = %failure,
                     operations = replies.len(),
@@ -348,7 +350,7 @@ impl Worker {
                 error = %e,
                 "commit failed (outcome unknown); the store is poisoned and refuses writes until it is reopened"
             );
-            return Err(Error::storage("committing a write (outcome unknown)", e));
+            return Err(Error::write_failed("committing a write", e));
         }
         // Published only now: readers never see an entry that is not committed.
         self.stored.index.apply(&changes);

@@ -1076,8 +1076,13 @@ fn on_a_file_the_wrapper_forwards_the_locks_and_a_poisoned_store_keeps_the_file_
         mode: Mode::Always,
     }));
     match held.complete(b"unknown outcome") {
-        Err(Error::Storage { .. }) => {}
-        other => panic!("a failed fsync must be a Storage error, got {other:?}"),
+        Err(
+            e @ Error::Storage {
+                outcome_unknown: true,
+                ..
+            },
+        ) => assert!(e.to_string().contains("outcome is unknown"), "{e}"),
+        other => panic!("a failed fsync must be an unknown-outcome Storage error, got {other:?}"),
     }
     for k in [2, 3] {
         match store.begin(&key(k), &fp(k, 0)) {

@@ -322,6 +322,10 @@ fn assert_storage(r: Result<Store, Error>) {
     match r {
         Err(e @ Error::Storage { .. }) => {
             assert!(std::error::Error::source(&e).is_some(), "{e}");
+            // Nothing was written: no word of an unknown outcome.
+            let text = e.to_string();
+            assert!(!text.contains("outcome"), "{text}");
+            assert!(!text.contains("if this was a write"), "{text}");
         }
         other => panic!("expected Error::Storage, got {other:?}"),
     }
@@ -601,7 +605,15 @@ fn assert_opens_or_refuses_cleanly(path: &Path) {
             }
             let _ = store.close();
         }
-        Err(Error::Corrupt { .. } | Error::IncompatibleFormat { .. } | Error::Storage { .. }) => {}
+        Err(
+            e @ (Error::Corrupt { .. } | Error::IncompatibleFormat { .. } | Error::Storage { .. }),
+        ) => {
+            // An open wrote nothing of the caller's, and deleting the file would forget every
+            // key: no message says either.
+            let text = e.to_string();
+            assert!(!text.contains("outcome"), "{text}");
+            assert!(!text.contains("delete"), "{text}");
+        }
         Err(other) => panic!("unexpected error for a damaged file: {other:?}"),
     }
 }
@@ -682,7 +694,10 @@ fn a_file_we_may_not_write_is_a_storage_error_and_unchanged() {
         .arg(&path)
         .status();
     match result {
-        Err(Error::Storage { .. }) => {}
+        Err(e @ Error::Storage { .. }) => {
+            let text = e.to_string();
+            assert!(!text.contains("outcome"), "{text}");
+        }
         other => panic!("expected a Storage error, got {other:?}"),
     }
     assert_eq!(

@@ -289,7 +289,16 @@ fn failed_commit_is_an_error_event_and_poisons() {
         .unwrap();
     fail.store(true, SeqCst);
     let err = store.begin(&key(), &Fingerprint::of(b"x")).unwrap_err();
-    assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Storage {
+                outcome_unknown: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(matches!(
         store.begin(&key(), &Fingerprint::of(b"x")),
         Err(Error::Poisoned)
