@@ -34,11 +34,19 @@ pub(crate) fn open_error(path: &Path, e: DatabaseError) -> Error {
     }
 }
 
-/// Checks that `path` can name a file (not a directory, its parent exists) and returns the
-/// length of the file there, `None` when there is none.
+/// Checks that `path` can name a file (not a directory, its parent exists, not a dangling
+/// symbolic link) and returns the length of the file there, `None` when there is none.
+///
+/// A symbolic link to an existing file is followed. A dangling one is refused rather than
+/// followed to create a new store at its target: someone pointed the path at a file that is
+/// missing now (an unmounted volume, a lost or moved store), and a new, empty store there
+/// would forget every key, so every retry of a request would run it again. Nor is a new store
+/// created beside the link in its place, which would silently replace the link. To start a
+/// new store behind a link, open the target path itself once.
 ///
 /// # Errors
-/// [`Error::Storage`] for a directory, a missing parent or an I/O failure.
+/// [`Error::Storage`] for a directory, a missing parent, a dangling symbolic link or an I/O
+/// failure.
 pub(crate) fn existing_len(path: &Path) -> Result<Option<u64>> {
     if path.is_dir() {
         return Err(io_error(
@@ -61,9 +69,43 @@ pub(crate) fn existing_len(path: &Path) -> Result<Option<u64>> {
     }
     match std::fs::metadata(path) {
         Ok(m) => Ok(Some(m.len())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dangling_target(path) {
+            None => Ok(None),
+            Some(target) => Err(io_error(
+                path,
+                "opening",
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "the path is a symbolic link to {}, which does not exist; no new store \
+                         is created through a dangling link: restore the missing file, or open \
+                         the target path itself to create a new store there",
+                        target.display()
+                    ),
+                ),
+            )),
+        },
         Err(e) => Err(io_error(path, "inspecting", e)),
     }
+}
+
+/// The missing file a dangling symbolic link at `path` leads to (through a chain of links);
+/// `None` when `path` is not a symbolic link.
+fn dangling_target(path: &Path) -> Option<std::path::PathBuf> {
+    let mut at = path.to_owned();
+    let mut hops = 0;
+    while let Ok(next) = std::fs::read_link(&at) {
+        at = match at.parent() {
+            Some(dir) => dir.join(next),
+            None => next,
+        };
+        hops += 1;
+        // As the kernel does, give up on a long chain (a loop); the start is still a link.
+        if hops == 40 {
+            break;
+        }
+    }
+    (hops > 0).then_some(at)
 }
 
 /// Refuses a file that does not start with redb's signature, reading only its first bytes.
