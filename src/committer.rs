@@ -354,6 +354,14 @@ impl Worker {
         }
         // Published only now: readers never see an entry that is not committed.
         self.stored.index.apply(&changes);
+        // The commit went into the file the store opened: unless its path still names that
+        // file, no one will open this write again.
+        if let Some(file) = &self.stored.file
+            && let Err(e) = file.check()
+        {
+            self.poisoned.store(true, Ordering::Release);
+            return Err(e);
+        }
         if note {
             self.noted_time.set(now);
         }

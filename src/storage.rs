@@ -44,7 +44,7 @@ use redb::{
 use crate::error::{Error, Result};
 use crate::index::{Change, Index};
 use crate::record::{Record, encode_entry, split_entry};
-use crate::redb_file::{self, io_error, open_error, private_file_options};
+use crate::redb_file::{self, FileIdentity, io_error, open_error, private_file_options};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");
@@ -171,7 +171,7 @@ fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
 /// not modify it (a read-write open of redb rewrites the header). Only a redb file that needs
 /// crash recovery cannot be checked that way: it is repaired by the read-write open first and
 /// checked afterwards.
-pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
+pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<(Database, FileIdentity)> {
     let io_err = |what: &str, e: std::io::Error| io_error(path, what, e);
     let existing_len = match redb_file::existing_len(path)? {
         Some(len) => len,
@@ -205,6 +205,7 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
         .truncate(false)
         .open(path)
         .map_err(|e| io_err("opening", e))?;
+    let identity = FileIdentity::of(path, &file)?;
     let backend = redb::backends::FileBackend::new(file).map_err(|e| open_error(path, e))?;
     let db = guarded("opening the file", || {
         redb::Builder::new()
@@ -223,7 +224,7 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
             return Err(e);
         }
     }
-    Ok(db)
+    Ok((db, identity))
 }
 
 /// Creates a new, initialized store at `path` without ever exposing a half-written file
@@ -305,6 +306,7 @@ pub(crate) fn initialize(db: Database) -> Result<(Stored, u64)> {
                 db,
                 index,
                 next_seq: AtomicU64::new(next_seq),
+                file: None,
             },
             latest_time,
         )),
@@ -424,6 +426,8 @@ pub(crate) struct Stored {
     pub index: Index,
     /// The sequence number of the next log entry (only the committer takes them).
     next_seq: AtomicU64,
+    /// The file the database lives in, checked after each commit; `None` without a path.
+    pub file: Option<FileIdentity>,
 }
 
 impl Stored {
