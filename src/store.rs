@@ -370,6 +370,7 @@ impl Builder {
     }
 
     /// Whether writes are fsync'd before they are acknowledged. Default [`Durability::Immediate`].
+    /// With [`Durability::None`] a crash loses every change since the open (see there).
     pub fn durability(mut self, durability: Durability) -> Builder {
         self.durability = durability;
         self
