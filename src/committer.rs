@@ -288,6 +288,8 @@ impl Worker {
         let results = match self.apply_all(ops) {
             Ok(results) => results,
             Err(failure) => {
+                // Whatever failed, it failed a write: its outcome is unknown to the callers.
+                let failure = failure.outcome_unknown();
                 tracing::error!(
                     error = %failure,
                     operations = replies.len(),
@@ -350,10 +352,18 @@ impl Worker {
                 error = %e,
                 "commit failed (outcome unknown); the store is poisoned and refuses writes until it is reopened"
             );
-            return Err(Error::storage("committing a write (outcome unknown)", e));
+            return Err(Error::write_failed("committing a write", e));
         }
         // Published only now: readers never see an entry that is not committed.
         self.stored.index.apply(&changes);
+        // The commit went into the file the store opened: unless its path still names that
+        // file, no one will open this write again.
+        if let Some(file) = &self.stored.file
+            && let Err(e) = file.check()
+        {
+            self.poisoned.store(true, Ordering::Release);
+            return Err(e);
+        }
         if saved.is_some() || now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY) {
             self.noted_time.set(now);
         }

@@ -23,9 +23,21 @@ pub enum Durability {
     /// answered could then run again). Choose it only when that risk is acceptable;
     /// `BENCHMARKS.md` gives what it saves.
     ImmediateOnePhase,
-    /// Changes are committed but not fsync'd: a crash or power loss may lose recent changes,
-    /// fencing tokens included. For tests and caches. A clean [`close`](crate::Store::close)
-    /// still makes everything durable.
+    /// Changes are committed but not made durable: for tests and caches only.
+    ///
+    /// A crash loses *every* change since the store was opened, all together, not only the
+    /// latest ones. The storage engine names a commit of this kind only in the database
+    /// header it holds in memory; the header in the file keeps naming the last durable
+    /// commit, which is the one the store makes when it opens. So after a power loss, a
+    /// killed process or an abort, the file reopens exactly as it was opened: every claim,
+    /// completion, checkpoint, extension, abandon and reaping since then is gone, and the
+    /// fencing-token counter is back where it was, so tokens already handed out are granted
+    /// again. Pages the engine wrote to the file in between do not help: nothing on disk
+    /// points at them.
+    ///
+    /// A clean [`close`](crate::Store::close), or dropping the last handle, makes everything
+    /// durable (one commit with an fsync); that and the next open are the only points a crash
+    /// can fall back to.
     None,
 }
 

@@ -57,15 +57,19 @@ pub enum Error {
     },
     /// The storage engine or the file system failed.
     ///
-    /// For a write, this is an *unknown outcome*: the change may or may not be durable.
-    /// The store then refuses further writes until it is reopened: with [`Error::Poisoned`]
-    /// after a failed commit, or with this error again when the storage engine itself
-    /// latched an I/O failure.
+    /// When `outcome_unknown` is set, this failed a write whose outcome is unknown: the
+    /// change may or may not be durable. The store then refuses further writes until it is
+    /// reopened: with [`Error::Poisoned`] after a failed commit, or with this error again
+    /// when the storage engine itself latched an I/O failure. Otherwise nothing was written
+    /// (an open, a read, a thread that could not start).
+    #[non_exhaustive]
     Storage {
         /// What idemstore was doing.
         context: String,
         /// The underlying error.
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
+        /// Whether a write failed with an unknown outcome (it may have been made durable).
+        outcome_unknown: bool,
     },
     /// An earlier write failed with an unknown outcome; the store refuses writes until it is
     /// closed and reopened (reopening reads what is really on disk).
@@ -102,7 +106,29 @@ impl Error {
         Error::Storage {
             context: context.into(),
             source: Box::new(source),
+            outcome_unknown: false,
         }
+    }
+
+    /// A failed write whose outcome is unknown (a commit that failed, or any storage failure
+    /// of a write batch): [`Error::Storage`] with `outcome_unknown` set.
+    pub(crate) fn write_failed(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::storage(context, source).outcome_unknown()
+    }
+
+    /// This error, marked as the failure of a write whose outcome is unknown when it is
+    /// [`Error::Storage`]; any other error unchanged.
+    pub(crate) fn outcome_unknown(mut self) -> Self {
+        if let Error::Storage {
+            outcome_unknown, ..
+        } = &mut self
+        {
+            *outcome_unknown = true;
+        }
+        self
     }
 
     pub(crate) fn corrupt(reason: impl Into<String>) -> Self {
@@ -144,9 +170,14 @@ impl Error {
                 reason: reason.clone(),
             },
             Error::Corrupt { reason } => Error::corrupt(reason.clone()),
-            Error::Storage { context, source } => Error::Storage {
+            Error::Storage {
+                context,
+                source,
+                outcome_unknown,
+            } => Error::Storage {
                 context: context.clone(),
                 source: source.to_string().into(),
+                outcome_unknown: *outcome_unknown,
             },
             Error::Poisoned => Error::Poisoned,
             Error::Clock { reason } => Error::Clock {
@@ -190,13 +221,20 @@ impl fmt::Display for Error {
             ),
             Error::Corrupt { reason } => write!(
                 f,
-                "stored data is corrupt: {reason}; restore the file from a backup or delete it"
+                "stored data is corrupt: {reason}; restore the file from a backup, or keep it \
+                 for inspection and open a new store path (retries of its keys will then run \
+                 again)"
             ),
-            Error::Storage { context, .. } => write!(
+            Error::Storage {
+                context,
+                outcome_unknown: true,
+                ..
+            } => write!(
                 f,
-                "storage failed while {context}; if this was a write its outcome is unknown: \
-                 close and reopen the store before retrying"
+                "storage failed while {context}; the write's outcome is unknown (it may be \
+                 durable): close and reopen the store before retrying"
             ),
+            Error::Storage { context, .. } => write!(f, "storage failed while {context}"),
             Error::Poisoned => write!(
                 f,
                 "an earlier write failed with an unknown outcome; the store refuses writes until \
@@ -242,7 +280,50 @@ mod tests {
         let e = Error::storage("reading", std::io::Error::other("disk on fire"));
         let src = std::error::Error::source(&e).expect("source");
         assert!(src.to_string().contains("disk on fire"));
-        assert!(e.to_string().contains("reopen"));
+    }
+
+    #[test]
+    fn only_a_failed_write_speaks_of_an_unknown_outcome() {
+        let read = Error::storage("opening /x", std::io::Error::other("denied"));
+        assert_eq!(read.to_string(), "storage failed while opening /x");
+        assert!(matches!(
+            read.duplicate(),
+            Error::Storage {
+                outcome_unknown: false,
+                ..
+            }
+        ));
+
+        let write = Error::write_failed("committing a write", std::io::Error::other("EIO"));
+        let text = write.to_string();
+        assert!(text.contains("outcome is unknown"), "{text}");
+        assert!(text.contains("reopen"), "{text}");
+        assert!(matches!(
+            write.duplicate(),
+            Error::Storage {
+                outcome_unknown: true,
+                ..
+            }
+        ));
+        // Marking a batch failure: storage errors only.
+        let marked = Error::storage("writing a record", std::io::Error::other("EIO"));
+        assert!(matches!(
+            marked.outcome_unknown(),
+            Error::Storage {
+                outcome_unknown: true,
+                ..
+            }
+        ));
+        assert!(matches!(Error::Poisoned.outcome_unknown(), Error::Poisoned));
+    }
+
+    #[test]
+    fn no_message_advises_deleting_the_store() {
+        let e = Error::corrupt("a checksum failed");
+        let text = e.to_string();
+        assert!(!text.contains("delete"), "{text}");
+        assert!(text.contains("backup"), "{text}");
+        assert!(text.contains("run again"), "{text}");
     }
 
     #[test]

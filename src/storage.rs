@@ -48,7 +48,7 @@ use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::index::{Change, Index};
 use crate::record::{Record, entry_len, split_entry, write_entry};
-use crate::redb_file::{self, io_error, open_error, private_file_options};
+use crate::redb_file::{self, FileIdentity, io_error, open_error, private_file_options};
 use crate::timeline::{Corrections, Stamp, StoreClock};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
@@ -163,7 +163,7 @@ fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
 /// not modify it (a read-write open of redb rewrites the header). Only a redb file that needs
 /// crash recovery cannot be checked that way: it is repaired by the read-write open first and
 /// checked afterwards.
-pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
+pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<(Database, FileIdentity)> {
     let io_err = |what: &str, e: std::io::Error| io_error(path, what, e);
     let existing_len = match redb_file::existing_len(path)? {
         Some(len) => len,
@@ -197,6 +197,7 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
         .truncate(false)
         .open(path)
         .map_err(|e| io_err("opening", e))?;
+    let identity = FileIdentity::of(path, &file)?;
     let backend = redb::backends::FileBackend::new(file).map_err(|e| open_error(path, e))?;
     let db = guarded("opening the file", || {
         redb::Builder::new()
@@ -215,7 +216,7 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
             return Err(e);
         }
     }
-    Ok(db)
+    Ok((db, identity))
 }
 
 /// Creates a new, initialized store at `path` without ever exposing a half-written file
@@ -300,6 +301,7 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>) -> Result<Stored> 
             tokens_above: log.highest_token,
             timeline: StoreClock::new(clock, meta.latest_time, meta.corrections),
             resweep_from: Mutex::new(meta.resweep_from),
+            file: None,
         }),
         Err(e) => {
             discard(db);
@@ -480,6 +482,8 @@ pub(crate) struct Stored {
     /// The death time from which the reaper has to re-file records moved back by a clock
     /// correction (`None`: nothing to re-file). Only the committer changes it.
     pub resweep_from: Mutex<Option<u64>>,
+    /// The file the database lives in, checked after each commit; `None` without a path.
+    pub file: Option<FileIdentity>,
 }
 
 impl Stored {
@@ -676,13 +680,13 @@ impl<'t> WriteTables<'t> {
                     .log
                     .get(located.seq)
                     .map_err(|e| Error::storage("reading a record", e))?
-                    .ok_or_else(|| Error::Storage {
-                        context: format!(
-                            "reading log entry {} written by this transaction: the storage \
-                                 engine does not have it",
-                            located.seq
-                        ),
-                        source: "an entry written by this transaction is missing".into(),
+                    .ok_or_else(|| {
+                        Error::storage(
+                            format!("reading log entry {} of this transaction", located.seq),
+                            std::io::Error::other(
+                                "the storage engine lost an entry this transaction wrote",
+                            ),
+                        )
                     })?;
                 let (_, record) = split_entry(entry.value())?;
                 let record = decode_record(record, &self.corrections)?;

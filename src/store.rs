@@ -384,6 +384,7 @@ impl Builder {
     }
 
     /// Whether writes are fsync'd before they are acknowledged. Default [`Durability::Immediate`].
+    /// With [`Durability::None`] a crash loses every change since the open (see there).
     pub fn durability(mut self, durability: Durability) -> Builder {
         self.durability = durability;
         self
@@ -432,6 +433,19 @@ impl Builder {
     /// Opens the store file at `path`, creating it (mode 0600 on Unix) when it is missing or
     /// empty, and starts the reaper thread.
     ///
+    /// A symbolic link at `path` is followed to an existing file; a dangling one is refused
+    /// (a new, empty store there would forget every key), so to create a store behind a link,
+    /// open its target once.
+    ///
+    /// # The file is the store's
+    ///
+    /// While the store is open, `path` must keep naming the file it opened. On Unix, each
+    /// commit checks that it does (one `stat`); if the file was removed, or another file was
+    /// renamed over the path, the commit went into a file no one will open again, so every
+    /// caller of that commit gets [`Error::Storage`] (an unknown outcome), an error is
+    /// logged, and the store refuses writes (reads go on) until it is closed and the path
+    /// opened again.
+    ///
     /// # Errors
     /// * [`Error::InvalidConfig`] for a bad setting.
     /// * [`Error::AlreadyOpen`] when the file is open in this or another process.
@@ -444,8 +458,9 @@ impl Builder {
     pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
         let settings = self.settings()?;
         let path = path.as_ref();
-        let db = storage::open_file(path, self.cache_bytes)?;
-        let stored = storage::initialize(db, self.clock.clone())?;
+        let (db, file) = storage::open_file(path, self.cache_bytes)?;
+        let mut stored = storage::initialize(db, self.clock.clone())?;
+        stored.file = Some(file);
         self.start(stored, settings, Some(path.to_owned()))
     }
 

@@ -27,6 +27,9 @@
 //!
 //! Each sync-point image of the probe run (a power cut at that fsync) is checked the same way.
 //!
+//! Under `Durability::None`, both crash images of a running store (durable, and everything
+//! written) reopen exactly as the store was opened: a crash loses everything since the open.
+//!
 //! One exception is accepted, and only for images taken before the first `open` returned:
 //! redb writes its magic number last when it creates a file, so such an image may be a
 //! non-empty file without it, which the store refuses (`IncompatibleFormat`) and leaves as is.
@@ -1076,8 +1079,13 @@ fn on_a_file_the_wrapper_forwards_the_locks_and_a_poisoned_store_keeps_the_file_
         mode: Mode::Always,
     }));
     match held.complete(b"unknown outcome") {
-        Err(Error::Storage { .. }) => {}
-        other => panic!("a failed fsync must be a Storage error, got {other:?}"),
+        Err(
+            e @ Error::Storage {
+                outcome_unknown: true,
+                ..
+            },
+        ) => assert!(e.to_string().contains("outcome is unknown"), "{e}"),
+        other => panic!("a failed fsync must be an unknown-outcome Storage error, got {other:?}"),
     }
     for k in [2, 3] {
         match store.begin(&key(k), &fp(k, 0)) {
@@ -1127,4 +1135,103 @@ fn on_a_file_the_wrapper_forwards_the_locks_and_a_poisoned_store_keeps_the_file_
     reopened.close().expect("close");
     let mut db = redb::Database::create(&path).expect("redb opens the file");
     assert!(matches!(db.check_integrity(), Ok(true)), "integrity check");
+}
+
+/// `Durability::None` loses, in a crash, everything since the store was opened, all at once:
+/// its commits are named only by the database header held in memory, and the header in the
+/// file keeps naming the open's durable commit. Checked on both images of a crash while the
+/// store runs: the durable one (a power cut) and the one holding every write made (a killed
+/// process, with the pages the engine already wrote out in the file). Both reopen as the
+/// store was when it was opened: the completion of the session before (closed cleanly) is
+/// there, every change since is gone, and the token counter is back where it was, so the
+/// next claim is granted a token already handed out. A clean close makes all of it durable.
+#[test]
+fn under_durability_none_a_crash_loses_everything_since_the_open() {
+    let clock = ManualClock::new(start());
+    // A small page cache, so that the engine writes pages of uncommitted-to-disk commits out
+    // to the file while the store runs.
+    let none = || {
+        builder(&clock)
+            .durability(Durability::None)
+            .cache_bytes(64 << 10)
+    };
+
+    // A first session, closed cleanly: its completion is durable, and outlives the test.
+    let state = Arc::new(FaultState::default());
+    let store = none()
+        .ttl(TTL * 1000)
+        .open_backend(FaultyBackend::new(InMemoryBackend::new(), state.clone()))
+        .expect("open");
+    let kept = started(&store, 0).complete(b"kept").expect("complete");
+    store.close().expect("close");
+    let first = state.durable();
+
+    // A second session: claims, completions, a checkpoint, an abandon and a reaping pass.
+    let state = Arc::new(FaultState::default());
+    let store = none()
+        .open_backend(FaultyBackend::new(backend_from(&first), state.clone()))
+        .expect("reopen");
+    let opened = state.written();
+    let mut tokens = Vec::new();
+    for round in 0..40 {
+        let k = 1 + round % 3;
+        let lease = started(&store, k);
+        tokens.push(lease.token());
+        if round % 3 == 2 {
+            lease.abandon().expect("abandon");
+        } else {
+            lease.complete(&response(k, 8 << 10)).expect("complete");
+            clock.advance(TTL);
+            store.reap().expect("reap");
+        }
+    }
+    let mut held = started(&store, 4);
+    held.checkpoint(b"step 1").expect("checkpoint");
+    tokens.push(held.token());
+    let last_token = held.token();
+    // The crash images, taken while the store runs.
+    let power_cut = state.durable();
+    let killed = state.written();
+    assert_ne!(killed, opened, "pages of the session reached the file");
+
+    for (what, image) in [("power cut", power_cut), ("killed process", killed)] {
+        let reopened = builder(&clock)
+            .open_backend(backend_from(&image))
+            .unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
+        // What was durable before the open stays.
+        match reopened.get(&key(0)).expect("get") {
+            Some(Entry::Completed(done)) => {
+                assert_eq!(
+                    (done.response(), done.token()),
+                    (&b"kept"[..], kept.token())
+                );
+            }
+            other => panic!("{what}: the first session's completion: {other:?}"),
+        }
+        let survivors = snapshot(&reopened).expect("snapshot");
+        assert!(
+            survivors[1..].iter().all(Option::is_none),
+            "{what}: a change since the open survived: {survivors:?}"
+        );
+        let next = started(&reopened, 4).token();
+        assert_eq!(
+            next,
+            kept.token() + 1,
+            "{what}: the token counter is back at the open"
+        );
+        assert!(tokens.contains(&next), "{what}: tokens are granted again");
+        reopened.close().expect("close");
+    }
+
+    // A clean close makes the whole session durable.
+    drop(held);
+    store.close().expect("close");
+    let closed = builder(&clock)
+        .open_backend(backend_from(&state.durable()))
+        .expect("open after a clean close");
+    assert!(
+        matches!(closed.get(&key(4)).expect("get"), Some(Entry::InFlight { token, .. }) if token == last_token),
+        "the session's last claim is durable after a clean close"
+    );
+    closed.close().expect("close");
 }

@@ -322,6 +322,10 @@ fn assert_storage(r: Result<Store, Error>) {
     match r {
         Err(e @ Error::Storage { .. }) => {
             assert!(std::error::Error::source(&e).is_some(), "{e}");
+            // Nothing was written: no word of an unknown outcome.
+            let text = e.to_string();
+            assert!(!text.contains("outcome"), "{text}");
+            assert!(!text.contains("if this was a write"), "{text}");
         }
         other => panic!("expected Error::Storage, got {other:?}"),
     }
@@ -340,6 +344,55 @@ fn a_directory_or_a_missing_parent_is_a_storage_error() {
         !missing.parent().unwrap().exists(),
         "the parent is not created"
     );
+}
+
+/// A dangling symbolic link at the path is refused: the file it names is missing, which may
+/// be a lost volume or a deleted store, and a new empty store there would forget every key.
+/// Nothing is created, at the link's target or beside the link.
+#[cfg(unix)]
+#[test]
+fn a_dangling_symlink_is_refused_and_nothing_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let target = dir.path().join("data").join("idem.redb");
+    let link = dir.path().join("idem.redb");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    // A chain of links ending nowhere, too.
+    let chain = dir.path().join("chain.redb");
+    std::os::unix::fs::symlink(&link, &chain).unwrap();
+    for path in [&link, &chain] {
+        let e = match builder(&clock()).open(path) {
+            Err(e @ Error::Storage { .. }) => e,
+            other => panic!("a dangling symlink: expected a Storage error, got {other:?}"),
+        };
+        let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(text.contains("symbolic link"), "{text}");
+        assert!(text.contains(&target.display().to_string()), "{text}");
+        assert!(!text.contains("outcome"), "{text}");
+    }
+    assert!(!target.exists(), "nothing created at the target");
+    assert_eq!(std::fs::read_link(&link).unwrap(), target);
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["chain.redb", "data", "idem.redb"], "no leftovers");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("data")).unwrap().count(),
+        0
+    );
+
+    // Once the file exists, the link is followed.
+    let store = builder(&clock()).open(&target).unwrap();
+    use_store(&store);
+    store.close().unwrap();
+    let store = builder(&clock()).open(&link).unwrap();
+    assert_eq!(
+        replay(&store, &key("probe"), &fp("probe")).response(),
+        b"probe"
+    );
+    store.close().unwrap();
 }
 
 /// Opens `path`, which must be refused with `IncompatibleFormat`, and checks that the file's
@@ -570,7 +623,15 @@ fn assert_opens_or_refuses_cleanly(path: &Path) {
             }
             let _ = store.close();
         }
-        Err(Error::Corrupt { .. } | Error::IncompatibleFormat { .. } | Error::Storage { .. }) => {}
+        Err(
+            e @ (Error::Corrupt { .. } | Error::IncompatibleFormat { .. } | Error::Storage { .. }),
+        ) => {
+            // An open wrote nothing of the caller's, and deleting the file would forget every
+            // key: no message says either.
+            let text = e.to_string();
+            assert!(!text.contains("outcome"), "{text}");
+            assert!(!text.contains("delete"), "{text}");
+        }
         Err(other) => panic!("unexpected error for a damaged file: {other:?}"),
     }
 }
@@ -651,7 +712,10 @@ fn a_file_we_may_not_write_is_a_storage_error_and_unchanged() {
         .arg(&path)
         .status();
     match result {
-        Err(Error::Storage { .. }) => {}
+        Err(e @ Error::Storage { .. }) => {
+            let text = e.to_string();
+            assert!(!text.contains("outcome"), "{text}");
+        }
         other => panic!("expected a Storage error, got {other:?}"),
     }
     assert_eq!(

@@ -289,7 +289,16 @@ fn failed_commit_is_an_error_event_and_poisons() {
         .unwrap();
     fail.store(true, SeqCst);
     let err = store.begin(&key(), &Fingerprint::of(b"x")).unwrap_err();
-    assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Storage {
+                outcome_unknown: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(matches!(
         store.begin(&key(), &Fingerprint::of(b"x")),
         Err(Error::Poisoned)
@@ -304,6 +313,43 @@ fn failed_commit_is_an_error_event_and_poisons() {
     assert!(
         errors.iter().all(|e| e.target == "idemstore::committer"),
         "{errors:#?}"
+    );
+    assert_no_key_above_debug(&all);
+    drop(store);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_store_file_removed_while_open_is_an_error_event_that_says_reopen() {
+    let (capture, _serial) = capture();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lost.redb");
+    let store = Store::builder()
+        .reap_interval(None)
+        .clock(clock())
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let err = store.begin(&key(), &Fingerprint::of(b"x")).unwrap_err();
+    assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+
+    let all = events(capture);
+    let lost: Vec<_> = all
+        .iter()
+        .filter(|e| e.level == Level::ERROR && e.message().contains("removed"))
+        .collect();
+    assert_eq!(
+        lost.len(),
+        1,
+        "one error event says the file was removed: {all:#?}"
+    );
+    let text = lost[0].text();
+    assert!(text.contains("open the path again"), "{text}");
+    assert!(
+        lost[0]
+            .field("path")
+            .is_some_and(|p| p.contains("lost.redb")),
+        "{text}"
     );
     assert_no_key_above_debug(&all);
     drop(store);

@@ -219,6 +219,14 @@ fn storage<E: std::error::Error + Send + Sync + 'static>(what: &str) -> impl FnO
     move |e| Error::storage(context, e)
 }
 
+/// A failed commit of the outbox: its outcome is unknown.
+fn commit_failed<E: std::error::Error + Send + Sync + 'static>(
+    what: &str,
+) -> impl FnOnce(E) -> Error {
+    let context = format!("{what} (outbox)");
+    move |e| Error::write_failed(context, e)
+}
+
 /// The entry of `operation`, dead or alive.
 fn read_entry(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -337,7 +345,7 @@ impl Outbox {
                 .map_err(storage("writing an entry"))?;
             entry
         };
-        txn.commit().map_err(storage("committing an entry"))?;
+        txn.commit().map_err(commit_failed("committing an entry"))?;
         Ok(entry)
     }
 
@@ -419,7 +427,7 @@ impl Outbox {
             }
         };
         if changed {
-            txn.commit().map_err(storage("committing an entry"))?;
+            txn.commit().map_err(commit_failed("committing an entry"))?;
         } else {
             txn.abort().map_err(storage("ending a write"))?;
         }
@@ -458,7 +466,7 @@ impl Outbox {
         if dead.is_empty() {
             txn.abort().map_err(storage("ending a write"))?;
         } else {
-            txn.commit().map_err(storage("committing a purge"))?;
+            txn.commit().map_err(commit_failed("committing a purge"))?;
         }
         dead.sort_by(|a, b| (a.created_at, &a.operation).cmp(&(b.created_at, &b.operation)));
         Ok(dead)
