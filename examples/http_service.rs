@@ -98,9 +98,10 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             addr: "127.0.0.1:0".into(),
-            ttl: idemstore::DEFAULT_TTL,
-            lease: idemstore::DEFAULT_LEASE,
-            retry_after_hint: idemstore::http::DEFAULT_RETRY_AFTER_HINT,
+            // The store's and the guard's defaults.
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+            retry_after_hint: Duration::from_secs(1),
             threads: 8,
             db: None,
             ledger: None,

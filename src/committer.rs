@@ -296,7 +296,7 @@ impl Worker {
                     "a write batch failed; its callers get an error (unknown outcome)"
                 );
                 for reply in replies {
-                    reply.send(Err(failure.duplicate()));
+                    reply.send(Err(failure.clone()));
                 }
                 return;
             }
@@ -326,7 +326,7 @@ impl Worker {
             Ok(stamp) => stamp,
             // A clock reading the store cannot represent: nothing is written, every
             // operation of the batch gets the error (the store is not poisoned).
-            Err(e) => return Ok(ops.iter().map(|_| Err(e.duplicate())).collect()),
+            Err(e) => return Ok(ops.iter().map(|_| Err(e.clone())).collect()),
         };
         let now = stamp.at;
         let mut results = Vec::with_capacity(ops.len());

@@ -42,15 +42,15 @@ pub enum Durability {
 }
 
 /// Default time a record lives: 24 hours.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default lease granted by `begin`: 30 seconds.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Default interval of the reaper thread: 60 seconds.
-pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(60);
 /// Default largest response or checkpoint: 4 MiB.
-pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 << 20;
+pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// Default size of the storage engine's page cache: 32 MiB.
-pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+pub(crate) const DEFAULT_CACHE_BYTES: usize = 32 << 20;
 /// Largest accepted `max_response_bytes`: 64 MiB.
 ///
 /// An idempotency store keeps responses to replay them, and a response is held in memory

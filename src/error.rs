@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -12,10 +13,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// engine's own error, where there is one, is reachable through
 /// [`std::error::Error::source`]; its types are never part of a variant, so a redb upgrade
 /// cannot break code that matches on this enum.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
-    /// A [`Key`](crate::Key) part broke the rules of SPEC §6 (`reason` says which).
+    /// A [`Key`](crate::Key) part broke its rules (`reason` says which): an id of 1–255 printable
+    /// ASCII bytes, not only spaces; a scope of at most 255 bytes.
     InvalidKey {
         /// Which rule was broken.
         reason: String,
@@ -67,7 +69,7 @@ pub enum Error {
         /// What idemstore was doing.
         context: String,
         /// The underlying error.
-        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+        source: Arc<dyn std::error::Error + Send + Sync + 'static>,
         /// Whether a write failed with an unknown outcome (it may have been made durable).
         outcome_unknown: bool,
     },
@@ -105,7 +107,7 @@ impl Error {
     ) -> Self {
         Error::Storage {
             context: context.into(),
-            source: Box::new(source),
+            source: Arc::new(source),
             outcome_unknown: false,
         }
     }
@@ -150,47 +152,6 @@ impl Error {
     pub(crate) fn config(reason: impl Into<String>) -> Self {
         Error::InvalidConfig {
             reason: reason.into(),
-        }
-    }
-
-    /// Rebuilds an error for a second caller (errors of one failed batch are shared).
-    pub(crate) fn duplicate(&self) -> Self {
-        match self {
-            Error::InvalidKey { reason } => Error::InvalidKey {
-                reason: reason.clone(),
-            },
-            Error::InvalidConfig { reason } => Error::config(reason.clone()),
-            Error::ResponseTooLarge { len, max } => Error::ResponseTooLarge {
-                len: *len,
-                max: *max,
-            },
-            Error::LeaseLost { token } => Error::LeaseLost { token: *token },
-            Error::AlreadyOpen { path } => Error::AlreadyOpen { path: path.clone() },
-            Error::IncompatibleFormat { reason } => Error::IncompatibleFormat {
-                reason: reason.clone(),
-            },
-            Error::Corrupt { reason } => Error::corrupt(reason.clone()),
-            Error::Storage {
-                context,
-                source,
-                outcome_unknown,
-            } => Error::Storage {
-                context: context.clone(),
-                source: source.to_string().into(),
-                outcome_unknown: *outcome_unknown,
-            },
-            Error::Poisoned => Error::Poisoned,
-            Error::Clock { reason } => Error::Clock {
-                reason: reason.clone(),
-            },
-            Error::Closed => Error::Closed,
-            Error::MissingIdempotencyKey => Error::MissingIdempotencyKey,
-            Error::MalformedIdempotencyKey { reason } => Error::MalformedIdempotencyKey {
-                reason: reason.clone(),
-            },
-            Error::OperationConflict { operation } => Error::OperationConflict {
-                operation: operation.clone(),
-            },
         }
     }
 }
@@ -287,7 +248,7 @@ mod tests {
         let read = Error::storage("opening /x", std::io::Error::other("denied"));
         assert_eq!(read.to_string(), "storage failed while opening /x");
         assert!(matches!(
-            read.duplicate(),
+            read.clone(),
             Error::Storage {
                 outcome_unknown: false,
                 ..
@@ -299,7 +260,7 @@ mod tests {
         assert!(text.contains("outcome is unknown"), "{text}");
         assert!(text.contains("reopen"), "{text}");
         assert!(matches!(
-            write.duplicate(),
+            write.clone(),
             Error::Storage {
                 outcome_unknown: true,
                 ..
@@ -327,29 +288,39 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_keeps_variant() {
+    fn clones_keep_the_variant_and_share_the_cause() {
         let e = Error::LeaseLost { token: 7 };
-        assert!(matches!(e.duplicate(), Error::LeaseLost { token: 7 }));
+        assert!(matches!(e.clone(), Error::LeaseLost { token: 7 }));
+        // Every caller of a failed batch gets the engine's own error, kind included.
+        let full = Error::write_failed(
+            "committing a write",
+            std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"),
+        );
+        let copy = full.clone();
+        let kind = std::error::Error::source(&copy)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .map(std::io::Error::kind);
+        assert_eq!(kind, Some(std::io::ErrorKind::StorageFull));
     }
 
     #[test]
-    fn client_and_http_variants_duplicate_and_explain() {
+    fn client_and_http_variants_clone_and_explain() {
         let e = Error::MalformedIdempotencyKey {
             reason: "too long".into(),
         };
         assert!(
-            matches!(e.duplicate(), Error::MalformedIdempotencyKey { reason } if reason == "too long")
+            matches!(e.clone(), Error::MalformedIdempotencyKey { reason } if reason == "too long")
         );
         assert!(e.to_string().contains("too long"));
         let e = Error::OperationConflict {
             operation: "order-7".into(),
         };
         assert!(
-            matches!(e.duplicate(), Error::OperationConflict { operation } if operation == "order-7")
+            matches!(e.clone(), Error::OperationConflict { operation } if operation == "order-7")
         );
         assert!(e.to_string().contains("new operation id"));
         assert!(matches!(
-            Error::MissingIdempotencyKey.duplicate(),
+            Error::MissingIdempotencyKey.clone(),
             Error::MissingIdempotencyKey
         ));
         assert!(Error::MissingIdempotencyKey.to_string().contains("UUID v4"));

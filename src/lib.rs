@@ -35,6 +35,7 @@
 //! The layout of the source follows the design: `machine` holds the pure state
 //! transitions, `record` the stored codec, `storage` the redb tables, `committer` the group
 //! commit thread, `reaper` the TTL reaper, `clock`, `fingerprint`, `key` and `error` the rest.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -59,15 +60,14 @@ mod store;
 mod timeline;
 
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{
-    DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
-    DEFAULT_TTL, Durability, MAX_RESPONSE_LIMIT,
-};
+pub use config::{Durability, MAX_RESPONSE_LIMIT};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
 pub use inspect::{RecordView, Summary};
@@ -77,16 +77,11 @@ pub use outcome::{Begin, Completed, Entry, Recovered};
 pub use stats::Stats;
 pub use store::{Builder, Store};
 
-#[cfg(feature = "http")]
-pub use self::http::{Decision, Problem, RequestGuard, StoredResponse};
-#[cfg(feature = "client")]
-pub use client::{
-    Attempt, Delays, GiveUp, Outbox, OutboxBuilder, OutboxEntry, RetryOutcome, RetryPolicy, Sent,
-    Sleeper, StatusClass, ThreadSleeper,
-};
-
 /// redb's storage-backend trait and backends, for [`Builder::open_backend`] (fault injection,
-/// crash images). Re-exported so tests need no direct redb dependency.
+/// crash images), with the off-by-default feature `test-backend`. They are redb's types and
+/// follow redb's major version: not part of idemstore's stable API.
+#[cfg(feature = "test-backend")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-backend")))]
 pub use redb::{StorageBackend, backends};
 
 /// Hooks for the fuzz targets in `fuzz/`, built only under `cfg(fuzzing)` (cargo-fuzz sets

@@ -261,6 +261,7 @@ fn create_in_place(path: &Path) -> std::io::Result<()> {
 }
 
 /// Opens (or creates) a database on a custom backend, guarding against engine panics.
+#[cfg(feature = "test-backend")]
 pub(crate) fn open_backend(
     backend: impl redb::StorageBackend,
     cache_bytes: usize,

@@ -485,6 +485,8 @@ impl Builder {
     ///
     /// # Errors
     /// As [`Builder::open`].
+    #[cfg(feature = "test-backend")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-backend")))]
     pub fn open_backend(self, backend: impl redb::StorageBackend) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_backend(backend, self.cache_bytes)?;

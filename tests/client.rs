@@ -293,8 +293,7 @@ fn a_damaged_entry_is_corrupt_not_a_panic() {
     let db = Arc::new(redb::Database::create(dir.path().join("o.redb")).unwrap());
     let outbox = Outbox::builder().open_database(db.clone()).unwrap();
     outbox.record("good", &fp("x")).unwrap();
-    let table: redb::TableDefinition<&str, &[u8]> =
-        redb::TableDefinition::new(idemstore::client::DEFAULT_OUTBOX_TABLE);
+    let table: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("idemstore_outbox"); // the default table
     let txn = db.begin_write().unwrap();
     txn.open_table(table)
         .unwrap()

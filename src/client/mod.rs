@@ -117,7 +117,7 @@
 mod outbox;
 mod retry;
 
-pub use outbox::{DEFAULT_OUTBOX_TABLE, Outbox, OutboxBuilder, OutboxEntry};
+pub use outbox::{Outbox, OutboxBuilder, OutboxEntry};
 pub use retry::{
     Attempt, Delays, GiveUp, RetryOutcome, RetryPolicy, Sent, Sleeper, StatusClass, ThreadSleeper,
     classify_status, parse_retry_after,

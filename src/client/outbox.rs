@@ -2,7 +2,7 @@
 //!
 //! # Table and entry format
 //!
-//! One redb table, [`DEFAULT_OUTBOX_TABLE`] unless [`OutboxBuilder::table`] names another;
+//! One redb table, `idemstore_outbox` unless [`OutboxBuilder::table`] names another;
 //! the outbox touches no other table of the file. Key: the operation id (UTF-8). Value,
 //! version 1, `58 + n` bytes:
 //!
@@ -34,7 +34,7 @@ use crate::key::{Key, MAX_KEY_PART_BYTES};
 use crate::redb_file;
 
 /// The table an [`Outbox`] uses unless told otherwise: `"idemstore_outbox"`.
-pub const DEFAULT_OUTBOX_TABLE: &str = "idemstore_outbox";
+pub(crate) const DEFAULT_OUTBOX_TABLE: &str = "idemstore_outbox";
 
 /// The store's own table names: an outbox refuses a file that holds them.
 const STORE_TABLES: [&str; 5] = [
@@ -253,7 +253,7 @@ fn check_operation(operation: &str) -> Result<()> {
 
 impl Outbox {
     /// Opens (or creates) an outbox in its own file at `path`, with the default settings
-    /// (TTL 24 hours, table [`DEFAULT_OUTBOX_TABLE`]), and purges expired entries.
+    /// (TTL 24 hours, table `idemstore_outbox`), and purges expired entries.
     ///
     /// # Errors
     /// As [`OutboxBuilder::open`].
@@ -530,7 +530,7 @@ impl OutboxBuilder {
         self
     }
 
-    /// The table to use. Default [`DEFAULT_OUTBOX_TABLE`]. Several outboxes can share one
+    /// The table to use. Default `idemstore_outbox`. Several outboxes can share one
     /// file under different table names (through [`open_database`](OutboxBuilder::open_database)).
     pub fn table(mut self, name: impl Into<String>) -> OutboxBuilder {
         self.table = name.into();

@@ -3,7 +3,7 @@
 //! `application/problem+json`, and whole-response replay.
 //!
 //! It follows the IETF draft *The Idempotency-Key HTTP Header Field*
-//! (`draft-ietf-httpapi-idempotency-key-header`) and SPEC §3:
+//! (`draft-ietf-httpapi-idempotency-key-header`) and the store's state machine:
 //!
 //! | situation | [`RequestGuard::begin`] decides | response |
 //! |---|---|---|
@@ -221,7 +221,7 @@ pub struct RequestGuard {
 }
 
 /// The default [`RequestGuard::retry_after_hint`].
-pub const DEFAULT_RETRY_AFTER_HINT: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_RETRY_AFTER_HINT: Duration = Duration::from_secs(1);
 
 impl RequestGuard {
     /// A guard on `store`, fingerprinting method, path and query, and body.
@@ -234,8 +234,7 @@ impl RequestGuard {
     }
 
     /// How long a 409 tells a duplicate to wait (`Retry-After`) while the first request
-    /// runs: about how long your handler usually takes. Default 1 s
-    /// ([`DEFAULT_RETRY_AFTER_HINT`]).
+    /// runs: about how long your handler usually takes. Default 1 s.
     ///
     /// The answer is never more than the running request's lease has left (a retry then may
     /// take over), and is sent as whole seconds, rounded up, at least 1. The lease itself is
