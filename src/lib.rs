@@ -33,8 +33,10 @@
 //! ```
 //!
 //! The layout of the source follows the design: `machine` holds the pure state
-//! transitions, `record` the stored codec, `storage` the redb tables, `committer` the group
-//! commit thread, `reaper` the TTL reaper, `clock`, `fingerprint`, `key` and `error` the rest.
+//! transitions, `record` the stored codec, `storage` the redb tables, `timeline` the store's
+//! time, `committer` the group commit thread, `reaper` the TTL reaper, `clock`,
+//! `fingerprint`, `key` and `error` the rest. The public modules beside the core are
+//! [`admin`] (views for tools), and with their features `client` and `http`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -46,7 +48,6 @@ mod error;
 mod fingerprint;
 mod handoff;
 mod index;
-mod inspect;
 mod key;
 mod lease;
 mod machine;
@@ -59,6 +60,7 @@ mod storage;
 mod store;
 mod timeline;
 
+pub mod admin;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
@@ -70,7 +72,6 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Durability, MAX_RESPONSE_LIMIT};
 pub use error::{Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
-pub use inspect::{RecordView, Summary};
 pub use key::{Key, MAX_KEY_PART_BYTES};
 pub use lease::Lease;
 pub use outcome::{Begin, Completed, Entry, Recovered};

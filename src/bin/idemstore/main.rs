@@ -25,8 +25,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use idemstore::admin::RecordView;
 use idemstore::http::StoredResponse;
-use idemstore::{Entry, Error, Key, RecordView, Store};
+use idemstore::{Entry, Error, Key, Store};
 
 use text::{
     base64, hex, human_bytes, human_duration, json_string, parse_duration, printable, relative,

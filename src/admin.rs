@@ -1,5 +1,6 @@
 //! Looking inside a store, for tools and operators: [`Store::scan`], [`Store::inspect`] and
-//! [`Store::summary`] (the `idemstore` command-line tool is built on them).
+//! [`Store::summary`] (the `idemstore` command-line tool is built on them), and the types
+//! they answer with, [`RecordView`] and [`Summary`].
 //!
 //! Unlike [`Store::get`], these see dead records too (expired, not yet deleted by the
 //! reaper), flagged as such. They only read: each runs in one read transaction (a consistent
