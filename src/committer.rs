@@ -26,7 +26,8 @@ use crate::handoff::{self, Doorbell};
 use crate::config::{Durability, Settings};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
-use crate::machine::{self, BeginStep, LeaseAction, Takeover, Transition};
+use crate::machine::{self, BeginStep, LeaseAction, Refusal, Transition};
+use crate::outcome::Recovered;
 use crate::record::Record;
 use crate::stats::{StatsCells, bump};
 use crate::storage::{self, Stored, WriteTables};
@@ -60,14 +61,11 @@ pub(crate) enum Reply {
     Started {
         token: u64,
         lease_expires_at: u64,
-        takeover: Option<Takeover>,
+        recovered: Option<Recovered>,
     },
-    /// Between the read and the claim, another caller completed the key.
-    Replay(Record),
-    /// Between the read and the claim, another caller claimed the key.
-    InFlight { retry_after: u64 },
-    /// Between the read and the claim, the key was taken with another fingerprint.
-    Mismatch,
+    /// Between the read and the claim another caller completed or claimed the key: the
+    /// answer without a write.
+    Refused(Refusal),
     /// A lease action was applied; the record as written (`None`: deleted).
     Applied(Option<Record>),
     /// A reap pass: records deleted, and whether the batch limit was hit (more may be due).
@@ -410,25 +408,18 @@ impl Worker {
         match op {
             Op::Begin { key, fp, lease } => {
                 let current = tables.get(&key)?;
-                match machine::decide_begin(current.as_ref(), &fp, now) {
-                    BeginStep::Claim => {
+                match machine::decide_begin(current, &fp, now) {
+                    BeginStep::Claim(current) => {
                         let token = tables.next_token()?;
-                        let (record, takeover) =
-                            machine::claim(current.as_ref(), &fp, token, now, ttl, lease);
-                        tables.put(&key, &record)?;
+                        let grant = machine::claim(current, &fp, token, now, ttl, lease);
+                        tables.put(&key, &grant.record)?;
                         Ok(Reply::Started {
-                            token,
-                            lease_expires_at: now.saturating_add(lease),
-                            takeover,
+                            token: grant.token,
+                            lease_expires_at: grant.lease_expires_at,
+                            recovered: grant.recovered,
                         })
                     }
-                    BeginStep::Replay => {
-                        Ok(Reply::Replay(current.ok_or_else(|| {
-                            Error::corrupt("replay decided without a record")
-                        })?))
-                    }
-                    BeginStep::InFlight { retry_after } => Ok(Reply::InFlight { retry_after }),
-                    BeginStep::Mismatch => Ok(Reply::Mismatch),
+                    BeginStep::Refuse(refusal) => Ok(Reply::Refused(refusal)),
                 }
             }
             Op::Lease { key, token, action } => {

@@ -4,107 +4,123 @@
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
+use crate::outcome::{Completed, Recovered};
 use crate::record::{Record, State};
 
 /// What `begin` should do with a key, decided from its current record.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum BeginStep {
-    /// Absent, dead, or in flight with an expired lease and the same fingerprint:
-    /// a write is needed ([`claim`]).
-    Claim,
-    /// Completed, alive, same fingerprint.
-    Replay,
+    /// Absent, dead, or in flight with an expired lease and the same fingerprint: a write is
+    /// needed ([`claim`]). Holds the record to take over (`None`: a fresh claim).
+    Claim(Option<Record>),
+    /// No write: the answer as it is.
+    Refuse(Refusal),
+}
+
+/// An answer of `begin` that writes nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Completed, alive, same fingerprint: its response.
+    Replay(Completed),
     /// In flight under a live lease, same fingerprint; nanoseconds left on the lease.
     InFlight { retry_after: u64 },
     /// Alive with another fingerprint.
     Mismatch,
 }
 
-/// Decides `begin` (absent → claim; completed → replay or mismatch; in flight → 409, takeover or mismatch) without changing anything.
-pub(crate) fn decide_begin(record: Option<&Record>, fp: &Fingerprint, now: u64) -> BeginStep {
+/// Decides `begin` (absent → claim; completed → replay or mismatch; in flight → 409,
+/// takeover or mismatch) without changing anything.
+pub(crate) fn decide_begin(record: Option<Record>, fp: &Fingerprint, now: u64) -> BeginStep {
     let Some(record) = record.filter(|r| !r.is_dead(now)) else {
-        return BeginStep::Claim;
+        return BeginStep::Claim(None);
     };
     if !fp.ct_eq(&record.fingerprint) {
-        return BeginStep::Mismatch;
+        return BeginStep::Refuse(Refusal::Mismatch);
     }
     match record.state {
-        State::Completed { .. } => BeginStep::Replay,
+        State::Completed {
+            completed_at,
+            expires_at,
+            response,
+        } => BeginStep::Refuse(Refusal::Replay(Completed {
+            response,
+            token: record.token,
+            completed_at,
+            expires_at,
+        })),
         State::InFlight {
             lease_expires_at, ..
-        } if now < lease_expires_at => BeginStep::InFlight {
+        } if now < lease_expires_at => BeginStep::Refuse(Refusal::InFlight {
             retry_after: lease_expires_at - now,
-        },
-        State::InFlight { .. } => BeginStep::Claim,
+        }),
+        State::InFlight { .. } => BeginStep::Claim(Some(record)),
     }
 }
 
-/// What a takeover hands to the new holder.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Takeover {
-    pub previous_token: u64,
-    pub attempt: u32,
-    pub checkpoint: Option<Vec<u8>>,
+/// A granted claim: the record to store, and what the new holder learns.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub record: Record,
+    pub token: u64,
+    pub lease_expires_at: u64,
+    /// For a takeover of an expired (or released) lease: the earlier attempt.
+    pub recovered: Option<Recovered>,
 }
 
-/// Claims a key for which [`decide_begin`] said [`BeginStep::Claim`], with a fresh `token`.
-/// Returns the record to store and, for a takeover of an expired lease, what it recovered.
+/// Claims a key for which [`decide_begin`] said [`BeginStep::Claim`] with `current`, under
+/// a fresh `token`.
 pub(crate) fn claim(
-    record: Option<&Record>,
+    current: Option<Record>,
     fp: &Fingerprint,
     token: u64,
     now: u64,
     ttl: u64,
     lease: u64,
-) -> (Record, Option<Takeover>) {
+) -> Grant {
     let lease_expires_at = now.saturating_add(lease);
-    match record
-        .filter(|r| !r.is_dead(now))
-        .map(|r| (r.token, &r.state))
-    {
-        Some((
-            previous_token,
-            State::InFlight {
-                created_at,
-                ttl_deadline,
-                attempt,
-                checkpoint,
-                ..
-            },
-        )) => {
-            let attempt = attempt.saturating_add(1);
-            let record = Record {
-                fingerprint: *fp.as_bytes(),
-                token,
-                state: State::InFlight {
-                    created_at: *created_at,
-                    ttl_deadline: *ttl_deadline,
-                    lease_expires_at,
+    let in_flight = |created_at, ttl_deadline, attempt, checkpoint| Record {
+        fingerprint: *fp.as_bytes(),
+        token,
+        state: State::InFlight {
+            created_at,
+            ttl_deadline,
+            lease_expires_at,
+            attempt,
+            checkpoint,
+        },
+    };
+    match current.filter(|r| !r.is_dead(now)) {
+        Some(Record {
+            token: previous_token,
+            state:
+                State::InFlight {
+                    created_at,
+                    ttl_deadline,
                     attempt,
-                    checkpoint: checkpoint.clone(),
+                    checkpoint,
+                    ..
                 },
-            };
-            let takeover = Takeover {
+            ..
+        }) => {
+            let attempt = attempt.saturating_add(1);
+            let recovered = Recovered {
                 previous_token,
                 attempt,
                 checkpoint: checkpoint.clone(),
             };
-            (record, Some(takeover))
-        }
-        _ => (
-            Record {
-                fingerprint: *fp.as_bytes(),
+            Grant {
+                record: in_flight(created_at, ttl_deadline, attempt, checkpoint),
                 token,
-                state: State::InFlight {
-                    created_at: now,
-                    ttl_deadline: now.saturating_add(ttl),
-                    lease_expires_at,
-                    attempt: 1,
-                    checkpoint: None,
-                },
-            },
-            None,
-        ),
+                lease_expires_at,
+                recovered: Some(recovered),
+            }
+        }
+        _ => Grant {
+            record: in_flight(now, now.saturating_add(ttl), 1, None),
+            token,
+            lease_expires_at,
+            recovered: None,
+        },
     }
 }
 
@@ -197,32 +213,44 @@ mod tests {
     }
 
     fn started(now: u64, token: u64) -> Record {
-        claim(None, &fp(1), token, now, TTL, LEASE).0
+        claim(None, &fp(1), token, now, TTL, LEASE).record
+    }
+
+    fn decide(record: &Record, fp: &Fingerprint, now: u64) -> BeginStep {
+        decide_begin(Some(record.clone()), fp, now)
+    }
+
+    fn claims(step: BeginStep) -> bool {
+        matches!(step, BeginStep::Claim(_))
     }
 
     #[test]
     fn absent_claims_fresh() {
-        assert_eq!(decide_begin(None, &fp(1), 0), BeginStep::Claim);
-        let (r, t) = claim(None, &fp(1), 1, 10, TTL, LEASE);
-        assert!(t.is_none());
-        assert_eq!(r.dies_at(), 10 + TTL);
+        assert_eq!(decide_begin(None, &fp(1), 0), BeginStep::Claim(None));
+        let g = claim(None, &fp(1), 1, 10, TTL, LEASE);
+        assert!(g.recovered.is_none());
+        assert_eq!(g.record.dies_at(), 10 + TTL);
+        assert_eq!(g.lease_expires_at, 10 + LEASE);
     }
 
     #[test]
     fn in_flight_rows() {
         let r = started(0, 1);
-        assert_eq!(decide_begin(Some(&r), &fp(2), 5), BeginStep::Mismatch);
+        assert_eq!(decide(&r, &fp(2), 5), BeginStep::Refuse(Refusal::Mismatch));
         assert_eq!(
-            decide_begin(Some(&r), &fp(1), 5),
-            BeginStep::InFlight { retry_after: 95 }
+            decide(&r, &fp(1), 5),
+            BeginStep::Refuse(Refusal::InFlight { retry_after: 95 })
         );
-        assert_eq!(decide_begin(Some(&r), &fp(1), LEASE), BeginStep::Claim);
-        assert_eq!(decide_begin(Some(&r), &fp(2), LEASE), BeginStep::Mismatch);
-        let (r2, t) = claim(Some(&r), &fp(1), 2, LEASE, TTL, LEASE);
-        let t = t.expect("takeover");
+        assert_eq!(decide(&r, &fp(1), LEASE), BeginStep::Claim(Some(r.clone())));
+        assert_eq!(
+            decide(&r, &fp(2), LEASE),
+            BeginStep::Refuse(Refusal::Mismatch)
+        );
+        let g = claim(Some(r.clone()), &fp(1), 2, LEASE, TTL, LEASE);
+        let t = g.recovered.expect("takeover");
         assert_eq!((t.previous_token, t.attempt, t.checkpoint), (1, 2, None));
-        assert_eq!(r2.token, 2);
-        assert_eq!(r2.dies_at(), TTL, "created_at + ttl is kept");
+        assert_eq!(g.record.token, 2);
+        assert_eq!(g.record.dies_at(), TTL, "created_at + ttl is kept");
     }
 
     #[test]
@@ -233,18 +261,26 @@ mod tests {
         else {
             panic!("complete must put")
         };
-        assert_eq!(decide_begin(Some(&done), &fp(1), 60), BeginStep::Replay);
-        assert_eq!(decide_begin(Some(&done), &fp(2), 60), BeginStep::Mismatch);
+        match decide(&done, &fp(1), 60) {
+            BeginStep::Refuse(Refusal::Replay(c)) => {
+                assert_eq!(
+                    (c.response(), c.token(), c.completed_at),
+                    (&b"ok"[..], 1, 50)
+                )
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
         assert_eq!(
-            decide_begin(Some(&done), &fp(1), 50 + TTL),
-            BeginStep::Claim
+            decide(&done, &fp(2), 60),
+            BeginStep::Refuse(Refusal::Mismatch)
         );
+        assert_eq!(decide(&done, &fp(1), 50 + TTL), BeginStep::Claim(None));
     }
 
     #[test]
     fn fencing() {
         let r = started(0, 1);
-        let (r2, _) = claim(Some(&r), &fp(1), 2, LEASE, TTL, LEASE);
+        let r2 = claim(Some(r.clone()), &fp(1), 2, LEASE, TTL, LEASE).record;
         for action in [
             LeaseAction::Complete(vec![]),
             LeaseAction::Extend(5),
@@ -278,9 +314,9 @@ mod tests {
         let Ok(Transition::Put(r)) = apply_lease(Some(&r), 1, LeaseAction::Release, 2, TTL) else {
             panic!()
         };
-        assert_eq!(decide_begin(Some(&r), &fp(1), 2), BeginStep::Claim);
-        let (_, t) = claim(Some(&r), &fp(1), 2, 2, TTL, LEASE);
-        assert_eq!(t.unwrap().checkpoint.as_deref(), Some(&b"cp"[..]));
+        assert!(claims(decide(&r, &fp(1), 2)));
+        let g = claim(Some(r), &fp(1), 2, 2, TTL, LEASE);
+        assert_eq!(g.recovered.unwrap().checkpoint(), Some(&b"cp"[..]));
     }
 
     #[test]

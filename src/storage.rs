@@ -999,7 +999,7 @@ mod tests {
                     .encode();
                 let token = t.next_token().unwrap();
                 let fp = Fingerprint::of(&key);
-                let (record, _) = machine::claim(None, &fp, token, now, ttl, 1);
+                let record = machine::claim(None, &fp, token, now, ttl, 1).record;
                 t.put(&key, &record).unwrap();
             }
             t.into_changes()

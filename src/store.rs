@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::lease::Lease;
-use crate::machine::{self, BeginStep};
-use crate::outcome::{Begin, Completed, Entry, Recovered};
+use crate::machine::{self, BeginStep, Refusal};
+use crate::outcome::{Begin, Entry};
 use crate::reaper::{self, Reaper};
 use crate::stats::{Stats, StatsCells, bump};
 use crate::storage::{self, Stored};
@@ -172,34 +172,30 @@ impl Store {
         // The time first: a clock correction it finds applies to the record read next.
         let now = self.inner.now()?;
         let current = self.inner.read(|db| db.read_record(&encoded))?;
-        let reply = match machine::decide_begin(current.as_ref(), fp, now) {
-            BeginStep::Claim => self.inner.submit(Op::Begin {
+        let reply = match machine::decide_begin(current, fp, now) {
+            BeginStep::Claim(_) => self.inner.submit(Op::Begin {
                 key: encoded.clone(),
                 fp: *fp,
                 lease: self.inner.settings.lease,
             })?,
-            BeginStep::Replay => Reply::Replay(
-                current.ok_or_else(|| Error::corrupt("replay decided without a record"))?,
-            ),
-            BeginStep::InFlight { retry_after } => Reply::InFlight { retry_after },
-            BeginStep::Mismatch => Reply::Mismatch,
+            BeginStep::Refuse(refusal) => Reply::Refused(refusal),
         };
         let stats = &self.inner.stats;
         Ok(match reply {
             Reply::Started {
                 token,
                 lease_expires_at,
-                takeover,
+                recovered,
             } => {
                 bump(&stats.started, 1);
-                let recovered = takeover.map(|t| {
+                if let Some(r) = &recovered {
                     bump(&stats.takeovers, 1);
                     // No key above debug level: ids and scopes may identify people.
                     tracing::info!(
-                        previous_token = t.previous_token,
+                        previous_token = r.previous_token,
                         token,
-                        attempt = t.attempt,
-                        checkpoint = t.checkpoint.is_some(),
+                        attempt = r.attempt,
+                        checkpoint = r.checkpoint.is_some(),
                         "lease taken over (the previous holder crashed, stalled past its lease or dropped it)"
                     );
                     tracing::debug!(
@@ -208,12 +204,7 @@ impl Store {
                         token,
                         "lease taken over: key"
                     );
-                    Recovered {
-                        previous_token: t.previous_token,
-                        attempt: t.attempt,
-                        checkpoint: t.checkpoint,
-                    }
-                });
+                }
                 Begin::Started(Lease::new(
                     self.clone(),
                     key.clone(),
@@ -223,20 +214,17 @@ impl Store {
                     recovered,
                 ))
             }
-            Reply::Replay(record) => {
+            Reply::Refused(Refusal::Replay(done)) => {
                 bump(&stats.replayed, 1);
-                Begin::Replay(
-                    Completed::from_record(record)
-                        .ok_or_else(|| Error::corrupt("replay of an in-flight record"))?,
-                )
+                Begin::Replay(done)
             }
-            Reply::InFlight { retry_after } => {
+            Reply::Refused(Refusal::InFlight { retry_after }) => {
                 bump(&stats.in_flight_conflicts, 1);
                 Begin::InFlight {
                     retry_after: Duration::from_nanos(retry_after),
                 }
             }
-            Reply::Mismatch => {
+            Reply::Refused(Refusal::Mismatch) => {
                 bump(&stats.mismatches, 1);
                 Begin::Mismatch
             }
