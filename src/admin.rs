@@ -10,13 +10,11 @@
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
-use redb::{ReadableDatabase, ReadableTable};
-
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::outcome::Entry;
-use crate::record::{Record, State, split_entry};
+use crate::record::{Record, State};
 use crate::storage;
 use crate::store::Store;
 
@@ -127,44 +125,25 @@ impl Store {
         // The engine is guarded against panics on damaged pages; a panic of `visit` is the
         // caller's own and is resumed as it was, never reported as a damaged file.
         let mut visitor_panic = None;
-        let visited = self.inner().read(|db| {
-            storage::guarded("scanning the records", || {
-                let txn = db
-                    .db
-                    .begin_read()
-                    .map_err(|e| Error::storage("starting a read", e))?;
-                let table = txn
-                    .open_table(storage::LOG)
-                    .map_err(|e| Error::storage("opening the log table", e))?;
-                let iter = table
-                    .iter()
-                    .map_err(|e| Error::storage("reading the records", e))?;
-                let mut visited = 0;
-                let corrections = db.timeline.corrections();
-                for item in iter {
-                    let (seq, v) = item.map_err(|e| Error::storage("reading the records", e))?;
-                    let at = |e: Error| e.at_log_entry(seq.value());
-                    let (k, record) = split_entry(v.value()).map_err(at)?;
-                    let key = Key::decode(k).map_err(at)?;
-                    let record = storage::decode_record(record, &corrections).map_err(at)?;
-                    visited += 1;
-                    let record = view(key, record, now);
-                    match catch_unwind(AssertUnwindSafe(|| visit(&record))) {
-                        Ok(ControlFlow::Continue(())) => {}
-                        Ok(ControlFlow::Break(())) => break,
-                        Err(payload) => {
-                            visitor_panic = Some(payload);
-                            break;
-                        }
+        let mut visited = 0;
+        self.inner().read(|db| {
+            db.walk_log(|key, record| {
+                let key = Key::decode(key)?;
+                visited += 1;
+                let record = view(key, record, now);
+                Ok(match catch_unwind(AssertUnwindSafe(|| visit(&record))) {
+                    Ok(flow) => flow,
+                    Err(payload) => {
+                        visitor_panic = Some(payload);
+                        ControlFlow::Break(())
                     }
-                }
-                Ok(visited)
+                })
             })
-        });
+        })?;
         if let Some(payload) = visitor_panic {
             resume_unwind(payload);
         }
-        visited
+        Ok(visited)
     }
 
     /// The record stored under `key`, dead or alive (unlike [`Store::get`], which treats a
@@ -197,67 +176,36 @@ impl Store {
     /// the file's size cannot be read), [`Error::Closed`].
     pub fn summary(&self) -> Result<Summary> {
         let now = self.inner().now()?;
-        let mut summary = self.inner().read(|db| {
-            storage::guarded("summarizing the records", || {
-                let txn = db
-                    .db
-                    .begin_read()
-                    .map_err(|e| Error::storage("starting a read", e))?;
-                let mut summary = Summary {
-                    format_version: storage::FORMAT_VERSION,
-                    ..Summary::default()
-                };
-                let meta = txn
-                    .open_table(storage::META)
-                    .map_err(|e| Error::storage("opening the meta table", e))?;
-                summary.last_token = meta
-                    .get(storage::TOKEN_KEY)
-                    .map_err(|e| Error::storage("reading the token counter", e))?
-                    .map(|v| {
-                        <[u8; 8]>::try_from(v.value())
-                            .map(u64::from_be_bytes)
-                            .map_err(|_| Error::corrupt("the fencing-token counter is malformed"))
-                    })
-                    .transpose()?
-                    .unwrap_or(0);
-                let table = txn
-                    .open_table(storage::LOG)
-                    .map_err(|e| Error::storage("opening the log table", e))?;
-                let iter = table
-                    .iter()
-                    .map_err(|e| Error::storage("reading the records", e))?;
-                let corrections = db.timeline.corrections();
-                for item in iter {
-                    let (seq, v) = item.map_err(|e| Error::storage("reading the records", e))?;
-                    let at = |e: Error| e.at_log_entry(seq.value());
-                    let record =
-                        storage::decode_record(split_entry(v.value()).map_err(at)?.1, &corrections)
-                            .map_err(at)?;
-                    let dead = record.is_dead(now);
-                    match &record.state {
-                        State::InFlight {
-                            lease_expires_at, ..
-                        } => {
-                            if dead {
-                                summary.dead_in_flight += 1;
-                            } else {
-                                summary.in_flight += 1;
-                                if now >= *lease_expires_at {
-                                    summary.lease_expired += 1;
-                                }
-                            }
-                        }
-                        State::Completed { response, .. } => {
-                            if dead {
-                                summary.dead_completed += 1;
-                            } else {
-                                summary.completed += 1;
-                                summary.response_bytes += response.len() as u64;
+        let mut summary = Summary {
+            format_version: storage::FORMAT_VERSION,
+            ..Summary::default()
+        };
+        summary.last_token = self.inner().read(|db| {
+            db.walk_log(|_, record| {
+                let dead = record.is_dead(now);
+                match &record.state {
+                    State::InFlight {
+                        lease_expires_at, ..
+                    } => {
+                        if dead {
+                            summary.dead_in_flight += 1;
+                        } else {
+                            summary.in_flight += 1;
+                            if now >= *lease_expires_at {
+                                summary.lease_expired += 1;
                             }
                         }
                     }
+                    State::Completed { response, .. } => {
+                        if dead {
+                            summary.dead_completed += 1;
+                        } else {
+                            summary.completed += 1;
+                            summary.response_bytes += response.len() as u64;
+                        }
+                    }
                 }
-                Ok(summary)
+                Ok(ControlFlow::Continue(()))
             })
         })?;
         if let Some(path) = self.path() {

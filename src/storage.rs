@@ -31,6 +31,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
@@ -51,15 +52,24 @@ use crate::record::{Record, entry_len, split_entry, write_entry};
 use crate::redb_file::{self, FileIdentity, io_error, open_error, private_file_options};
 use crate::timeline::{Corrections, Stamp, StoreClock};
 
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");
-pub(crate) const DEATHS: TableDefinition<(u64, u64), ()> =
-    TableDefinition::new("idemstore_log_expiry");
+/// Every table name of a store file (those of this format and of the development formats
+/// before it), for files that must not be taken for a store (the client outbox).
+#[cfg(feature = "client")]
+pub(crate) const TABLE_NAMES: [&str; 5] = [
+    "idemstore_meta",
+    "idemstore_log",
+    "idemstore_log_expiry",
+    "idemstore_records",
+    "idemstore_expiry",
+];
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");
+const DEATHS: TableDefinition<(u64, u64), ()> = TableDefinition::new("idemstore_log_expiry");
 
 const MAGIC_KEY: &str = "magic";
 const MAGIC: &[u8] = b"idemstore";
 const VERSION_KEY: &str = "format_version";
-pub(crate) const TOKEN_KEY: &str = "last_token";
+const TOKEN_KEY: &str = "last_token";
 const TIME_KEY: &str = "latest_time";
 const CORRECTIONS_KEY: &str = "clock_corrections";
 const RESWEEP_KEY: &str = "resweep_from";
@@ -513,6 +523,40 @@ impl Stored {
             let log = txn.open_table(LOG).map_err(table_error)?;
             let corrections = self.timeline.corrections();
             Ok(lookup(&log, seqs, key, &corrections)?.map(|(_, record)| record))
+        })
+    }
+
+    /// Visits every record in one read transaction (a consistent snapshot), in log order:
+    /// `visit` gets the encoded key and the record (checksum verified, clock corrections
+    /// applied) and says whether to go on. Also returns the persisted fencing-token counter
+    /// of that snapshot. For tools: O(records).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged entry (naming its position; the walk stops there),
+    /// [`Error::Storage`], or `visit`'s own error.
+    pub fn walk_log(
+        &self,
+        mut visit: impl FnMut(&[u8], Record) -> Result<ControlFlow<()>>,
+    ) -> Result<u64> {
+        guarded("reading the records", || {
+            let txn = self.db.begin_read().map_err(engine("starting a read"))?;
+            let last_token = {
+                let meta = txn.open_table(META).map_err(table_error)?;
+                read_u64(&meta, TOKEN_KEY)?.unwrap_or(0)
+            };
+            let log = txn.open_table(LOG).map_err(table_error)?;
+            let corrections = self.timeline.corrections();
+            let read_error = |e| Error::storage("reading the records", e);
+            for item in log.iter().map_err(read_error)? {
+                let (seq, entry) = item.map_err(read_error)?;
+                let at = |e: Error| e.at_log_entry(seq.value());
+                let (key, bytes) = split_entry(entry.value()).map_err(at)?;
+                let record = decode_record(bytes, &corrections).map_err(at)?;
+                if visit(key, record)?.is_break() {
+                    break;
+                }
+            }
+            Ok(last_token)
         })
     }
 

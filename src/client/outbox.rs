@@ -37,13 +37,7 @@ use crate::redb_file;
 pub(crate) const DEFAULT_OUTBOX_TABLE: &str = "idemstore_outbox";
 
 /// The store's own table names: an outbox refuses a file that holds them.
-const STORE_TABLES: [&str; 5] = [
-    "idemstore_meta",
-    "idemstore_log",
-    "idemstore_log_expiry",
-    "idemstore_records",
-    "idemstore_expiry",
-];
+use crate::storage::TABLE_NAMES as STORE_TABLES;
 
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 58;
