@@ -26,8 +26,7 @@ use crate::handoff::{self, Doorbell};
 use crate::config::{Durability, Settings};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
-use crate::machine::{self, BeginStep, LeaseAction, Refusal, Transition};
-use crate::outcome::Recovered;
+use crate::machine::{self, BeginStep, Grant, LeaseAction, Refusal, Transition};
 use crate::record::Record;
 use crate::stats::{StatsCells, bump};
 use crate::storage::{self, Stored, WriteTables};
@@ -35,48 +34,88 @@ use crate::storage::{self, Stored, WriteTables};
 /// Most operations applied in one write transaction.
 pub(crate) const MAX_BATCH: usize = 256;
 
-/// A state change, as sent to the committer.
-#[derive(Debug)]
-pub(crate) enum Op {
+/// Where the committer sends the answer to one command, of that command's own type.
+pub(crate) type Responder<T> = handoff::Sender<Result<T>>;
+
+/// A state change, as sent to the committer: its request and where its answer goes.
+pub(crate) enum Command {
     /// `begin` found the key claimable in its read; claim it (re-checked here).
-    Begin {
-        key: Vec<u8>,
-        fp: Fingerprint,
-        lease: u64,
-    },
-    /// An operation of the lease with fencing token `token`.
-    Lease {
-        key: Vec<u8>,
-        token: u64,
-        action: LeaseAction,
-    },
-    /// Delete up to `limit` dead records.
-    Reap { limit: usize },
+    Claim(Job<ClaimRequest, Claimed>),
+    /// An operation of a lease; answered with the record as written (`None`: deleted).
+    Lease(Job<LeaseRequest, Option<Record>>),
+    /// Delete up to this many dead records.
+    Reap(Job<usize, Reaped>),
 }
 
-/// The answer to one [`Op`].
-#[derive(Debug)]
-pub(crate) enum Reply {
-    /// The claim was granted.
-    Started {
-        token: u64,
-        lease_expires_at: u64,
-        recovered: Option<Recovered>,
-    },
-    /// Between the read and the claim another caller completed or claimed the key: the
-    /// answer without a write.
-    Refused(Refusal),
-    /// A lease action was applied; the record as written (`None`: deleted).
-    Applied(Option<Record>),
-    /// A reap pass: records deleted, and whether the batch limit was hit (more may be due).
-    Reaped { deleted: u64, more: bool },
+/// The request of a claim.
+pub(crate) struct ClaimRequest {
+    pub key: Vec<u8>,
+    pub fp: Fingerprint,
+    pub lease: u64,
 }
 
-/// Where the committer sends the answer to one operation.
-type ReplyTo = handoff::Sender<Result<Reply>>;
+/// The request of a lease operation: the lease's key and fencing token, and the action.
+pub(crate) struct LeaseRequest {
+    pub key: Vec<u8>,
+    pub token: u64,
+    pub action: LeaseAction,
+}
 
+/// The answer to a claim: granted, or (another caller got there between the read and the
+/// claim) the answer without a write.
+pub(crate) type Claimed = std::result::Result<Grant, Refusal>;
+
+/// What a reap pass did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reaped {
+    pub deleted: u64,
+    /// Whether more records may be due (the pass stopped at its limit, or expiry entries
+    /// are still being re-filed after a clock correction).
+    pub more: bool,
+}
+
+/// One command of a batch: its request (taken when it is applied), its answer once the
+/// batch committed, and where the answer goes.
+pub(crate) struct Job<Q, A> {
+    request: Option<Q>,
+    result: Option<Result<A>>,
+    resp: Responder<A>,
+}
+
+impl<Q, A> Job<Q, A> {
+    fn new(request: Q, resp: Responder<A>) -> Job<Q, A> {
+        Job {
+            request: Some(request),
+            result: None,
+            resp,
+        }
+    }
+
+    /// Sends the answer: the batch's failure if it failed, else this command's own result.
+    fn finish(self, failure: Option<&Error>) {
+        self.resp.send(match (failure, self.result) {
+            (Some(failure), _) => Err(failure.clone()),
+            (None, Some(result)) => result,
+            // Not applied although its batch committed: only when the committer stopped.
+            (None, None) => Err(Error::Closed),
+        });
+    }
+}
+
+impl Command {
+    fn finish(self, failure: Option<&Error>) {
+        match self {
+            Command::Claim(job) => job.finish(failure),
+            Command::Lease(job) => job.finish(failure),
+            Command::Reap(job) => job.finish(failure),
+        }
+    }
+}
+
+// Boxing the command would cost an allocation per operation; the small variant is sent once.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
-    Op(Op, ReplyTo),
+    Command(Command),
     Shutdown,
 }
 
@@ -95,17 +134,42 @@ pub(crate) struct Submitter {
 }
 
 impl Submitter {
-    /// Submits `op` and waits for its answer.
+    /// Claims `key` for a new lease.
     ///
     /// # Errors
-    /// The operation's own error, a batch failure, or [`Error::Closed`] once the committer stopped.
-    pub fn submit(&self, op: Op) -> Result<Reply> {
-        let (reply_to, answer) = handoff::oneshot();
+    /// As [`Submitter::send`].
+    pub fn claim(&self, key: Vec<u8>, fp: Fingerprint, lease: u64) -> Result<Claimed> {
+        self.send(|resp| Command::Claim(Job::new(ClaimRequest { key, fp, lease }, resp)))
+    }
+
+    /// Applies `action` for the holder of `token`.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`], or as [`Submitter::send`].
+    pub fn lease(&self, key: Vec<u8>, token: u64, action: LeaseAction) -> Result<Option<Record>> {
+        self.send(|resp| Command::Lease(Job::new(LeaseRequest { key, token, action }, resp)))
+    }
+
+    /// One reaping pass of at most `limit` index entries.
+    ///
+    /// # Errors
+    /// As [`Submitter::send`].
+    pub fn reap(&self, limit: usize) -> Result<Reaped> {
+        self.send(|resp| Command::Reap(Job::new(limit, resp)))
+    }
+
+    /// Sends the command made with the responder and waits for its answer.
+    ///
+    /// # Errors
+    /// The command's own error, a batch failure, or [`Error::Closed`] once the committer
+    /// stopped.
+    fn send<A>(&self, command: impl FnOnce(Responder<A>) -> Command) -> Result<A> {
+        let (resp, answer) = handoff::oneshot();
         self.tx
-            .send(Msg::Op(op, reply_to))
+            .send(Msg::Command(command(resp)))
             .map_err(|_| Error::Closed)?;
         self.bell.ring();
-        // No answer: the committer stopped before it took the operation.
+        // No answer: the committer stopped before it took the command.
         answer.recv().unwrap_or(Err(Error::Closed))
     }
 }
@@ -207,16 +271,16 @@ fn let_callers_catch_up(rx: &Receiver<Msg>, answered: usize) {
 
 impl Worker {
     fn run(self, rx: Receiver<Msg>) {
-        let mut batch: Vec<(Op, ReplyTo)> = Vec::with_capacity(MAX_BATCH);
+        let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
         loop {
             let mut stop = false;
             match self.next(&rx) {
-                Some(Msg::Op(op, reply)) => batch.push((op, reply)),
+                Some(Msg::Command(command)) => batch.push(command),
                 Some(Msg::Shutdown) | None => break,
             }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(Msg::Op(op, reply)) => batch.push((op, reply)),
+                    Ok(Msg::Command(command)) => batch.push(command),
                     Ok(Msg::Shutdown) => {
                         stop = true;
                         break;
@@ -275,40 +339,33 @@ impl Worker {
         }));
     }
 
-    fn commit_batch(&self, batch: &mut Vec<(Op, ReplyTo)>) {
+    fn commit_batch(&self, batch: &mut Vec<Command>) {
         if self.poisoned.load(Ordering::Acquire) {
-            for (_, reply) in batch.drain(..) {
-                reply.send(Err(Error::Poisoned));
+            for command in batch.drain(..) {
+                command.finish(Some(&Error::Poisoned));
             }
             return;
         }
-        let (ops, replies): (Vec<Op>, Vec<_>) = batch.drain(..).unzip();
-        let results = match self.apply_all(ops) {
-            Ok(results) => results,
-            Err(failure) => {
-                // Whatever failed, it failed a write: its outcome is unknown to the callers.
-                let failure = failure.outcome_unknown();
-                tracing::error!(
-                    error = %failure,
-                    operations = replies.len(),
-                    "a write batch failed; its callers get an error (unknown outcome)"
-                );
-                for reply in replies {
-                    reply.send(Err(failure.clone()));
-                }
-                return;
-            }
-        };
-        for (result, reply) in results.into_iter().zip(replies) {
-            reply.send(result);
+        let failure = self.apply_all(batch).err().map(|failure| {
+            // Whatever failed, it failed a write: its outcome is unknown to the callers.
+            let failure = failure.outcome_unknown();
+            tracing::error!(
+                error = %failure,
+                operations = batch.len(),
+                "a write batch failed; its callers get an error (unknown outcome)"
+            );
+            failure
+        });
+        for command in batch.drain(..) {
+            command.finish(failure.as_ref());
         }
     }
 
     /// [`Worker::apply_all_unguarded`], guarded: the storage engine can panic on a damaged
     /// page. A panic fails the batch with [`Error::Corrupt`] and poisons the store, as a failed
     /// commit does (the outcome is unknown).
-    fn apply_all(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
-        catch_unwind(AssertUnwindSafe(|| self.apply_all_unguarded(ops))).unwrap_or_else(|_| {
+    fn apply_all(&self, batch: &mut [Command]) -> Result<()> {
+        catch_unwind(AssertUnwindSafe(|| self.apply_all_unguarded(batch))).unwrap_or_else(|_| {
             self.poisoned.store(true, Ordering::Release);
             Err(Error::corrupt(
                 "the storage engine failed while writing (damaged file); the store refuses \
@@ -317,27 +374,29 @@ impl Worker {
         })
     }
 
-    /// Applies every op in one transaction and commits. `Err` fails the whole batch.
-    fn apply_all_unguarded(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
+    /// Applies every command in one transaction and commits; each command keeps its own
+    /// result. `Err` fails the whole batch.
+    fn apply_all_unguarded(&self, batch: &mut [Command]) -> Result<()> {
         let txn = storage::begin_write(&self.stored.db, self.settings.durability)?;
         let stamp = match self.stored.timeline.now() {
             Ok(stamp) => stamp,
             // A clock reading the store cannot represent: nothing is written, every
-            // operation of the batch gets the error (the store is not poisoned).
-            Err(e) => return Ok(ops.iter().map(|_| Err(e.clone())).collect()),
+            // command of the batch gets the error (the store is not poisoned).
+            Err(e) => {
+                for command in batch.iter_mut() {
+                    command.answer_without_writing(&e);
+                }
+                return Ok(());
+            }
         };
         let now = stamp.at;
-        let mut results = Vec::with_capacity(ops.len());
         let mut saved = None;
         let changes = {
             let mut tables = WriteTables::open(&txn, &self.stored, stamp)?;
             // Before any record of a new clock epoch: the correction that began it.
             saved = self.save_corrections(&mut tables)?.or(saved);
-            for op in ops {
-                match self.apply(&mut tables, op, now) {
-                    Err(e @ Error::Storage { .. }) => return Err(e),
-                    other => results.push(other),
-                }
+            for command in batch.iter_mut() {
+                self.apply(&mut tables, command, now)?;
             }
             if saved.is_some() || now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY) {
                 tables.note_time(now)?;
@@ -367,8 +426,8 @@ impl Worker {
         }
         self.corrections_saved(saved);
         bump(&self.stats.commits, 1);
-        bump(&self.stats.committed_ops, results.len() as u64);
-        Ok(results)
+        bump(&self.stats.committed_ops, batch.len() as u64);
+        Ok(())
     }
 
     /// Writes the clock corrections not persisted yet, and where the reaper's re-filing of
@@ -403,57 +462,91 @@ impl Worker {
         }
     }
 
-    fn apply(&self, tables: &mut WriteTables<'_>, op: Op, now: u64) -> Result<Reply> {
-        let ttl = self.settings.ttl;
-        match op {
-            Op::Begin { key, fp, lease } => {
-                let current = tables.get(&key)?;
-                match machine::decide_begin(current, &fp, now) {
-                    BeginStep::Claim(current) => {
-                        let token = tables.next_token()?;
-                        let grant = machine::claim(current, &fp, token, now, ttl, lease);
-                        tables.put(&key, &grant.record)?;
-                        Ok(Reply::Started {
-                            token: grant.token,
-                            lease_expires_at: grant.lease_expires_at,
-                            recovered: grant.recovered,
-                        })
-                    }
-                    BeginStep::Refuse(refusal) => Ok(Reply::Refused(refusal)),
-                }
+    /// Applies one command, keeping its result in it. `Err` (a storage failure) fails the
+    /// batch; the command's own refusals (a lost lease, say) are its result.
+    fn apply(&self, tables: &mut WriteTables<'_>, command: &mut Command, now: u64) -> Result<()> {
+        match command {
+            Command::Claim(job) => run(job, |q| self.claim(tables, q, now)),
+            Command::Lease(job) => run(job, |q| self.lease(tables, q, now)),
+            Command::Reap(job) => run(job, |limit| self.reap(tables, limit, now)),
+        }
+    }
+
+    fn claim(&self, tables: &mut WriteTables<'_>, q: ClaimRequest, now: u64) -> Result<Claimed> {
+        let current = tables.get(&q.key)?;
+        Ok(match machine::decide_begin(current, &q.fp, now) {
+            BeginStep::Claim(current) => {
+                let token = tables.next_token()?;
+                let grant = machine::claim(current, &q.fp, token, now, self.settings.ttl, q.lease);
+                tables.put(&q.key, &grant.record)?;
+                Ok(grant)
             }
-            Op::Lease { key, token, action } => {
-                let current = tables.get(&key)?;
-                match machine::apply_lease(current.as_ref(), token, action, now, ttl)? {
-                    Transition::Put(record) => {
-                        tables.put(&key, &record)?;
-                        Ok(Reply::Applied(Some(record)))
-                    }
-                    Transition::Delete => {
-                        tables.delete(&key)?;
-                        Ok(Reply::Applied(None))
-                    }
-                }
+            BeginStep::Refuse(refusal) => Err(refusal),
+        })
+    }
+
+    fn lease(
+        &self,
+        tables: &mut WriteTables<'_>,
+        q: LeaseRequest,
+        now: u64,
+    ) -> Result<Option<Record>> {
+        let current = tables.get(&q.key)?;
+        match machine::apply_lease(current.as_ref(), q.token, q.action, now, self.settings.ttl)? {
+            Transition::Put(record) => {
+                tables.put(&q.key, &record)?;
+                Ok(Some(record))
             }
-            Op::Reap { limit } => {
-                // After a clock correction: re-file the expiry entries of records it moved
-                // back, a bounded step per pass, until the index is done; the ones due now
-                // are then deleted by this same pass.
-                let pending = *self.stored.resweep_from.lock();
-                let resweeping = match pending {
-                    Some(from) => {
-                        let next = tables.resweep(from, limit)?;
-                        *self.stored.resweep_from.lock() = next;
-                        next.is_some()
-                    }
-                    None => false,
-                };
-                let pass = tables.reap(now, limit)?;
-                Ok(Reply::Reaped {
-                    deleted: pass.deleted,
-                    more: pass.more || resweeping,
-                })
+            Transition::Delete => {
+                tables.delete(&q.key)?;
+                Ok(None)
             }
+        }
+    }
+
+    fn reap(&self, tables: &mut WriteTables<'_>, limit: usize, now: u64) -> Result<Reaped> {
+        // After a clock correction: re-file the expiry entries of records it moved back, a
+        // bounded step per pass, until the index is done; the ones due now are then deleted
+        // by this same pass.
+        let pending = *self.stored.resweep_from.lock();
+        let resweeping = match pending {
+            Some(from) => {
+                let next = tables.resweep(from, limit)?;
+                *self.stored.resweep_from.lock() = next;
+                next.is_some()
+            }
+            None => false,
+        };
+        let pass = tables.reap(now, limit)?;
+        Ok(Reaped {
+            deleted: pass.deleted,
+            more: pass.more || resweeping,
+        })
+    }
+}
+
+/// Runs a job's request and keeps its result. A storage failure is returned instead (it
+/// fails the whole batch); any other error is the job's own answer.
+fn run<Q, A>(job: &mut Job<Q, A>, apply: impl FnOnce(Q) -> Result<A>) -> Result<()> {
+    let Some(request) = job.request.take() else {
+        return Ok(());
+    };
+    match apply(request) {
+        Err(e @ Error::Storage { .. }) => Err(e),
+        result => {
+            job.result = Some(result);
+            Ok(())
+        }
+    }
+}
+
+impl Command {
+    /// Answers the command with `error` without applying it.
+    fn answer_without_writing(&mut self, error: &Error) {
+        match self {
+            Command::Claim(job) => job.result = Some(Err(error.clone())),
+            Command::Lease(job) => job.result = Some(Err(error.clone())),
+            Command::Reap(job) => job.result = Some(Err(error.clone())),
         }
     }
 }

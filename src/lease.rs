@@ -1,17 +1,17 @@
 //! [`Lease`]: the exclusive, fenced right to execute the request of one key.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::{duration_nanos, from_nanos};
-use crate::committer::{Op, Reply};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::machine::LeaseAction;
 use crate::outcome::{Completed, Recovered};
 use crate::record::{Record, State};
 use crate::stats::bump;
-use crate::store::Store;
+use crate::store::Inner;
 
 /// The exclusive right to execute the request of one key, until [`expires_at`](Lease::expires_at).
 ///
@@ -36,7 +36,8 @@ use crate::store::Store;
 /// Every successful operation is durable when it returns (with the default durability).
 #[must_use = "complete, abandon or extend the lease; dropping it releases the key for a retry"]
 pub struct Lease {
-    store: Store,
+    /// The store's inside (not the public handle).
+    inner: Arc<Inner>,
     key: Key,
     encoded: Vec<u8>,
     token: u64,
@@ -47,7 +48,7 @@ pub struct Lease {
 
 impl Lease {
     pub(crate) fn new(
-        store: Store,
+        inner: Arc<Inner>,
         key: Key,
         encoded: Vec<u8>,
         token: u64,
@@ -55,7 +56,7 @@ impl Lease {
         recovered: Option<Recovered>,
     ) -> Lease {
         Lease {
-            store,
+            inner,
             key,
             encoded,
             token,
@@ -88,7 +89,7 @@ impl Lease {
     }
 
     fn check_size(&self, len: usize) -> Result<()> {
-        let max = self.store.settings().max_response_bytes;
+        let max = self.inner.settings.max_response_bytes;
         if len > max {
             return Err(Error::ResponseTooLarge { len, max });
         }
@@ -103,14 +104,12 @@ impl Lease {
             LeaseAction::Abandon => "abandon",
             LeaseAction::Release => "release",
         };
-        let op = Op::Lease {
-            key: self.encoded.clone(),
-            token: self.token,
-            action,
-        };
-        let reply = self.store.inner().submit(op);
+        let reply = self
+            .inner
+            .submitter()
+            .and_then(|s| s.lease(self.encoded.clone(), self.token, action));
         if let Err(Error::LeaseLost { .. }) = &reply {
-            bump(&self.store.inner().stats.leases_lost, 1);
+            bump(&self.inner.stats.leases_lost, 1);
             if operation == "release" {
                 // A stale holder dropping its lease: expected after a takeover.
                 tracing::debug!(token = self.token, operation, "lease lost");
@@ -122,12 +121,7 @@ impl Lease {
                 );
             }
         }
-        match reply? {
-            Reply::Applied(record) => Ok(record),
-            other => Err(Error::corrupt(format!(
-                "unexpected committer reply to a lease operation: {other:?}"
-            ))),
-        }
+        reply
     }
 
     /// Stores `response` as the request's outcome: in flight → completed. Every later `begin`
@@ -145,7 +139,7 @@ impl Lease {
         let result = self.submit(LeaseAction::Complete(response.to_vec()));
         self.finished = true;
         let record = result?.ok_or_else(|| Error::corrupt("complete deleted the record"))?;
-        bump(&self.store.inner().stats.completed, 1);
+        bump(&self.inner.stats.completed, 1);
         Completed::from_record(record)
             .ok_or_else(|| Error::corrupt("complete left the record in flight"))
     }
@@ -194,7 +188,7 @@ impl Lease {
         let result = self.submit(LeaseAction::Abandon);
         self.finished = true;
         result?;
-        bump(&self.store.inner().stats.abandoned, 1);
+        bump(&self.inner.stats.abandoned, 1);
         Ok(())
     }
 }
@@ -207,7 +201,7 @@ impl Drop for Lease {
             return;
         }
         if self.submit(LeaseAction::Release).is_ok() {
-            bump(&self.store.inner().stats.released, 1);
+            bump(&self.inner.stats.released, 1);
         }
     }
 }

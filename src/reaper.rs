@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
-use crate::committer::{Op, Reply, Submitter};
+use crate::committer::Submitter;
 use crate::error::{Error, Result};
 use crate::stats::{StatsCells, bump};
 
@@ -30,20 +30,12 @@ pub(crate) fn reap_all(
     let mut total = 0;
     let mut batches = 0u64;
     while keep_going() {
-        match submitter.submit(Op::Reap { limit: REAP_BATCH })? {
-            Reply::Reaped { deleted, more } => {
-                bump(&stats.reaped, deleted);
-                total += deleted;
-                batches += 1;
-                if !more {
-                    break;
-                }
-            }
-            other => {
-                return Err(Error::corrupt(format!(
-                    "unexpected committer reply to a reap: {other:?}"
-                )));
-            }
+        let pass = submitter.reap(REAP_BATCH)?;
+        bump(&stats.reaped, pass.deleted);
+        total += pass.deleted;
+        batches += 1;
+        if !pass.more {
+            break;
         }
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;

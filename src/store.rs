@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 
 use crate::clock::{Clock, SystemClock, duration_nanos};
-use crate::committer::{Committer, Op, Reply, Submitter};
+use crate::committer::{Committer, Submitter};
 use crate::config::{
     DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
     DEFAULT_TTL, Durability, MAX_RESPONSE_LIMIT, Settings,
@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::lease::Lease;
-use crate::machine::{self, BeginStep, Refusal};
+use crate::machine::{self, BeginStep, Grant, Refusal};
 use crate::outcome::{Begin, Entry};
 use crate::reaper::{self, Reaper};
 use crate::stats::{Stats, StatsCells, bump};
@@ -61,7 +61,7 @@ pub struct Store {
 
 pub(crate) struct Inner {
     engine: RwLock<Option<Engine>>,
-    settings: Settings,
+    pub(crate) settings: Settings,
     pub(crate) stats: Arc<StatsCells>,
     path: Option<PathBuf>,
 }
@@ -81,13 +81,10 @@ impl Inner {
         f(&engine.stored)
     }
 
-    /// Sends a write to the committer and waits for its answer.
-    pub(crate) fn submit(&self, op: Op) -> Result<Reply> {
-        let submitter = {
-            let guard = self.engine.read();
-            guard.as_ref().ok_or(Error::Closed)?.submitter.clone()
-        };
-        submitter.submit(op)
+    /// A handle to send writes to the committer; [`Error::Closed`] after close.
+    pub(crate) fn submitter(&self) -> Result<Submitter> {
+        let guard = self.engine.read();
+        Ok(guard.as_ref().ok_or(Error::Closed)?.submitter.clone())
     }
 
     /// The store's time ([`crate::timeline`]).
@@ -147,10 +144,6 @@ impl Store {
         &self.inner
     }
 
-    pub(crate) fn settings(&self) -> &Settings {
-        &self.inner.settings
-    }
-
     /// Asks what to do with a request carrying `key`, whose request fingerprint is `fp`:
     ///
     /// | state of the key | fingerprint | answer |
@@ -172,21 +165,22 @@ impl Store {
         // The time first: a clock correction it finds applies to the record read next.
         let now = self.inner.now()?;
         let current = self.inner.read(|db| db.read_record(&encoded))?;
-        let reply = match machine::decide_begin(current, fp, now) {
-            BeginStep::Claim(_) => self.inner.submit(Op::Begin {
-                key: encoded.clone(),
-                fp: *fp,
-                lease: self.inner.settings.lease,
-            })?,
-            BeginStep::Refuse(refusal) => Reply::Refused(refusal),
+        let claimed = match machine::decide_begin(current, fp, now) {
+            BeginStep::Claim(_) => {
+                self.inner
+                    .submitter()?
+                    .claim(encoded.clone(), *fp, self.inner.settings.lease)?
+            }
+            BeginStep::Refuse(refusal) => Err(refusal),
         };
         let stats = &self.inner.stats;
-        Ok(match reply {
-            Reply::Started {
+        Ok(match claimed {
+            Ok(Grant {
                 token,
                 lease_expires_at,
                 recovered,
-            } => {
+                ..
+            }) => {
                 bump(&stats.started, 1);
                 if let Some(r) = &recovered {
                     bump(&stats.takeovers, 1);
@@ -206,7 +200,7 @@ impl Store {
                     );
                 }
                 Begin::Started(Lease::new(
-                    self.clone(),
+                    Arc::clone(&self.inner),
                     key.clone(),
                     encoded,
                     token,
@@ -214,24 +208,19 @@ impl Store {
                     recovered,
                 ))
             }
-            Reply::Refused(Refusal::Replay(done)) => {
+            Err(Refusal::Replay(done)) => {
                 bump(&stats.replayed, 1);
                 Begin::Replay(done)
             }
-            Reply::Refused(Refusal::InFlight { retry_after }) => {
+            Err(Refusal::InFlight { retry_after }) => {
                 bump(&stats.in_flight_conflicts, 1);
                 Begin::InFlight {
                     retry_after: Duration::from_nanos(retry_after),
                 }
             }
-            Reply::Refused(Refusal::Mismatch) => {
+            Err(Refusal::Mismatch) => {
                 bump(&stats.mismatches, 1);
                 Begin::Mismatch
-            }
-            other => {
-                return Err(Error::corrupt(format!(
-                    "unexpected committer reply to begin: {other:?}"
-                )));
             }
         })
     }
