@@ -1,4 +1,4 @@
-//! The redb layer: the file's tables, opening, format checks and migration, and the reads
+//! The redb layer: the file's tables, opening and format checks, and the reads
 //! and writes of records with their expiry index. Decisions are made by [`crate::machine`];
 //! this module only moves records in and out of redb.
 //!
