@@ -77,7 +77,7 @@ pub fn encode_completed(
         state: State::Completed {
             completed_at,
             expires_at,
-            response: response.to_vec(),
+            response: std::sync::Arc::new(response.to_vec()),
         },
     }
     .encode(Stamp {

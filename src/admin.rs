@@ -1,14 +1,16 @@
 //! Looking inside a store, for tools and operators: [`Store::scan`], [`Store::inspect`] and
-//! [`Store::summary`] (the `idemstore` command-line tool is built on them), and the types
-//! they answer with, [`RecordView`] and [`Summary`].
+//! [`Store::summary`] on an open store, the same on a file opened read-only with
+//! [`StoreFile`] (the `idemstore` command-line tool is built on them), and the types they
+//! answer with, [`RecordView`] and [`Summary`].
 //!
 //! Unlike [`Store::get`], these see dead records too (expired, not yet deleted by the
 //! reaper), flagged as such. They only read: each runs in one read transaction (a consistent
-//! snapshot) and never blocks writers. [`Store::scan`] and [`Store::summary`] visit every
-//! record, so they cost O(records): for tools, not for a request path.
+//! snapshot) and never blocks writers. `scan` and `summary` visit every record, so they cost
+//! O(records): for tools, not for a request path.
 
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
@@ -88,6 +90,112 @@ fn view(key: Key, record: Record, now: u64) -> RecordView {
     }
 }
 
+/// A visitor of encoded keys and their records.
+type Visit<'v> = dyn FnMut(&[u8], Record) -> Result<ControlFlow<()>> + 'v;
+
+/// What the views read records from: an open store, or a file opened read-only.
+trait Records {
+    /// The store's current time.
+    fn now(&self) -> Result<u64>;
+    /// Walks every record in one snapshot; returns the token counter of that snapshot.
+    fn walk(&self, visit: &mut Visit<'_>) -> Result<u64>;
+    /// The record of an encoded key, dead or alive.
+    fn record(&self, key: &[u8]) -> Result<Option<Record>>;
+    /// The file, if the records are in one.
+    fn file(&self) -> Option<&Path>;
+}
+
+impl Records for Store {
+    fn now(&self) -> Result<u64> {
+        self.inner().now()
+    }
+
+    fn walk(&self, visit: &mut Visit<'_>) -> Result<u64> {
+        self.inner().read(|db| db.walk_log(visit))
+    }
+
+    fn record(&self, key: &[u8]) -> Result<Option<Record>> {
+        self.inner().read(|db| db.read_record(key))
+    }
+
+    fn file(&self) -> Option<&Path> {
+        self.path()
+    }
+}
+
+/// Visits every record of `from` with `visit` (see [`Store::scan`]).
+fn scan(from: &impl Records, visit: &mut dyn FnMut(&RecordView) -> ControlFlow<()>) -> Result<u64> {
+    let now = from.now()?;
+    // The engine is guarded against panics on damaged pages; a panic of `visit` is the
+    // caller's own and is resumed as it was, never reported as a damaged file.
+    let mut visitor_panic = None;
+    let mut visited = 0;
+    from.walk(&mut |key, record| {
+        let key = Key::decode(key)?;
+        visited += 1;
+        let record = view(key, record, now);
+        Ok(match catch_unwind(AssertUnwindSafe(|| visit(&record))) {
+            Ok(flow) => flow,
+            Err(payload) => {
+                visitor_panic = Some(payload);
+                ControlFlow::Break(())
+            }
+        })
+    })?;
+    if let Some(payload) = visitor_panic {
+        resume_unwind(payload);
+    }
+    Ok(visited)
+}
+
+/// The record of `key` in `from`, dead or alive (see [`Store::inspect`]).
+fn inspect(from: &impl Records, key: &Key) -> Result<Option<RecordView>> {
+    let now = from.now()?;
+    let record = from.record(&key.encode())?;
+    Ok(record.map(|r| view(key.clone(), r, now)))
+}
+
+/// Counts the records of `from` (see [`Store::summary`]).
+fn summary(from: &impl Records) -> Result<Summary> {
+    let now = from.now()?;
+    let mut summary = Summary {
+        format_version: storage::FORMAT_VERSION,
+        ..Summary::default()
+    };
+    summary.last_token = from.walk(&mut |_, record| {
+        let dead = record.is_dead(now);
+        match &record.state {
+            State::InFlight {
+                lease_expires_at, ..
+            } => {
+                if dead {
+                    summary.dead_in_flight += 1;
+                } else {
+                    summary.in_flight += 1;
+                    if now >= *lease_expires_at {
+                        summary.lease_expired += 1;
+                    }
+                }
+            }
+            State::Completed { response, .. } => {
+                if dead {
+                    summary.dead_completed += 1;
+                } else {
+                    summary.completed += 1;
+                    summary.response_bytes += response.len() as u64;
+                }
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    if let Some(path) = from.file() {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Error::storage(format!("reading the size of {}", path.display()), e))?;
+        summary.file_bytes = Some(meta.len());
+    }
+    Ok(summary)
+}
+
 impl Store {
     /// Visits every record, dead ones included, in the order their keys were claimed (oldest
     /// first; a key deleted and claimed again counts from its new claim), until `visit` returns [`ControlFlow::Break`]. Returns how many records
@@ -121,29 +229,7 @@ impl Store {
     /// # Panics
     /// Only if `visit` panics: its panic is passed on unchanged.
     pub fn scan(&self, mut visit: impl FnMut(&RecordView) -> ControlFlow<()>) -> Result<u64> {
-        let now = self.inner().now()?;
-        // The engine is guarded against panics on damaged pages; a panic of `visit` is the
-        // caller's own and is resumed as it was, never reported as a damaged file.
-        let mut visitor_panic = None;
-        let mut visited = 0;
-        self.inner().read(|db| {
-            db.walk_log(|key, record| {
-                let key = Key::decode(key)?;
-                visited += 1;
-                let record = view(key, record, now);
-                Ok(match catch_unwind(AssertUnwindSafe(|| visit(&record))) {
-                    Ok(flow) => flow,
-                    Err(payload) => {
-                        visitor_panic = Some(payload);
-                        ControlFlow::Break(())
-                    }
-                })
-            })
-        })?;
-        if let Some(payload) = visitor_panic {
-            resume_unwind(payload);
-        }
-        Ok(visited)
+        scan(self, &mut visit)
     }
 
     /// The record stored under `key`, dead or alive (unlike [`Store::get`], which treats a
@@ -152,9 +238,7 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
     pub fn inspect(&self, key: &Key) -> Result<Option<RecordView>> {
-        let now = self.inner().now()?;
-        let record = self.inner().read(|db| db.read_record(&key.encode()))?;
-        Ok(record.map(|r| view(key.clone(), r, now)))
+        inspect(self, key)
     }
 
     /// Counts the records by state, live and dead, and reads the fencing-token counter and
@@ -175,46 +259,118 @@ impl Store {
     /// [`Error::Corrupt`] for a damaged record or meta table, [`Error::Storage`] (also when
     /// the file's size cannot be read), [`Error::Closed`].
     pub fn summary(&self) -> Result<Summary> {
-        let now = self.inner().now()?;
-        let mut summary = Summary {
-            format_version: storage::FORMAT_VERSION,
-            ..Summary::default()
-        };
-        summary.last_token = self.inner().read(|db| {
-            db.walk_log(|_, record| {
-                let dead = record.is_dead(now);
-                match &record.state {
-                    State::InFlight {
-                        lease_expires_at, ..
-                    } => {
-                        if dead {
-                            summary.dead_in_flight += 1;
-                        } else {
-                            summary.in_flight += 1;
-                            if now >= *lease_expires_at {
-                                summary.lease_expired += 1;
-                            }
-                        }
-                    }
-                    State::Completed { response, .. } => {
-                        if dead {
-                            summary.dead_completed += 1;
-                        } else {
-                            summary.completed += 1;
-                            summary.response_bytes += response.len() as u64;
-                        }
-                    }
-                }
-                Ok(ControlFlow::Continue(()))
-            })
-        })?;
-        if let Some(path) = self.path() {
-            let meta = std::fs::metadata(path).map_err(|e| {
-                Error::storage(format!("reading the size of {}", path.display()), e)
-            })?;
-            summary.file_bytes = Some(meta.len());
-        }
-        Ok(summary)
+        summary(self)
+    }
+}
+
+/// A store file opened read-only, for tools: the views of [`Store::scan`],
+/// [`Store::inspect`] and [`Store::summary`] without opening the store. Nothing is ever
+/// written to the file (a read-write open updates its meta table and may repair it).
+///
+/// The file must not be open for writing elsewhere (a running service holds its store open
+/// exclusively): that is [`Error::AlreadyOpen`]. It has no key index, so
+/// [`inspect`](StoreFile::inspect) walks the records (O(records)).
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use idemstore::admin::StoreFile;
+/// use idemstore::{Begin, Fingerprint, Key, Store};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("idempotency.redb");
+/// let store = Store::open(&path)?;
+/// let key = Key::new("tenant-42", "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11")?;
+/// let Begin::Started(lease) = store.begin(&key, &Fingerprint::of(b"req"))? else { unreachable!() };
+/// lease.complete(b"done")?;
+/// store.close()?;
+///
+/// let file = StoreFile::open(&path)?;
+/// assert_eq!(file.summary()?.completed, 1);
+/// assert!(file.inspect(&key)?.is_some());
+/// # Ok::<(), idemstore::Error>(())
+/// ```
+pub struct StoreFile {
+    file: storage::ReadOnlyFile,
+    path: PathBuf,
+}
+
+impl StoreFile {
+    /// Opens the store file at `path` read-only. It is checked like any open (a foreign file
+    /// or another format version is refused), and never created or modified.
+    ///
+    /// # Errors
+    /// * [`Error::AlreadyOpen`]: a process has the file open for writing.
+    /// * [`Error::IncompatibleFormat`]: not a store of this format version, or an empty file
+    ///   (not a store yet).
+    /// * [`Error::Corrupt`]: a damaged file.
+    /// * [`Error::Storage`]: a missing file, a directory, no permission, or a file that needs
+    ///   crash recovery (its last writer did not close it; a read-write open repairs it).
+    pub fn open(path: impl AsRef<Path>) -> Result<StoreFile> {
+        let path = path.as_ref();
+        Ok(StoreFile {
+            file: storage::open_read_only(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// As [`Store::scan`].
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record or key (the scan stops there),
+    /// [`Error::Storage`], [`Error::Clock`].
+    ///
+    /// # Panics
+    /// Only if `visit` panics: its panic is passed on unchanged.
+    pub fn scan(&self, mut visit: impl FnMut(&RecordView) -> ControlFlow<()>) -> Result<u64> {
+        scan(self, &mut visit)
+    }
+
+    /// As [`Store::inspect`]; walks the records to find the key.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Clock`].
+    pub fn inspect(&self, key: &Key) -> Result<Option<RecordView>> {
+        inspect(self, key)
+    }
+
+    /// As [`Store::summary`].
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record or meta table, [`Error::Storage`] (also when
+    /// the file's size cannot be read), [`Error::Clock`].
+    pub fn summary(&self) -> Result<Summary> {
+        summary(self)
+    }
+}
+
+impl Records for StoreFile {
+    fn now(&self) -> Result<u64> {
+        self.file.timeline.nanos()
+    }
+
+    fn walk(&self, visit: &mut Visit<'_>) -> Result<u64> {
+        self.file.walk_log(visit)
+    }
+
+    fn record(&self, key: &[u8]) -> Result<Option<Record>> {
+        self.file.read_record(key)
+    }
+
+    fn file(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+}
+
+impl std::fmt::Debug for StoreFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreFile")
+            .field("path", &self.path)
+            .finish()
     }
 }
 

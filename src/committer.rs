@@ -11,25 +11,27 @@
 //! answer arrives; neither wait spins (see [`crate::handoff`] for why).
 //!
 //! A commit that fails answers every caller of the batch with [`Error::Storage`] (an unknown
-//! outcome) and poisons the store: later writes get [`Error::Poisoned`] until it is reopened.
+//! outcome); the engine decides what follows (redb poisons the store: later writes get
+//! [`Error::Poisoned`] until it is reopened).
+//!
+//! The committer is the same for every engine: it collects batches and answers them, and
+//! [`apply`] runs each command's state transition ([`crate::machine`]) on the engine's
+//! [`Tables`]. An engine provides a [`BatchWriter`]: one transaction per batch.
 
-use std::cell::Cell;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::handoff::{self, Doorbell};
 
-use crate::config::{Durability, Settings};
+use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
-use crate::machine::{self, BeginStep, Grant, LeaseAction, Refusal, Transition};
+use crate::machine::{self, BeginStep, Grant, Hold, Refusal};
+use crate::outcome::Completed;
 use crate::record::Record;
 use crate::stats::{StatsCells, bump};
-use crate::storage::{self, Stored, WriteTables};
 
 /// Most operations applied in one write transaction.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -41,8 +43,12 @@ pub(crate) type Responder<T> = handoff::Sender<Result<T>>;
 pub(crate) enum Command {
     /// `begin` found the key claimable in its read; claim it (re-checked here).
     Claim(Job<ClaimRequest, Claimed>),
-    /// An operation of a lease; answered with the record as written (`None`: deleted).
-    Lease(Job<LeaseRequest, Option<Record>>),
+    /// Completes a lease; answered with the stored response.
+    Complete(Job<LeaseRequest<Vec<u8>>, Completed>),
+    /// Extends, checkpoints or releases a lease; answered with the lease's end as written.
+    Hold(Job<LeaseRequest<Hold>, u64>),
+    /// Abandons a lease: the record is deleted.
+    Abandon(Job<LeaseRequest<()>, ()>),
     /// Delete up to this many dead records.
     Reap(Job<usize, Reaped>),
 }
@@ -54,11 +60,11 @@ pub(crate) struct ClaimRequest {
     pub lease: u64,
 }
 
-/// The request of a lease operation: the lease's key and fencing token, and the action.
-pub(crate) struct LeaseRequest {
+/// The request of a lease operation: the lease's key and fencing token, and what to do.
+pub(crate) struct LeaseRequest<A> {
     pub key: Vec<u8>,
     pub token: u64,
-    pub action: LeaseAction,
+    pub action: A,
 }
 
 /// The answer to a claim: granted, or (another caller got there between the read and the
@@ -106,7 +112,9 @@ impl Command {
     fn finish(self, failure: Option<&Error>) {
         match self {
             Command::Claim(job) => job.finish(failure),
-            Command::Lease(job) => job.finish(failure),
+            Command::Complete(job) => job.finish(failure),
+            Command::Hold(job) => job.finish(failure),
+            Command::Abandon(job) => job.finish(failure),
             Command::Reap(job) => job.finish(failure),
         }
     }
@@ -142,12 +150,43 @@ impl Submitter {
         self.send(|resp| Command::Claim(Job::new(ClaimRequest { key, fp, lease }, resp)))
     }
 
-    /// Applies `action` for the holder of `token`.
+    /// Completes the lease `token` of `key` with `response`.
     ///
     /// # Errors
     /// [`Error::LeaseLost`], or as [`Submitter::send`].
-    pub fn lease(&self, key: Vec<u8>, token: u64, action: LeaseAction) -> Result<Option<Record>> {
-        self.send(|resp| Command::Lease(Job::new(LeaseRequest { key, token, action }, resp)))
+    pub fn complete(&self, key: Vec<u8>, token: u64, response: Vec<u8>) -> Result<Completed> {
+        let request = LeaseRequest {
+            key,
+            token,
+            action: response,
+        };
+        self.send(|resp| Command::Complete(Job::new(request, resp)))
+    }
+
+    /// Applies `hold` to the lease `token` of `key`; returns the lease's end as written.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`], or as [`Submitter::send`].
+    pub fn hold(&self, key: Vec<u8>, token: u64, hold: Hold) -> Result<u64> {
+        let request = LeaseRequest {
+            key,
+            token,
+            action: hold,
+        };
+        self.send(|resp| Command::Hold(Job::new(request, resp)))
+    }
+
+    /// Abandons the lease `token` of `key`: its record is deleted.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`], or as [`Submitter::send`].
+    pub fn abandon(&self, key: Vec<u8>, token: u64) -> Result<()> {
+        let request = LeaseRequest {
+            key,
+            token,
+            action: (),
+        };
+        self.send(|resp| Command::Abandon(Job::new(request, resp)))
     }
 
     /// One reaping pass of at most `limit` index entries.
@@ -174,13 +213,59 @@ impl Submitter {
     }
 }
 
-struct Worker {
-    stored: Arc<Stored>,
-    settings: Settings,
+/// The tables of one write transaction, as the commands need them. Each engine provides its
+/// own; every read sees the writes made before it in the same transaction.
+pub(crate) trait Tables {
+    /// The record of `key` (`None`: absent).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`].
+    fn get(&mut self, key: &[u8]) -> Result<Option<Record>>;
+    /// Writes `record` as the record of `key`.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    fn put(&mut self, key: &[u8], record: &Record) -> Result<()>;
+    /// Deletes the record of `key`, if any.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    fn delete(&mut self, key: &[u8]) -> Result<()>;
+    /// A fencing token above every token granted before.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged or exhausted counter, [`Error::Storage`].
+    fn next_token(&mut self) -> Result<u64>;
+    /// Deletes records dead at `now`, examining at most `limit` expiry entries.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    fn reap(&mut self, now: u64, limit: usize) -> Result<Reaped>;
+}
+
+/// An engine's side of the committer: applies a batch in one transaction.
+pub(crate) trait BatchWriter: Send + 'static {
+    /// Applies every command of `batch` (with [`apply`]) in one transaction and commits it;
+    /// each command keeps its own result. `Ok(false)`: nothing was written, every command
+    /// was answered without a write. `Err` fails the whole batch (an unknown outcome for its
+    /// callers).
+    ///
+    /// # Errors
+    /// A storage failure of the transaction or its commit.
+    fn write(&self, batch: &mut [Command]) -> Result<bool>;
+
+    /// When the engine refuses every write (after a failed commit, say): the error for them.
+    fn refusal(&self) -> Option<Error> {
+        None
+    }
+
+    /// Runs once when the committer stops cleanly, after the last batch.
+    fn close(&self) {}
+}
+
+struct Worker<W> {
+    writer: W,
     stats: Arc<StatsCells>,
-    poisoned: AtomicBool,
-    /// The latest time persisted by a batch (nanoseconds).
-    noted_time: Cell<u64>,
     /// Where the committer sleeps while its queue is empty.
     bell: Arc<Doorbell>,
 }
@@ -190,19 +275,12 @@ impl Committer {
     ///
     /// # Errors
     /// [`Error::Storage`] if the thread cannot be spawned.
-    pub fn spawn(
-        stored: Arc<Stored>,
-        settings: Settings,
-        stats: Arc<StatsCells>,
-    ) -> Result<Committer> {
+    pub fn spawn(writer: impl BatchWriter, stats: Arc<StatsCells>) -> Result<Committer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let bell = Arc::new(Doorbell::default());
         let worker = Worker {
-            stored,
-            settings,
+            writer,
             stats,
-            poisoned: AtomicBool::new(false),
-            noted_time: Cell::new(0),
             bell: Arc::clone(&bell),
         };
         let handle = std::thread::Builder::new()
@@ -241,11 +319,6 @@ impl Drop for Committer {
     }
 }
 
-/// How far the store's time may move before a batch persists it (nanoseconds). The store's
-/// clock never goes below the persisted time after a reopen; a clean close persists the
-/// exact time, a crash may lose up to this much of it.
-const NOTE_TIME_EVERY: u64 = 1_000_000_000;
-
 /// Most scheduler yields between two batches.
 const MAX_YIELDS: usize = 8;
 
@@ -269,7 +342,7 @@ fn let_callers_catch_up(rx: &Receiver<Msg>, answered: usize) {
     }
 }
 
-impl Worker {
+impl<W: BatchWriter> Worker<W> {
     fn run(self, rx: Receiver<Msg>) {
         let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
         loop {
@@ -295,7 +368,7 @@ impl Worker {
             }
             let_callers_catch_up(&rx, answered);
         }
-        self.flush_on_close();
+        self.writer.close();
     }
 
     /// Waits for the next message, sleeping on the doorbell (not in the channel's `recv`,
@@ -311,218 +384,90 @@ impl Worker {
         }
     }
 
-    /// On a clean close: one last durable commit that records the latest time seen (so a
-    /// reopened store's clock starts there) and, under `Durability::None`, makes everything
-    /// committed before durable.
-    fn flush_on_close(&self) {
-        if self.poisoned.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(stamp) = self.stored.timeline.now() else {
-            return;
-        };
-        // Guarded like every write: the engine can panic on a damaged page.
-        let _ = catch_unwind(AssertUnwindSafe(|| {
-            let Ok(txn) = storage::begin_write(&self.stored.db, Durability::Immediate) else {
-                return;
-            };
-            let noted = WriteTables::open(&txn, &self.stored, stamp).and_then(|mut t| {
-                let saved = self.save_corrections(&mut t)?;
-                t.note_time(stamp.at)?;
-                Ok(saved)
-            });
-            if let Ok(saved) = noted
-                && txn.commit().is_ok()
-            {
-                self.corrections_saved(saved);
-            }
-        }));
-    }
-
     fn commit_batch(&self, batch: &mut Vec<Command>) {
-        if self.poisoned.load(Ordering::Acquire) {
+        if let Some(refusal) = self.writer.refusal() {
             for command in batch.drain(..) {
-                command.finish(Some(&Error::Poisoned));
+                command.finish(Some(&refusal));
             }
             return;
         }
-        let failure = self.apply_all(batch).err().map(|failure| {
-            // Whatever failed, it failed a write: its outcome is unknown to the callers.
-            let failure = failure.outcome_unknown();
-            tracing::error!(
-                error = %failure,
-                operations = batch.len(),
-                "a write batch failed; its callers get an error (unknown outcome)"
-            );
-            failure
-        });
+        let failure = match self.writer.write(batch) {
+            Ok(committed) => {
+                if committed {
+                    bump(&self.stats.commits, 1);
+                    bump(&self.stats.committed_ops, batch.len() as u64);
+                }
+                None
+            }
+            Err(failure) => {
+                // Whatever failed, it failed a write: its outcome is unknown to the callers.
+                let failure = failure.outcome_unknown();
+                tracing::error!(
+                    error = %failure,
+                    operations = batch.len(),
+                    "a write batch failed; its callers get an error (unknown outcome)"
+                );
+                Some(failure)
+            }
+        };
         for command in batch.drain(..) {
             command.finish(failure.as_ref());
         }
     }
+}
 
-    /// [`Worker::apply_all_unguarded`], guarded: the storage engine can panic on a damaged
-    /// page. A panic fails the batch with [`Error::Corrupt`] and poisons the store, as a failed
-    /// commit does (the outcome is unknown).
-    fn apply_all(&self, batch: &mut [Command]) -> Result<()> {
-        catch_unwind(AssertUnwindSafe(|| self.apply_all_unguarded(batch))).unwrap_or_else(|_| {
-            self.poisoned.store(true, Ordering::Release);
-            Err(Error::corrupt(
-                "the storage engine failed while writing (damaged file); the store refuses \
-                 writes until it is reopened",
-            ))
-        })
+/// Applies one command to `tables` at `now`, keeping its result in it. `Err` (a storage
+/// failure) fails the batch; the command's own refusals (a lost lease, say) are its result.
+///
+/// # Errors
+/// A storage failure, which fails the whole batch.
+pub(crate) fn apply(
+    tables: &mut impl Tables,
+    command: &mut Command,
+    now: u64,
+    settings: &Settings,
+) -> Result<()> {
+    match command {
+        Command::Claim(job) => run(job, |q| claim(tables, q, now, settings)),
+        Command::Complete(job) => run(job, |q| {
+            let current = tables.get(&q.key)?;
+            let (record, done) =
+                machine::complete(current.as_ref(), q.token, q.action, now, settings.ttl)?;
+            tables.put(&q.key, &record)?;
+            Ok(done)
+        }),
+        Command::Hold(job) => run(job, |q| {
+            let current = tables.get(&q.key)?;
+            let (record, lease_expires_at) =
+                machine::hold(current.as_ref(), q.token, q.action, now)?;
+            tables.put(&q.key, &record)?;
+            Ok(lease_expires_at)
+        }),
+        Command::Abandon(job) => run(job, |q| {
+            let current = tables.get(&q.key)?;
+            machine::abandon(current.as_ref(), q.token, now)?;
+            tables.delete(&q.key)
+        }),
+        Command::Reap(job) => run(job, |limit| tables.reap(now, limit)),
     }
+}
 
-    /// Applies every command in one transaction and commits; each command keeps its own
-    /// result. `Err` fails the whole batch.
-    fn apply_all_unguarded(&self, batch: &mut [Command]) -> Result<()> {
-        let txn = storage::begin_write(&self.stored.db, self.settings.durability)?;
-        let stamp = match self.stored.timeline.now() {
-            Ok(stamp) => stamp,
-            // A clock reading the store cannot represent: nothing is written, every
-            // command of the batch gets the error (the store is not poisoned).
-            Err(e) => {
-                for command in batch.iter_mut() {
-                    command.answer_without_writing(&e);
-                }
-                return Ok(());
-            }
-        };
-        let now = stamp.at;
-        let mut saved = None;
-        let changes = {
-            let mut tables = WriteTables::open(&txn, &self.stored, stamp)?;
-            // Before any record of a new clock epoch: the correction that began it.
-            saved = self.save_corrections(&mut tables)?.or(saved);
-            for command in batch.iter_mut() {
-                self.apply(&mut tables, command, now)?;
-            }
-            if saved.is_some() || now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY) {
-                tables.note_time(now)?;
-            }
-            tables.into_changes()
-        };
-        if let Err(e) = txn.commit() {
-            self.poisoned.store(true, Ordering::Release);
-            tracing::error!(
-                error = %e,
-                "commit failed (outcome unknown); the store is poisoned and refuses writes until it is reopened"
-            );
-            return Err(Error::write_failed("committing a write", e));
+fn claim(
+    tables: &mut impl Tables,
+    q: ClaimRequest,
+    now: u64,
+    settings: &Settings,
+) -> Result<Claimed> {
+    let current = tables.get(&q.key)?;
+    Ok(match machine::decide_begin(current, &q.fp, now) {
+        BeginStep::Claim(current) => {
+            let token = tables.next_token()?;
+            let grant = machine::claim(current, &q.fp, token, now, settings.ttl, q.lease);
+            tables.put(&q.key, &grant.record)?;
+            Ok(grant)
         }
-        // Published only now: readers never see an entry that is not committed.
-        self.stored.index.apply(&changes);
-        // The commit went into the file the store opened: unless its path still names that
-        // file, no one will open this write again.
-        if let Some(file) = &self.stored.file
-            && let Err(e) = file.check()
-        {
-            self.poisoned.store(true, Ordering::Release);
-            return Err(e);
-        }
-        if saved.is_some() || now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY) {
-            self.noted_time.set(now);
-        }
-        self.corrections_saved(saved);
-        bump(&self.stats.commits, 1);
-        bump(&self.stats.committed_ops, batch.len() as u64);
-        Ok(())
-    }
-
-    /// Writes the clock corrections not persisted yet, and where the reaper's re-filing of
-    /// the records they move back starts. Returns how many corrections are then persisted
-    /// (`None` when there was nothing to write), for [`Worker::corrections_saved`] once the
-    /// transaction committed.
-    fn save_corrections(
-        &self,
-        tables: &mut WriteTables<'_>,
-    ) -> Result<Option<(usize, Option<u64>)>> {
-        let Some((corrections, saved)) = self.stored.timeline.unsaved() else {
-            return Ok(None);
-        };
-        let from = {
-            let pending = *self.stored.resweep_from.lock();
-            match (pending, corrections.resweep_from(saved)) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        };
-        tables.save_corrections(&corrections, from)?;
-        // The reap operations of this same batch start re-filing at once (a failed commit
-        // poisons the store, so this is never acted on without the commit).
-        *self.stored.resweep_from.lock() = from;
-        Ok(Some((corrections.len(), from)))
-    }
-
-    /// Notes, after the commit, what [`Worker::save_corrections`] persisted.
-    fn corrections_saved(&self, saved: Option<(usize, Option<u64>)>) {
-        if let Some((count, _)) = saved {
-            self.stored.timeline.mark_saved(count);
-        }
-    }
-
-    /// Applies one command, keeping its result in it. `Err` (a storage failure) fails the
-    /// batch; the command's own refusals (a lost lease, say) are its result.
-    fn apply(&self, tables: &mut WriteTables<'_>, command: &mut Command, now: u64) -> Result<()> {
-        match command {
-            Command::Claim(job) => run(job, |q| self.claim(tables, q, now)),
-            Command::Lease(job) => run(job, |q| self.lease(tables, q, now)),
-            Command::Reap(job) => run(job, |limit| self.reap(tables, limit, now)),
-        }
-    }
-
-    fn claim(&self, tables: &mut WriteTables<'_>, q: ClaimRequest, now: u64) -> Result<Claimed> {
-        let current = tables.get(&q.key)?;
-        Ok(match machine::decide_begin(current, &q.fp, now) {
-            BeginStep::Claim(current) => {
-                let token = tables.next_token()?;
-                let grant = machine::claim(current, &q.fp, token, now, self.settings.ttl, q.lease);
-                tables.put(&q.key, &grant.record)?;
-                Ok(grant)
-            }
-            BeginStep::Refuse(refusal) => Err(refusal),
-        })
-    }
-
-    fn lease(
-        &self,
-        tables: &mut WriteTables<'_>,
-        q: LeaseRequest,
-        now: u64,
-    ) -> Result<Option<Record>> {
-        let current = tables.get(&q.key)?;
-        match machine::apply_lease(current.as_ref(), q.token, q.action, now, self.settings.ttl)? {
-            Transition::Put(record) => {
-                tables.put(&q.key, &record)?;
-                Ok(Some(record))
-            }
-            Transition::Delete => {
-                tables.delete(&q.key)?;
-                Ok(None)
-            }
-        }
-    }
-
-    fn reap(&self, tables: &mut WriteTables<'_>, limit: usize, now: u64) -> Result<Reaped> {
-        // After a clock correction: re-file the expiry entries of records it moved back, a
-        // bounded step per pass, until the index is done; the ones due now are then deleted
-        // by this same pass.
-        let pending = *self.stored.resweep_from.lock();
-        let resweeping = match pending {
-            Some(from) => {
-                let next = tables.resweep(from, limit)?;
-                *self.stored.resweep_from.lock() = next;
-                next.is_some()
-            }
-            None => false,
-        };
-        let pass = tables.reap(now, limit)?;
-        Ok(Reaped {
-            deleted: pass.deleted,
-            more: pass.more || resweeping,
-        })
-    }
+        BeginStep::Refuse(refusal) => Err(refusal),
+    })
 }
 
 /// Runs a job's request and keeps its result. A storage failure is returned instead (it
@@ -542,10 +487,12 @@ fn run<Q, A>(job: &mut Job<Q, A>, apply: impl FnOnce(Q) -> Result<A>) -> Result<
 
 impl Command {
     /// Answers the command with `error` without applying it.
-    fn answer_without_writing(&mut self, error: &Error) {
+    pub fn answer_without_writing(&mut self, error: &Error) {
         match self {
             Command::Claim(job) => job.result = Some(Err(error.clone())),
-            Command::Lease(job) => job.result = Some(Err(error.clone())),
+            Command::Complete(job) => job.result = Some(Err(error.clone())),
+            Command::Hold(job) => job.result = Some(Err(error.clone())),
+            Command::Abandon(job) => job.result = Some(Err(error.clone())),
             Command::Reap(job) => job.result = Some(Err(error.clone())),
         }
     }

@@ -2,11 +2,11 @@
 //!
 //! A caller hands its operation to the committer and waits for the answer; the committer
 //! waits for operations. crossbeam's blocking `recv` spins and yields the CPU for a while
-//! before it parks the thread. Measured on the 2-vCPU VM of `BENCHMARKS.md`
-//! (`compare --callers 1 --handoff`), the naive redb baseline run on a second thread ran at
-//! 0.91× of running it inline when both threads waited in crossbeam's `recv`, and at 0.98×
-//! when they parked at once: the spinning, on the vCPU the other thread is not using, slows
-//! the thread doing the work. So both waits here park at once:
+//! before it parks the thread. Measured with `compare --callers 1 --handoff` (figures in
+//! BENCHMARKS.md), work handed to a second thread ran measurably slower when both threads
+//! waited in crossbeam's `recv` than when they parked at once: the spinning, on the CPU the
+//! other thread is not using, slows the thread doing the work. So both waits here park at
+//! once:
 //!
 //! * [`Doorbell`]: the committer sleeps on it when its queue (still a crossbeam channel) is
 //!   empty; a caller rings it after queueing. A ring costs a fence and a load unless the

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::{duration_nanos, from_nanos};
+use crate::committer::Submitter;
 use crate::error::{Error, Result};
 use crate::key::Key;
-use crate::machine::LeaseAction;
+use crate::machine::Hold;
 use crate::outcome::{Completed, Recovered};
-use crate::record::{Record, State};
 use crate::stats::bump;
 use crate::store::Inner;
 
@@ -96,18 +96,17 @@ impl Lease {
         Ok(())
     }
 
-    fn submit(&self, action: LeaseAction) -> Result<Option<Record>> {
-        let operation = match &action {
-            LeaseAction::Complete(_) => "complete",
-            LeaseAction::Extend(_) => "extend",
-            LeaseAction::Checkpoint(_) => "checkpoint",
-            LeaseAction::Abandon => "abandon",
-            LeaseAction::Release => "release",
-        };
+    /// Sends one operation of this lease to the committer (`operation` names it in logs),
+    /// and counts and logs a lost lease.
+    fn submit<T>(
+        &self,
+        operation: &'static str,
+        send: impl FnOnce(&Submitter, Vec<u8>, u64) -> Result<T>,
+    ) -> Result<T> {
         let reply = self
             .inner
             .submitter()
-            .and_then(|s| s.lease(self.encoded.clone(), self.token, action));
+            .and_then(|s| send(&s, self.encoded.clone(), self.token));
         if let Err(Error::LeaseLost { .. }) = &reply {
             bump(&self.inner.stats.leases_lost, 1);
             if operation == "release" {
@@ -136,12 +135,12 @@ impl Lease {
     ///   the store unusable; reopen the store and ask again with `begin`.
     pub fn complete(mut self, response: &[u8]) -> Result<Completed> {
         self.check_size(response.len())?;
-        let result = self.submit(LeaseAction::Complete(response.to_vec()));
+        let response = response.to_vec();
+        let result = self.submit("complete", |s, key, token| s.complete(key, token, response));
         self.finished = true;
-        let record = result?.ok_or_else(|| Error::corrupt("complete deleted the record"))?;
+        let done = result?;
         bump(&self.inner.stats.completed, 1);
-        Completed::from_record(record)
-            .ok_or_else(|| Error::corrupt("complete left the record in flight"))
+        Ok(done)
     }
 
     /// Moves the lease's end to `now + by`: a heartbeat for long work.
@@ -155,16 +154,10 @@ impl Lease {
                 "extend needs a duration greater than zero (drop the lease to release it)",
             ));
         }
-        let record = self.submit(LeaseAction::Extend(duration_nanos(by)))?;
-        if let Some(Record {
-            state: State::InFlight {
-                lease_expires_at, ..
-            },
-            ..
-        }) = record
-        {
-            self.expires_at = lease_expires_at;
-        }
+        let by = duration_nanos(by);
+        self.expires_at = self.submit("extend", |s, key, token| {
+            s.hold(key, token, Hold::Extend(by))
+        })?;
         Ok(())
     }
 
@@ -175,7 +168,8 @@ impl Lease {
     /// storage errors as for [`complete`](Lease::complete).
     pub fn checkpoint(&mut self, bytes: &[u8]) -> Result<()> {
         self.check_size(bytes.len())?;
-        self.submit(LeaseAction::Checkpoint(bytes.to_vec()))
+        let hold = Hold::Checkpoint(bytes.to_vec());
+        self.submit("checkpoint", |s, key, token| s.hold(key, token, hold))
             .map(|_| ())
     }
 
@@ -185,7 +179,7 @@ impl Lease {
     /// # Errors
     /// [`Error::LeaseLost`]; storage errors as for [`complete`](Lease::complete).
     pub fn abandon(mut self) -> Result<()> {
-        let result = self.submit(LeaseAction::Abandon);
+        let result = self.submit("abandon", |s, key, token| s.abandon(key, token));
         self.finished = true;
         result?;
         bump(&self.inner.stats.abandoned, 1);
@@ -200,7 +194,10 @@ impl Drop for Lease {
         if self.finished {
             return;
         }
-        if self.submit(LeaseAction::Release).is_ok() {
+        if self
+            .submit("release", |s, key, token| s.hold(key, token, Hold::Release))
+            .is_ok()
+        {
             bump(&self.inner.stats.released, 1);
         }
     }

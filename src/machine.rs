@@ -2,6 +2,8 @@
 //! the outcome and the record to write out. No I/O, so it is tested on its own and applied
 //! many times inside one write transaction by the committer.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::outcome::{Completed, Recovered};
@@ -124,81 +126,123 @@ pub(crate) fn claim(
     }
 }
 
-/// An operation on a lease.
+/// A lease operation that keeps the record in flight.
 #[derive(Clone, Debug)]
-pub(crate) enum LeaseAction {
-    /// In flight → completed with these response bytes.
-    Complete(Vec<u8>),
+pub(crate) enum Hold {
     /// `lease_expires_at = now + nanos`.
     Extend(u64),
     /// Store a recovery point.
     Checkpoint(Vec<u8>),
-    /// Delete the record.
-    Abandon,
     /// Best-effort release on drop: `lease_expires_at = now`.
     Release,
 }
 
-/// What a lease action does to the stored record.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Transition {
-    /// Write this record.
-    Put(Record),
-    /// Delete the record.
-    Delete,
+/// The fields of an in-flight record, as the holder of its lease finds them.
+struct Held<'r> {
+    record: &'r Record,
+    created_at: u64,
+    ttl_deadline: u64,
+    lease_expires_at: u64,
+    attempt: u32,
+    checkpoint: &'r Option<Vec<u8>>,
 }
 
-/// Applies `action` for the holder of `token`, or refuses with [`Error::LeaseLost`] when the
-/// record is absent, dead, completed, or carries another token.
-pub(crate) fn apply_lease(
-    record: Option<&Record>,
-    token: u64,
-    action: LeaseAction,
-    now: u64,
-    ttl: u64,
-) -> Result<Transition> {
+/// The record as the holder of `token` sees it: in flight and alive under that token, or
+/// [`Error::LeaseLost`] (absent, dead, completed, or carrying another token).
+fn held(record: Option<&Record>, token: u64, now: u64) -> Result<Held<'_>> {
     let lost = Error::LeaseLost { token };
     let Some(record) = record.filter(|r| !r.is_dead(now) && r.token == token) else {
         return Err(lost);
     };
-    let State::InFlight {
-        created_at,
-        ttl_deadline,
-        lease_expires_at,
-        attempt,
-        checkpoint,
-    } = &record.state
-    else {
-        return Err(lost);
-    };
-    let in_flight = |lease_expires_at: u64, checkpoint: Option<Vec<u8>>| {
-        Transition::Put(Record {
-            fingerprint: record.fingerprint,
-            token,
-            state: State::InFlight {
-                created_at: *created_at,
-                ttl_deadline: *ttl_deadline,
-                lease_expires_at,
-                attempt: *attempt,
-                checkpoint,
-            },
-        })
-    };
-    Ok(match action {
-        LeaseAction::Complete(response) => Transition::Put(Record {
-            fingerprint: record.fingerprint,
-            token,
-            state: State::Completed {
-                completed_at: now,
-                expires_at: now.saturating_add(ttl),
-                response,
-            },
+    match &record.state {
+        State::InFlight {
+            created_at,
+            ttl_deadline,
+            lease_expires_at,
+            attempt,
+            checkpoint,
+        } => Ok(Held {
+            record,
+            created_at: *created_at,
+            ttl_deadline: *ttl_deadline,
+            lease_expires_at: *lease_expires_at,
+            attempt: *attempt,
+            checkpoint,
         }),
-        LeaseAction::Extend(by) => in_flight(now.saturating_add(by), checkpoint.clone()),
-        LeaseAction::Checkpoint(bytes) => in_flight(*lease_expires_at, Some(bytes)),
-        LeaseAction::Abandon => Transition::Delete,
-        LeaseAction::Release => in_flight(now, checkpoint.clone()),
-    })
+        State::Completed { .. } => Err(lost),
+    }
+}
+
+/// In flight → completed with `response`, for the holder of `token`: the record to write
+/// and the answer, which share the response bytes.
+///
+/// # Errors
+/// [`Error::LeaseLost`] as for every lease operation.
+pub(crate) fn complete(
+    record: Option<&Record>,
+    token: u64,
+    response: Vec<u8>,
+    now: u64,
+    ttl: u64,
+) -> Result<(Record, Completed)> {
+    let held = held(record, token, now)?;
+    let response = Arc::new(response);
+    let expires_at = now.saturating_add(ttl);
+    let done = Completed {
+        response: Arc::clone(&response),
+        token,
+        completed_at: now,
+        expires_at,
+    };
+    let record = Record {
+        fingerprint: held.record.fingerprint,
+        token,
+        state: State::Completed {
+            completed_at: now,
+            expires_at,
+            response,
+        },
+    };
+    Ok((record, done))
+}
+
+/// Applies `hold` for the holder of `token`: the record to write, still in flight, and the
+/// lease's end in it.
+///
+/// # Errors
+/// [`Error::LeaseLost`] as for every lease operation.
+pub(crate) fn hold(
+    record: Option<&Record>,
+    token: u64,
+    hold: Hold,
+    now: u64,
+) -> Result<(Record, u64)> {
+    let held = held(record, token, now)?;
+    let (lease_expires_at, checkpoint) = match hold {
+        Hold::Extend(by) => (now.saturating_add(by), held.checkpoint.clone()),
+        Hold::Checkpoint(bytes) => (held.lease_expires_at, Some(bytes)),
+        Hold::Release => (now, held.checkpoint.clone()),
+    };
+    let record = Record {
+        fingerprint: held.record.fingerprint,
+        token,
+        state: State::InFlight {
+            created_at: held.created_at,
+            ttl_deadline: held.ttl_deadline,
+            lease_expires_at,
+            attempt: held.attempt,
+            checkpoint,
+        },
+    };
+    Ok((record, lease_expires_at))
+}
+
+/// Checks that the holder of `token` may abandon the record (which is then deleted).
+///
+/// # Errors
+/// [`Error::LeaseLost`] as for every lease operation.
+pub(crate) fn abandon(record: Option<&Record>, token: u64, now: u64) -> Result<()> {
+    held(record, token, now).map(|_| ())
 }
 
 #[cfg(test)]
@@ -256,11 +300,8 @@ mod tests {
     #[test]
     fn completed_rows() {
         let r = started(0, 1);
-        let Transition::Put(done) =
-            apply_lease(Some(&r), 1, LeaseAction::Complete(b"ok".to_vec()), 50, TTL).unwrap()
-        else {
-            panic!("complete must put")
-        };
+        let (done, answer) = complete(Some(&r), 1, b"ok".to_vec(), 50, TTL).unwrap();
+        assert_eq!((answer.response(), answer.completed_at), (&b"ok"[..], 50));
         match decide(&done, &fp(1), 60) {
             BeginStep::Refuse(Refusal::Replay(c)) => {
                 assert_eq!(
@@ -281,39 +322,30 @@ mod tests {
     fn fencing() {
         let r = started(0, 1);
         let r2 = claim(Some(r.clone()), &fp(1), 2, LEASE, TTL, LEASE).record;
-        for action in [
-            LeaseAction::Complete(vec![]),
-            LeaseAction::Extend(5),
-            LeaseAction::Checkpoint(vec![]),
-            LeaseAction::Abandon,
-            LeaseAction::Release,
-        ] {
-            assert!(matches!(
-                apply_lease(Some(&r2), 1, action.clone(), LEASE, TTL),
-                Err(Error::LeaseLost { token: 1 })
-            ));
-            assert!(apply_lease(None, 1, action, 0, TTL).is_err());
+        let lost = |r: Result<()>| matches!(r, Err(Error::LeaseLost { token: 1 }));
+        for record in [Some(&r2), None] {
+            let now = LEASE;
+            assert!(lost(complete(record, 1, vec![], now, TTL).map(|_| ())));
+            for action in [Hold::Extend(5), Hold::Checkpoint(vec![]), Hold::Release] {
+                assert!(lost(hold(record, 1, action, now).map(|_| ())));
+            }
+            assert!(lost(abandon(record, 1, now)));
         }
     }
 
     #[test]
     fn complete_after_lease_ran_out_but_not_taken_over() {
         let r = started(0, 1);
-        assert!(apply_lease(Some(&r), 1, LeaseAction::Complete(vec![]), LEASE * 5, TTL).is_ok());
-        assert!(apply_lease(Some(&r), 1, LeaseAction::Complete(vec![]), TTL, TTL).is_err());
+        assert!(complete(Some(&r), 1, vec![], LEASE * 5, TTL).is_ok());
+        assert!(complete(Some(&r), 1, vec![], TTL, TTL).is_err());
     }
 
     #[test]
     fn release_keeps_checkpoint_and_allows_takeover() {
         let r = started(0, 1);
-        let Ok(Transition::Put(r)) =
-            apply_lease(Some(&r), 1, LeaseAction::Checkpoint(b"cp".to_vec()), 1, TTL)
-        else {
-            panic!()
-        };
-        let Ok(Transition::Put(r)) = apply_lease(Some(&r), 1, LeaseAction::Release, 2, TTL) else {
-            panic!()
-        };
+        let (r, _) = hold(Some(&r), 1, Hold::Checkpoint(b"cp".to_vec()), 1).unwrap();
+        let (r, end) = hold(Some(&r), 1, Hold::Release, 2).unwrap();
+        assert_eq!(end, 2);
         assert!(claims(decide(&r, &fp(1), 2)));
         let g = claim(Some(r), &fp(1), 2, 2, TTL, LEASE);
         assert_eq!(g.recovered.unwrap().checkpoint(), Some(&b"cp"[..]));
@@ -322,10 +354,8 @@ mod tests {
     #[test]
     fn extend_moves_death() {
         let r = started(0, 1);
-        let Ok(Transition::Put(r)) = apply_lease(Some(&r), 1, LeaseAction::Extend(5 * TTL), 1, TTL)
-        else {
-            panic!()
-        };
+        let (r, end) = hold(Some(&r), 1, Hold::Extend(5 * TTL), 1).unwrap();
+        assert_eq!(end, 1 + 5 * TTL);
         assert_eq!(r.dies_at(), 1 + 5 * TTL);
         assert!(!r.is_dead(TTL));
     }

@@ -1,6 +1,7 @@
 //! What the store answers: [`Begin`], [`Completed`], [`Recovered`], [`Entry`].
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::from_nanos;
@@ -34,38 +35,22 @@ pub enum Begin {
 /// A completed request: its stored response and when it expires.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Completed {
-    pub(crate) response: Vec<u8>,
+    pub(crate) response: Arc<Vec<u8>>,
     pub(crate) token: u64,
     pub(crate) completed_at: u64,
     pub(crate) expires_at: u64,
 }
 
 impl Completed {
-    /// Builds from a completed record; `None` for an in-flight one.
-    pub(crate) fn from_record(record: Record) -> Option<Completed> {
-        match record.state {
-            State::Completed {
-                completed_at,
-                expires_at,
-                response,
-            } => Some(Completed {
-                response,
-                token: record.token,
-                completed_at,
-                expires_at,
-            }),
-            State::InFlight { .. } => None,
-        }
-    }
-
     /// The response bytes given to [`Lease::complete`], exactly.
     pub fn response(&self) -> &[u8] {
         &self.response
     }
 
-    /// Takes the response bytes.
+    /// Takes the response bytes (without a copy, unless a clone of this `Completed` still
+    /// shares them).
     pub fn into_response(self) -> Vec<u8> {
-        self.response
+        Arc::try_unwrap(self.response).unwrap_or_else(|shared| shared.as_ref().clone())
     }
 
     /// The fencing token of the lease that completed the request.

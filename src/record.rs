@@ -53,6 +53,7 @@
 
 use crate::error::{Error, Result};
 use crate::timeline::Stamp;
+use std::sync::Arc;
 
 /// The length of the log entry of `key` and `record`.
 pub(crate) fn entry_len(key: &[u8], record: &Record) -> usize {
@@ -131,7 +132,8 @@ pub(crate) enum State {
     Completed {
         completed_at: u64,
         expires_at: u64,
-        response: Vec<u8>,
+        /// Shared with the [`Completed`](crate::Completed) answers made from it (no copy).
+        response: Arc<Vec<u8>>,
     },
 }
 
@@ -283,7 +285,7 @@ impl Record {
                 out.put(&completed_at.to_be_bytes());
                 out.put(&expires_at.to_be_bytes());
                 out.put(&len_u32(response.len()).to_be_bytes());
-                out.put(response);
+                out.put(response.as_slice());
             }
         }
     }
@@ -339,7 +341,7 @@ impl Record {
                 State::Completed {
                     completed_at,
                     expires_at,
-                    response: r.take(n)?.to_vec(),
+                    response: Arc::new(r.take(n)?.to_vec()),
                 }
             }
             other => return Err(Error::corrupt(format!("record state tag {other}"))),
@@ -452,7 +454,7 @@ mod tests {
                 state: State::Completed {
                     completed_at: 5,
                     expires_at: u64::MAX,
-                    response: b"hello".to_vec(),
+                    response: Arc::new(b"hello".to_vec()),
                 },
             },
         ] {
@@ -508,7 +510,7 @@ mod tests {
 
         #[test]
         fn encode_decode_identity(token: u64, a: u64, b: u64, resp in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let r = Record { fingerprint: [9; 32], token, state: State::Completed { completed_at: a, expires_at: b, response: resp } };
+            let r = Record { fingerprint: [9; 32], token, state: State::Completed { completed_at: a, expires_at: b, response: Arc::new(resp) } };
             let stamp = Stamp { at: a, epoch: 0 };
             prop_assert_eq!(Record::decode(&r.encode(stamp)).unwrap(), (r, stamp));
         }

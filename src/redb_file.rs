@@ -157,9 +157,8 @@ pub(crate) fn private_file_options() -> OpenOptions {
 /// Cost: one lookup per commit, shared by every operation of the batch. On Linux it is a
 /// `statx` that asks for the inode alone: a plain `stat` also reads the file's timestamps,
 /// and a file whose timestamps were read gets them updated by its next write, which made
-/// every commit pay for an extra journal write (measured: a lone caller's commits 18 %
-/// slower, 1,900 → 1,560 cycles/s in `compare`; a write + fsync loop 140 → 200 µs per
-/// iteration). The `statx` costs no measurable time. Other Unix systems use `stat`.
+/// every commit pay for an extra journal write (BENCHMARKS.md has the measurement). The
+/// `statx` costs no measurable time. Other Unix systems use `stat`.
 ///
 /// The path is made absolute when the store opens, so a later change of the process's
 /// working directory does not move it. Only Unix has a stable file identity in `std`; on

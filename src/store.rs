@@ -474,7 +474,8 @@ impl Builder {
     fn start(self, stored: Stored, settings: Settings, path: Option<PathBuf>) -> Result<Store> {
         let stored = Arc::new(stored);
         let stats = Arc::new(StatsCells::default());
-        let committer = Committer::spawn(stored.clone(), settings, stats.clone())?;
+        let writer = storage::RedbWriter::new(Arc::clone(&stored), settings);
+        let committer = Committer::spawn(writer, stats.clone())?;
         let submitter = committer.submitter();
         let reaper = self
             .reap_interval

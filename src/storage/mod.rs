@@ -1,0 +1,178 @@
+//! The redb layer: the file's tables, opening and format checks, and the reads
+//! and writes of records with their expiry index. Decisions are made by [`crate::machine`];
+//! this module only moves records in and out of redb.
+//!
+//! # Tables (format version 3)
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
+//! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]) |
+//! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
+//!
+//! # Why a log
+//!
+//! Idempotency keys are random (UUID v4). In a tree keyed by them every write lands on a
+//! different page, so a commit of *n* writes copies about *n* pages of the tree and their
+//! parents, and the disk's write bandwidth, not the fsync, bounds group commit. Here a new
+//! key's first record is appended to the log under the next sequence number, and later
+//! records of the key rewrite that entry in place (for the request that just ran it sits
+//! near the log's end too), so a commit of a whole batch touches a handful of pages. The
+//! log is in the order keys were claimed; a key deleted (abandoned or reaped) and
+//! claimed again gets a new entry at the end. The cost is an
+//! in-memory index from key hash to sequence number ([`crate::index`]), rebuilt by a scan of
+//! the log when the store opens.
+//!
+//! The expiry index holds exactly one entry per log entry, keyed by the record's death time,
+//! so the reaper walks dead records in time order and never scans live ones.
+//!
+//! Other format versions (1 and 2 were development formats) are refused with
+//! [`Error::IncompatibleFormat`], never migrated.
+//!
+//! # Layout
+//!
+//! `format` checks, creates and opens the file and builds the key index from the log;
+//! `read` is the read path (one record, or a walk of the whole log); `write` the tables of
+//! one write transaction (records, expiry entries, the token counter and the meta keys);
+//! `reap` the reaper's passes over the expiry index. The tables and the meta keys are named
+//! here, once.
+
+mod batch;
+mod format;
+mod read;
+mod reap;
+mod write;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::Mutex;
+
+use redb::{Database, ReadableTable, TableDefinition, TableError};
+
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::record::{Record, split_entry};
+use crate::redb_file::FileIdentity;
+use crate::timeline::{Corrections, StoreClock};
+
+pub(crate) use batch::RedbWriter;
+#[cfg(feature = "test-backend")]
+pub(crate) use format::open_backend;
+pub(crate) use format::{initialize, open_file, open_memory, open_read_only};
+pub(crate) use read::ReadOnlyFile;
+#[cfg(test)]
+use reap::ReapPass;
+pub(crate) use write::{WriteTables, begin_write};
+
+/// before it), for files that must not be taken for a store (the client outbox).
+#[cfg(feature = "client")]
+pub(crate) const TABLE_NAMES: [&str; 5] = [
+    "idemstore_meta",
+    "idemstore_log",
+    "idemstore_log_expiry",
+    "idemstore_records",
+    "idemstore_expiry",
+];
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");
+const DEATHS: TableDefinition<(u64, u64), ()> = TableDefinition::new("idemstore_log_expiry");
+
+const MAGIC_KEY: &str = "magic";
+const MAGIC: &[u8] = b"idemstore";
+const VERSION_KEY: &str = "format_version";
+const TOKEN_KEY: &str = "last_token";
+const TIME_KEY: &str = "latest_time";
+const CORRECTIONS_KEY: &str = "clock_corrections";
+const RESWEEP_KEY: &str = "resweep_from";
+/// The file format version this build writes and reads.
+pub(crate) const FORMAT_VERSION: u32 = 3;
+
+fn engine<E: std::error::Error + Send + Sync + 'static>(
+    context: &str,
+) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::storage(context, e)
+}
+
+/// Runs a redb call that may panic on a damaged file; a panic becomes [`Error::Corrupt`].
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(Error::corrupt(format!(
+            "the storage engine failed while {what} (damaged file)"
+        )))
+    })
+}
+
+/// Maps "no such table"/"wrong table type" to a foreign-file error.
+fn table_error(e: TableError) -> Error {
+    match e {
+        TableError::TableDoesNotExist(_)
+        | TableError::TableTypeMismatch { .. }
+        | TableError::TableIsMultimap(_)
+        | TableError::TypeDefinitionChanged { .. } => Error::IncompatibleFormat {
+            reason: "the redb file was not written by idemstore (its tables differ)".into(),
+        },
+        other => Error::storage("opening a table", other),
+    }
+}
+
+fn read_u64(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<u64>> {
+    let Some(v) = meta
+        .get(key)
+        .map_err(|e| Error::storage("reading the meta table", e))?
+    else {
+        return Ok(None);
+    };
+    let bytes = <[u8; 8]>::try_from(v.value())
+        .map_err(|_| Error::corrupt(format!("the meta table's {key:?} is malformed")))?;
+    Ok(Some(u64::from_be_bytes(bytes)))
+}
+
+/// A store's database, the in-memory index of its log, and its clock.
+pub(crate) struct Stored {
+    pub db: Database,
+    pub index: Index,
+    /// The sequence number of the next log entry (only the committer takes them).
+    next_seq: AtomicU64,
+    /// The highest fencing token found in the log at open: the next token is above it,
+    /// whatever the persisted counter says (a counter lowered by a crafted file).
+    tokens_above: u64,
+    /// The store's time ([`crate::timeline`]); records are read with its corrections.
+    pub timeline: StoreClock,
+    /// The death time from which the reaper has to re-file records moved back by a clock
+    /// correction (`None`: nothing to re-file). Only the committer changes it.
+    pub resweep_from: Mutex<Option<u64>>,
+    /// The file the database lives in, checked after each commit; `None` without a path.
+    pub file: Option<FileIdentity>,
+}
+
+/// Decodes the record bytes of a log entry (whose checksum [`split_entry`] verified), with
+/// its times moved back if it was written under a clock that was later corrected.
+pub(crate) fn decode_record(bytes: &[u8], corrections: &Corrections) -> Result<Record> {
+    let (mut record, stamp) = Record::decode(bytes)?;
+    let by = corrections.shift(stamp, record.dies_at());
+    if by > 0 {
+        record.shift_back(by);
+    }
+    Ok(record)
+}
+
+/// The death time of the record in a log entry, as [`decode_record`] would give it, reading
+/// only its fixed-size fields.
+///
+/// # Errors
+/// [`Error::Corrupt`] for a damaged entry.
+fn entry_dies_at<'e>(entry: &'e [u8], corrections: &Corrections) -> Result<(&'e [u8], u64)> {
+    let (key, record) = split_entry(entry)?;
+    let (dies_at, stamp) = Record::peek(record)?;
+    Ok((
+        key,
+        dies_at.saturating_sub(corrections.shift(stamp, dies_at)),
+    ))
+}
+
+#[cfg(test)]
+mod tests;
