@@ -460,4 +460,58 @@ mod tests {
         drop(running);
         store.close().unwrap();
     }
+
+    #[test]
+    fn a_store_file_opened_read_only_sees_the_records_and_never_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::builder().reap_interval(None).open(&path).unwrap();
+        let key = Key::new("t", "done").unwrap();
+        started(&store, &key).complete(b"abc").unwrap();
+        std::mem::forget(started(&store, &Key::new("t", "stalled").unwrap()));
+
+        // Held open for writing: refused, as a service's file is.
+        assert!(matches!(
+            StoreFile::open(&path),
+            Err(Error::AlreadyOpen { .. })
+        ));
+        store.close().unwrap();
+
+        let before = std::fs::read(&path).unwrap();
+        let file = StoreFile::open(&path).unwrap();
+        let s = file.summary().unwrap();
+        assert_eq!((s.completed, s.in_flight, s.records()), (1, 1, 2));
+        assert_eq!(s.file_bytes, Some(before.len() as u64));
+        let done = file.inspect(&key).unwrap().unwrap();
+        assert!(matches!(&done.entry, Entry::Completed(c) if c.response() == b"abc"));
+        assert!(
+            file.inspect(&Key::new("t", "never").unwrap())
+                .unwrap()
+                .is_none()
+        );
+        let mut ids = Vec::new();
+        file.scan(|r| {
+            ids.push(r.key.id().to_owned());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(ids, ["done", "stalled"]);
+        drop(file);
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "the file is unchanged"
+        );
+
+        // A store file is required: an empty file or a foreign one is refused untouched.
+        let empty = dir.path().join("empty.redb");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            StoreFile::open(&empty),
+            Err(Error::IncompatibleFormat { .. })
+        ));
+        let foreign = dir.path().join("foreign.txt");
+        std::fs::write(&foreign, b"not a store").unwrap();
+        assert!(StoreFile::open(&foreign).is_err());
+        assert_eq!(std::fs::read(&foreign).unwrap(), b"not a store");
+    }
 }
