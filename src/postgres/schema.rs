@@ -409,3 +409,330 @@ fn relkind_name(kind: &str) -> &'static str {
         _ => "relation of another kind",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+    use crate::postgres::testdb::TestDb;
+
+    fn open(db: &TestDb) -> Result<()> {
+        create_or_check(&mut db.client(), &db.names)
+    }
+
+    fn count(client: &mut postgres::Client, sql: &str) -> i64 {
+        client.query_one(sql, &[]).unwrap().get(0)
+    }
+
+    /// Everything about the schema's relations that a refused open must leave as it was:
+    /// names, kinds, columns, sequence settings and the row count of each table.
+    fn snapshot(db: &mut TestDb) -> String {
+        let schema = db.names.schema.clone();
+        let admin = db.admin();
+        let rels = admin
+            .query(
+                "SELECT c.relname::text, c.relkind::text, \
+                        coalesce((SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) \
+                                  || CASE WHEN a.attnotnull THEN ' nn' ELSE '' END, ',' ORDER BY a.attnum) \
+                                  FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
+                                  AND NOT a.attisdropped), '') \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 ORDER BY c.relname",
+                &[&schema],
+            )
+            .unwrap();
+        let mut out = String::new();
+        for row in rels {
+            let (name, kind, columns): (String, String, String) =
+                (row.get(0), row.get(1), row.get(2));
+            out.push_str(&format!("{name} {kind} ({columns})"));
+            let qualified = format!("{}.{}", quote_identifier(&schema), quote_identifier(&name));
+            if kind == "r" {
+                let rows = count(admin, &format!("SELECT count(*) FROM {qualified}"));
+                out.push_str(&format!(" rows={rows}"));
+            }
+            if kind == "S" {
+                let row = admin
+                    .query_one(
+                        "SELECT increment_by, cache_size FROM pg_sequences \
+                         WHERE schemaname = $1 AND sequencename = $2",
+                        &[&schema, &name],
+                    )
+                    .unwrap();
+                let (inc, cache): (i64, i64) = (row.get(0), row.get(1));
+                out.push_str(&format!(" inc={inc} cache={cache}"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn refused(result: Result<()>) -> String {
+        match result {
+            Err(Error::IncompatibleFormat { reason }) => reason,
+            other => panic!("expected IncompatibleFormat, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn schema_names_are_checked_and_quoted() {
+        assert!(matches!(Names::new(""), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(
+            Names::new(&"s".repeat(64)),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(Names::new(&"s".repeat(63)).is_ok());
+        assert!(matches!(
+            Names::new("a\0b"),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let names = Names::new("My \"odd\" schema").unwrap();
+        assert_eq!(names.quoted_schema, "\"My \"\"odd\"\" schema\"");
+        assert_eq!(
+            names.records,
+            "\"My \"\"odd\"\" schema\".\"idemstore_records\""
+        );
+    }
+
+    #[test]
+    fn lock_keys_are_stable_and_depend_on_the_schema() {
+        // The same key bytes must give the same lock on every replica and every build.
+        assert_eq!(lock_key("idemstore", b"k"), lock_key("idemstore", b"k"));
+        assert_ne!(lock_key("idemstore", b"k"), lock_key("idemstore", b"l"));
+        assert_ne!(lock_key("idemstore", b"k"), lock_key("other", b"k"));
+        // The schema and the key are separated: ("ab", "c") is not ("a", "bc").
+        assert_ne!(lock_key("ab", b"c"), lock_key("a", b"bc"));
+    }
+
+    #[test]
+    fn first_open_creates_the_tables_the_version_row_and_the_sequence() {
+        let Some(mut db) = TestDb::new() else { return };
+        open(&db).unwrap();
+        let names = db.names.clone();
+        let admin = db.admin();
+        let version: i32 = admin
+            .query_one(&format!("SELECT version FROM {}", names.version), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(version, FORMAT_VERSION);
+        assert_eq!(
+            count(admin, &format!("SELECT count(*) FROM {}", names.version)),
+            1
+        );
+        assert_eq!(
+            count(admin, &format!("SELECT count(*) FROM {}", names.records)),
+            0
+        );
+        let first = count(
+            admin,
+            &format!("SELECT nextval('{}')", names.tokens.replace('\'', "''")),
+        );
+        assert_eq!(first, 1);
+        let indexed = admin
+            .query_one(
+                "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = $2",
+                &[&names.schema, &DIES_AT_INDEX],
+            )
+            .unwrap()
+            .get::<_, String>(0);
+        assert!(indexed.contains("(dies_at)"), "{indexed}");
+    }
+
+    #[test]
+    fn a_second_open_checks_and_changes_nothing() {
+        let Some(mut db) = TestDb::new() else { return };
+        open(&db).unwrap();
+        let records = db.names.records.clone();
+        db.admin()
+            .execute(
+                &format!("INSERT INTO {records} VALUES ('\\x01', 5, 10, '\\x02')"),
+                &[],
+            )
+            .unwrap();
+        let before = snapshot(&mut db);
+        open(&db).unwrap();
+        open(&db).unwrap();
+        assert_eq!(snapshot(&mut db), before);
+        assert!(
+            before.contains("idemstore_records r") && before.contains("rows=1"),
+            "{before}"
+        );
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_untouched() {
+        let Some(mut db) = TestDb::new() else { return };
+        open(&db).unwrap();
+        let version = db.names.version.clone();
+        db.admin()
+            .execute(
+                &format!("UPDATE {version} SET version = {}", FORMAT_VERSION + 1),
+                &[],
+            )
+            .unwrap();
+        let before = snapshot(&mut db);
+        let reason = refused(open(&db));
+        assert!(reason.contains("newer"), "{reason}");
+        assert_eq!(snapshot(&mut db), before);
+        let still: i32 = db
+            .admin()
+            .query_one(&format!("SELECT version FROM {version}"), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(still, FORMAT_VERSION + 1);
+    }
+
+    #[test]
+    fn foreign_objects_of_our_names_are_refused_untouched() {
+        // Each case: statements run in a fresh schema (`{s}` is its quoted name); `ours` runs
+        // idemstore's own creation first.
+        let cases: [(&str, bool, &str, &str); 8] = [
+            (
+                "a foreign table alone",
+                false,
+                "CREATE TABLE {s}.idemstore_records (id int, data text); \
+              INSERT INTO {s}.idemstore_records VALUES (1, 'theirs')",
+                "not an idemstore schema",
+            ),
+            (
+                "our tables without a version row",
+                true,
+                "DELETE FROM {s}.idemstore_version",
+                "0 rows",
+            ),
+            (
+                "two version rows",
+                true,
+                "INSERT INTO {s}.idemstore_version VALUES (1)",
+                "2 rows",
+            ),
+            (
+                "a column of another type",
+                true,
+                "ALTER TABLE {s}.idemstore_records ALTER COLUMN token TYPE numeric",
+                "columns",
+            ),
+            (
+                "a nullable column",
+                true,
+                "ALTER TABLE {s}.idemstore_records ALTER COLUMN record DROP NOT NULL",
+                "columns",
+            ),
+            (
+                "an extra column",
+                true,
+                "ALTER TABLE {s}.idemstore_records ADD COLUMN note text",
+                "columns",
+            ),
+            (
+                "a sequence caching values per session",
+                true,
+                "ALTER SEQUENCE {s}.idemstore_tokens CACHE 20",
+                "cache 20",
+            ),
+            (
+                "a view of our version table's name",
+                false,
+                "CREATE TABLE {s}.idemstore_records (key bytea PRIMARY KEY, token bigint NOT NULL, \
+              dies_at bigint NOT NULL, record bytea NOT NULL); \
+              CREATE INDEX idemstore_records_dies_at ON {s}.idemstore_records (dies_at); \
+              CREATE SEQUENCE {s}.idemstore_tokens CACHE 1; \
+              CREATE VIEW {s}.idemstore_version AS SELECT 1 AS version",
+                "is a view",
+            ),
+        ];
+        for (what, ours, setup, expect) in cases {
+            let Some(mut db) = TestDb::new() else { return };
+            let s = db.names.quoted_schema.clone();
+            if ours {
+                open(&db).unwrap();
+            } else {
+                db.admin()
+                    .batch_execute(&format!("CREATE SCHEMA {s}"))
+                    .unwrap();
+            }
+            db.admin().batch_execute(&setup.replace("{s}", &s)).unwrap();
+            let before = snapshot(&mut db);
+            let reason = refused(open(&db));
+            assert!(reason.contains(expect), "{what}: {reason}");
+            assert!(reason.contains(&db.names.schema), "{what}: {reason}");
+            assert_eq!(snapshot(&mut db), before, "{what}: the schema was changed");
+        }
+    }
+
+    #[test]
+    fn other_tables_in_the_schema_are_left_alone() {
+        let Some(mut db) = TestDb::new() else { return };
+        let s = db.names.quoted_schema.clone();
+        db.admin()
+            .batch_execute(&format!(
+                "CREATE SCHEMA {s}; CREATE TABLE {s}.bookings (slot int); \
+                 INSERT INTO {s}.bookings VALUES (7); CREATE TABLE {s}.idemstore_notes (x text)"
+            ))
+            .unwrap();
+        open(&db).unwrap();
+        open(&db).unwrap();
+        let after = snapshot(&mut db);
+        assert!(
+            after.contains("bookings r (slot integer) rows=1"),
+            "{after}"
+        );
+        assert!(
+            after.contains("idemstore_notes r (x text) rows=0"),
+            "{after}"
+        );
+        assert!(
+            after.contains("idemstore_version r (version integer nn) rows=1"),
+            "{after}"
+        );
+    }
+
+    #[test]
+    fn replicas_opening_at_once_create_once() {
+        let Some(mut db) = TestDb::new() else { return };
+        let barrier = Arc::new(Barrier::new(4));
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let mut client = db.client();
+                    let names = db.names.clone();
+                    let barrier = Arc::clone(&barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        create_or_check(&mut client, &names)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for result in results {
+            result.unwrap();
+        }
+        let version = db.names.version.clone();
+        assert_eq!(
+            count(db.admin(), &format!("SELECT count(*) FROM {version}")),
+            1
+        );
+    }
+
+    #[test]
+    fn a_schema_name_needing_quotes_works() {
+        let Some(mut db) = TestDb::new() else { return };
+        let odd = Names::new(&format!("{} \"Odd\" name", db.names.schema)).unwrap();
+        let result = create_or_check(&mut db.client(), &odd)
+            .and_then(|()| create_or_check(&mut db.client(), &odd));
+        let version: std::result::Result<i32, _> = db
+            .admin()
+            .query_one(&format!("SELECT version FROM {}", odd.version), &[])
+            .map(|row| row.get(0));
+        db.admin()
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                odd.quoted_schema
+            ))
+            .unwrap();
+        result.unwrap();
+        assert_eq!(version.unwrap(), FORMAT_VERSION);
+    }
+}
