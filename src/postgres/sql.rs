@@ -305,3 +305,327 @@ fn from_bigint(value: i64, what: &str) -> Result<u64> {
     u64::try_from(value)
         .map_err(|_| Error::corrupt(format!("a stored {what} is negative ({value})")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+    use crate::postgres::schema::create_or_check;
+    use crate::postgres::testdb::TestDb;
+
+    /// A test schema with idemstore's objects, and its statements.
+    fn opened() -> Option<(TestDb, Statements)> {
+        let db = TestDb::new()?;
+        create_or_check(&mut db.client(), &db.names).unwrap();
+        let statements = Statements::new(&db.names);
+        Some((db, statements))
+    }
+
+    fn row<'a>(key: &'a [u8], token: u64, dies_at: u64, record: &'a [u8]) -> Upsert<'a> {
+        Upsert {
+            key,
+            token,
+            dies_at,
+            record,
+        }
+    }
+
+    /// The 64-bit advisory locks this session holds (PostgreSQL shows a bigint lock key as
+    /// its high half in `classid` and its low half in `objid`).
+    fn held_locks(tx: &mut Transaction<'_>) -> Vec<i64> {
+        tx.query(
+            "SELECT ((classid::int8 << 32) | objid::int8) FROM pg_locks \
+             WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid() \
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    #[test]
+    fn lock_load_upsert_delete_round_trip() {
+        let Some((db, sql)) = opened() else { return };
+        let mut client = db.client();
+        let keys: [&[u8]; 4] = [b"k-a", b"k-b", b"\0scope\0k-c", b"k-missing"];
+        let mut tx = client.transaction().unwrap();
+        // Duplicates are locked once; the order is ascending.
+        let with_duplicate = [keys[2], keys[0], keys[1], keys[3], keys[0]];
+        let order = sql.lock_order(&with_duplicate);
+        assert_eq!(order.len(), 4);
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        sql.lock_keys(&mut tx, &with_duplicate).unwrap();
+        assert_eq!(held_locks(&mut tx), order);
+
+        assert!(sql.load(&mut tx, &keys).unwrap().is_empty());
+        sql.upsert(
+            &mut tx,
+            &[
+                row(keys[0], 1, 100, b"rec-a"),
+                row(keys[1], 2, 200, b"rec-b"),
+                row(keys[2], 3, u64::MAX, b""),
+                // A key written twice in one call: its last row counts.
+                row(keys[0], 4, 400, b"rec-a2"),
+            ],
+        )
+        .unwrap();
+        let loaded = sql.load(&mut tx, &keys).unwrap();
+        assert_eq!(loaded.len(), 3);
+        let expect = |token, dies_at, record: &[u8]| Loaded {
+            token,
+            dies_at,
+            record: record.to_vec(),
+        };
+        assert_eq!(loaded[keys[0]], expect(4, 400, b"rec-a2"));
+        assert_eq!(loaded[keys[1]], expect(2, 200, b"rec-b"));
+        // A death time past year 2262 is kept as bigint's largest.
+        assert_eq!(loaded[keys[2]], expect(3, i64::MAX as u64, b""));
+
+        sql.upsert(&mut tx, &[row(keys[1], 5, 500, b"rec-b2")])
+            .unwrap();
+        assert_eq!(
+            sql.delete(&mut tx, &[keys[0], keys[2], keys[3]]).unwrap(),
+            2
+        );
+        tx.commit().unwrap();
+
+        // Another connection sees what was committed.
+        let mut other = db.client();
+        let mut tx = other.transaction().unwrap();
+        let loaded = sql.load(&mut tx, &keys).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[keys[1]], expect(5, 500, b"rec-b2"));
+        // The locks ended with the transaction that took them.
+        assert!(held_locks(&mut tx).is_empty());
+        // Empty calls send nothing and succeed.
+        sql.lock_keys::<&[u8]>(&mut tx, &[]).unwrap();
+        assert!(sql.load::<&[u8]>(&mut tx, &[]).unwrap().is_empty());
+        sql.upsert(&mut tx, &[]).unwrap();
+        assert_eq!(sql.delete::<&[u8]>(&mut tx, &[]).unwrap(), 0);
+        assert!(sql.next_tokens(&mut tx, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_locked_key_makes_another_session_wait() {
+        let Some((db, sql)) = opened() else { return };
+        let (mut a, mut b) = (db.client(), db.client());
+        let id = sql.lock_order(&[b"shared"])[0];
+        let mut tx = a.transaction().unwrap();
+        sql.lock_keys(&mut tx, &[b"shared"]).unwrap();
+        let try_lock = |client: &mut postgres::Client| -> bool {
+            client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&id])
+                .unwrap()
+                .get(0)
+        };
+        assert!(!try_lock(&mut b), "the lock is held by the batch");
+        tx.commit().unwrap();
+        assert!(try_lock(&mut b), "the lock ends with the batch");
+        b.execute("SELECT pg_advisory_unlock($1)", &[&id]).unwrap();
+    }
+
+    #[test]
+    fn batches_locking_keys_in_opposite_orders_never_deadlock() {
+        let Some((db, sql)) = opened() else { return };
+        let keys: Vec<Vec<u8>> = (0..40).map(|i| format!("key-{i}").into_bytes()).collect();
+        let barrier = Barrier::new(2);
+        std::thread::scope(|scope| {
+            for reverse in [false, true] {
+                let mut client = db.client();
+                let (sql, barrier) = (&sql, &barrier);
+                let mut keys = keys.clone();
+                if reverse {
+                    keys.reverse();
+                }
+                scope.spawn(move || {
+                    barrier.wait();
+                    for round in 0..30u64 {
+                        let mut tx = client.transaction().unwrap();
+                        sql.lock_keys(&mut tx, &keys).unwrap();
+                        let rows: Vec<Upsert<'_>> =
+                            keys.iter().map(|k| row(k, round + 1, 1, b"r")).collect();
+                        sql.upsert(&mut tx, &rows).unwrap();
+                        tx.commit().unwrap();
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn tokens_rise_for_every_key_across_connections() {
+        let Some((db, sql)) = opened() else { return };
+        let keys: Vec<Vec<u8>> = (0..4).map(|i| vec![b'k', i]).collect();
+        let barrier = Arc::new(Barrier::new(2));
+        let drawn: Vec<Vec<u64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|worker: usize| {
+                    let mut client = db.client();
+                    let (sql, keys, barrier) = (&sql, &keys, Arc::clone(&barrier));
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let mut drawn = Vec::new();
+                        for round in 0..100usize {
+                            // Batches of one to four keys, overlapping the other worker's.
+                            let start = (round + worker) % keys.len();
+                            let batch: Vec<&[u8]> = (0..1 + round % keys.len())
+                                .map(|i| keys[(start + i) % keys.len()].as_slice())
+                                .collect();
+                            let mut tx = client.transaction().unwrap();
+                            sql.lock_keys(&mut tx, &batch).unwrap();
+                            let loaded = sql.load(&mut tx, &batch).unwrap();
+                            let tokens = sql.next_tokens(&mut tx, batch.len()).unwrap();
+                            assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+                            let rows: Vec<Upsert<'_>> = batch
+                                .iter()
+                                .zip(&tokens)
+                                .map(|(key, &token)| {
+                                    if let Some(old) = loaded.get(*key) {
+                                        assert!(
+                                            token > old.token,
+                                            "token {token} after {} for {key:?}",
+                                            old.token
+                                        );
+                                    }
+                                    row(key, token, 1, b"r")
+                                })
+                                .collect();
+                            sql.upsert(&mut tx, &rows).unwrap();
+                            tx.commit().unwrap();
+                            drawn.extend(tokens);
+                        }
+                        drawn
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let all: Vec<u64> = drawn.concat();
+        let unique: HashSet<u64> = all.iter().copied().collect();
+        assert_eq!(unique.len(), all.len(), "a token was handed out twice");
+    }
+
+    #[test]
+    fn the_server_clock_is_read_in_nanoseconds() {
+        let Some((db, sql)) = opened() else { return };
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        let first = sql.server_now(&mut tx).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // clock_timestamp(), not the transaction's start: it moves within one transaction.
+        let second = sql.server_now(&mut tx).unwrap();
+        assert!(second >= first + 10_000_000, "{first} then {second}");
+        let local = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        // The same machine: the two clocks agree to well within a minute.
+        assert!(
+            local.abs_diff(second) < 60_000_000_000,
+            "{local} vs {second}"
+        );
+    }
+
+    /// Inserts `dead` rows dying at 1..=dead and `alive` rows dying after `now` = 1_000_000.
+    fn fill(db: &TestDb, sql: &Statements, dead: u64, alive: u64) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let dead_keys: Vec<Vec<u8>> = (1..=dead)
+            .map(|i| format!("dead-{i}").into_bytes())
+            .collect();
+        let alive_keys: Vec<Vec<u8>> = (1..=alive)
+            .map(|i| format!("alive-{i}").into_bytes())
+            .collect();
+        let mut rows: Vec<Upsert<'_>> = dead_keys
+            .iter()
+            .zip(1..)
+            .map(|(k, dies_at)| row(k, dies_at, dies_at, b"r"))
+            .collect();
+        rows.extend(
+            alive_keys
+                .iter()
+                .zip(1..)
+                .map(|(k, i)| row(k, 10_000 + i, 1_000_001 + i, b"r")),
+        );
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        sql.upsert(&mut tx, &rows).unwrap();
+        tx.commit().unwrap();
+        (dead_keys, alive_keys)
+    }
+
+    #[test]
+    fn reaping_is_bounded_oldest_first_and_safe_on_two_connections() {
+        let Some((db, sql)) = opened() else { return };
+        const NOW: u64 = 1_000_000;
+        let (dead, alive) = fill(&db, &sql, 300, 200);
+
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        let first = sql.reap(&mut tx, NOW, 50).unwrap();
+        tx.commit().unwrap();
+        let first: HashSet<Vec<u8>> = first.into_iter().collect();
+        assert_eq!(first, dead[..50].iter().cloned().collect(), "the 50 oldest");
+
+        let barrier = Barrier::new(2);
+        let reaped: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let mut client = db.client();
+                    let (sql, barrier) = (&sql, &barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let mut mine = Vec::new();
+                        loop {
+                            let mut tx = client.transaction().unwrap();
+                            let batch = sql.reap(&mut tx, NOW, 17).unwrap();
+                            assert!(batch.len() <= 17);
+                            tx.commit().unwrap();
+                            if batch.is_empty() {
+                                return mine;
+                            }
+                            mine.extend(batch);
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let all: Vec<Vec<u8>> = reaped.concat();
+        let unique: HashSet<Vec<u8>> = all.iter().cloned().collect();
+        assert_eq!(unique.len(), all.len(), "a row was reaped twice");
+        assert_eq!(unique, dead[50..].iter().cloned().collect());
+
+        let mut tx = client.transaction().unwrap();
+        let left = sql.load(&mut tx, &alive).unwrap();
+        assert_eq!(left.len(), alive.len(), "an alive row was reaped");
+        assert!(sql.load(&mut tx, &dead).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_revived_by_a_batch_is_not_reaped() {
+        let Some((db, sql)) = opened() else { return };
+        const NOW: u64 = 1_000_000;
+        let (dead, _) = fill(&db, &sql, 3, 0);
+        let (mut batch_client, mut reaper_client) = (db.client(), db.client());
+
+        // A batch takes over dead-1 (a new lease, alive again) and has not committed yet.
+        let mut batch = batch_client.transaction().unwrap();
+        sql.lock_keys(&mut batch, &dead[..1]).unwrap();
+        sql.upsert(&mut batch, &[row(&dead[0], 99, NOW + 500, b"revived")])
+            .unwrap();
+        // The reaper skips the row the batch holds, and takes the others.
+        let mut tx = reaper_client.transaction().unwrap();
+        let reaped: HashSet<Vec<u8>> = sql.reap(&mut tx, NOW, 10).unwrap().into_iter().collect();
+        tx.commit().unwrap();
+        assert_eq!(reaped, dead[1..].iter().cloned().collect());
+        batch.commit().unwrap();
+        // Committed, it is alive: not reaped.
+        let mut tx = reaper_client.transaction().unwrap();
+        assert!(sql.reap(&mut tx, NOW, 10).unwrap().is_empty());
+        let loaded = sql.load(&mut tx, &dead[..1]).unwrap();
+        assert_eq!(loaded[&dead[0]].record, b"revived");
+    }
+}
