@@ -5,7 +5,7 @@ use std::time::Duration;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
-use super::error::pool_failed;
+use super::error::{chain, pool_failed};
 use crate::error::{Error, Result};
 
 /// The pool of connections to one database.
@@ -51,7 +51,8 @@ pub(crate) fn open_pool(conninfo: &str, size: u32) -> Result<Pool> {
     let mut config: postgres::Config = conninfo.parse().map_err(|e| {
         // The parse error names the bad part; the string itself may hold a password.
         Error::config(format!(
-            "the PostgreSQL connection string is malformed: {e}"
+            "the PostgreSQL connection string is malformed: {}",
+            chain(&e)
         ))
     })?;
     if config.get_connect_timeout().is_none() {
@@ -88,6 +89,161 @@ struct TraceErrors;
 
 impl r2d2::HandleError<postgres::Error> for TraceErrors {
     fn handle_error(&self, error: postgres::Error) {
-        tracing::warn!(%error, "idemstore: a PostgreSQL connection of the pool failed");
+        tracing::warn!(
+            error = %chain(&error),
+            "idemstore: a PostgreSQL connection of the pool failed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::postgres::error::write_failed;
+    use crate::postgres::schema::create_or_check;
+    use crate::postgres::sql::{Statements, Upsert};
+    use crate::postgres::testdb::TestDb;
+
+    fn backend_pid(conn: &mut Conn) -> i32 {
+        conn.query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get(0)
+    }
+
+    /// Ends the server sessions `pids` and waits until they are gone.
+    fn terminate(db: &mut TestDb, pids: &[i32]) {
+        let admin = db.admin();
+        for pid in pids {
+            let ended: bool = admin
+                .query_one("SELECT pg_terminate_backend($1)", &[pid])
+                .unwrap()
+                .get(0);
+            assert!(ended, "backend {pid} was not there to end");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                    &[&pids],
+                )
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "backends {pids:?} did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn the_default_size_is_bounded() {
+        let n = default_pool_size();
+        assert!((2..=MAX_DEFAULT_POOL_SIZE).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_connecting() {
+        assert!(matches!(
+            open_pool("host=127.0.0.1", 0),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let e = open_pool("host=127.0.0.1 port=not-a-port password=hunter2", 1).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+        assert!(e.to_string().contains("port"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(matches!(
+            open_pool("postgresql://[bad", 1),
+            Err(Error::InvalidConfig { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unreachable_server_fails_the_open_in_bounded_time() {
+        // Port 1 on loopback: nothing listens there, the connection is refused.
+        let started = Instant::now();
+        let e = open_pool("host=127.0.0.1 port=1 user=nobody dbname=none", 1).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Storage {
+                    outcome_unknown: false,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("connecting to PostgreSQL"), "{e}");
+        assert!(started.elapsed() < CONNECTION_TIMEOUT + Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_connection_killed_mid_batch_is_an_unknown_outcome_and_the_pool_recovers() {
+        let Some(mut db) = TestDb::new() else { return };
+        let pool = db.pool(2);
+        let sql = Statements::new(&db.names);
+        create_or_check(&mut connection(&pool).unwrap(), &db.names).unwrap();
+        let row = Upsert {
+            key: b"k",
+            token: 1,
+            dies_at: 10,
+            record: b"r",
+        };
+
+        let mut conn = connection(&pool).unwrap();
+        let pid = backend_pid(&mut conn);
+        let mut tx = conn.transaction().unwrap();
+        sql.lock_keys(&mut tx, &[row.key]).unwrap();
+        sql.upsert(&mut tx, &[row]).unwrap();
+        terminate(&mut db, &[pid]);
+        let e = tx
+            .commit()
+            .map_err(|e| write_failed("committing a batch", e))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Storage {
+                    outcome_unknown: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<postgres::Error>())
+                .is_some()
+        );
+        drop(conn);
+
+        // The broken connection was discarded: every later call works, on new sessions.
+        for _ in 0..4 {
+            let mut conn = connection(&pool).unwrap();
+            assert_ne!(backend_pid(&mut conn), pid);
+            let mut tx = conn.transaction().unwrap();
+            // The killed batch never committed.
+            assert!(sql.load(&mut tx, &[row.key]).unwrap().is_empty());
+            tx.commit().unwrap();
+        }
+    }
+
+    #[test]
+    fn idle_connections_the_server_ended_are_replaced_unseen() {
+        let Some(mut db) = TestDb::new() else { return };
+        let pool = db.pool(2);
+        let (mut a, mut b) = (connection(&pool).unwrap(), connection(&pool).unwrap());
+        let pids = [backend_pid(&mut a), backend_pid(&mut b)];
+        drop((a, b));
+        // A server restart or an administrator ends every idle session of the pool.
+        terminate(&mut db, &pids);
+        let (mut a, mut b) = (connection(&pool).unwrap(), connection(&pool).unwrap());
+        for conn in [&mut a, &mut b] {
+            let pid = backend_pid(conn);
+            assert!(!pids.contains(&pid), "{pid} in {pids:?}");
+        }
     }
 }
