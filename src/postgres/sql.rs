@@ -60,8 +60,9 @@ impl Statements {
         let Names {
             records, tokens, ..
         } = names;
-        // The sequence's name as a string literal for `nextval` (single quotes doubled).
-        let sequence = format!("'{}'", tokens.replace('\'', "''"));
+        // The sequence's name as an escape-string literal for `nextval` (backslashes and
+        // single quotes doubled; read the same whatever `standard_conforming_strings` says).
+        let sequence = format!("E'{}'", tokens.replace('\\', "\\\\").replace('\'', "''"));
         Statements {
             schema: names.schema.clone(),
             // The array arrives sorted and without duplicates; a function scan of `unnest`
@@ -602,6 +603,44 @@ mod tests {
         let left = sql.load(&mut tx, &alive).unwrap();
         assert_eq!(left.len(), alive.len(), "an alive row was reaped");
         assert!(sql.load(&mut tx, &dead).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_reaper_finds_the_dead_through_the_dies_at_index() {
+        let Some((mut db, sql)) = opened() else {
+            return;
+        };
+        fill(&db, &sql, 10, 20_000);
+        let records = db.names.records.clone();
+        let admin = db.admin();
+        admin.batch_execute(&format!("ANALYZE {records}")).unwrap();
+        let plan: Vec<String> = admin
+            .query(&format!("EXPLAIN {}", sql.reap), &[&1_000_000i64, &100i64])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("idemstore_records_dies_at"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+    }
+
+    #[test]
+    fn tokens_come_from_a_sequence_whose_name_needs_escaping() {
+        let Some(mut db) = TestDb::new() else { return };
+        let odd = Names::new(&format!("{} it's a \\ name", db.names.schema)).unwrap();
+        let result = create_or_check(&mut db.client(), &odd).and_then(|()| {
+            let mut client = db.client();
+            let mut tx = client.transaction().unwrap();
+            Statements::new(&odd).next_tokens(&mut tx, 3)
+        });
+        db.admin()
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                odd.quoted_schema
+            ))
+            .unwrap();
+        assert_eq!(result.unwrap(), [1, 2, 3]);
     }
 
     #[test]
