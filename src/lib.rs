@@ -52,6 +52,8 @@ mod key;
 mod lease;
 mod machine;
 mod outcome;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod reaper;
 mod record;
 mod redb_file;

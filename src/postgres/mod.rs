@@ -1,0 +1,20 @@
+//! The PostgreSQL engine's SQL layer (feature `postgres`): several replicas of a service
+//! share one database.
+//!
+//! - `schema`: idemstore's tables, index and sequence, created on first open and checked
+//!   on every later one;
+//! - `sql`: the statements of a write batch (key locks, load, tokens, upsert, delete, the
+//!   server's clock) and of the reaper, each one round trip;
+//! - `pool`: the r2d2 connection pool;
+//! - `error`: the client's errors as [`crate::Error`], and which of them leave a write's
+//!   outcome unknown or can be retried.
+// Wired into the store by the committer's PostgreSQL engine; until then only the tests use it.
+#![allow(dead_code)]
+
+pub(crate) mod error;
+pub(crate) mod pool;
+pub(crate) mod schema;
+pub(crate) mod sql;
+
+#[cfg(test)]
+mod testdb;

@@ -1,0 +1,249 @@
+//! The connection pool: r2d2 over the `postgres` client, without TLS.
+
+use std::time::Duration;
+
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::error::{chain, pool_failed};
+use crate::error::{Error, Result};
+
+/// The pool of connections to one database.
+pub(crate) type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A connection checked out of a [`Pool`]; it goes back when dropped (or is discarded when
+/// its connection was found closed).
+pub(crate) type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+
+/// The most connections the default pool size asks for.
+const MAX_DEFAULT_POOL_SIZE: u32 = 16;
+
+/// How long opening a connection, or waiting for a free one, may take before the call fails.
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default pool size: two connections per core (one for the committer's batch in flight
+/// and room for the readers beside it), at least 2 and at most 16, so that several replicas
+/// of a service stay well under PostgreSQL's default `max_connections` of 100.
+pub(crate) fn default_pool_size() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cores.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .clamp(2, MAX_DEFAULT_POOL_SIZE)
+}
+
+/// Opens a pool of `size` connections to the database named by `conninfo` (a libpq-style
+/// `key=value` string or a `postgresql://` URL) and waits until all of them are connected.
+///
+/// Unless `conninfo` says otherwise, connecting times out after [`CONNECTION_TIMEOUT`] and the
+/// connections are named `idemstore` in `pg_stat_activity`. Each connection is checked with an
+/// empty query when it is checked out, so one the server closed while it sat idle (a restart,
+/// `pg_terminate_backend`) is replaced before a caller sees it; one that broke during a call is
+/// discarded when it is returned.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] for a malformed `conninfo` or a `size` of 0; [`Error::Storage`] when
+/// the connections cannot be opened in time (the server is unreachable, or refuses the user).
+pub(crate) fn open_pool(conninfo: &str, size: u32) -> Result<Pool> {
+    if size == 0 {
+        return Err(Error::config("the PostgreSQL pool size must be at least 1"));
+    }
+    let mut config: postgres::Config = conninfo.parse().map_err(|e| {
+        // The parse error names the bad part; the string itself may hold a password.
+        Error::config(format!(
+            "the PostgreSQL connection string is malformed: {}",
+            chain(&e)
+        ))
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECTION_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("idemstore");
+    }
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    r2d2::Pool::builder()
+        .max_size(size)
+        .connection_timeout(CONNECTION_TIMEOUT)
+        .test_on_check_out(true)
+        .error_handler(Box::new(TraceErrors))
+        .build(manager)
+        .map_err(|e| pool_failed("connecting to PostgreSQL", e))
+}
+
+/// Checks a connection out of `pool`.
+///
+/// # Errors
+///
+/// [`Error::Storage`] (nothing was sent) when no connection could be had within the pool's
+/// timeout.
+pub(crate) fn connection(pool: &Pool) -> Result<Conn> {
+    pool.get()
+        .map_err(|e| pool_failed("getting a PostgreSQL connection from the pool", e))
+}
+
+/// Sends the pool's background connection errors to `tracing` (r2d2 would log them through
+/// the `log` crate, which idemstore does not use).
+#[derive(Debug)]
+struct TraceErrors;
+
+impl r2d2::HandleError<postgres::Error> for TraceErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        tracing::warn!(
+            error = %chain(&error),
+            "idemstore: a PostgreSQL connection of the pool failed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::postgres::error::write_failed;
+    use crate::postgres::schema::create_or_check;
+    use crate::postgres::sql::{Statements, Upsert};
+    use crate::postgres::testdb::TestDb;
+
+    fn backend_pid(conn: &mut Conn) -> i32 {
+        conn.query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get(0)
+    }
+
+    /// Ends the server sessions `pids` and waits until they are gone.
+    fn terminate(db: &mut TestDb, pids: &[i32]) {
+        let admin = db.admin();
+        for pid in pids {
+            let ended: bool = admin
+                .query_one("SELECT pg_terminate_backend($1)", &[pid])
+                .unwrap()
+                .get(0);
+            assert!(ended, "backend {pid} was not there to end");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                    &[&pids],
+                )
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "backends {pids:?} did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn the_default_size_is_bounded() {
+        let n = default_pool_size();
+        assert!((2..=MAX_DEFAULT_POOL_SIZE).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_connecting() {
+        assert!(matches!(
+            open_pool("host=127.0.0.1", 0),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let e = open_pool("host=127.0.0.1 port=not-a-port password=hunter2", 1).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+        assert!(e.to_string().contains("port"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(matches!(
+            open_pool("postgresql://[bad", 1),
+            Err(Error::InvalidConfig { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unreachable_server_fails_the_open_in_bounded_time() {
+        // Port 1 on loopback: nothing listens there, the connection is refused.
+        let started = Instant::now();
+        let e = open_pool("host=127.0.0.1 port=1 user=nobody dbname=none", 1).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Storage {
+                    outcome_unknown: false,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("connecting to PostgreSQL"), "{e}");
+        assert!(started.elapsed() < CONNECTION_TIMEOUT + Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_connection_killed_mid_batch_is_an_unknown_outcome_and_the_pool_recovers() {
+        let Some(mut db) = TestDb::new() else { return };
+        let pool = db.pool(2);
+        let sql = Statements::new(&db.names);
+        create_or_check(&mut connection(&pool).unwrap(), &db.names).unwrap();
+        let row = Upsert {
+            key: b"k",
+            token: 1,
+            dies_at: 10,
+            record: b"r",
+        };
+
+        let mut conn = connection(&pool).unwrap();
+        let pid = backend_pid(&mut conn);
+        let mut tx = conn.transaction().unwrap();
+        sql.lock_keys(&mut tx, &[row.key]).unwrap();
+        sql.upsert(&mut tx, &[row]).unwrap();
+        terminate(&mut db, &[pid]);
+        let e = tx
+            .commit()
+            .map_err(|e| write_failed("committing a batch", e))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Storage {
+                    outcome_unknown: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<postgres::Error>())
+                .is_some()
+        );
+        drop(conn);
+
+        // The broken connection was discarded: every later call works, on new sessions.
+        for _ in 0..4 {
+            let mut conn = connection(&pool).unwrap();
+            assert_ne!(backend_pid(&mut conn), pid);
+            let mut tx = conn.transaction().unwrap();
+            // The killed batch never committed.
+            assert!(sql.load(&mut tx, &[row.key]).unwrap().is_empty());
+            tx.commit().unwrap();
+        }
+    }
+
+    #[test]
+    fn idle_connections_the_server_ended_are_replaced_unseen() {
+        let Some(mut db) = TestDb::new() else { return };
+        let pool = db.pool(2);
+        let (mut a, mut b) = (connection(&pool).unwrap(), connection(&pool).unwrap());
+        let pids = [backend_pid(&mut a), backend_pid(&mut b)];
+        drop((a, b));
+        // A server restart or an administrator ends every idle session of the pool.
+        terminate(&mut db, &pids);
+        let (mut a, mut b) = (connection(&pool).unwrap(), connection(&pool).unwrap());
+        for conn in [&mut a, &mut b] {
+            let pid = backend_pid(conn);
+            assert!(!pids.contains(&pid), "{pid} in {pids:?}");
+        }
+    }
+}

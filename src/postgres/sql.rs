@@ -1,0 +1,670 @@
+//! The statements of a write batch, each one round trip (typed parameters, no separate
+//! prepare), run by the committer inside one transaction on one pooled connection:
+//!
+//! 1. [`Statements::lock_keys`]: transaction advisory locks on the batch's keys, in
+//!    ascending order of their lock keys, so that batches on different replicas that share
+//!    keys wait for one another instead of deadlocking;
+//! 2. [`Statements::load`]: the keys' rows, read after the locks (a separate statement, so
+//!    its snapshot shows what the previous holder of each lock committed);
+//! 3. [`Statements::server_now`] and [`Statements::next_tokens`], also after the locks;
+//! 4. [`Statements::upsert`] and [`Statements::delete`]: the batch's writes;
+//! 5. `COMMIT`.
+//!
+//! The reaper runs [`Statements::reap`] in transactions of its own. Times and tokens are
+//! `u64` on idemstore's side and `bigint` in the database: a token is at most `i64::MAX`
+//! (the sequence is a bigint), a time from the clock is below it (year 2262), and a death
+//! time beyond it (a record that never dies in practice) is stored as `i64::MAX`.
+
+use std::collections::HashMap;
+
+use postgres::Transaction;
+use postgres::types::Type;
+
+use super::error::write_failed;
+use super::schema::{Names, lock_key};
+use crate::error::{Error, Result};
+
+/// One row to write: a key's record, its fencing token and its death time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Upsert<'a> {
+    pub key: &'a [u8],
+    pub token: u64,
+    pub dies_at: u64,
+    pub record: &'a [u8],
+}
+
+/// A key's row as loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Loaded {
+    pub token: u64,
+    pub dies_at: u64,
+    pub record: Vec<u8>,
+}
+
+/// The statement texts for one schema, built once when the store opens.
+#[derive(Debug, Clone)]
+pub(crate) struct Statements {
+    schema: String,
+    lock: String,
+    load: String,
+    tokens: String,
+    upsert: String,
+    delete: String,
+    now: String,
+    reap: String,
+}
+
+impl Statements {
+    /// The statements over the objects of `names`.
+    pub(crate) fn new(names: &Names) -> Statements {
+        let Names {
+            records, tokens, ..
+        } = names;
+        // The sequence's name as an escape-string literal for `nextval` (backslashes and
+        // single quotes doubled; read the same whatever `standard_conforming_strings` says).
+        let sequence = format!("E'{}'", tokens.replace('\\', "\\\\").replace('\'', "''"));
+        Statements {
+            schema: names.schema.clone(),
+            // The array arrives sorted and without duplicates; a function scan of `unnest`
+            // yields its elements in order, so the locks are taken in that order.
+            lock: "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS u(k)".to_owned(),
+            load: format!(
+                "SELECT key, token, dies_at, record FROM {records} WHERE key = ANY($1::bytea[])"
+            ),
+            tokens: format!("SELECT nextval({sequence}) FROM generate_series(1, $1::int4)"),
+            upsert: format!(
+                "INSERT INTO {records} (key, token, dies_at, record) \
+                 SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[]) \
+                 ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, \
+                 dies_at = EXCLUDED.dies_at, record = EXCLUDED.record"
+            ),
+            delete: format!("DELETE FROM {records} WHERE key = ANY($1::bytea[])"),
+            now: "SELECT (extract(epoch FROM clock_timestamp()) * 1000000000)::int8".to_owned(),
+            // Oldest first through the dies_at index; rows a batch or another reaper holds are
+            // skipped, not waited for. Under read committed a row updated meanwhile is
+            // re-checked against `dies_at <= $1` before it is locked, and the DELETE checks it
+            // again, so a record revived by a batch that committed first is never deleted.
+            reap: format!(
+                "WITH doomed AS (
+                     SELECT key FROM {records} WHERE dies_at <= $1
+                     ORDER BY dies_at LIMIT $2 FOR UPDATE SKIP LOCKED
+                 )
+                 DELETE FROM {records} AS r USING doomed
+                 WHERE r.key = doomed.key AND r.dies_at <= $1
+                 RETURNING r.key"
+            ),
+        }
+    }
+
+    /// The advisory lock keys of `keys`, sorted and without duplicates: the order in which
+    /// [`Statements::lock_keys`] takes them.
+    pub(crate) fn lock_order<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<i64> {
+        let mut ids: Vec<i64> = keys
+            .iter()
+            .map(|key| lock_key(&self.schema, key.as_ref()))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Takes a transaction advisory lock on each key (a 64-bit hash of it; two keys that
+    /// share a hash only wait for each other), in ascending order, in one statement. The
+    /// locks are held until `tx` ends.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]; a deadlock with a session that takes locks in another order is
+    /// reported by the server after its `deadlock_timeout` (retryable).
+    pub(crate) fn lock_keys<K: AsRef<[u8]>>(
+        &self,
+        tx: &mut Transaction<'_>,
+        keys: &[K],
+    ) -> Result<()> {
+        let ids = self.lock_order(keys);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        tx.query_typed(&self.lock, &[(&ids, Type::INT8_ARRAY)])
+            .map_err(|e| write_failed("locking keys in PostgreSQL", e))?;
+        Ok(())
+    }
+
+    /// The stored rows of those of `keys` that have one, in one statement.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token or death time.
+    pub(crate) fn load<K: AsRef<[u8]>>(
+        &self,
+        tx: &mut Transaction<'_>,
+        keys: &[K],
+    ) -> Result<HashMap<Vec<u8>, Loaded>> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
+        let rows = tx
+            .query_typed(&self.load, &[(&keys, Type::BYTEA_ARRAY)])
+            .map_err(|e| write_failed("reading records from PostgreSQL", e))?;
+        rows.iter()
+            .map(|row| {
+                let key: Vec<u8> = row.get(0);
+                let loaded = Loaded {
+                    token: from_bigint(row.get(1), "token")?,
+                    dies_at: from_bigint(row.get(2), "dies_at")?,
+                    record: row.get(3),
+                };
+                Ok((key, loaded))
+            })
+            .collect()
+    }
+
+    /// `n` fresh fencing tokens from the sequence, ascending, in one statement.
+    ///
+    /// Call it after [`Statements::lock_keys`]: tokens must rise for every key. A token taken
+    /// before waiting for a key's lock could be smaller than the one the lock's holder writes
+    /// and commits meanwhile, and the key would then go from the larger token back to the
+    /// smaller one. Taken after the lock, every token already written to the key was drawn
+    /// before that writer committed, so before ours.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]; [`Error::Corrupt`] when the sequence hands out a negative value.
+    pub(crate) fn next_tokens(&self, tx: &mut Transaction<'_>, n: usize) -> Result<Vec<u64>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let count = i32::try_from(n)
+            .map_err(|_| Error::config(format!("{n} fencing tokens asked for in one batch")))?;
+        let rows = tx
+            .query_typed(&self.tokens, &[(&count, Type::INT4)])
+            .map_err(|e| write_failed("drawing fencing tokens from PostgreSQL", e))?;
+        let mut tokens = rows
+            .iter()
+            .map(|row| from_bigint(row.get(0), "fencing token"))
+            .collect::<Result<Vec<u64>>>()?;
+        tokens.sort_unstable();
+        Ok(tokens)
+    }
+
+    /// Writes `rows` (inserting or replacing each key's row) in one statement. A key may
+    /// appear more than once: its last row is written.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]; [`Error::Corrupt`] for a token above `i64::MAX` (never drawn from
+    /// the sequence).
+    pub(crate) fn upsert(&self, tx: &mut Transaction<'_>, rows: &[Upsert<'_>]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // One row per key: `ON CONFLICT DO UPDATE` refuses to touch a row twice.
+        let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            last.insert(row.key, i);
+        }
+        let mut keys = Vec::with_capacity(last.len());
+        let mut tokens = Vec::with_capacity(last.len());
+        let mut deaths = Vec::with_capacity(last.len());
+        let mut records = Vec::with_capacity(last.len());
+        for (i, row) in rows.iter().enumerate() {
+            if last.get(row.key) != Some(&i) {
+                continue;
+            }
+            keys.push(row.key);
+            tokens.push(i64::try_from(row.token).map_err(|_| {
+                Error::corrupt(format!(
+                    "fencing token {} does not fit PostgreSQL's bigint",
+                    row.token
+                ))
+            })?);
+            deaths.push(to_bigint(row.dies_at));
+            records.push(row.record);
+        }
+        tx.query_typed(
+            &self.upsert,
+            &[
+                (&keys, Type::BYTEA_ARRAY),
+                (&tokens, Type::INT8_ARRAY),
+                (&deaths, Type::INT8_ARRAY),
+                (&records, Type::BYTEA_ARRAY),
+            ],
+        )
+        .map_err(|e| write_failed("writing records to PostgreSQL", e))?;
+        Ok(())
+    }
+
+    /// Deletes the rows of `keys` in one statement; returns how many there were.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`].
+    pub(crate) fn delete<K: AsRef<[u8]>>(
+        &self,
+        tx: &mut Transaction<'_>,
+        keys: &[K],
+    ) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
+        tx.execute_typed(&self.delete, &[(&keys, Type::BYTEA_ARRAY)])
+            .map_err(|e| write_failed("deleting records from PostgreSQL", e))
+    }
+
+    /// The database server's clock, in nanoseconds since 1970 (microsecond precision):
+    /// `clock_timestamp()`, the time of this call, not the transaction's start (`now()`),
+    /// which may lie before the waits for the locks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]; [`Error::Clock`] for a server time before 1970.
+    pub(crate) fn server_now(&self, tx: &mut Transaction<'_>) -> Result<u64> {
+        let row = tx
+            .query_typed_one(&self.now, &[])
+            .map_err(|e| write_failed("reading the PostgreSQL server's clock", e))?;
+        let nanos: i64 = row.get(0);
+        u64::try_from(nanos).map_err(|_| Error::Clock {
+            reason: format!("the PostgreSQL server's clock reads {nanos} ns, before 1970"),
+        })
+    }
+
+    /// Deletes up to `limit` rows whose death time is at or before `now`, oldest first, and
+    /// returns their keys. Safe on every replica at once: rows locked by another reaper or a
+    /// batch are skipped, and a row no longer dead when it is locked is kept.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`].
+    pub(crate) fn reap(
+        &self,
+        tx: &mut Transaction<'_>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = tx
+            .query_typed(
+                &self.reap,
+                &[(&to_bigint(now), Type::INT8), (&limit, Type::INT8)],
+            )
+            .map_err(|e| write_failed("reaping dead records in PostgreSQL", e))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+/// A time as a bigint: beyond `i64::MAX` (year 2262) stored as `i64::MAX`.
+fn to_bigint(nanos: u64) -> i64 {
+    i64::try_from(nanos).unwrap_or(i64::MAX)
+}
+
+fn from_bigint(value: i64, what: &str) -> Result<u64> {
+    u64::try_from(value)
+        .map_err(|_| Error::corrupt(format!("a stored {what} is negative ({value})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+    use crate::postgres::schema::create_or_check;
+    use crate::postgres::testdb::TestDb;
+
+    /// A test schema with idemstore's objects, and its statements.
+    fn opened() -> Option<(TestDb, Statements)> {
+        let db = TestDb::new()?;
+        create_or_check(&mut db.client(), &db.names).unwrap();
+        let statements = Statements::new(&db.names);
+        Some((db, statements))
+    }
+
+    fn row<'a>(key: &'a [u8], token: u64, dies_at: u64, record: &'a [u8]) -> Upsert<'a> {
+        Upsert {
+            key,
+            token,
+            dies_at,
+            record,
+        }
+    }
+
+    /// The 64-bit advisory locks this session holds (PostgreSQL shows a bigint lock key as
+    /// its high half in `classid` and its low half in `objid`).
+    fn held_locks(tx: &mut Transaction<'_>) -> Vec<i64> {
+        tx.query(
+            "SELECT ((classid::int8 << 32) | objid::int8) FROM pg_locks \
+             WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid() \
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    #[test]
+    fn lock_load_upsert_delete_round_trip() {
+        let Some((db, sql)) = opened() else { return };
+        let mut client = db.client();
+        let keys: [&[u8]; 4] = [b"k-a", b"k-b", b"\0scope\0k-c", b"k-missing"];
+        let mut tx = client.transaction().unwrap();
+        // Duplicates are locked once; the order is ascending.
+        let with_duplicate = [keys[2], keys[0], keys[1], keys[3], keys[0]];
+        let order = sql.lock_order(&with_duplicate);
+        assert_eq!(order.len(), 4);
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        sql.lock_keys(&mut tx, &with_duplicate).unwrap();
+        assert_eq!(held_locks(&mut tx), order);
+
+        assert!(sql.load(&mut tx, &keys).unwrap().is_empty());
+        sql.upsert(
+            &mut tx,
+            &[
+                row(keys[0], 1, 100, b"rec-a"),
+                row(keys[1], 2, 200, b"rec-b"),
+                row(keys[2], 3, u64::MAX, b""),
+                // A key written twice in one call: its last row counts.
+                row(keys[0], 4, 400, b"rec-a2"),
+            ],
+        )
+        .unwrap();
+        let loaded = sql.load(&mut tx, &keys).unwrap();
+        assert_eq!(loaded.len(), 3);
+        let expect = |token, dies_at, record: &[u8]| Loaded {
+            token,
+            dies_at,
+            record: record.to_vec(),
+        };
+        assert_eq!(loaded[keys[0]], expect(4, 400, b"rec-a2"));
+        assert_eq!(loaded[keys[1]], expect(2, 200, b"rec-b"));
+        // A death time past year 2262 is kept as bigint's largest.
+        assert_eq!(loaded[keys[2]], expect(3, i64::MAX as u64, b""));
+
+        sql.upsert(&mut tx, &[row(keys[1], 5, 500, b"rec-b2")])
+            .unwrap();
+        assert_eq!(
+            sql.delete(&mut tx, &[keys[0], keys[2], keys[3]]).unwrap(),
+            2
+        );
+        tx.commit().unwrap();
+
+        // Another connection sees what was committed.
+        let mut other = db.client();
+        let mut tx = other.transaction().unwrap();
+        let loaded = sql.load(&mut tx, &keys).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[keys[1]], expect(5, 500, b"rec-b2"));
+        // The locks ended with the transaction that took them.
+        assert!(held_locks(&mut tx).is_empty());
+        // Empty calls send nothing and succeed.
+        sql.lock_keys::<&[u8]>(&mut tx, &[]).unwrap();
+        assert!(sql.load::<&[u8]>(&mut tx, &[]).unwrap().is_empty());
+        sql.upsert(&mut tx, &[]).unwrap();
+        assert_eq!(sql.delete::<&[u8]>(&mut tx, &[]).unwrap(), 0);
+        assert!(sql.next_tokens(&mut tx, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_locked_key_makes_another_session_wait() {
+        let Some((db, sql)) = opened() else { return };
+        let (mut a, mut b) = (db.client(), db.client());
+        let id = sql.lock_order(&[b"shared"])[0];
+        let mut tx = a.transaction().unwrap();
+        sql.lock_keys(&mut tx, &[b"shared"]).unwrap();
+        let try_lock = |client: &mut postgres::Client| -> bool {
+            client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&id])
+                .unwrap()
+                .get(0)
+        };
+        assert!(!try_lock(&mut b), "the lock is held by the batch");
+        tx.commit().unwrap();
+        assert!(try_lock(&mut b), "the lock ends with the batch");
+        b.execute("SELECT pg_advisory_unlock($1)", &[&id]).unwrap();
+    }
+
+    #[test]
+    fn batches_locking_keys_in_opposite_orders_never_deadlock() {
+        let Some((db, sql)) = opened() else { return };
+        let keys: Vec<Vec<u8>> = (0..40).map(|i| format!("key-{i}").into_bytes()).collect();
+        let barrier = Barrier::new(2);
+        std::thread::scope(|scope| {
+            for reverse in [false, true] {
+                let mut client = db.client();
+                let (sql, barrier) = (&sql, &barrier);
+                let mut keys = keys.clone();
+                if reverse {
+                    keys.reverse();
+                }
+                scope.spawn(move || {
+                    barrier.wait();
+                    for round in 0..30u64 {
+                        let mut tx = client.transaction().unwrap();
+                        sql.lock_keys(&mut tx, &keys).unwrap();
+                        let rows: Vec<Upsert<'_>> =
+                            keys.iter().map(|k| row(k, round + 1, 1, b"r")).collect();
+                        sql.upsert(&mut tx, &rows).unwrap();
+                        tx.commit().unwrap();
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn tokens_rise_for_every_key_across_connections() {
+        let Some((db, sql)) = opened() else { return };
+        let keys: Vec<Vec<u8>> = (0..4).map(|i| vec![b'k', i]).collect();
+        let barrier = Arc::new(Barrier::new(2));
+        let drawn: Vec<Vec<u64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|worker: usize| {
+                    let mut client = db.client();
+                    let (sql, keys, barrier) = (&sql, &keys, Arc::clone(&barrier));
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let mut drawn = Vec::new();
+                        for round in 0..100usize {
+                            // Batches of one to four keys, overlapping the other worker's.
+                            let start = (round + worker) % keys.len();
+                            let batch: Vec<&[u8]> = (0..1 + round % keys.len())
+                                .map(|i| keys[(start + i) % keys.len()].as_slice())
+                                .collect();
+                            let mut tx = client.transaction().unwrap();
+                            sql.lock_keys(&mut tx, &batch).unwrap();
+                            let loaded = sql.load(&mut tx, &batch).unwrap();
+                            let tokens = sql.next_tokens(&mut tx, batch.len()).unwrap();
+                            assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+                            let rows: Vec<Upsert<'_>> = batch
+                                .iter()
+                                .zip(&tokens)
+                                .map(|(key, &token)| {
+                                    if let Some(old) = loaded.get(*key) {
+                                        assert!(
+                                            token > old.token,
+                                            "token {token} after {} for {key:?}",
+                                            old.token
+                                        );
+                                    }
+                                    row(key, token, 1, b"r")
+                                })
+                                .collect();
+                            sql.upsert(&mut tx, &rows).unwrap();
+                            tx.commit().unwrap();
+                            drawn.extend(tokens);
+                        }
+                        drawn
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let all: Vec<u64> = drawn.concat();
+        let unique: HashSet<u64> = all.iter().copied().collect();
+        assert_eq!(unique.len(), all.len(), "a token was handed out twice");
+    }
+
+    #[test]
+    fn the_server_clock_is_read_in_nanoseconds() {
+        let Some((db, sql)) = opened() else { return };
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        let first = sql.server_now(&mut tx).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // clock_timestamp(), not the transaction's start: it moves within one transaction.
+        let second = sql.server_now(&mut tx).unwrap();
+        assert!(second >= first + 10_000_000, "{first} then {second}");
+        let local = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        // The same machine: the two clocks agree to well within a minute.
+        assert!(
+            local.abs_diff(second) < 60_000_000_000,
+            "{local} vs {second}"
+        );
+    }
+
+    /// Inserts `dead` rows dying at 1..=dead and `alive` rows dying after `now` = 1_000_000.
+    fn fill(db: &TestDb, sql: &Statements, dead: u64, alive: u64) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let dead_keys: Vec<Vec<u8>> = (1..=dead)
+            .map(|i| format!("dead-{i}").into_bytes())
+            .collect();
+        let alive_keys: Vec<Vec<u8>> = (1..=alive)
+            .map(|i| format!("alive-{i}").into_bytes())
+            .collect();
+        let mut rows: Vec<Upsert<'_>> = dead_keys
+            .iter()
+            .zip(1..)
+            .map(|(k, dies_at)| row(k, dies_at, dies_at, b"r"))
+            .collect();
+        rows.extend(
+            alive_keys
+                .iter()
+                .zip(1..)
+                .map(|(k, i)| row(k, 10_000 + i, 1_000_001 + i, b"r")),
+        );
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        sql.upsert(&mut tx, &rows).unwrap();
+        tx.commit().unwrap();
+        (dead_keys, alive_keys)
+    }
+
+    #[test]
+    fn reaping_is_bounded_oldest_first_and_safe_on_two_connections() {
+        let Some((db, sql)) = opened() else { return };
+        const NOW: u64 = 1_000_000;
+        let (dead, alive) = fill(&db, &sql, 300, 200);
+
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        let first = sql.reap(&mut tx, NOW, 50).unwrap();
+        tx.commit().unwrap();
+        let first: HashSet<Vec<u8>> = first.into_iter().collect();
+        assert_eq!(first, dead[..50].iter().cloned().collect(), "the 50 oldest");
+
+        let barrier = Barrier::new(2);
+        let reaped: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let mut client = db.client();
+                    let (sql, barrier) = (&sql, &barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let mut mine = Vec::new();
+                        loop {
+                            let mut tx = client.transaction().unwrap();
+                            let batch = sql.reap(&mut tx, NOW, 17).unwrap();
+                            assert!(batch.len() <= 17);
+                            tx.commit().unwrap();
+                            if batch.is_empty() {
+                                return mine;
+                            }
+                            mine.extend(batch);
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let all: Vec<Vec<u8>> = reaped.concat();
+        let unique: HashSet<Vec<u8>> = all.iter().cloned().collect();
+        assert_eq!(unique.len(), all.len(), "a row was reaped twice");
+        assert_eq!(unique, dead[50..].iter().cloned().collect());
+
+        let mut tx = client.transaction().unwrap();
+        let left = sql.load(&mut tx, &alive).unwrap();
+        assert_eq!(left.len(), alive.len(), "an alive row was reaped");
+        assert!(sql.load(&mut tx, &dead).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_reaper_finds_the_dead_through_the_dies_at_index() {
+        let Some((mut db, sql)) = opened() else {
+            return;
+        };
+        fill(&db, &sql, 10, 20_000);
+        let records = db.names.records.clone();
+        let admin = db.admin();
+        admin.batch_execute(&format!("ANALYZE {records}")).unwrap();
+        let plan: Vec<String> = admin
+            .query(&format!("EXPLAIN {}", sql.reap), &[&1_000_000i64, &100i64])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("idemstore_records_dies_at"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+    }
+
+    #[test]
+    fn tokens_come_from_a_sequence_whose_name_needs_escaping() {
+        let Some(mut db) = TestDb::new() else { return };
+        let odd = Names::new(&format!("{} it's a \\ name", db.names.schema)).unwrap();
+        let result = create_or_check(&mut db.client(), &odd).and_then(|()| {
+            let mut client = db.client();
+            let mut tx = client.transaction().unwrap();
+            Statements::new(&odd).next_tokens(&mut tx, 3)
+        });
+        db.admin()
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                odd.quoted_schema
+            ))
+            .unwrap();
+        assert_eq!(result.unwrap(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_record_revived_by_a_batch_is_not_reaped() {
+        let Some((db, sql)) = opened() else { return };
+        const NOW: u64 = 1_000_000;
+        let (dead, _) = fill(&db, &sql, 3, 0);
+        let (mut batch_client, mut reaper_client) = (db.client(), db.client());
+
+        // A batch takes over dead-1 (a new lease, alive again) and has not committed yet.
+        let mut batch = batch_client.transaction().unwrap();
+        sql.lock_keys(&mut batch, &dead[..1]).unwrap();
+        sql.upsert(&mut batch, &[row(&dead[0], 99, NOW + 500, b"revived")])
+            .unwrap();
+        // The reaper skips the row the batch holds, and takes the others.
+        let mut tx = reaper_client.transaction().unwrap();
+        let reaped: HashSet<Vec<u8>> = sql.reap(&mut tx, NOW, 10).unwrap().into_iter().collect();
+        tx.commit().unwrap();
+        assert_eq!(reaped, dead[1..].iter().cloned().collect());
+        batch.commit().unwrap();
+        // Committed, it is alive: not reaped.
+        let mut tx = reaper_client.transaction().unwrap();
+        assert!(sql.reap(&mut tx, NOW, 10).unwrap().is_empty());
+        let loaded = sql.load(&mut tx, &dead[..1]).unwrap();
+        assert_eq!(loaded[&dead[0]].record, b"revived");
+    }
+}

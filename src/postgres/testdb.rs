@@ -1,0 +1,86 @@
+//! The throwaway database of the PostgreSQL tests: the cluster named by `IDEMSTORE_PG`
+//! (`.ci/pg run -- cargo test ...` sets it), one schema of a random name per test, dropped
+//! at the end of the test.
+
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+
+use postgres::{Client, NoTls};
+
+use super::pool::{Pool, open_pool};
+use super::schema::{Names, quote_identifier};
+
+/// The cluster's conninfo, or `None` (after saying so loudly) when the tests must skip.
+///
+/// # Panics
+///
+/// With `CI=true` and no `IDEMSTORE_PG`: CI must run these tests, never pass them unrun.
+pub(crate) fn conninfo() -> Option<String> {
+    match std::env::var("IDEMSTORE_PG") {
+        Ok(conninfo) if !conninfo.is_empty() => Some(conninfo),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "IDEMSTORE_PG is not set but CI=true: run the tests under .ci/pg run --"
+            );
+            // Straight to the process's stderr: the test harness would capture `eprintln!`.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: IDEMSTORE_PG not set (run under .ci/pg run --)"
+            );
+            None
+        }
+    }
+}
+
+/// A schema of its own for one test, dropped (with everything in it) when this is dropped.
+pub(crate) struct TestDb {
+    pub conninfo: String,
+    pub names: Names,
+    admin: Client,
+}
+
+impl TestDb {
+    /// A fresh schema name on the test cluster (the schema itself is not created), or `None`
+    /// when the tests skip.
+    pub(crate) fn new() -> Option<TestDb> {
+        let conninfo = conninfo()?;
+        let admin = Client::connect(&conninfo, NoTls).expect("connect to IDEMSTORE_PG");
+        let suffix = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let names = Names::new(&format!("idemstore_test_{suffix:016x}")).expect("schema name");
+        Some(TestDb {
+            conninfo,
+            names,
+            admin,
+        })
+    }
+
+    /// A new connection of its own.
+    pub(crate) fn client(&self) -> Client {
+        Client::connect(&self.conninfo, NoTls).expect("connect to IDEMSTORE_PG")
+    }
+
+    /// A pool of `size` connections.
+    pub(crate) fn pool(&self, size: u32) -> Pool {
+        open_pool(&self.conninfo, size).expect("open the pool")
+    }
+
+    /// The connection that drops the schema at the end, for checks and set-ups.
+    pub(crate) fn admin(&mut self) -> &mut Client {
+        &mut self.admin
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let sql = format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            quote_identifier(&self.names.schema)
+        );
+        if let Err(e) = self.admin.batch_execute(&sql) {
+            eprintln!("could not drop test schema {}: {e}", self.names.schema);
+        }
+    }
+}
