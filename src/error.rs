@@ -178,7 +178,7 @@ impl fmt::Display for Error {
             ),
             Error::IncompatibleFormat { reason } => write!(
                 f,
-                "not a store this version of idemstore can open: {reason}; the file was not modified"
+                "not a store this version of idemstore can open: {reason}; nothing was modified"
             ),
             Error::Corrupt { reason } => write!(
                 f,

@@ -17,10 +17,13 @@
 
 use std::collections::HashMap;
 
-use postgres::Transaction;
-use postgres::types::Type;
+use std::ops::ControlFlow;
 
-use super::error::write_failed;
+use postgres::Transaction;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{ToSql, Type};
+
+use super::error::{read_failed, write_failed};
 use super::schema::{Names, lock_key};
 use crate::error::{Error, Result};
 
@@ -52,6 +55,9 @@ pub(crate) struct Statements {
     delete: String,
     now: String,
     reap: String,
+    read_one: String,
+    walk: String,
+    last_token: String,
 }
 
 impl Statements {
@@ -80,6 +86,13 @@ impl Statements {
             ),
             delete: format!("DELETE FROM {records} WHERE key = ANY($1::bytea[])"),
             now: "SELECT (extract(epoch FROM clock_timestamp()) * 1000000000)::int8".to_owned(),
+            read_one: format!("SELECT record FROM {records} WHERE key = $1"),
+            // Tokens rise with every claim: the order in which the keys were (last) claimed.
+            walk: format!("SELECT key, record FROM {records} ORDER BY token"),
+            // `is_called` is false until the first token was drawn (then none was granted).
+            last_token: format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {tokens}"
+            ),
             // Oldest first through the dies_at index; rows a batch or another reaper holds are
             // skipped, not waited for. Under read committed a row updated meanwhile is
             // re-checked against `dies_at <= $1` before it is locked, and the DELETE checks it
@@ -294,6 +307,62 @@ impl Statements {
             )
             .map_err(|e| write_failed("reaping dead records in PostgreSQL", e))?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// The record bytes stored under `key`, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`].
+    pub(crate) fn read_one(
+        &self,
+        tx: &mut Transaction<'_>,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
+        let rows = tx
+            .query_typed(&self.read_one, &[(&key, Type::BYTEA)])
+            .map_err(|e| read_failed("reading a record from PostgreSQL", e))?;
+        Ok(rows.first().map(|row| row.get(0)))
+    }
+
+    /// Visits every row (key, record bytes) in token order, streaming them; `visit` says
+    /// whether to go on.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`], or `visit`'s own error.
+    pub(crate) fn walk(
+        &self,
+        tx: &mut Transaction<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>>,
+    ) -> Result<()> {
+        let params: [&(dyn ToSql + Sync); 0] = [];
+        let mut rows = tx
+            .query_raw(self.walk.as_str(), params)
+            .map_err(|e| read_failed("reading the records from PostgreSQL", e))?;
+        while let Some(row) = rows
+            .next()
+            .map_err(|e| read_failed("reading the records from PostgreSQL", e))?
+        {
+            let key: &[u8] = row.get(0);
+            let record: &[u8] = row.get(1);
+            if visit(key, record)?.is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last fencing token drawn from the sequence (0 when none was).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`].
+    pub(crate) fn last_token(&self, tx: &mut Transaction<'_>) -> Result<u64> {
+        let row = tx
+            .query_typed_one(&self.last_token, &[])
+            .map_err(|e| read_failed("reading the fencing-token sequence", e))?;
+        from_bigint(row.get(0), "fencing token")
     }
 }
 
