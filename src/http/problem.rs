@@ -74,14 +74,26 @@ impl Problem {
     }
 }
 
-/// The JSON body of a problem response, fields in the order RFC 9457 lists them.
-#[derive(serde::Serialize)]
+/// The JSON body of a problem response.
 struct ProblemBody<'a> {
-    #[serde(rename = "type")]
     type_uri: &'a str,
     title: &'a str,
     status: u16,
     detail: &'a str,
+}
+
+/// Written out rather than derived, so the `http` feature needs no proc-macro crates: the
+/// members in the order RFC 9457 lists them.
+impl serde::Serialize for ProblemBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut body = serializer.serialize_struct("Problem", 4)?;
+        body.serialize_field("type", self.type_uri)?;
+        body.serialize_field("title", self.title)?;
+        body.serialize_field("status", &self.status)?;
+        body.serialize_field("detail", self.detail)?;
+        body.end()
+    }
 }
 
 /// Any RFC 9457 problem response: `{"type":…,"title":…,"status":…,"detail":…}` with
