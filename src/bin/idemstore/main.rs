@@ -84,7 +84,8 @@ Shows the record stored under (SCOPE, ID), also when it is dead (expired, not ye
 its state, fencing token, fingerprint, times, and the stored response (or the in-flight
 checkpoint). A response stored by idemstore::http (a StoredResponse) is decoded into status,
 headers and body; any response is also printed in base64. The scope is the one the service
-chose (tenant, API user; \"\" for none); ID is the client's Idempotency-Key value, unquoted.
+chose (tenant, API user; \"\" for none); ID is the client's Idempotency-Key value, unquoted
+(after `--` when it starts with `-`).
 
 Exit code 1 when there is no record under the key.
 ";
@@ -207,8 +208,8 @@ fn command_help(command: &str) -> Option<&'static str> {
     })
 }
 
-/// Prints a help text on standard output.
-fn print_help(text: &str) -> Outcome {
+/// Prints a help (or version) text on standard output.
+fn print_text(text: &str) -> Outcome {
     let mut o = Out::new();
     out!(o, "{}", text.trim_end());
     o.finish()?;
@@ -231,9 +232,9 @@ fn run(mut args: lexopt::Parser) -> Outcome {
             eprint!("{HELP}");
             return Ok(ExitCode::from(2));
         }
-        Some(Short('h') | Long("help")) => return print_help(HELP),
+        Some(Short('h') | Long("help")) => return print_text(HELP),
         Some(Short('V') | Long("version")) => {
-            return print_help(&format!("idemstore {}", env!("CARGO_PKG_VERSION")));
+            return print_text(&format!("idemstore {}", env!("CARGO_PKG_VERSION")));
         }
         Some(Value(command)) => command.to_string_lossy().into_owned(),
         Some(other) => return Err(unknown_command(&shown(&other))),
@@ -253,7 +254,7 @@ fn run(mut args: lexopt::Parser) -> Outcome {
                 "`help` takes at most one command, got also {extra:?}"
             )));
         }
-        return print_help(text);
+        return print_text(text);
     }
     let help = command_help(&command).ok_or_else(|| unknown_command(&command))?;
     let usage = |message: &str| Fail(format!("{message}\n\n{help}"));
@@ -265,7 +266,7 @@ fn run(mut args: lexopt::Parser) -> Outcome {
     let mut positional: Vec<OsString> = Vec::new();
     while let Some(arg) = args.next().map_err(|e| usage(&e.to_string()))? {
         match arg {
-            Short('h') | Long("help") => return print_help(help),
+            Short('h') | Long("help") => return print_text(help),
             Long("scope") if command == "get" => options.scope = Some(text(args.value())?),
             Long("state") if command == "list" => {
                 let v = text(args.value())?;
