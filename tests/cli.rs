@@ -200,7 +200,7 @@ fn list_filters_by_state_and_age() {
 
     let o = idemstore(&["list", p, "--state", "sleeping"]);
     assert_eq!(o.status.code(), Some(2));
-    let o = idemstore(&["list", p, "--older-than", "5 minutes"]);
+    let o = idemstore(&["list", p, "--older-than", "5 fortnights"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not a duration"), "{}", stderr(&o));
 }
@@ -236,6 +236,24 @@ fn dump_writes_one_json_object_per_record() {
             "{line}"
         );
         assert!(line.contains("\"fingerprint\":\""), "{line}");
+    }
+    // Each line is one JSON object with the fields `dump --help` lists.
+    for line in &lines {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        let fields = [
+            "scope",
+            "id",
+            "state",
+            "dead",
+            "token",
+            "fingerprint",
+            "expires_at",
+        ];
+        for field in fields {
+            assert!(record.get(field).is_some(), "{field} in {line}");
+        }
+        let timestamp = record["expires_at"].as_str().unwrap();
+        assert!(humantime::parse_rfc3339(timestamp).is_ok(), "{line}");
     }
     let raw = lines
         .iter()

@@ -543,8 +543,8 @@ impl RetryPolicy {
 /// recipients to accept: IMF-fixdate (`"Sun, 06 Nov 1994 08:49:37 GMT"`), the obsolete
 /// RFC 850 form (`"Sunday, 06-Nov-94 08:49:37 GMT"`, its two-digit year read as the latest
 /// year with those digits that is not more than 50 years after `now`) and asctime
-/// (`"Sun Nov  6 08:49:37 1994"`). `None` for anything else; the retry helper then uses its
-/// backoff alone.
+/// (`"Sun Nov  6 08:49:37 1994"`). A date must exist and carry its own day name. `None` for
+/// anything else; the retry helper then uses its backoff alone.
 ///
 /// ```
 /// use std::time::{Duration, UNIX_EPOCH};
@@ -567,15 +567,18 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// An HTTP-date in any of its three forms (RFC 9110 §5.6.7); `now` places RFC 850's
-/// two-digit years.
+/// An HTTP-date in any of its three forms (RFC 9110 §5.6.7), read by `httpdate`, which also
+/// checks that the date exists and that its day name is the right one. An RFC 850 date is
+/// first rewritten as an IMF-fixdate with its two-digit year placed relative to `now` (the
+/// latest year with those digits not more than 50 years after `now`), as RFC 9110 asks;
+/// `httpdate` alone would read it in the fixed window 1970-2069.
 fn parse_http_date(s: &str, now: SystemTime) -> Option<SystemTime> {
-    parse_imf_fixdate(s)
-        .or_else(|| parse_rfc850(s, now))
-        .or_else(|| parse_asctime(s))
+    match rfc850_as_imf_fixdate(s, now) {
+        Some(fixdate) => httpdate::parse_http_date(&fixdate).ok(),
+        None => httpdate::parse_http_date(s).ok(),
+    }
 }
 
-const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
 const LONG_DAYS: [&str; 7] = [
     "Monday",
     "Tuesday",
@@ -585,158 +588,46 @@ const LONG_DAYS: [&str; 7] = [
     "Saturday",
     "Sunday",
 ];
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
 
-/// A date and time of day, UTC, as written.
-struct Civil {
-    year: u64,
-    month: u64,
-    day: u64,
-    hour: u64,
-    minute: u64,
-    second: u64,
-}
-
-/// `s` as a number if it is all ASCII digits (no sign, no spaces).
-fn digits(s: &str) -> Option<u64> {
-    (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
-        .then(|| s.parse().ok())
-        .flatten()
-}
-
-fn month(s: &str) -> Option<u64> {
-    MONTHS.iter().position(|m| *m == s).map(|i| i as u64 + 1)
-}
-
-/// `HH:MM:SS`.
-fn time_of_day(s: &str) -> Option<(u64, u64, u64)> {
-    let b = s.as_bytes();
-    if b.len() != 8 || b[2] != b':' || b[5] != b':' {
-        return None;
-    }
-    Some((digits(&s[..2])?, digits(&s[3..5])?, digits(&s[6..])?))
-}
-
-/// `<day name>, DD<sep>Mon<sep>YEAR HH:MM:SS GMT`, the shape IMF-fixdate (`sep` a space,
-/// 4-digit year) and RFC 850 (`sep` `-`, 2-digit year) share; the year as written.
-fn named_gmt_date(s: &str, names: &[&str], sep: u8, year_digits: usize) -> Option<Civil> {
+/// An RFC 850 date (`Sunday, 06-Nov-94 08:49:37 GMT`: a full day name, `DD-Mon-YY`, the
+/// time) rewritten as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), its year placed
+/// relative to `now`; `None` if `s` does not start so (`httpdate` then refuses it as an
+/// RFC 850 date too, and reads it in its other forms). `httpdate` checks every other field.
+fn rfc850_as_imf_fixdate(s: &str, now: SystemTime) -> Option<String> {
     let (name, rest) = s.split_once(", ")?;
-    if !names.contains(&name) {
-        return None;
-    }
-    let rest = rest.strip_suffix(" GMT")?;
     let b = rest.as_bytes();
-    let year_end = 7 + year_digits;
-    if b.len() != year_end + 9 || b[2] != sep || b[6] != sep || b[year_end] != b' ' {
+    if !LONG_DAYS.contains(&name)
+        || !rest.is_ascii()
+        || b.len() != 22
+        || b[2] != b'-'
+        || b[6] != b'-'
+    {
         return None;
     }
-    let (hour, minute, second) = time_of_day(rest.get(year_end + 1..)?)?;
-    Some(Civil {
-        year: digits(rest.get(7..year_end)?)?,
-        month: month(rest.get(3..6)?)?,
-        day: digits(rest.get(..2)?)?,
-        hour,
-        minute,
-        second,
-    })
-}
-
-/// `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
-    named_gmt_date(s, &DAYS, b' ', 4)?.to_time()
-}
-
-/// `Sunday, 06-Nov-94 08:49:37 GMT` (obsolete; two-digit year placed relative to `now`).
-fn parse_rfc850(s: &str, now: SystemTime) -> Option<SystemTime> {
-    let mut date = named_gmt_date(s, &LONG_DAYS, b'-', 2)?;
+    let yy: u32 = rest
+        .get(7..9)
+        .filter(|y| y.bytes().all(|c| c.is_ascii_digit()))?
+        .parse()
+        .ok()?;
     let this_year = year_of(now);
-    date.year += this_year - this_year % 100;
-    if date.year > this_year + 50 {
-        date.year -= 100;
+    let mut year = this_year - this_year % 100 + yy;
+    if year > this_year + 50 {
+        year -= 100;
     }
-    date.to_time()
+    let (day, month, time) = (&rest[..2], &rest[3..6], &rest[9..]);
+    Some(format!("{}, {day} {month} {year}{time}", &name[..3]))
 }
 
-/// `Sun Nov  6 08:49:37 1994` (obsolete; a one-digit day is padded with a space).
-fn parse_asctime(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() != 24 || b[3] != b' ' || b[7] != b' ' || b[10] != b' ' || b[19] != b' ' {
-        return None;
-    }
-    if !DAYS.contains(&s.get(..3)?) {
-        return None;
-    }
-    let day = match (b[8], b[9]) {
-        (b' ', d) if d.is_ascii_digit() => u64::from(d - b'0'),
-        _ => digits(s.get(8..10)?)?,
-    };
-    let (hour, minute, second) = time_of_day(s.get(11..19)?)?;
-    Civil {
-        year: digits(s.get(20..)?)?,
-        month: month(s.get(4..7)?)?,
-        day,
-        hour,
-        minute,
-        second,
-    }
-    .to_time()
-}
-
-/// The civil year (UTC) of `t`; 1970 for times before the epoch.
-fn year_of(t: SystemTime) -> u64 {
-    let days = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400);
-    // Howard Hinnant's civil_from_days, for days from 1970 on.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    yoe + era * 400 + u64::from(month <= 2)
-}
-
-impl Civil {
-    /// The instant, if the fields make a date from 1970 on (days up to 31 in any month
-    /// are accepted, as before; a leap second counts as the next second).
-    fn to_time(&self) -> Option<SystemTime> {
-        let Civil {
-            year,
-            month,
-            day,
-            hour,
-            minute,
-            second,
-        } = *self;
-        if !(1..=31).contains(&day)
-            || !(1..=12).contains(&month)
-            || hour > 23
-            || minute > 59
-            || second > 60
-            || year < 1970
-        {
-            return None;
-        }
-        // Days from the civil date (Howard Hinnant's days_from_civil), for years from 1970 on.
-        let (y, m) = if month <= 2 {
-            (year - 1, month + 9)
-        } else {
-            (year, month - 3)
-        };
-        let era = y / 400;
-        let yoe = y % 400;
-        let doy = (153 * m + 2) / 5 + day - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = (era * 146_097 + doe).checked_sub(719_468)?;
-        let secs = days
-            .checked_mul(86_400)?
-            .checked_add(hour * 3600 + minute * 60 + second)?;
-        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
-    }
+/// The civil year (UTC) of `t`: 1970 for times before the epoch, 9999 for times after it.
+fn year_of(t: SystemTime) -> u32 {
+    // The last second `httpdate` formats: 9999-12-31T23:59:59Z.
+    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    let t = t.clamp(SystemTime::UNIX_EPOCH, last);
+    // `Sun, 06 Nov 1994 08:49:37 GMT`: the year is at bytes 12..16.
+    httpdate::fmt_http_date(t)
+        .get(12..16)
+        .and_then(|y| y.parse().ok())
+        .unwrap_or(1970)
 }
 
 #[cfg(test)]
@@ -775,17 +666,17 @@ mod tests {
 
     #[test]
     fn imf_fixdate() {
-        let t = parse_imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let now = UNIX_EPOCH;
+        let parse = |s| parse_http_date(s, now);
+        let t = parse("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         assert_eq!(t, UNIX_EPOCH + Duration::from_secs(784_111_777));
-        let t = parse_imf_fixdate("Thu, 01 Jan 1970 00:00:00 GMT").unwrap();
+        let t = parse("Thu, 01 Jan 1970 00:00:00 GMT").unwrap();
         assert_eq!(t, UNIX_EPOCH);
-        let t = parse_imf_fixdate("Tue, 29 Feb 2028 23:59:59 GMT").unwrap();
+        let t = parse("Tue, 29 Feb 2028 23:59:59 GMT").unwrap();
         assert_eq!(t, UNIX_EPOCH + Duration::from_secs(1_835_481_599));
         for bad in [
             "",
             "Sun, 06 Nov 1994 08:49:37 UTC",
-            "Sunday, 06-Nov-94 08:49:37 GMT",
-            "Sun Nov  6 08:49:37 1994",
             "Sun, 06 Foo 1994 08:49:37 GMT",
             "Sun, 06 Nov 19944 08:49:37 GMT",
             "Sun, 06 Nov 1994 08:49:3 GMT",
@@ -794,8 +685,11 @@ mod tests {
             "Sun, +6 Nov 1994 08:49:37 GMT",
             "Sun, 06 Nov 1969 08:49:37 GMT",
             "Sün, 06 Nov 1994 08:49:37 GMT",
+            // Checked by httpdate: the day name must be the date's, the date must exist.
+            "Mon, 06 Nov 1994 08:49:37 GMT",
+            "Thu, 31 Feb 2028 00:00:00 GMT",
         ] {
-            assert_eq!(parse_imf_fixdate(bad), None, "{bad:?}");
+            assert_eq!(parse(bad), None, "{bad:?}");
         }
     }
 
@@ -803,27 +697,33 @@ mod tests {
     fn obsolete_date_forms() {
         let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // 1994
         let t = UNIX_EPOCH + Duration::from_secs(784_111_777);
-        assert_eq!(parse_rfc850("Sunday, 06-Nov-94 08:49:37 GMT", now), Some(t));
-        assert_eq!(parse_asctime("Sun Nov  6 08:49:37 1994"), Some(t));
+        let parse = |s| parse_http_date(s, now);
+        assert_eq!(parse("Sunday, 06-Nov-94 08:49:37 GMT"), Some(t));
+        assert_eq!(parse("Sun Nov  6 08:49:37 1994"), Some(t));
         assert_eq!(
-            parse_asctime("Tue Feb 29 23:59:59 2028"),
+            parse("Tue Feb 29 23:59:59 2028"),
             Some(UNIX_EPOCH + Duration::from_secs(1_835_481_599))
         );
         // Two-digit years: at most 50 years ahead of `now`, else the century before.
         let in_2026 = UNIX_EPOCH + Duration::from_secs(1_795_824_000); // 2026-11-28
         assert_eq!(year_of(in_2026), 2026);
-        let year = |s| parse_rfc850(s, in_2026).map(year_of);
-        assert_eq!(year("Monday, 01-Jan-76 00:00:00 GMT"), Some(2076));
-        assert_eq!(year("Friday, 01-Jan-77 00:00:00 GMT"), Some(1977));
-        assert_eq!(year("Thursday, 01-Jan-70 00:00:00 GMT"), Some(2070));
+        let year = |s| parse_http_date(s, in_2026).map(year_of);
+        assert_eq!(year("Wednesday, 01-Jan-76 00:00:00 GMT"), Some(2076));
+        assert_eq!(year("Saturday, 01-Jan-77 00:00:00 GMT"), Some(1977));
+        assert_eq!(year("Wednesday, 01-Jan-70 00:00:00 GMT"), Some(2070));
+        // The day name is checked against the year so placed (2070-01-01 is a Wednesday).
+        assert_eq!(year("Thursday, 01-Jan-70 00:00:00 GMT"), None);
+        assert_eq!(year_of(UNIX_EPOCH - Duration::from_secs(1)), 1970);
         for bad in [
             "Sun, 06-Nov-94 08:49:37 GMT",
             "Sunday, 06 Nov 1994 08:49:37 GMT",
             "Sunday, 06-Nov-1994 08:49:37 GMT",
             "Sunday, 06-Nov-94 08:49:37 UTC",
             "Sunday, 06-Xyz-94 08:49:37 GMT",
+            "Sunday, 06-Nov-9x 08:49:37 GMT",
+            "Sunday, 06-Nov-é4 08:49:37 GMT",
         ] {
-            assert_eq!(parse_rfc850(bad, now), None, "{bad:?}");
+            assert_eq!(parse(bad), None, "{bad:?}");
         }
         for bad in [
             "Sun Nov 6 08:49:37 1994",
@@ -833,7 +733,7 @@ mod tests {
             "Sun Nov  x 08:49:37 1994",
             "Sun Nov 32 08:49:37 1994",
         ] {
-            assert_eq!(parse_asctime(bad), None, "{bad:?}");
+            assert_eq!(parse(bad), None, "{bad:?}");
         }
     }
 

@@ -74,21 +74,26 @@ impl Problem {
     }
 }
 
-/// Writes `s` as a JSON string literal.
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
-            c => out.push(c),
-        }
+/// The JSON body of a problem response.
+struct ProblemBody<'a> {
+    type_uri: &'a str,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+}
+
+/// Written out rather than derived, so the `http` feature needs no proc-macro crates: the
+/// members in the order RFC 9457 lists them.
+impl serde::Serialize for ProblemBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut body = serializer.serialize_struct("Problem", 4)?;
+        body.serialize_field("type", self.type_uri)?;
+        body.serialize_field("title", self.title)?;
+        body.serialize_field("status", &self.status)?;
+        body.serialize_field("detail", self.detail)?;
+        body.end()
     }
-    out.push('"');
 }
 
 /// Any RFC 9457 problem response: `{"type":…,"title":…,"status":…,"detail":…}` with
@@ -110,16 +115,16 @@ pub fn problem_response(
     title: &str,
     detail: &str,
 ) -> Response<Vec<u8>> {
-    let mut body = String::with_capacity(128 + detail.len());
-    body.push_str("{\"type\":");
-    json_string(&mut body, type_uri);
-    body.push_str(",\"title\":");
-    json_string(&mut body, title);
-    body.push_str(&format!(",\"status\":{}", status.as_u16()));
-    body.push_str(",\"detail\":");
-    json_string(&mut body, detail);
-    body.push('}');
-    let mut response = Response::new(body.into_bytes());
+    let body = ProblemBody {
+        type_uri,
+        title,
+        status: status.as_u16(),
+        detail,
+    };
+    // Strings and a number: serde_json cannot fail on them (it fails only on maps with
+    // non-string keys and on a `Serialize` that reports an error), so no case is lost here.
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -211,9 +216,16 @@ mod tests {
 
     #[test]
     fn json_escapes() {
-        let mut s = String::new();
-        json_string(&mut s, "a\"b\\c\nd\u{1}é");
-        assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
+        let detail = "a\"b\\c\nd\u{1}é\u{7f}\u{1f}";
+        let r = problem_response(StatusCode::BAD_REQUEST, "about:blank", "t\"", detail);
+        let text = std::str::from_utf8(r.body()).unwrap();
+        // The escapes JSON needs, non-ASCII text as it is.
+        assert!(text.contains(r#""a\"b\\c\nd\u0001é"#), "{text}");
+        let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(parsed["detail"], detail);
+        assert_eq!(parsed["title"], "t\"");
+        assert_eq!(parsed["type"], "about:blank");
+        assert_eq!(parsed["status"], 400);
     }
 
     #[test]

@@ -14,11 +14,14 @@
 //! Only `reap` changes records; opening and closing a store also writes its meta table
 //! (the latest time seen), as any open does. The tool never creates a file.
 //!
-//! Built only with the `cli` feature (it adds no dependency: argument parsing, JSON and
-//! base64 are hand-rolled here), so the library's dependency tree stays lean.
+//! Built only with the `cli` feature, which brings the tool's own dependencies (lexopt for
+//! the arguments, serde_json, base64 and humantime for what it prints and reads), so the
+//! library's dependency tree stays lean. The help texts are written here by hand: they
+//! explain the states, fields and exit codes, which no generated help would.
 
 mod text;
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -30,8 +33,7 @@ use idemstore::http::StoredResponse;
 use idemstore::{Entry, Error, Key, Store};
 
 use text::{
-    base64, hex, human_bytes, human_duration, json_string, parse_duration, printable, relative,
-    rfc3339,
+    base64, human_bytes, human_duration, json_string, parse_duration, printable, relative, rfc3339,
 };
 
 /// The tool's help.
@@ -82,7 +84,8 @@ Shows the record stored under (SCOPE, ID), also when it is dead (expired, not ye
 its state, fencing token, fingerprint, times, and the stored response (or the in-flight
 checkpoint). A response stored by idemstore::http (a StoredResponse) is decoded into status,
 headers and body; any response is also printed in base64. The scope is the one the service
-chose (tenant, API user; \"\" for none); ID is the client's Idempotency-Key value, unquoted.
+chose (tenant, API user; \"\" for none); ID is the client's Idempotency-Key value, unquoted
+(after `--` when it starts with `-`).
 
 Exit code 1 when there is no record under the key.
 ";
@@ -94,7 +97,8 @@ One line per record, grouped by scope: state, age, fencing token, details, scope
     --state S          only records in state S; `in-flight` and `completed` are live
                        records, `dead` the expired ones not yet reaped (default: all)
     --older-than D     only records older than D: begun that long ago (in flight) or
-                       completed that long ago; D like 90s, 5m, 1h30m, 2d, 500ms
+                       completed that long ago; D like 90s, 5m, 1h30m, 2d, 500ms,
+                       1h 30min, 2weeks (humantime's syntax)
 The age of an in-flight record is the time since its first attempt began.
 ";
 
@@ -184,8 +188,7 @@ macro_rules! out {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    match run(lexopt::Parser::from_env()) {
         Ok(code) => code,
         Err(Fail(message)) => {
             eprintln!("idemstore: {message}");
@@ -205,58 +208,68 @@ fn command_help(command: &str) -> Option<&'static str> {
     })
 }
 
-fn run(args: &[String]) -> Outcome {
-    let Some(command) = args.first() else {
-        eprint!("{HELP}");
-        return Ok(ExitCode::from(2));
+/// Prints a help (or version) text on standard output.
+fn print_text(text: &str) -> Outcome {
+    let mut o = Out::new();
+    out!(o, "{}", text.trim_end());
+    o.finish()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An option as the user wrote it, for messages.
+fn shown(arg: &lexopt::Arg<'_>) -> String {
+    match arg {
+        lexopt::Arg::Short(c) => format!("-{c}"),
+        lexopt::Arg::Long(name) => format!("--{name}"),
+        lexopt::Arg::Value(v) => v.to_string_lossy().into_owned(),
+    }
+}
+
+fn run(mut args: lexopt::Parser) -> Outcome {
+    use lexopt::Arg::{Long, Short, Value};
+    let command = match args.next().map_err(|e| Fail(e.to_string()))? {
+        None => {
+            eprint!("{HELP}");
+            return Ok(ExitCode::from(2));
+        }
+        Some(Short('h') | Long("help")) => return print_text(HELP),
+        Some(Short('V') | Long("version")) => {
+            return print_text(&format!("idemstore {}", env!("CARGO_PKG_VERSION")));
+        }
+        Some(Value(command)) => command.to_string_lossy().into_owned(),
+        Some(other) => return Err(unknown_command(&shown(&other))),
     };
-    let rest = &args[1..];
-    match command.as_str() {
-        "-h" | "--help" => {
-            let mut o = Out::new();
-            out!(o, "{}", HELP.trim_end());
-            o.finish()?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        "-V" | "--version" => {
-            let mut o = Out::new();
-            out!(o, "idemstore {}", env!("CARGO_PKG_VERSION"));
-            o.finish()?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        "help" => {
-            let text = match rest.first() {
-                None => HELP,
-                Some(c) => command_help(c).ok_or_else(|| unknown_command(c))?,
-            };
-            let mut o = Out::new();
-            out!(o, "{}", text.trim_end());
-            o.finish()?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        _ => {}
-    }
-    let help = command_help(command).ok_or_else(|| unknown_command(command))?;
-    if rest.iter().any(|a| a == "-h" || a == "--help") {
-        let mut o = Out::new();
-        out!(o, "{}", help.trim_end());
-        o.finish()?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let usage = |message: &str| Fail(format!("{message}\n\n{help}"));
-    let mut options = Options::default();
-    let mut positional = Vec::new();
-    let mut iter = rest.iter();
-    while let Some(arg) = iter.next() {
-        let mut value = || {
-            iter.next()
-                .cloned()
-                .ok_or_else(|| usage(&format!("{arg} needs a value")))
+    if command == "help" {
+        let text = match args.next().map_err(|e| Fail(e.to_string()))? {
+            None => HELP,
+            Some(Value(c)) => {
+                let c = c.to_string_lossy();
+                command_help(&c).ok_or_else(|| unknown_command(&c))?
+            }
+            Some(other) => return Err(unknown_command(&shown(&other))),
         };
-        match arg.as_str() {
-            "--scope" if command == "get" => options.scope = Some(value()?),
-            "--state" if command == "list" => {
-                let v = value()?;
+        if let Some(extra) = args.next().map_err(|e| Fail(e.to_string()))? {
+            let extra = shown(&extra);
+            return Err(Fail(format!(
+                "`help` takes at most one command, got also {extra:?}"
+            )));
+        }
+        return print_text(text);
+    }
+    let help = command_help(&command).ok_or_else(|| unknown_command(&command))?;
+    let usage = |message: &str| Fail(format!("{message}\n\n{help}"));
+    let text = |v: Result<OsString, lexopt::Error>| -> Result<String, Fail> {
+        v.and_then(lexopt::ValueExt::string)
+            .map_err(|e| usage(&e.to_string()))
+    };
+    let mut options = Options::default();
+    let mut positional: Vec<OsString> = Vec::new();
+    while let Some(arg) = args.next().map_err(|e| usage(&e.to_string()))? {
+        match arg {
+            Short('h') | Long("help") => return print_text(help),
+            Long("scope") if command == "get" => options.scope = Some(text(args.value())?),
+            Long("state") if command == "list" => {
+                let v = text(args.value())?;
                 options.state = Some(match v.as_str() {
                     "in-flight" | "in_flight" => StateFilter::InFlight,
                     "completed" => StateFilter::Completed,
@@ -268,14 +281,15 @@ fn run(args: &[String]) -> Outcome {
                     }
                 });
             }
-            "--older-than" if command == "list" => {
-                options.older_than = Some(parse_duration(&value()?).map_err(|e: String| usage(&e))?)
+            Long("older-than") if command == "list" => {
+                let v = text(args.value())?;
+                options.older_than = Some(parse_duration(&v).map_err(|e| usage(&e))?);
             }
-            "--" => positional.extend(iter.by_ref().cloned()),
-            flag if flag.starts_with("--") => {
-                return Err(usage(&format!("unknown option {flag} for `{command}`")));
+            Value(v) => positional.push(v),
+            option => {
+                let option = shown(&option);
+                return Err(usage(&format!("unknown option {option} for `{command}`")));
             }
-            _ => positional.push(arg.clone()),
         }
     }
     let expected = if command == "get" { 2 } else { 1 };
@@ -286,7 +300,13 @@ fn run(args: &[String]) -> Outcome {
             positional.len()
         )));
     }
-    let path = PathBuf::from(&positional[0]);
+    let mut positional = positional.into_iter();
+    let path = PathBuf::from(positional.next().unwrap_or_default());
+    let id = positional
+        .next()
+        .map(|id| text(Ok(id)))
+        .transpose()?
+        .unwrap_or_default();
     if command == "get" && options.scope.is_none() {
         return Err(usage(
             "`get` needs --scope SCOPE (use --scope \"\" for keys without a scope)",
@@ -295,15 +315,11 @@ fn run(args: &[String]) -> Outcome {
     let store = open(&path)?;
     let result = match command.as_str() {
         "stats" => stats(&store, &path),
-        "get" => get(
-            &store,
-            options.scope.as_deref().unwrap_or(""),
-            &positional[1],
-        ),
+        "get" => get(&store, options.scope.as_deref().unwrap_or(""), &id),
         "list" => list(&store, &options),
         "reap" => reap(&store),
         "dump" => dump(&store),
-        _ => Err(unknown_command(command)),
+        _ => Err(unknown_command(&command)),
     };
     let closed = store
         .close()
@@ -613,74 +629,100 @@ fn reap(store: &Store) -> Outcome {
 
 fn dump(store: &Store) -> Outcome {
     let mut o = Out::new();
+    let mut failed = None;
     store
-        .scan(|view| {
-            if out!(o, "{}", json_line(view)) {
-                ControlFlow::Continue(())
-            } else {
+        .scan(|view| match serde_json::to_string(&DumpLine::of(view)) {
+            Ok(line) if out!(o, "{line}") => ControlFlow::Continue(()),
+            Ok(_) => ControlFlow::Break(()),
+            Err(e) => {
+                failed = Some(e);
                 ControlFlow::Break(())
             }
         })
         .map_err(storage_fail)?;
+    if let Some(e) = failed {
+        return Err(Fail(format!("writing a record as JSON: {e}")));
+    }
     o.finish()?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// One record as a JSON object on one line (see `idemstore dump --help`).
-fn json_line(view: &RecordView) -> String {
-    let mut fields = vec![
-        ("scope", json_string(view.key.scope())),
-        ("id", json_string(view.key.id())),
-    ];
-    match &view.entry {
-        Entry::InFlight {
+/// One record as one JSON object of `dump` (see `idemstore dump --help`), fields in this
+/// order.
+#[derive(serde::Serialize)]
+struct DumpLine<'a> {
+    scope: &'a str,
+    id: &'a str,
+    state: &'static str,
+    dead: bool,
+    token: u64,
+    /// 64 lowercase hex digits.
+    fingerprint: String,
+    expires_at: String,
+    #[serde(flatten)]
+    detail: DumpDetail,
+}
+
+/// The fields of `dump` that depend on the record's state.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum DumpDetail {
+    InFlight {
+        attempt: u32,
+        created_at: String,
+        lease_expires_at: String,
+        /// `null` when there is none.
+        checkpoint_base64: Option<String>,
+    },
+    Completed {
+        completed_at: String,
+        response_bytes: usize,
+        response_base64: String,
+    },
+}
+
+impl DumpLine<'_> {
+    fn of(view: &RecordView) -> DumpLine<'_> {
+        let (state, token, expires_at, detail) = match &view.entry {
+            Entry::InFlight {
+                token,
+                lease_expires_at,
+                attempt,
+                checkpoint,
+                created_at,
+                expires_at,
+                ..
+            } => (
+                "in_flight",
+                *token,
+                *expires_at,
+                DumpDetail::InFlight {
+                    attempt: *attempt,
+                    created_at: rfc3339(*created_at),
+                    lease_expires_at: rfc3339(*lease_expires_at),
+                    checkpoint_base64: checkpoint.as_deref().map(base64),
+                },
+            ),
+            Entry::Completed(done) => (
+                "completed",
+                done.token(),
+                done.expires_at(),
+                DumpDetail::Completed {
+                    completed_at: rfc3339(done.completed_at()),
+                    response_bytes: done.response().len(),
+                    response_base64: base64(done.response()),
+                },
+            ),
+        };
+        DumpLine {
+            scope: view.key.scope(),
+            id: view.key.id(),
+            state,
+            dead: view.dead,
             token,
-            lease_expires_at,
-            attempt,
-            checkpoint,
-            created_at,
-            expires_at,
-            ..
-        } => {
-            fields.extend([
-                ("state", json_string("in_flight")),
-                ("dead", view.dead.to_string()),
-                ("token", token.to_string()),
-                (
-                    "fingerprint",
-                    json_string(&hex(view.fingerprint.as_bytes())),
-                ),
-                ("expires_at", json_string(&rfc3339(*expires_at))),
-                ("attempt", attempt.to_string()),
-                ("created_at", json_string(&rfc3339(*created_at))),
-                ("lease_expires_at", json_string(&rfc3339(*lease_expires_at))),
-                (
-                    "checkpoint_base64",
-                    checkpoint
-                        .as_ref()
-                        .map_or("null".into(), |c| json_string(&base64(c))),
-                ),
-            ]);
-        }
-        Entry::Completed(done) => {
-            fields.extend([
-                ("state", json_string("completed")),
-                ("dead", view.dead.to_string()),
-                ("token", done.token().to_string()),
-                (
-                    "fingerprint",
-                    json_string(&hex(view.fingerprint.as_bytes())),
-                ),
-                ("expires_at", json_string(&rfc3339(done.expires_at()))),
-                ("completed_at", json_string(&rfc3339(done.completed_at()))),
-                ("response_bytes", done.response().len().to_string()),
-                ("response_base64", json_string(&base64(done.response()))),
-            ]);
+            fingerprint: view.fingerprint.to_string(),
+            expires_at: rfc3339(expires_at),
+            detail,
         }
     }
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(name, value)| format!("\"{name}\":{value}"))
-        .collect();
-    format!("{{{}}}", body.join(","))
 }

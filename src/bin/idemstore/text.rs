@@ -1,27 +1,14 @@
-//! Text helpers of the CLI, hand-rolled to keep it free of dependencies: JSON strings,
-//! base64, hex, RFC 3339 times, human durations and sizes.
+//! Text helpers of the CLI: JSON strings (serde_json), base64 (the `base64` crate), RFC 3339
+//! times and duration parsing (humantime), and the short human forms of durations and sizes
+//! the tool prints in its columns (a few lines each, no crate writes these two forms).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// `s` as a JSON string literal, quotes included (RFC 8259 escaping).
+use base64::Engine as _;
+
+/// `s` as a JSON string literal, quotes included.
 pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", u32::from(c)))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    serde_json::Value::from(s).to_string()
 }
 
 /// `s` for a terminal: control characters escaped as in Rust string literals.
@@ -34,61 +21,16 @@ pub fn printable(s: &str) -> String {
     }
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// Standard base64 with padding (RFC 4648 §4).
 pub fn base64(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(BASE64[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// RFC 3339 in UTC with milliseconds, such as `2024-05-01T12:00:00.000Z`.
+/// RFC 3339 in UTC with milliseconds, such as `2024-05-01T12:00:00.000Z`. Times before the
+/// epoch are shown as the epoch (a store keeps none: it counts time from the epoch, up to the
+/// year 2554, well inside what humantime formats).
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    humantime::format_rfc3339_millis(t.max(UNIX_EPOCH)).to_string()
 }
 
 /// A short human duration: `850ms`, `42s`, `5m12s`, `3h04m`, `2d05h`.
@@ -130,44 +72,15 @@ pub fn human_bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
-/// Parses a duration such as `90s`, `5m`, `1h30m`, `2d`, `500ms` (units ms, s, m, h, d).
+/// Parses a duration in humantime's syntax: numbers with units, such as `90s`, `5m`, `1h30m`,
+/// `2d`, `500ms`, `1h 30min`, `2weeks`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || {
+    humantime::parse_duration(text).map_err(|e| {
         format!(
-            "{text:?} is not a duration; write a number and a unit (ms, s, m, h, d), e.g. 5m or 1h30m"
+            "{text:?} is not a duration ({e}); write numbers with units (ms, s, m, h, d, w), \
+             e.g. 5m or 1h30m"
         )
-    };
-    let mut total = Duration::ZERO;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
-            _ => return Err(bad()),
-        };
-        rest = &rest[unit_len..];
-        let part = u32::try_from(n)
-            .ok()
-            .and_then(|n| unit.checked_mul(n))
-            .ok_or_else(bad)?;
-        total = total.checked_add(part).ok_or_else(bad)?;
-    }
-    Ok(total)
+    })
 }
 
 #[cfg(test)]
@@ -195,6 +108,9 @@ mod tests {
     fn json_strings_are_escaped() {
         assert_eq!(json_string("a\"b\\c\nd\u{1}"), r#""a\"b\\c\nd\u0001""#);
         assert_eq!(json_string("é"), "\"é\"");
+        let nasty = "\u{7f}\u{8}\u{c}\u{1f}\u{2028}";
+        let back: String = serde_json::from_str(&json_string(nasty)).unwrap();
+        assert_eq!(back, nasty);
     }
 
     #[test]
@@ -209,7 +125,12 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("m").is_err());
-        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5m-").is_err());
+        // humantime's syntax: spaces and long unit names too.
+        assert_eq!(parse_duration("5 minutes"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h 30min"), Ok(Duration::from_secs(5400)));
         assert_eq!(human_duration(Duration::from_secs(312)), "5m12s");
         assert_eq!(human_bytes(1536), "1.5 KiB");
     }
