@@ -324,6 +324,38 @@ fn help_for_the_tool_and_every_command() {
 }
 
 #[test]
+fn looking_never_writes_to_the_file() {
+    let (_dir, path) = fixture();
+    let file = path_str(&path);
+    let before = std::fs::read(&path).unwrap();
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    for args in [
+        vec!["stats", file],
+        vec!["get", file, "--scope", "tenant-a", "done-raw"],
+        vec!["list", file],
+        vec!["dump", file],
+    ] {
+        let o = idemstore(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "{args:?} changed the file"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().modified().unwrap(),
+        modified
+    );
+    // A file without write permission can still be looked at (run as root, as CI is, this
+    // only shows that nothing asks for write permission first).
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&path, perms).unwrap();
+    let o = idemstore(&["stats", file]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
 fn a_missing_or_empty_file_is_refused_and_not_created() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.redb");

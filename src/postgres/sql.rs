@@ -314,11 +314,7 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`].
-    pub(crate) fn read_one(
-        &self,
-        tx: &mut Transaction<'_>,
-        key: &[u8],
-    ) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn read_one(&self, tx: &mut Transaction<'_>, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let rows = tx
             .query_typed(&self.read_one, &[(&key, Type::BYTEA)])
             .map_err(|e| read_failed("reading a record from PostgreSQL", e))?;

@@ -9,10 +9,10 @@
 //! Exit codes: 0 done; 1 `get` found no record; 2 a usage error or a file that cannot be
 //! opened (missing, busy, foreign, damaged).
 //!
-//! The store file is opened like a service opens it (exclusively, with no reaper thread),
-//! so a file held open by a running service is refused as busy: stop the service first.
-//! Only `reap` changes records; opening and closing a store also writes its meta table
-//! (the latest time seen), as any open does. The tool never creates a file.
+//! `stats`, `get`, `list` and `dump` open the file read-only ([`StoreFile`]) and never write
+//! to it; `reap` opens it as a service does (exclusively, with no reaper thread). Either
+//! way a file held open by a running service is refused as busy: stop the service first.
+//! The tool never creates a file.
 //!
 //! Built only with the `cli` feature, which brings the tool's own dependencies (lexopt for
 //! the arguments, serde_json, base64 and humantime for what it prints and reads), so the
@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use idemstore::admin::RecordView;
+use idemstore::admin::{RecordView, StoreFile};
 use idemstore::http::StoredResponse;
 use idemstore::{Entry, Error, Key, Store};
 
@@ -56,7 +56,7 @@ COMMANDS:
 
 The file must not be open elsewhere: a running service holds its store open, and the tool
 then refuses the file as busy (stop the service first). The tool never creates a file.
-Only `reap` changes records.
+Only `reap` changes records: the other commands open the file read-only and never write to it.
 
 EXIT CODES:
     0  done
@@ -312,21 +312,24 @@ fn run(mut args: lexopt::Parser) -> Outcome {
             "`get` needs --scope SCOPE (use --scope \"\" for keys without a scope)",
         ));
     }
-    let store = open(&path)?;
-    let result = match command.as_str() {
-        "stats" => stats(&store, &path),
-        "get" => get(&store, options.scope.as_deref().unwrap_or(""), &id),
-        "list" => list(&store, &options),
-        "reap" => reap(&store),
-        "dump" => dump(&store),
+    if command == "reap" {
+        let store = open_store(&path)?;
+        let result = reap(&store);
+        let closed = store
+            .close()
+            .map_err(|e| Fail(format!("closing {}: {e}", path.display())));
+        let code = result?;
+        closed?;
+        return Ok(code);
+    }
+    let file = open_read_only(&path)?;
+    match command.as_str() {
+        "stats" => stats(&file, &path),
+        "get" => get(&file, options.scope.as_deref().unwrap_or(""), &id),
+        "list" => list(&file, &options),
+        "dump" => dump(&file),
         _ => Err(unknown_command(&command)),
-    };
-    let closed = store
-        .close()
-        .map_err(|e| Fail(format!("closing {}: {e}", path.display())));
-    let code = result?;
-    closed?;
-    Ok(code)
+    }
 }
 
 fn unknown_command(command: &str) -> Fail {
@@ -349,8 +352,8 @@ enum StateFilter {
     Dead,
 }
 
-/// Opens an existing store file, never creating one.
-fn open(path: &Path) -> Result<Store, Fail> {
+/// Checks that `path` names an existing, non-empty file: the tool never creates a store.
+fn existing(path: &Path) -> Result<(), Fail> {
     let shown = path.display();
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -372,27 +375,45 @@ fn open(path: &Path) -> Result<Store, Fail> {
         }
         Ok(_) => {}
     }
+    Ok(())
+}
+
+/// Why `path` could not be opened, for the user.
+fn open_fail(path: &Path, e: Error) -> Fail {
+    let shown = path.display();
+    match e {
+        Error::AlreadyOpen { .. } => Fail(format!(
+            "{shown} is busy: another process (a running service?) has it open, and a store \
+             file is opened by one process at a time; stop that process and try again"
+        )),
+        Error::IncompatibleFormat { reason } => Fail(format!(
+            "{shown} is not an idemstore store this version can read: {reason}; the file was \
+             not modified"
+        )),
+        other => Fail(format!("{shown}: {other}")),
+    }
+}
+
+/// Opens an existing store file read-only, for the commands that only look.
+fn open_read_only(path: &Path) -> Result<StoreFile, Fail> {
+    existing(path)?;
+    StoreFile::open(path).map_err(|e| open_fail(path, e))
+}
+
+/// Opens an existing store file for writing (`reap`), never creating one.
+fn open_store(path: &Path) -> Result<Store, Fail> {
+    existing(path)?;
     Store::builder()
         .reap_interval(None)
         .open(path)
-        .map_err(|e| match e {
-            Error::AlreadyOpen { .. } => Fail(format!(
-                "{shown} is busy: another process (a running service?) has it open, and a store \
-                 file is opened by one process at a time; stop that process and try again"
-            )),
-            Error::IncompatibleFormat { reason } => Fail(format!(
-                "{shown} is not an idemstore store this version can read: {reason}; the file was \
-                 not modified"
-            )),
-            other => Fail(format!("{shown}: {other}")),
-        })
+        .map_err(|e| open_fail(path, e))
 }
 
 fn storage_fail(e: Error) -> Fail {
     Fail(e.to_string())
 }
 
-fn stats(store: &Store, path: &Path) -> Outcome {
+fn stats(store: &StoreFile, path: &Path) -> Outcome {
     let s = store.summary().map_err(storage_fail)?;
     let mut o = Out::new();
     let size = s
@@ -432,7 +453,7 @@ fn stats(store: &Store, path: &Path) -> Outcome {
     Ok(ExitCode::SUCCESS)
 }
 
-fn get(store: &Store, scope: &str, id: &str) -> Outcome {
+fn get(store: &StoreFile, scope: &str, id: &str) -> Outcome {
     let key = Key::new(scope, id).map_err(storage_fail)?;
     let Some(view) = store.inspect(&key).map_err(storage_fail)? else {
         eprintln!(
@@ -545,7 +566,7 @@ fn since(view: &RecordView) -> SystemTime {
     }
 }
 
-fn list(store: &Store, options: &Options) -> Outcome {
+fn list(store: &StoreFile, options: &Options) -> Outcome {
     let now = SystemTime::now();
     let mut shown = 0u64;
     let mut o = Out::new();
@@ -627,7 +648,7 @@ fn reap(store: &Store) -> Outcome {
     Ok(ExitCode::SUCCESS)
 }
 
-fn dump(store: &Store) -> Outcome {
+fn dump(store: &StoreFile) -> Outcome {
     let mut o = Out::new();
     let mut failed = None;
     store
