@@ -18,7 +18,7 @@ use crate::key::Key;
 use crate::outcome::Entry;
 use crate::record::{Record, State};
 use crate::storage;
-use crate::store::Store;
+use crate::store::{Store, Visit};
 
 /// One stored record as [`Store::scan`] and [`Store::inspect`] see it, dead or alive.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,9 +90,6 @@ fn view(key: Key, record: Record, now: u64) -> RecordView {
     }
 }
 
-/// A visitor of encoded keys and their records.
-type Visit<'v> = dyn FnMut(&[u8], Record) -> Result<ControlFlow<()>> + 'v;
-
 /// What the views read records from: an open store, or a file opened read-only.
 trait Records {
     /// The store's current time.
@@ -111,11 +108,11 @@ impl Records for Store {
     }
 
     fn walk(&self, visit: &mut Visit<'_>) -> Result<u64> {
-        self.inner().read(|db| db.walk_log(visit))
+        self.inner().walk(visit)
     }
 
     fn record(&self, key: &[u8]) -> Result<Option<Record>> {
-        self.inner().read(|db| db.read_record(key))
+        self.inner().lookup(key).map(|(record, _)| record)
     }
 
     fn file(&self) -> Option<&Path> {

@@ -486,6 +486,24 @@ fn run<Q, A>(job: &mut Job<Q, A>, apply: impl FnOnce(Q) -> Result<A>) -> Result<
 }
 
 impl Command {
+    /// The key the command writes (`None` for a reap pass).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub fn key(&self) -> Option<&[u8]> {
+        match self {
+            Command::Claim(job) => job.request.as_ref().map(|q| q.key.as_slice()),
+            Command::Complete(job) => job.request.as_ref().map(|q| q.key.as_slice()),
+            Command::Hold(job) => job.request.as_ref().map(|q| q.key.as_slice()),
+            Command::Abandon(job) => job.request.as_ref().map(|q| q.key.as_slice()),
+            Command::Reap(_) => None,
+        }
+    }
+
+    /// Whether the command is a claim (which may draw a fencing token).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub fn is_claim(&self) -> bool {
+        matches!(self, Command::Claim(_))
+    }
+
     /// Answers the command with `error` without applying it.
     pub fn answer_without_writing(&mut self, error: &Error) {
         match self {

@@ -143,6 +143,70 @@ impl Lease {
         Ok(done)
     }
 
+    /// Completes the lease inside the caller's own PostgreSQL transaction `tx`: the
+    /// completion is written (fenced, like [`complete`](Lease::complete)) with `tx`'s other
+    /// writes and becomes durable when the caller commits `tx`, together with them. So no
+    /// crash can leave the side effect written and the key in flight, nor the key completed
+    /// and the side effect lost.
+    ///
+    /// ```no_run
+    /// # fn run(client: &mut postgres::Client, lease: idemstore::Lease) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = client.transaction()?;
+    /// tx.execute("INSERT INTO bookings (slot, user_id) VALUES ($1, $2)", &[&7i32, &42i64])?;
+    /// let done = lease.complete_in(&mut tx, b"booked slot 7")?; // LeaseLost: roll back
+    /// tx.commit()?; // the booking and the completion are durable together
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The lease is consumed, and from here on nothing of it writes on its own (its drop
+    /// never waits on the caller's open transaction): if the caller rolls back, the key stays
+    /// in flight and is taken over once the lease runs out, as after a crash. Until `tx` ends
+    /// it holds the key's lock, so a retry of the same key waits for it: keep the transaction
+    /// short. The store must be open on the same database ([`Builder::open_postgres`]);
+    /// `tx` is a `postgres` 0.19 transaction.
+    ///
+    /// [`Builder::open_postgres`]: crate::Builder::open_postgres
+    ///
+    /// # Errors
+    /// * [`Error::ResponseTooLarge`]: nothing written; the lease is released as on drop
+    ///   (before anything ran in `tx`).
+    /// * [`Error::LeaseLost`]: another holder took over, or the record expired or was
+    ///   abandoned: roll `tx` back.
+    /// * [`Error::Storage`]: a statement failed, and `tx` is aborted (roll it back; if the
+    ///   connection was lost, whether `tx` committed is unknown).
+    /// * [`Error::InvalidConfig`] for a store not opened on PostgreSQL; [`Error::Closed`].
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn complete_in(
+        mut self,
+        tx: &mut postgres::Transaction<'_>,
+        response: &[u8],
+    ) -> Result<Completed> {
+        self.check_size(response.len())?;
+        let pg = self.inner.postgres()?;
+        self.finished = true;
+        let result = pg.complete_in(
+            tx,
+            &self.encoded,
+            self.token,
+            response.to_vec(),
+            &self.inner.settings,
+        );
+        match &result {
+            Ok(_) => bump(&self.inner.stats.completed, 1),
+            Err(Error::LeaseLost { .. }) => {
+                bump(&self.inner.stats.leases_lost, 1);
+                tracing::warn!(
+                    token = self.token,
+                    operation = "complete_in",
+                    "lease lost: another holder took over, or the record expired or was abandoned; nothing was changed"
+                );
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
     /// Moves the lease's end to `now + by`: a heartbeat for long work.
     ///
     /// # Errors

@@ -1,6 +1,7 @@
 //! [`Store`] and its [`Builder`]: opening, the read path of `begin`/`get`, and shutdown.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 
 use crate::clock::{Clock, SystemClock, duration_nanos};
-use crate::committer::{Committer, Submitter};
+use crate::committer::{BatchWriter, Committer, Submitter};
 use crate::config::{
     DEFAULT_CACHE_BYTES, DEFAULT_LEASE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REAP_INTERVAL,
     DEFAULT_TTL, Durability, MAX_RESPONSE_LIMIT, Settings,
@@ -19,7 +20,10 @@ use crate::key::Key;
 use crate::lease::Lease;
 use crate::machine::{self, BeginStep, Grant, Refusal};
 use crate::outcome::{Begin, Entry};
+#[cfg(feature = "postgres")]
+use crate::postgres::engine::PgStore;
 use crate::reaper::{self, Reaper};
+use crate::record::Record;
 use crate::stats::{Stats, StatsCells, bump};
 use crate::storage::{self, Stored};
 
@@ -67,18 +71,103 @@ pub(crate) struct Inner {
 }
 
 struct Engine {
-    stored: Arc<Stored>,
+    records: Records,
     committer: Committer,
     submitter: Submitter,
     reaper: Option<Reaper>,
 }
 
+/// What holds the records: the engine chosen at open. Writes go through the committer
+/// whatever the engine; this is the read side.
+pub(crate) enum Records {
+    /// A redb file (or memory): reads go straight to the file, through the key index.
+    Redb(Arc<Stored>),
+    /// A PostgreSQL database shared by replicas.
+    #[cfg(feature = "postgres")]
+    Postgres(Arc<PgStore>),
+}
+
+impl Records {
+    /// The store's time.
+    ///
+    /// # Errors
+    /// [`Error::Clock`] for a reading the store cannot represent; [`Error::Storage`].
+    fn now(&self) -> Result<u64> {
+        match self {
+            Records::Redb(stored) => stored.timeline.nanos(),
+            #[cfg(feature = "postgres")]
+            Records::Postgres(pg) => pg.now(),
+        }
+    }
+
+    /// The record of `key`, dead or alive, and the store's time it was read at.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged record; [`Error::Storage`]; [`Error::Clock`].
+    fn lookup(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
+        match self {
+            Records::Redb(stored) => {
+                // The time first: a clock correction it finds applies to the record read next.
+                let now = stored.timeline.nanos()?;
+                Ok((stored.read_record(key)?, now))
+            }
+            #[cfg(feature = "postgres")]
+            Records::Postgres(pg) => pg.read_record(key),
+        }
+    }
+
+    /// Visits every record in one snapshot; returns the last fencing token granted.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`]; [`Error::Storage`]; `visit`'s own error.
+    fn walk(&self, visit: &mut Visit<'_>) -> Result<u64> {
+        match self {
+            Records::Redb(stored) => stored.walk_log(visit),
+            #[cfg(feature = "postgres")]
+            Records::Postgres(pg) => pg.walk(visit),
+        }
+    }
+}
+
+/// A visitor of encoded keys and their records.
+pub(crate) type Visit<'v> = dyn FnMut(&[u8], Record) -> Result<ControlFlow<()>> + 'v;
+
 impl Inner {
-    /// Runs `f` on the open database; [`Error::Closed`] after close.
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&Stored) -> Result<T>) -> Result<T> {
+    /// Runs `f` on the open engine's records; [`Error::Closed`] after close.
+    fn records<T>(&self, f: impl FnOnce(&Records) -> Result<T>) -> Result<T> {
         let guard = self.engine.read();
         let engine = guard.as_ref().ok_or(Error::Closed)?;
-        f(&engine.stored)
+        f(&engine.records)
+    }
+
+    /// The record of `key`, dead or alive, and the store's time it was read at.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`]; [`Error::Storage`]; [`Error::Clock`]; [`Error::Closed`].
+    pub(crate) fn lookup(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
+        self.records(|r| r.lookup(key))
+    }
+
+    /// Visits every record in one snapshot; returns the last fencing token granted.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`]; [`Error::Storage`]; [`Error::Closed`]; `visit`'s own error.
+    pub(crate) fn walk(&self, visit: &mut Visit<'_>) -> Result<u64> {
+        self.records(|r| r.walk(visit))
+    }
+
+    /// The PostgreSQL engine, for completions inside the caller's transaction.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a store on another engine; [`Error::Closed`].
+    #[cfg(feature = "postgres")]
+    pub(crate) fn postgres(&self) -> Result<Arc<PgStore>> {
+        self.records(|r| match r {
+            Records::Postgres(pg) => Ok(Arc::clone(pg)),
+            Records::Redb(_) => Err(Error::config(
+                "complete_in needs a store opened with open_postgres (this one holds its records in redb)",
+            )),
+        })
     }
 
     /// A handle to send writes to the committer; [`Error::Closed`] after close.
@@ -92,7 +181,7 @@ impl Inner {
     /// # Errors
     /// [`Error::Clock`] for a clock reading the store cannot represent, [`Error::Closed`].
     pub(crate) fn now(&self) -> Result<u64> {
-        self.read(|db| db.timeline.nanos())
+        self.records(Records::now)
     }
 
     /// Stops the reaper and the committer, joins both, and closes the file.
@@ -104,7 +193,13 @@ impl Inner {
             reaper.stop();
         }
         engine.committer.shutdown();
-        let Engine { stored, .. } = engine;
+        #[cfg_attr(not(feature = "postgres"), allow(clippy::infallible_destructuring_match))]
+        let stored = match engine.records {
+            Records::Redb(stored) => stored,
+            // The pool's connections close as it drops.
+            #[cfg(feature = "postgres")]
+            Records::Postgres(_) => return Ok(()),
+        };
         match Arc::try_unwrap(stored).map(|s| s.db) {
             // Guarded: closing commits the engine's allocator state, and the engine can panic
             // on a damaged page.
@@ -162,10 +257,17 @@ impl Store {
     /// claim could not be written (unknown outcome: retry after reopening), [`Error::Closed`].
     pub fn begin(&self, key: &Key, fp: &Fingerprint) -> Result<Begin> {
         let encoded = key.encode();
-        // The time first: a clock correction it finds applies to the record read next.
-        let now = self.inner.now()?;
-        let current = self.inner.read(|db| db.read_record(&encoded))?;
-        let claimed = match machine::decide_begin(current, fp, now) {
+        let step = self.inner.records(|records| match records {
+            Records::Redb(_) => {
+                let (current, now) = records.lookup(&encoded)?;
+                Ok(machine::decide_begin(current, fp, now))
+            }
+            // Decided inside the batch, under the key's lock: one transaction, not a read and
+            // then a write.
+            #[cfg(feature = "postgres")]
+            Records::Postgres(_) => Ok(BeginStep::Claim(None)),
+        })?;
+        let claimed = match step {
             BeginStep::Claim(_) => {
                 self.inner
                     .submitter()?
@@ -230,8 +332,7 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged record, [`Error::Storage`], [`Error::Closed`].
     pub fn get(&self, key: &Key) -> Result<Option<Entry>> {
-        let now = self.inner.now()?;
-        let record = self.inner.read(|db| db.read_record(&key.encode()))?;
+        let (record, now) = self.inner.lookup(&key.encode())?;
         Ok(record.filter(|r| !r.is_dead(now)).map(Entry::from_record))
     }
 
@@ -301,7 +402,14 @@ pub struct Builder {
     max_response_bytes: usize,
     durability: Durability,
     clock: Arc<dyn Clock>,
+    /// Whether [`Builder::clock`] was called (PostgreSQL then uses it, not the server's).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    clock_set: bool,
     cache_bytes: usize,
+    #[cfg(feature = "postgres")]
+    postgres_schema: String,
+    #[cfg(feature = "postgres")]
+    postgres_pool_size: Option<u32>,
 }
 
 impl Default for Builder {
@@ -313,7 +421,12 @@ impl Default for Builder {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             durability: Durability::Immediate,
             clock: Arc::new(SystemClock),
+            clock_set: false,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            #[cfg(feature = "postgres")]
+            postgres_schema: "idemstore".to_owned(),
+            #[cfg(feature = "postgres")]
+            postgres_pool_size: None,
         }
     }
 }
@@ -371,6 +484,7 @@ impl Builder {
     /// in tests.
     pub fn clock(mut self, clock: impl Clock) -> Builder {
         self.clock = Arc::new(clock);
+        self.clock_set = true;
         self
     }
 
@@ -438,7 +552,7 @@ impl Builder {
         let (db, file) = storage::open_file(path, self.cache_bytes)?;
         let mut stored = storage::initialize(db, self.clock.clone())?;
         stored.file = Some(file);
-        self.start(stored, settings, Some(path.to_owned()))
+        self.start_redb(stored, settings, Some(path.to_owned()))
     }
 
     /// Opens a new, empty store held in memory (nothing survives `close`).
@@ -449,7 +563,7 @@ impl Builder {
         let settings = self.settings()?;
         let db = storage::open_memory(self.cache_bytes)?;
         let stored = storage::initialize(db, self.clock.clone())?;
-        self.start(stored, settings, None)
+        self.start_redb(stored, settings, None)
     }
 
     /// Opens a store on a custom redb storage backend, creating it when the backend is
@@ -468,13 +582,91 @@ impl Builder {
         let settings = self.settings()?;
         let db = storage::open_backend(backend, self.cache_bytes)?;
         let stored = storage::initialize(db, self.clock.clone())?;
-        self.start(stored, settings, None)
+        self.start_redb(stored, settings, None)
     }
 
-    fn start(self, stored: Stored, settings: Settings, path: Option<PathBuf>) -> Result<Store> {
+    /// Opens the store on PostgreSQL: the database named by `conninfo` (a libpq-style
+    /// `key=value` string or a `postgresql://` URL), shared by every replica of a service
+    /// that opens it. Creates idemstore's tables in [`postgres_schema`](Builder::postgres_schema)
+    /// on first open, checks them afterwards, and starts the reaper thread.
+    ///
+    /// Everything after `open` works as on redb. What differs:
+    ///
+    /// * **Time**: without [`clock`](Builder::clock), leases and TTLs use the database
+    ///   server's clock, so replicas whose own clocks are skewed still agree. With a clock
+    ///   set, that clock is used (every replica must then share it, as tests do with a
+    ///   [`ManualClock`](crate::ManualClock)).
+    /// * **Durability**: `Started` and every `Ok` come after the database committed, with
+    ///   the server's own `synchronous_commit`; [`durability`](Builder::durability) and
+    ///   [`cache_bytes`](Builder::cache_bytes) do not apply.
+    /// * **Concurrent operations are sent together**: one thread per store takes the
+    ///   operations queued by every caller, and runs them in one transaction (the keys
+    ///   locked in a fixed order, so replicas never deadlock), with one commit.
+    /// * A connection lost during a write is [`Error::Storage`] with an unknown outcome,
+    ///   never `Ok`; the store is not poisoned, later calls get fresh connections.
+    ///
+    /// # Errors
+    /// * [`Error::InvalidConfig`] for a bad setting, a malformed `conninfo` or schema name.
+    /// * [`Error::IncompatibleFormat`] when the schema holds tables of idemstore's names that
+    ///   are not idemstore's, or of a newer version: nothing is modified.
+    /// * [`Error::Storage`] when the server cannot be reached in time or refuses.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn open_postgres(self, conninfo: &str) -> Result<Store> {
+        let settings = self.settings()?;
+        let pool_size = self
+            .postgres_pool_size
+            .unwrap_or_else(crate::postgres::pool::default_pool_size);
+        let clock = self.clock_set.then(|| Arc::clone(&self.clock));
+        let pg = Arc::new(PgStore::open(
+            conninfo,
+            &self.postgres_schema,
+            pool_size,
+            clock,
+        )?);
+        let writer = crate::postgres::engine::PgWriter::new(Arc::clone(&pg), settings);
+        self.start(Records::Postgres(pg), writer, settings, None)
+    }
+
+    /// The PostgreSQL schema holding idemstore's tables (`idemstore_version`,
+    /// `idemstore_records` and the sequence `idemstore_tokens`). Default `"idemstore"`. Other
+    /// tables in the schema are left alone. Only for [`open_postgres`](Builder::open_postgres).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn postgres_schema(mut self, schema: impl Into<String>) -> Builder {
+        self.postgres_schema = schema.into();
+        self
+    }
+
+    /// How many PostgreSQL connections the store keeps. Default: two per CPU core, at least
+    /// 2 and at most 16 (one carries the batch of writes in flight, the others the reads).
+    /// Only for [`open_postgres`](Builder::open_postgres).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn postgres_pool_size(mut self, connections: u32) -> Builder {
+        self.postgres_pool_size = Some(connections);
+        self
+    }
+
+    fn start_redb(
+        self,
+        stored: Stored,
+        settings: Settings,
+        path: Option<PathBuf>,
+    ) -> Result<Store> {
         let stored = Arc::new(stored);
-        let stats = Arc::new(StatsCells::default());
         let writer = storage::RedbWriter::new(Arc::clone(&stored), settings);
+        self.start(Records::Redb(stored), writer, settings, path)
+    }
+
+    fn start(
+        self,
+        records: Records,
+        writer: impl BatchWriter,
+        settings: Settings,
+        path: Option<PathBuf>,
+    ) -> Result<Store> {
+        let stats = Arc::new(StatsCells::default());
         let committer = Committer::spawn(writer, stats.clone())?;
         let submitter = committer.submitter();
         let reaper = self
@@ -484,7 +676,7 @@ impl Builder {
         Ok(Store {
             inner: Arc::new(Inner {
                 engine: RwLock::new(Some(Engine {
-                    stored,
+                    records,
                     committer,
                     submitter,
                     reaper,

@@ -11,6 +11,7 @@
 // Wired into the store by the committer's PostgreSQL engine; until then only the tests use it.
 #![allow(dead_code)]
 
+pub(crate) mod engine;
 pub(crate) mod error;
 pub(crate) mod pool;
 pub(crate) mod schema;

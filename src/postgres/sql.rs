@@ -27,6 +27,9 @@ use super::error::{read_failed, write_failed};
 use super::schema::{Names, lock_key};
 use crate::error::{Error, Result};
 
+/// A visitor of stored rows (key, record bytes) that says whether to go on.
+pub(crate) type RowVisit<'v> = dyn FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>> + 'v;
+
 /// One row to write: a key's record, its fencing token and its death time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Upsert<'a> {
@@ -327,11 +330,7 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`], or `visit`'s own error.
-    pub(crate) fn walk(
-        &self,
-        tx: &mut Transaction<'_>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>>,
-    ) -> Result<()> {
+    pub(crate) fn walk(&self, tx: &mut Transaction<'_>, visit: &mut RowVisit<'_>) -> Result<()> {
         let params: [&(dyn ToSql + Sync); 0] = [];
         let mut rows = tx
             .query_raw(self.walk.as_str(), params)

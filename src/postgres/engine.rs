@@ -1,0 +1,365 @@
+//! The PostgreSQL engine behind the committer: a batch of operations is one transaction on
+//! one connection (lock the batch's keys, load their rows, draw tokens, apply the state
+//! machine, write, commit), and reads are short read-only transactions on the pool.
+//!
+//! A row's `record` column holds the same checksummed entry as a redb log entry (the key,
+//! the record, a CRC-32), verified on every read, so a damaged byte is [`Error::Corrupt`],
+//! never replayed.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use postgres::Transaction;
+
+use super::error::{read_failed, write_failed};
+use super::pool::{Conn, Pool, connection, open_pool};
+use super::schema::{Names, create_or_check};
+use super::sql::{Loaded, Statements, Upsert};
+use crate::clock::Clock;
+use crate::committer::{self, BatchWriter, Command, Reaped, Tables};
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::machine;
+use crate::outcome::Completed;
+use crate::record::{Record, entry_len, split_entry, write_entry};
+use crate::store::Visit;
+use crate::timeline::{Corrections, Stamp, representable};
+
+/// A store's database: its pool, its statements and its time.
+pub(crate) struct PgStore {
+    pool: Pool,
+    statements: Statements,
+    /// The clock given to the builder; `None`: the database server's clock.
+    clock: Option<Arc<dyn Clock>>,
+    /// The latest time this process used: the store's time never goes back (a server clock
+    /// stepped back by NTP, say).
+    floor: AtomicU64,
+}
+
+impl PgStore {
+    /// Connects a pool of `pool_size` to `conninfo` and creates or checks idemstore's tables
+    /// in `schema`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a bad schema name, conninfo or pool size;
+    /// [`Error::IncompatibleFormat`] for a foreign or newer schema (nothing is modified);
+    /// [`Error::Storage`] when the server cannot be reached or refuses.
+    pub fn open(
+        conninfo: &str,
+        schema: &str,
+        pool_size: u32,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<PgStore> {
+        let names = Names::new(schema)?;
+        let pool = open_pool(conninfo, pool_size)?;
+        create_or_check(&mut *connection(&pool)?, &names)?;
+        Ok(PgStore {
+            pool,
+            statements: Statements::new(&names),
+            clock,
+            floor: AtomicU64::new(0),
+        })
+    }
+
+    /// The store's time, read inside `tx` when it is the server's.
+    ///
+    /// # Errors
+    /// [`Error::Clock`] for a reading the store cannot represent; [`Error::Storage`].
+    pub fn now_in(&self, tx: &mut Transaction<'_>) -> Result<u64> {
+        let now = match &self.clock {
+            Some(clock) => representable(clock.now())?,
+            None => self.statements.server_now(tx)?,
+        };
+        Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
+    }
+
+    /// Runs `f` in a read-only transaction on a pooled connection.
+    fn read<T>(&self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = connection(&self.pool)?;
+        let mut tx = conn
+            .build_transaction()
+            .read_only(true)
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .map_err(|e| read_failed("starting a PostgreSQL read", e))?;
+        let value = f(&mut tx)?;
+        tx.commit()
+            .map_err(|e| read_failed("ending a PostgreSQL read", e))?;
+        Ok(value)
+    }
+
+    /// The store's time now.
+    ///
+    /// # Errors
+    /// As [`PgStore::now_in`].
+    pub fn now(&self) -> Result<u64> {
+        match &self.clock {
+            Some(clock) => {
+                let now = representable(clock.now())?;
+                Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
+            }
+            None => self.read(|tx| self.now_in(tx)),
+        }
+    }
+
+    /// The record of `key` and the store's time, read together.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged row; [`Error::Storage`]; [`Error::Clock`].
+    pub fn read_record(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
+        self.read(|tx| {
+            let now = self.now_in(tx)?;
+            let record = match self.statements.read_one(tx, key)? {
+                Some(bytes) => Some(decode_row(key, &bytes)?),
+                None => None,
+            };
+            Ok((record, now))
+        })
+    }
+
+    /// Visits every record in one snapshot, in the order their keys were last claimed;
+    /// returns the last fencing token granted.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a damaged row (the walk stops there); [`Error::Storage`], or
+    /// `visit`'s own error.
+    pub fn walk(
+        &self,
+        visit: &mut Visit<'_>,
+    ) -> Result<u64> {
+        self.read(|tx| {
+            self.statements.walk(tx, &mut |key, bytes| {
+                let record = decode_row(key, bytes)?;
+                visit(key, record)
+            })?;
+            self.statements.last_token(tx)
+        })
+    }
+
+    /// Completes the lease `token` of `key` inside the caller's transaction `tx`: locks the
+    /// key, checks the lease, writes the completed record. Durable when `tx` commits.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`]; [`Error::Storage`] (the caller's transaction is then aborted);
+    /// [`Error::Corrupt`]; [`Error::Clock`].
+    pub fn complete_in(
+        &self,
+        tx: &mut Transaction<'_>,
+        key: &[u8],
+        token: u64,
+        response: Vec<u8>,
+        settings: &Settings,
+    ) -> Result<Completed> {
+        let keys = [key];
+        self.statements.lock_keys(tx, &keys)?;
+        let loaded = self.statements.load(tx, &keys)?;
+        let now = self.now_in(tx)?;
+        let current = match loaded.get(key) {
+            Some(row) => Some(decode_row(key, &row.record)?),
+            None => None,
+        };
+        let (record, done) =
+            machine::complete(current.as_ref(), token, response, now, settings.ttl)?;
+        let entry = encode_row(key, &record, now);
+        self.statements.upsert(
+            tx,
+            &[Upsert {
+                key,
+                token: record.token,
+                dies_at: record.dies_at(),
+                record: &entry,
+            }],
+        )?;
+        Ok(done)
+    }
+}
+
+/// A row's record column: the checksummed entry of `key` and `record`.
+fn encode_row(key: &[u8], record: &Record, now: u64) -> Vec<u8> {
+    let mut out = vec![0; entry_len(key, record)];
+    write_entry(key, record, Stamp { at: now, epoch: 0 }, &mut out);
+    out
+}
+
+/// Verifies and decodes a row's record column, which must be the entry of the row's key.
+fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Record> {
+    let (stored_key, record) = split_entry(bytes)?;
+    if stored_key != key {
+        return Err(Error::corrupt(
+            "a PostgreSQL row holds the record of another key (a damaged or altered row)",
+        ));
+    }
+    crate::storage::decode_record(record, &Corrections::default())
+}
+
+/// Writes the committer's batches into PostgreSQL.
+pub(crate) struct PgWriter {
+    store: Arc<PgStore>,
+    settings: Settings,
+    /// The connection batches run on, kept between batches (a checkout from the pool costs
+    /// a round trip); dropped after a failure, so the next batch gets a checked one.
+    conn: RefCell<Option<Conn>>,
+}
+
+impl PgWriter {
+    pub fn new(store: Arc<PgStore>, settings: Settings) -> PgWriter {
+        PgWriter {
+            store,
+            settings,
+            conn: RefCell::new(None),
+        }
+    }
+
+    fn write_on(&self, conn: &mut Conn, batch: &mut [Command]) -> Result<bool> {
+        let sql = &self.store.statements;
+        let mut tx = conn
+            .transaction()
+            .map_err(|e| write_failed("starting a PostgreSQL transaction", e))?;
+        let keys: Vec<Vec<u8>> = batch
+            .iter()
+            .filter_map(|c| c.key().map(<[u8]>::to_vec))
+            .collect();
+        // The locks first: the rows loaded, the tokens drawn and the time read after them
+        // reflect every batch that held one of these keys before.
+        sql.lock_keys(&mut tx, &keys)?;
+        let loaded = sql.load(&mut tx, &keys)?;
+        let claims = batch.iter().filter(|c| c.is_claim()).count();
+        let tokens = sql.next_tokens(&mut tx, claims)?;
+        let now = match self.store.now_in(&mut tx) {
+            Ok(now) => now,
+            // A clock reading the store cannot represent: nothing is written, every
+            // command of the batch gets the error.
+            Err(e @ Error::Clock { .. }) => {
+                for command in batch.iter_mut() {
+                    command.answer_without_writing(&e);
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut tables = PgTables {
+            tx: &mut tx,
+            sql,
+            loaded,
+            tokens: tokens.into_iter(),
+            written: HashMap::new(),
+            now,
+        };
+        for command in batch.iter_mut() {
+            committer::apply(&mut tables, command, now, &self.settings)?;
+        }
+        tables.flush()?;
+        tx.commit()
+            .map_err(|e| write_failed("committing a batch in PostgreSQL", e))?;
+        Ok(true)
+    }
+}
+
+impl BatchWriter for PgWriter {
+    fn write(&self, batch: &mut [Command]) -> Result<bool> {
+        let mut slot = self.conn.borrow_mut();
+        let mut conn = match slot.take() {
+            Some(conn) => conn,
+            None => connection(&self.store.pool)?,
+        };
+        let written = self.write_on(&mut conn, batch);
+        if written.is_ok() {
+            *slot = Some(conn);
+        }
+        written
+    }
+}
+
+/// A batch's view of the rows of its keys: loaded once after the locks, changed in memory,
+/// written back in two statements before the commit.
+struct PgTables<'a, 't> {
+    tx: &'a mut Transaction<'t>,
+    sql: &'a Statements,
+    /// The rows of the batch's keys as loaded (keys without a row are absent).
+    loaded: HashMap<Vec<u8>, Loaded>,
+    /// Tokens drawn for this batch (one per claim; more are drawn if ever needed).
+    tokens: std::vec::IntoIter<u64>,
+    /// Each key written by this batch so far: its row (encoded when put, so a response is
+    /// copied once), or `None` when deleted.
+    written: HashMap<Vec<u8>, Option<Loaded>>,
+    /// The batch's time (every record it writes is stamped with it).
+    now: u64,
+}
+
+impl PgTables<'_, '_> {
+    /// Writes the batch's changes: every record put in one statement, every deletion in
+    /// another.
+    fn flush(self) -> Result<()> {
+        let mut rows = Vec::new();
+        let mut deleted = Vec::new();
+        for (key, row) in &self.written {
+            match row {
+                Some(row) => rows.push(Upsert {
+                    key,
+                    token: row.token,
+                    dies_at: row.dies_at,
+                    record: &row.record,
+                }),
+                None => deleted.push(key.as_slice()),
+            }
+        }
+        self.sql.upsert(self.tx, &rows)?;
+        self.sql.delete(self.tx, &deleted)?;
+        Ok(())
+    }
+}
+
+impl Tables for PgTables<'_, '_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Record>> {
+        let row = match self.written.get(key) {
+            Some(written) => written.as_ref(),
+            None => self.loaded.get(key),
+        };
+        row.map(|row| decode_row(key, &row.record)).transpose()
+    }
+
+    fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
+        let row = Loaded {
+            token: record.token,
+            dies_at: record.dies_at(),
+            record: encode_row(key, record, self.now),
+        };
+        self.written.insert(key.to_vec(), Some(row));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> Result<()> {
+        self.written.insert(key.to_vec(), None);
+        Ok(())
+    }
+
+    fn next_token(&mut self) -> Result<u64> {
+        match self.tokens.next() {
+            Some(token) => Ok(token),
+            None => {
+                let more = self.sql.next_tokens(self.tx, 1)?;
+                more.first().copied().ok_or_else(|| {
+                    Error::storage(
+                        "drawing a fencing token from PostgreSQL",
+                        std::io::Error::other("the sequence returned no value"),
+                    )
+                })
+            }
+        }
+    }
+
+    /// Deletes dead rows at once, in this batch's transaction. A key this batch also writes
+    /// is written after the deletion (its new record stands).
+    fn reap(&mut self, now: u64, limit: usize) -> Result<Reaped> {
+        let deleted = self.sql.reap(self.tx, now, limit)?;
+        for key in &deleted {
+            self.loaded.remove(key);
+        }
+        Ok(Reaped {
+            deleted: deleted.len() as u64,
+            more: deleted.len() == limit,
+        })
+    }
+}

@@ -1,0 +1,266 @@
+//! The store on PostgreSQL (feature `postgres`): the state table end to end, replicas that
+//! share one database, and completion inside the caller's own transaction. Runs against the
+//! cluster named by `IDEMSTORE_PG` (`.ci/pg run -- cargo test ...`); skipped loudly without
+//! it, and failed under `CI=true`.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, UNIX_EPOCH};
+
+use idemstore::{Begin, Builder, Error, Fingerprint, Key, ManualClock, Store};
+
+/// The test cluster's conninfo, or `None` after saying loudly that the test is skipped.
+fn conninfo() -> Option<String> {
+    match std::env::var("IDEMSTORE_PG") {
+        Ok(c) if !c.is_empty() => Some(c),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "IDEMSTORE_PG is not set but CI=true: run the tests under .ci/pg run --"
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: IDEMSTORE_PG not set (run under .ci/pg run --)"
+            );
+            None
+        }
+    }
+}
+
+/// A database and a schema of the test's own (dropped at the end).
+struct Db {
+    conninfo: String,
+    schema: String,
+}
+
+impl Db {
+    fn new() -> Option<Db> {
+        let conninfo = conninfo()?;
+        let suffix = RandomState::new().build_hasher().finish();
+        Some(Db {
+            conninfo,
+            schema: format!("idemstore_it_{suffix:016x}"),
+        })
+    }
+
+    fn builder(&self) -> Builder {
+        Store::builder()
+            .postgres_schema(self.schema.clone())
+            .postgres_pool_size(4)
+            .reap_interval(None)
+    }
+
+    fn open(&self, builder: Builder) -> Store {
+        builder
+            .postgres_schema(self.schema.clone())
+            .open_postgres(&self.conninfo)
+            .expect("open on PostgreSQL")
+    }
+
+    fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo, postgres::NoTls).expect("connect")
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.conninfo, postgres::NoTls) {
+            let _ = c.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ));
+        }
+    }
+}
+
+fn key(id: &str) -> Key {
+    Key::new("tenant", id).unwrap()
+}
+
+#[test]
+fn every_row_of_the_state_table() {
+    let Some(db) = Db::new() else { return };
+    let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let store = db.open(
+        db.builder()
+            .ttl(Duration::from_secs(100))
+            .lease(Duration::from_secs(10))
+            .clock(clock.clone()),
+    );
+    let (fp, other) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+
+    let Begin::Started(lease) = store.begin(&key("k"), &fp).unwrap() else {
+        panic!("absent → Started")
+    };
+    assert!(lease.recovered().is_none());
+    let first = lease.token();
+    assert!(matches!(
+        store.begin(&key("k"), &other).unwrap(),
+        Begin::Mismatch
+    ));
+    match store.begin(&key("k"), &fp).unwrap() {
+        Begin::InFlight { retry_after } => assert_eq!(retry_after, Duration::from_secs(10)),
+        other => panic!("expected InFlight, got {other:?}"),
+    }
+    std::mem::forget(lease); // a crashed holder
+    clock.advance(Duration::from_secs(11));
+    let Begin::Started(mut lease) = store.begin(&key("k"), &fp).unwrap() else {
+        panic!("expired lease → takeover")
+    };
+    let recovered = lease.recovered().expect("a takeover");
+    assert_eq!(
+        (recovered.previous_token(), recovered.attempt()),
+        (first, 2)
+    );
+    assert!(lease.token() > first);
+    lease.checkpoint(b"step 1").unwrap();
+    lease.extend(Duration::from_secs(30)).unwrap();
+    let done = lease.complete(b"response").unwrap();
+    assert_eq!(done.response(), b"response");
+    match store.begin(&key("k"), &fp).unwrap() {
+        Begin::Replay(r) => assert_eq!((r.response(), r.token()), (&b"response"[..], done.token())),
+        other => panic!("expected Replay, got {other:?}"),
+    }
+    assert!(matches!(
+        store.begin(&key("k"), &other).unwrap(),
+        Begin::Mismatch
+    ));
+    assert!(store.get(&key("k")).unwrap().is_some());
+
+    // Abandon: absent again. Release on drop: taken over at once, checkpoint kept.
+    let Begin::Started(lease) = store.begin(&key("a"), &fp).unwrap() else {
+        panic!()
+    };
+    lease.abandon().unwrap();
+    assert!(store.get(&key("a")).unwrap().is_none());
+    let Begin::Started(mut lease) = store.begin(&key("d"), &fp).unwrap() else {
+        panic!()
+    };
+    lease.checkpoint(b"cp").unwrap();
+    drop(lease);
+    let Begin::Started(lease) = store.begin(&key("d"), &fp).unwrap() else {
+        panic!()
+    };
+    assert_eq!(lease.recovered().unwrap().checkpoint(), Some(&b"cp"[..]));
+    drop(lease);
+
+    // Expired: absent for every operation, then reaped.
+    clock.advance(Duration::from_secs(200));
+    assert!(store.get(&key("k")).unwrap().is_none());
+    assert_eq!(store.reap().unwrap(), 2);
+    let summary = store.summary().unwrap();
+    assert_eq!(summary.records(), 0);
+    store.close().unwrap();
+}
+
+#[test]
+fn replicas_agree_exactly_one_start_and_rising_tokens() {
+    let Some(db) = Db::new() else { return };
+    let replicas: Vec<Store> = (0..3).map(|_| db.open(db.builder())).collect();
+    let fp = Fingerprint::of(b"charge 100");
+    let barrier = Arc::new(Barrier::new(replicas.len() * 4));
+    let handles: Vec<_> = replicas
+        .iter()
+        .flat_map(|r| (0..4).map(move |_| r.clone()))
+        .map(|store| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                match store.begin(&key("dup"), &fp).unwrap() {
+                    Begin::Started(lease) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        lease.complete(b"charged").unwrap();
+                        1
+                    }
+                    _ => 0,
+                }
+            })
+        })
+        .collect();
+    let started: u32 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(started, 1, "exactly one Started across replicas");
+
+    // Tokens rise whichever replica grants them.
+    let mut last = 0;
+    for i in 0..30 {
+        let store = &replicas[i % replicas.len()];
+        let Begin::Started(lease) = store.begin(&key(&format!("t{i}")), &fp).unwrap() else {
+            panic!()
+        };
+        assert!(lease.token() > last);
+        last = lease.token();
+        lease.complete(b"ok").unwrap();
+    }
+    for r in replicas {
+        r.close().unwrap();
+    }
+}
+
+#[test]
+fn completion_inside_the_callers_transaction() {
+    let Some(db) = Db::new() else { return };
+    let store = db.open(db.builder());
+    let mut client = db.client();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE \"{}\".bookings (slot int PRIMARY KEY)",
+            db.schema
+        ))
+        .unwrap();
+    let fp = Fingerprint::of(b"book slot 7");
+
+    // Rolled back: neither the booking nor the completion; the key stays in flight.
+    let Begin::Started(lease) = store.begin(&key("b"), &fp).unwrap() else {
+        panic!()
+    };
+    let mut tx = client.transaction().unwrap();
+    tx.execute(
+        &format!("INSERT INTO \"{}\".bookings VALUES (7)", db.schema),
+        &[],
+    )
+    .unwrap();
+    lease.complete_in(&mut tx, b"booked").unwrap();
+    tx.rollback().unwrap();
+    assert!(matches!(
+        store.begin(&key("b"), &fp).unwrap(),
+        Begin::InFlight { .. }
+    ));
+
+    // Committed: both.
+    let store = db.open(db.builder().lease(Duration::from_millis(200)));
+    std::thread::sleep(Duration::from_millis(300));
+    let Begin::Started(lease) = store.begin(&key("c"), &fp).unwrap() else {
+        panic!()
+    };
+    let mut tx = client.transaction().unwrap();
+    tx.execute(
+        &format!("INSERT INTO \"{}\".bookings VALUES (8)", db.schema),
+        &[],
+    )
+    .unwrap();
+    let done = lease.complete_in(&mut tx, b"booked 8").unwrap();
+    tx.commit().unwrap();
+    match store.begin(&key("c"), &fp).unwrap() {
+        Begin::Replay(r) => assert_eq!(r.response(), done.response()),
+        other => panic!("expected Replay, got {other:?}"),
+    }
+
+    // Fenced: a stale holder's complete_in is LeaseLost.
+    let Begin::Started(stale) = store.begin(&key("s"), &fp).unwrap() else {
+        panic!()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let Begin::Started(fresh) = store.begin(&key("s"), &fp).unwrap() else {
+        panic!()
+    };
+    let mut tx = client.transaction().unwrap();
+    assert!(matches!(
+        stale.complete_in(&mut tx, b"stale"),
+        Err(Error::LeaseLost { .. })
+    ));
+    tx.rollback().unwrap();
+    fresh.complete(b"fresh").unwrap();
+    store.close().unwrap();
+}
