@@ -5,13 +5,12 @@
 //! process writes under a clock 20 years ahead and aborts, the parent reopens with the right
 //! clock.
 
-mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use common::{LEASE, TTL, builder, clock, fp, key, start, started};
+use idemstore_testkit::store::{LEASE, TTL, builder, clock, fp, key, start, started};
 use idemstore::{Begin, ManualClock, Store};
 
 const GLITCH: Duration = Duration::from_secs(20 * 365 * 24 * 3600);

@@ -9,11 +9,10 @@
 
 #![cfg(unix)]
 
-mod common;
 
 use std::path::Path;
 
-use common::*;
+use idemstore_testkit::store::*;
 use idemstore::{Begin, Durability, Entry, Error, Store};
 
 /// Every write of `store` is refused, and says why.

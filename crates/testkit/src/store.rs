@@ -1,6 +1,6 @@
-//! Helpers shared by the integration tests: stores of both kinds (in memory and on a file)
-//! driven by a `ManualClock`, so that every behaviour test runs over both backends.
-#![allow(dead_code)]
+//! The test builders and helpers: stores of both kinds (in memory and on a file) driven by a
+//! `ManualClock`, so that every behaviour test runs over both backends, and `begin`/`get`
+//! helpers that expect one answer.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -221,17 +221,4 @@ pub fn get_completed(store: &Store, key: &Key) -> Completed {
         Some(Entry::Completed(done)) => done,
         other => panic!("expected a completed entry, got {other:?}"),
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), for large binary payloads.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
