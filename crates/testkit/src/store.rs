@@ -222,3 +222,22 @@ pub fn get_completed(store: &Store, key: &Key) -> Completed {
         other => panic!("expected a completed entry, got {other:?}"),
     }
 }
+
+/// A temporary directory named `prefix…`: in memory-backed `/dev/shm` when there is one
+/// (an fsync is then cheap), else in the system's temporary directory.
+///
+/// # Panics
+///
+/// When neither can hold a new directory.
+pub fn scratch_dir(prefix: &str) -> TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::Builder::new().prefix(prefix).tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temporary directory")
+}
