@@ -5,7 +5,6 @@
 //! `cargo bench --bench reaper` (about a minute). `IDEMSTORE_BENCH_RECORDS=20000` for a
 //! smaller run.
 
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 

@@ -10,7 +10,6 @@
 //! `cargo bench --bench throughput` (a few minutes). Ratios are computed from criterion's
 //! report in BENCHMARKS.md.
 
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 

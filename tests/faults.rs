@@ -39,7 +39,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, SystemTime};
 
 use idemstore::backends::FileBackend;
-use idemstore::{Begin, Clock, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, Store};
+use idemstore::{
+    Begin, Clock, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, Store,
+};
 use idemstore_testkit::crash::{self, ImageChecker, Snapshot};
 use idemstore_testkit::fault::{Call, Fault, Faults, FaultyBackend, memory};
 use idemstore_testkit::rng::noise;
@@ -614,7 +616,10 @@ fn every_write_set_len_and_sync_fault_of_a_workload_keeps_the_guarantees() {
         for mode in [Mode::Once, Mode::Always] {
             for n in 1..=probe.state.calls(call) {
                 let got = run_checked(&probe, (call, n, mode), &mut images);
-                assert!(got >= 1, "{call:?} call {n}, {mode:?}: the fault was not injected");
+                assert!(
+                    got >= 1,
+                    "{call:?} call {n}, {mode:?}: the fault was not injected"
+                );
                 injected += got;
                 runs += 1;
             }
@@ -808,19 +813,14 @@ fn under_durability_none_a_crash_loses_everything_since_the_open() {
 
     // A first session, closed cleanly: its completion is durable, and outlives the test.
     let (backend, state) = FaultyBackend::in_memory(&[]);
-    let store = none()
-        .ttl(TTL * 1000)
-        .open_backend(backend)
-        .expect("open");
+    let store = none().ttl(TTL * 1000).open_backend(backend).expect("open");
     let kept = started(&store, 0).complete(b"kept").expect("complete");
     store.close().expect("close");
     let first = state.durable();
 
     // A second session: claims, completions, a checkpoint, an abandon and a reaping pass.
     let (backend, state) = FaultyBackend::in_memory(&first);
-    let store = none()
-        .open_backend(backend)
-        .expect("reopen");
+    let store = none().open_backend(backend).expect("reopen");
     let opened = state.written();
     let mut tokens = Vec::new();
     for round in 0..40 {

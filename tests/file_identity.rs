@@ -9,11 +9,10 @@
 
 #![cfg(unix)]
 
-
 use std::path::Path;
 
-use idemstore_testkit::store::*;
 use idemstore::{Begin, Durability, Entry, Error, Store};
+use idemstore_testkit::store::*;
 
 /// Every write of `store` is refused, and says why.
 #[track_caller]

@@ -45,6 +45,9 @@ pub fn tokens_in(state: &[Option<Entry>]) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the state found in a reopened image is one the test accepts; `Err` says why not.
+pub type Accept<'a> = dyn Fn(&[Option<Entry>]) -> Result<(), String> + 'a;
+
 /// What a reopened image must show.
 pub struct Expect<'a> {
     /// The keys whose state is read.
@@ -56,7 +59,7 @@ pub struct Expect<'a> {
     /// is possible (and must be refused).
     pub creating: bool,
     /// Whether the state found is one the test accepts; `Err` says why not.
-    pub accept: &'a dyn Fn(&[Option<Entry>]) -> Result<(), String>,
+    pub accept: &'a Accept<'a>,
 }
 
 /// A store opened on a crash image that passed the check.

@@ -227,7 +227,9 @@ impl Faults {
             disk.fault = None;
         }
         self.0.injected.fetch_add(1, SeqCst);
-        Err(io::Error::other(format!("injected fault: {call:?} call {n}")))
+        Err(io::Error::other(format!(
+            "injected fault: {call:?} call {n}"
+        )))
     }
 }
 

@@ -67,3 +67,16 @@ pub fn raw(addr: &str, bytes: &[u8], half_close: bool) -> io::Result<Option<RawR
         body: body.to_owned(),
     }))
 }
+
+/// `GET path` on `addr` (as in [`exchange`]), the body of a 200 answer.
+///
+/// # Errors
+///
+/// When the exchange fails or the answer is not a 200 (the error says what came).
+pub fn get(addr: &str, path: &str) -> io::Result<String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    match raw(addr, request.as_bytes(), false)? {
+        Some(reply) if reply.status == 200 => Ok(reply.body),
+        other => Err(io::Error::other(format!("GET {path}: {other:?}"))),
+    }
+}

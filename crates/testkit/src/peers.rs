@@ -9,7 +9,6 @@
 //! check the token, write the completed record with a 200-byte response), each durable
 //! before it returns.
 
-
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -367,9 +366,7 @@ impl Sqlite {
         while conns.len() < threads {
             conns.push(parking_lot::Mutex::new(open()));
         }
-        Sqlite {
-            conns,
-        }
+        Sqlite { conns }
     }
 }
 
