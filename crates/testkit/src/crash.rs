@@ -1,7 +1,7 @@
 //! The check of a crash image: what a fault or a power cut left on disk must open as a store
 //! holding what was acknowledged.
 //!
-//! [`ImageChecker::check`] takes an image (from [`Faults`](crate::fault::Faults)) and checks
+//! [`ImageChecker::check`] takes an image (from [`Faults`]) and checks
 //! that redb's integrity check passes on it, that it opens as a store, that the state of the
 //! test's keys is one the test accepts (every acknowledged change there, the failed one wholly
 //! there or wholly absent), and that the next token granted exceeds every token acknowledged or
