@@ -5,14 +5,11 @@
 //! `cargo bench --bench reaper` (about a minute). `IDEMSTORE_BENCH_RECORDS=20000` for a
 //! smaller run.
 
-#[path = "peers.rs"]
-mod peers;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use idemstore::{Durability, ManualClock, Store};
-use peers::{Idem, Peer};
+use idemstore_testkit::peers::{Idem, Peer};
 
 const THREADS: usize = 8;
 

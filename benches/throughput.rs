@@ -2,7 +2,7 @@
 //!
 //! * `cycles/N`: begin + complete on fresh keys from N caller threads (1, 8, 64), against
 //!   `naive/N`, the same transitions with one redb transaction per operation (baseline in the
-//!   same run, see `benches/peers.rs`);
+//!   same run, see `idemstore_testkit::peers`);
 //! * `replay/N`: `begin` answering `Replay`, 1 and 2 threads, against `raw_lookup/N`, a redb
 //!   read transaction + get;
 //! * `begin_in_flight`: `begin` on a key held in flight (a read-only answer).
@@ -10,15 +10,12 @@
 //! `cargo bench --bench throughput` (a few minutes). Ratios are computed from criterion's
 //! report in BENCHMARKS.md.
 
-#[path = "peers.rs"]
-mod peers;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use idemstore::{Begin, Fingerprint, Key};
-use peers::{Idem, NaiveRedb, Peer};
+use idemstore_testkit::peers::{self, Idem, NaiveRedb, Peer};
 
 /// Runs `iters` cycles split over `threads` callers and returns the wall time.
 fn timed_cycles(peer: &dyn Peer, threads: usize, iters: u64, next: &AtomicU64) -> Duration {

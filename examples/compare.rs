@@ -20,16 +20,15 @@
 //!
 //! Ratios are against the naive baseline measured in the same run.
 
-#[path = "../benches/peers.rs"]
-mod peers;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idemstore::{Begin, Fingerprint, Key};
-use peers::{Idem, NaiveOnThread, NaiveRedb, Peer, Sqlite, Wait, raw_batch_ceiling, run_cycles};
+use idemstore_testkit::peers::{
+    self, Idem, NaiveOnThread, NaiveRedb, Peer, Sqlite, Wait, raw_batch_ceiling, run_cycles,
+};
 
 struct Args {
     seconds: f64,

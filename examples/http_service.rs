@@ -44,8 +44,8 @@
 //! the lease, to make a request slow enough to meet its own retry. The scope is taken from an
 //! `X-Tenant` header (default `public`); a real service takes it from the authenticated caller.
 //!
-//! Tests and the `payment_client` example include this file as a module and call
-//! [`Service::start`].
+//! Its tests (`tests/http_service.rs`) and the `payment_client` example run it as a child
+//! process, on `--addr 127.0.0.1:0`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -75,23 +75,23 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// How the service runs.
 #[derive(Clone, Debug)]
-pub struct Config {
+struct Config {
     /// Address to bind; port 0 picks a free one.
-    pub addr: String,
+    addr: String,
     /// How long a key is remembered.
-    pub ttl: Duration,
+    ttl: Duration,
     /// The lease a request holds while it runs; after a crash, a retry takes over once it
     /// runs out.
-    pub lease: Duration,
+    lease: Duration,
     /// What a 409 tells a duplicate to wait (`Retry-After`), about how long a payment takes;
     /// never more than the running request's lease has left.
-    pub retry_after_hint: Duration,
+    retry_after_hint: Duration,
     /// Threads that run requests (the runtime's blocking pool).
-    pub threads: usize,
+    threads: usize,
     /// The store file; `None` keeps the store in memory.
-    pub db: Option<PathBuf>,
+    db: Option<PathBuf>,
     /// The payment processor's book of charges; `None` keeps it in memory.
-    pub ledger: Option<PathBuf>,
+    ledger: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -175,10 +175,10 @@ impl Book {
     }
 }
 
-/// A running service. Dropping it stops it (as [`Service::shutdown`] does).
-pub struct Service {
+/// A running service. Dropping it stops it: it stops accepting connections, lets the
+/// requests in progress finish (for up to 15 s) and waits for the server thread.
+struct Service {
     addr: SocketAddr,
-    app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -191,7 +191,7 @@ struct App {
 
 impl Service {
     /// Opens the store, binds the address and starts the server thread.
-    pub fn start(config: Config) -> Result<Service, Box<dyn Error + Send + Sync>> {
+    fn start(config: Config) -> Result<Service, Box<dyn Error + Send + Sync>> {
         let builder = Store::builder().ttl(config.ttl).lease(config.lease);
         let store = match &config.db {
             Some(path) => builder.open(path)?,
@@ -215,7 +215,6 @@ impl Service {
             .build()?;
         let (stop, stopped) = oneshot::channel();
         let server = {
-            let app = app.clone();
             std::thread::Builder::new()
                 .name("http-service".into())
                 .spawn(move || {
@@ -225,44 +224,19 @@ impl Service {
         };
         Ok(Service {
             addr,
-            app,
             stop: Some(stop),
             server: Some(server),
         })
     }
 
     /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
+    fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// `http://` and the bound address.
-    pub fn url(&self) -> String {
+    fn url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// The store behind the service.
-    pub fn store(&self) -> &Store {
-        self.app.guard.store()
-    }
-
-    /// Charges per `scope/key`, as the payment processor saw them.
-    pub fn charges(&self) -> BTreeMap<String, u32> {
-        self.app.ledger.snapshot()
-    }
-
-    /// How often `key` (in scope `public`) was charged.
-    pub fn charges_for(&self, key: &str) -> u32 {
-        self.charges()
-            .get(&format!("public/{key}"))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Stops accepting connections, lets the requests in progress finish (for up to 15 s)
-    /// and waits for the server thread.
-    pub fn shutdown(mut self) {
-        self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
@@ -460,10 +434,12 @@ fn payments(app: &App, req: &Request<Vec<u8>>) -> Response<Vec<u8>> {
             {
                 std::thread::sleep(Duration::from_millis(ms.min(10_000)));
             }
-            let body = format!(
-                "{{\"id\":\"{payment}\",\"status\":\"succeeded\",\"request\":{}}}",
-                json_string(&String::from_utf8_lossy(req.body()))
-            );
+            let body = serde_json::json!({
+                "id": payment,
+                "status": "succeeded",
+                "request": String::from_utf8_lossy(req.body()),
+            })
+            .to_string();
             let response = Response::builder()
                 .status(StatusCode::CREATED)
                 .header(CONTENT_TYPE, "application/json")
@@ -498,20 +474,6 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Vec<u8>> {
         .headers_mut()
         .insert(CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
     response
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn parse_args() -> Result<Config, String> {

@@ -2,11 +2,12 @@
 //! timeouts, connection failures and a restart, against the example service.
 //!
 //! ```text
-//! cargo run --example payment_client
+//! cargo build --example http_service && cargo run --example payment_client
 //! ```
 //!
-//! It starts `examples/http_service.rs` in-process on a free port (so it can count the
-//! charges server-side), then sends six payments with [`Outbox`] + [`RetryPolicy`], with
+//! It starts the `http_service` example (`examples/http_service.rs`, built beside this one)
+//! as a child process on a free port, counts the charges server-side with its
+//! `GET /charges`, and sends six payments with [`Outbox`] + [`RetryPolicy`], with
 //! failures injected on the client side:
 //!
 //! | payment | injected failure | what saves it |
@@ -22,16 +23,13 @@
 //! For contrast it also shows two client mistakes: a new key per retry (charged twice), and
 //! reusing a key for another payment (422, detected, not retried).
 
-#[path = "http_service.rs"]
-#[allow(dead_code)]
-mod service;
-
 use std::process::ExitCode;
 use std::time::Duration;
 
 use http::Request;
 use idemstore::client::{Outbox, RetryOutcome, RetryPolicy, Sent, new_key};
 use idemstore::http::{format_idempotency_key, request_fingerprint};
+use idemstore_testkit::programs::HttpService;
 
 /// What goes wrong on one attempt.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -146,7 +144,7 @@ impl Client {
 }
 
 fn body_of(order: &str, amount: u32) -> String {
-    format!("{{\"order\":\"{order}\",\"amount\":{amount}}}")
+    serde_json::json!({ "order": order, "amount": amount }).to_string()
 }
 
 /// Sends one recorded operation and finishes it on a final answer.
@@ -180,18 +178,19 @@ fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 }
 
 /// The whole demonstration; `Ok(true)` when every payment was charged exactly once.
-pub fn run() -> Result<bool, Box<dyn std::error::Error>> {
-    let service = service::Service::start(service::Config {
-        lease: Duration::from_secs(2),
-        ..service::Config::default()
-    })
-    .map_err(|e| e.to_string())?;
+fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!(
         "idemstore-payment-client-{}-{}",
         std::process::id(),
         new_key()
     ));
     std::fs::create_dir_all(&dir)?;
+    let service = HttpService::start([
+        "--lease-ms".into(),
+        "2000".into(),
+        "--db".into(),
+        dir.join("service.redb").into_os_string(),
+    ]);
     let outbox_path = dir.join("outbox.redb");
     let _ = std::fs::remove_file(&outbox_path);
 
@@ -293,7 +292,7 @@ pub fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let naive_keys = [new_key(), new_key()];
     let _ = client.attempt(&naive_keys[0], &body, Fault::DropResponse);
     let _ = client.attempt(&naive_keys[1], &body, Fault::None);
-    let naive: u32 = naive_keys.iter().map(|k| charges_now(&service, k)).sum();
+    let naive: u32 = naive_keys.iter().map(|k| service.charges_for(k)).sum();
     println!(
         "  a new key per retry: order-7 charged {naive} times (the outbox keeps one key per operation)"
     );
@@ -310,9 +309,9 @@ pub fn run() -> Result<bool, Box<dyn std::error::Error>> {
         },
         outcome.attempts()
     );
-    ok &= matches!(outcome, RetryOutcome::Mismatch { .. }) && charges_now(&service, &reused) == 1;
+    ok &= matches!(outcome, RetryOutcome::Mismatch { .. }) && service.charges_for(&reused) == 1;
 
-    service.shutdown();
+    service.kill();
     let _ = std::fs::remove_dir_all(&dir);
     if ok {
         println!("\nVERDICT: every payment charged exactly once");
@@ -320,12 +319,4 @@ pub fn run() -> Result<bool, Box<dyn std::error::Error>> {
         println!("\nVERDICT: VIOLATED: a payment was charged more or less than once");
     }
     Ok(ok)
-}
-
-fn charges_now(service: &service::Service, key: &str) -> u32 {
-    service
-        .charges()
-        .get(&format!("public/{key}"))
-        .copied()
-        .unwrap_or(0)
 }

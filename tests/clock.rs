@@ -5,14 +5,12 @@
 //! process writes under a clock 20 years ahead and aborts, the parent reopens with the right
 //! clock.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use common::{LEASE, TTL, builder, clock, fp, key, start, started};
 use idemstore::{Begin, ManualClock, Store};
+use idemstore_testkit::store::{LEASE, TTL, builder, clock, fp, key, start, started};
 
 const GLITCH: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 const CHILD_ENV: &str = "IDEMSTORE_CLOCK_GLITCH_CHILD";

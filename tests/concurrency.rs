@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use idemstore::{Begin, Durability, Entry, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore_testkit::rng::{RngExt, rng};
 
 const THREADS: usize = 8;
 const OPS: usize = 100;
@@ -58,22 +59,6 @@ struct Shared {
     events: Vec<Mutex<Vec<Event>>>,
 }
 
-/// xorshift64*: a seeded generator, so every thread has its own order and handler times.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn nanos(t: std::time::SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH)
         .expect("after the epoch")
@@ -81,10 +66,10 @@ fn nanos(t: std::time::SystemTime) -> u128 {
 }
 
 fn worker(shared: &Shared, thread: usize, seed: u64) {
-    let mut rng = Rng(seed ^ (thread as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut rng = rng(seed ^ (thread as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut order: Vec<usize> = (0..OPS).collect();
     for i in (1..OPS).rev() {
-        order.swap(i, rng.below(i as u64 + 1) as usize);
+        order.swap(i, rng.random_range(0..i as u64 + 1) as usize);
     }
     for op in order {
         let (key, fp) = (&shared.keys[op], &shared.fps[op]);
@@ -102,7 +87,9 @@ fn worker(shared: &Shared, thread: usize, seed: u64) {
                     // The handler: its side effect, then some real time during which the
                     // ticker may run the lease out and another thread take over.
                     shared.side_effects[op].fetch_add(1, Ordering::SeqCst);
-                    thread::sleep(Duration::from_millis(rng.below(MAX_HANDLER_MS + 1)));
+                    thread::sleep(Duration::from_millis(
+                        rng.random_range(0..MAX_HANDLER_MS + 1),
+                    ));
                     let response = format!("op {op} done by thread {thread} under token {token}");
                     match lease.complete(response.as_bytes()) {
                         Ok(done) => {

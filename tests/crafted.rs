@@ -2,12 +2,10 @@
 //! duplicated log entry is `Corrupt`, never a second copy that comes back once the first is
 //! reaped; a bad entry is reported with its position in the log.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{builder, clock, fp, key, started};
 use idemstore::Error;
+use idemstore_testkit::store::{builder, clock, fp, key, started};
 use redb::{ReadableTable, TableDefinition};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");

@@ -42,6 +42,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idemstore::{Begin, Durability, Entry, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore_testkit::rng::{RngExt, rng};
 
 /// The child's instructions: `seed,path,clock_secs,keys`.
 const CHILD_ENV: &str = "IDEMSTORE_CRASH_CHILD";
@@ -65,27 +66,6 @@ const BASE_SECS: u64 = 1_700_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // What both sides compute the same way
-
-/// xorshift64*.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn id(k: u64) -> String {
     format!("k{k:03}")
@@ -114,9 +94,9 @@ fn mix(id: &str, token: u64) -> u64 {
 /// token, then 0–599 pseudo-random bytes (binary, so byte-for-byte comparison matters).
 fn response(id: &str, token: u64) -> Vec<u8> {
     let mut out = format!("resp {id} {token} ").into_bytes();
-    let mut rng = Rng::new(mix(id, token));
-    let len = rng.below(600);
-    out.extend((0..len).map(|_| (rng.next() >> 32) as u8));
+    let mut rng = rng(mix(id, token));
+    let len = rng.random_range(0..600);
+    out.extend((0..len).map(|_| (rng.random::<u64>() >> 32) as u8));
     out
 }
 
@@ -178,22 +158,22 @@ fn emit(line: std::fmt::Arguments<'_>) {
 }
 
 fn child_worker(store: &Store, seed: u64, keys: u64) -> ! {
-    let mut rng = Rng::new(seed);
+    let mut rng = rng(seed);
     loop {
-        let id = id(rng.below(keys));
+        let id = id(rng.random_range(0..keys));
         let (key, fp) = (key(&id), fp(&id));
         emit(format_args!("b {id}"));
         match store.begin(&key, &fp).expect("begin") {
             Begin::Started(mut lease) => {
                 let token = lease.token();
                 emit(format_args!("S {id} {token}"));
-                for seq in 1..=rng.below(3) {
+                for seq in 1..=rng.random_range(0..3) {
                     let cp = checkpoint(&id, token, seq);
                     emit(format_args!("k {id} {token} {seq}"));
                     lease.checkpoint(&cp).expect("checkpoint");
                     emit(format_args!("K {id} {token} {}", hex(&cp)));
                 }
-                match rng.below(10) {
+                match rng.random_range(0..10) {
                     0..=5 => {
                         let bytes = response(&id, token);
                         emit(format_args!("c {id} {token}"));
@@ -685,7 +665,7 @@ fn crash_loop(kills: u64) {
     let seed = seed();
     println!("crash test: seed {seed} (IDEMSTORE_CRASH_SEED), {kills} kills");
     let started = Instant::now();
-    let mut rng = Rng::new(seed);
+    let mut rng = rng(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let stderr = dir.path().join("child.stderr");
     let mut figures = Figures::default();
@@ -695,7 +675,7 @@ fn crash_loop(kills: u64) {
     let mut unchecked = false;
     for i in 0..kills {
         // A fresh file at first and now and then; otherwise state accumulates.
-        if i == 0 || rng.below(12) == 0 {
+        if i == 0 || rng.random_range(0..12) == 0 {
             if unchecked {
                 history.check(&path, clock_secs, &mut figures);
             }
@@ -710,13 +690,21 @@ fn crash_loop(kills: u64) {
         }
         // Now and then, on a file that exists, kill without waiting for the open: the child may
         // still be starting, opening, or recovering the file the previous child crashed.
-        let early = path.exists() && rng.below(8) == 0;
-        let run = spawn_child(rng.next(), clock_secs, &path, &stderr);
+        let early = path.exists() && rng.random_range(0..8) == 0;
+        let run = spawn_child(rng.random::<u64>(), clock_secs, &path, &stderr);
         let (run, lines, wait) = if early {
-            (run, Vec::new(), Duration::from_millis(rng.below(10)))
+            (
+                run,
+                Vec::new(),
+                Duration::from_millis(rng.random_range(0..10)),
+            )
         } else {
             let (run, lines) = run.wait_ready();
-            (run, lines, Duration::from_millis(5 + rng.below(46)))
+            (
+                run,
+                lines,
+                Duration::from_millis(5 + rng.random_range(0..46)),
+            )
         };
         let t0 = Instant::now();
         if !early && i % 4 == 1 {
@@ -733,7 +721,7 @@ fn crash_loop(kills: u64) {
         history.absorb(&lines, &mut figures);
         clock_secs += STEP.as_secs();
         // Mostly check at once; sometimes let the next child recover the crashed file.
-        if rng.below(4) == 0 && i + 1 < kills {
+        if rng.random_range(0..4) == 0 && i + 1 < kills {
             unchecked = true;
         } else {
             history.check(&path, clock_secs, &mut figures);

@@ -2,12 +2,10 @@
 //! refused at open (never silently rolled back to the commit before it), and a response
 //! damaged while the store runs is `Corrupt`, never replayed.
 
-mod common;
-
 use std::path::Path;
 
-use common::{builder, clock, fp, key, started};
 use idemstore::{Begin, Durability, Entry, Error, Store};
+use idemstore_testkit::store::{builder, clock, fp, key, started};
 
 /// Copies the file as it is on disk now. Taken while the store is still open after an
 /// acknowledged (fsync'd) write, this is the image a power cut at that instant leaves.

@@ -1,113 +1,125 @@
-//! Runs the demo (`examples/demo.rs`) small: a few clients, a server child process that is
+//! Runs the demo (`examples/demo/`) small: a few clients, a server child process that is
 //! SIGKILLed and restarted, a stalled handler taken over. The verdict computed from the
 //! ledger must hold; and with the service broken on purpose (takeovers ignore their
 //! checkpoint) it must fail, so the verdict is not a formality.
 //!
-//! A custom harness (`harness = false`): the demo re-executes its own executable as the
-//! server, so this test binary must act as the server when asked to, before anything else.
+//! The demo runs as the built example program (cargo builds it before it runs this test);
+//! it re-executes itself as the server.
 
-#[path = "../examples/demo.rs"]
-#[allow(dead_code)]
-mod demo;
+use std::ffi::OsStr;
+use std::process::Command;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::process::ExitCode;
-use std::time::Duration;
+use idemstore_testkit::programs::{Program, example};
 
-fn options(ignore_checkpoints: bool) -> demo::Options {
-    demo::Options {
-        payments: 90,
-        clients: 4,
-        seed: 7,
-        keep: false,
-        quiet: true,
-        ignore_checkpoints,
+/// Runs the demo small (90 payments, 4 clients, seed 7, quiet): whether it exited with
+/// success, and what it printed.
+fn run_demo(ignore_checkpoints: bool) -> Result<(bool, String), String> {
+    let mut command = Command::new(example("demo"));
+    command.args([
+        "--payments",
+        "90",
+        "--clients",
+        "4",
+        "--seed",
+        "7",
+        "--quiet",
+    ]);
+    if ignore_checkpoints {
+        command.arg("--ignore-checkpoints");
     }
+    let output = command
+        .output()
+        .map_err(|e| format!("the demo failed to run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.stderr.is_empty() {
+        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok((output.status.success(), stdout))
+}
+
+/// The value of the report's row `label` (a label, spaces, a number).
+fn row(table: &str, label: &str) -> Option<u64> {
+    table.lines().find_map(|line| {
+        let rest = line.trim().strip_prefix(label)?;
+        rest.trim().parse().ok()
+    })
+}
+
+/// The verdict held: the exit code and the verdict line agree.
+fn verdict_ok(success: bool, table: &str) -> bool {
+    success && table.contains("VERDICT: OK")
 }
 
 /// Every payment charged once, with at least one takeover (the stalled handler's).
-fn demo_verdict_holds() -> Result<(), String> {
-    let report = demo::run(&options(false)).map_err(|e| format!("the demo failed to run: {e}"))?;
-    if report.ok() && report.charges == 90 && report.takeovers > 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}\n(expected the verdict to hold, 90 charges, at least one takeover)",
-            report.table()
-        ))
-    }
+#[test]
+fn demo_verdict_holds() {
+    let (success, table) = run_demo(false).unwrap();
+    let charges = row(&table, "charges executed (ledger lines)");
+    let takeovers = row(&table, "lease takeovers");
+    assert!(
+        verdict_ok(success, &table) && charges == Some(90) && takeovers.is_some_and(|t| t > 0),
+        "{table}\n(expected the verdict to hold, 90 charges, at least one takeover)"
+    );
 }
 
 /// A takeover that ignores its checkpoint charges again, and the verdict says so.
-fn demo_verdict_fails_without_checkpoints() -> Result<(), String> {
-    let report = demo::run(&options(true)).map_err(|e| format!("the demo failed to run: {e}"))?;
-    if let Some(dir) = report.kept() {
-        let _ = std::fs::remove_dir_all(dir);
+#[test]
+fn demo_verdict_fails_without_checkpoints() {
+    let (success, table) = run_demo(true).unwrap();
+    if let Some(dir) = table
+        .lines()
+        .find_map(|line| line.strip_prefix("files kept in "))
+    {
+        let _ = std::fs::remove_dir_all(dir.trim());
     }
-    if !report.ok() && report.charges > 90 {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}\n(expected double charges and a failed verdict)",
-            report.table()
-        ))
-    }
+    let charges = row(&table, "charges executed (ledger lines)");
+    assert!(
+        !success && table.contains("VERDICT: VIOLATED") && charges.is_some_and(|c| c > 90),
+        "{table}\n(expected double charges and a failed verdict)"
+    );
 }
 
 /// Sends `bytes` to the demo server on a raw connection (shutting the writing side if
 /// `half_close`, as a client whose upload was cut) and reads the answer until it closes.
-fn raw(url: &str, bytes: &[u8], half_close: bool) -> Result<String, String> {
-    let addr = url.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    stream.write_all(bytes).map_err(|e| format!("write: {e}"))?;
-    if half_close {
-        stream
-            .shutdown(Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-    }
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-    }
-    Ok(String::from_utf8_lossy(&answer).into_owned())
+fn raw(addr: &str, bytes: &[u8], half_close: bool) -> String {
+    let answer = idemstore_testkit::http::exchange(addr, bytes, half_close).unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// A 400 problem+json, or what came instead.
-fn expect_400_problem(what: &str, answer: &str) -> Result<(), String> {
+#[track_caller]
+fn expect_400_problem(what: &str, answer: &str) {
     let lower = answer.to_ascii_lowercase();
-    if lower.starts_with("http/1.1 400")
-        && lower.contains("content-type: application/problem+json")
-        && answer.contains("\"status\":400")
-    {
-        Ok(())
-    } else {
-        Err(format!("{what}: expected a 400 problem, got {answer:?}"))
-    }
+    assert!(
+        lower.starts_with("http/1.1 400")
+            && lower.contains("content-type: application/problem+json")
+            && answer.contains("\"status\":400"),
+        "{what}: expected a 400 problem, got {answer:?}"
+    );
 }
 
 /// The demo's server reads a request whole before it runs it, and answers a header byte
 /// outside ASCII: an upload cut short (declared length or inside a chunk) and an odd header
 /// are 400 problems, nothing is charged, and the full request then runs once.
-fn demo_server_refuses_cut_uploads_and_odd_header_bytes() -> Result<(), String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+#[test]
+fn demo_server_refuses_cut_uploads_and_odd_header_bytes() {
+    let dir = tempfile::tempdir().unwrap();
     let (store, ledger) = (dir.path().join("store.redb"), dir.path().join("ledger"));
-    let server = demo::ServerProcess::start(
-        &store,
-        &ledger,
-        &dir.path().join("server.log"),
-        Default::default(),
-        Default::default(),
-        false,
-    )
-    .map_err(|e| format!("the server did not start: {e}"))?;
+    // The demo's server role: the demo executable with its files in the environment.
+    let server = Program::start(
+        "demo",
+        [] as [&str; 0],
+        &[
+            ("IDEMSTORE_DEMO_ROLE", OsStr::new("server")),
+            ("IDEMSTORE_DEMO_STORE", store.as_os_str()),
+            ("IDEMSTORE_DEMO_LEDGER", ledger.as_os_str()),
+        ],
+    );
+    let addr = server
+        .first_line()
+        .strip_prefix("LISTENING ")
+        .unwrap_or_else(|| panic!("the server printed {:?}", server.first_line()))
+        .to_owned();
     let body = format!(
         r#"{{"payment":"p-1","amount":5,"memo":"{}"}}"#,
         "m".repeat(3000)
@@ -124,87 +136,28 @@ fn demo_server_refuses_cut_uploads_and_odd_header_bytes() -> Result<(), String> 
         bytes.extend_from_slice(&body.as_bytes()[..sent]);
         expect_400_problem(
             &format!("{sent} of {declared} bytes"),
-            &raw(server.url(), &bytes, true)?,
-        )?;
+            &raw(&addr, &bytes, true),
+        );
     }
     let mut chunked = head("Transfer-Encoding: chunked\r\n").into_bytes();
     chunked.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
     chunked.extend_from_slice(&body.as_bytes()[..1500]);
-    expect_400_problem("a chunk cut short", &raw(server.url(), &chunked, true)?)?;
+    expect_400_problem("a chunk cut short", &raw(&addr, &chunked, true));
     let mut odd = head("X-Note: caf\u{e9}\r\nContent-Length: 2\r\n").into_bytes();
     odd.extend_from_slice(b"{}");
-    expect_400_problem("a non-ASCII header byte", &raw(server.url(), &odd, false)?)?;
+    expect_400_problem("a non-ASCII header byte", &raw(&addr, &odd, false));
     let charged = std::fs::read_to_string(&ledger).unwrap_or_default();
-    if !charged.is_empty() {
-        return Err(format!("charged on a refused request: {charged:?}"));
-    }
+    assert!(
+        charged.is_empty(),
+        "charged on a refused request: {charged:?}"
+    );
     let mut whole = head(&format!("Content-Length: {}\r\n", body.len())).into_bytes();
     whole.extend_from_slice(body.as_bytes());
-    let answer = raw(server.url(), &whole, false)?;
+    let answer = raw(&addr, &whole, false);
     let charged = std::fs::read_to_string(&ledger).unwrap_or_default();
-    if answer.starts_with("HTTP/1.1 201") && charged.lines().count() == 1 {
-        Ok(())
-    } else {
-        Err(format!(
-            "the whole request: expected 201 and one charge, got {answer:?}, ledger {charged:?}"
-        ))
-    }
-}
-
-type Test = (&'static str, fn() -> Result<(), String>);
-
-const TESTS: [Test; 3] = [
-    ("demo_verdict_holds", demo_verdict_holds),
-    (
-        "demo_verdict_fails_without_checkpoints",
-        demo_verdict_fails_without_checkpoints,
-    ),
-    (
-        "demo_server_refuses_cut_uploads_and_odd_header_bytes",
-        demo_server_refuses_cut_uploads_and_odd_header_bytes,
-    ),
-];
-
-fn main() -> ExitCode {
-    if demo::is_server() {
-        return demo::server_main();
-    }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        for (name, _) in TESTS {
-            println!("{name}: test");
-        }
-        return ExitCode::SUCCESS;
-    }
-    let filter = args.iter().find(|a| !a.starts_with('-'));
-    let selected: Vec<&Test> = TESTS
-        .iter()
-        .filter(|(name, _)| filter.is_none_or(|f| name.contains(f.as_str())))
-        .collect();
-    println!("\nrunning {} tests", selected.len());
-    let mut failed = Vec::new();
-    for (name, test) in &selected {
-        match test() {
-            Ok(()) => println!("test {name} ... ok"),
-            Err(detail) => {
-                println!("test {name} ... FAILED");
-                failed.push((name, detail));
-            }
-        }
-    }
-    for (name, detail) in &failed {
-        println!("\n---- {name} ----\n{detail}");
-    }
-    println!(
-        "\ntest result: {}. {} passed; {} failed; 0 ignored; 0 measured; {} filtered out\n",
-        if failed.is_empty() { "ok" } else { "FAILED" },
-        selected.len() - failed.len(),
-        failed.len(),
-        TESTS.len() - selected.len()
+    assert!(
+        answer.starts_with("HTTP/1.1 201") && charged.lines().count() == 1,
+        "the whole request: expected 201 and one charge, got {answer:?}, ledger {charged:?}"
     );
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    drop(server);
 }

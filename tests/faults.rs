@@ -1,10 +1,10 @@
-//! Fault injection (SPEC §4.3 durability and unknown outcomes, §4.7 clean refusal, §4.9 tokens).
+//! Fault injection: durability and unknown outcomes, clean refusal, tokens across a crash.
 //!
-//! [`FaultyBackend`] wraps a redb storage backend (in memory, or a file to exercise the lock
-//! methods), forwards every method, the lock methods and `close` included, counts the calls of
-//! `write`, `set_len` and `sync_data`, and fails the Nth call of one of them, once or from then
-//! on. It keeps a *durable image*: the bytes as of the last successful `sync_data` (writes and
-//! length changes since then are pending, and lost in a power cut).
+//! The testkit's `FaultyBackend` wraps a redb storage backend (in memory, or a file to
+//! exercise the lock methods), forwards every method, the lock methods and `close` included,
+//! counts the calls of `write`, `set_len` and `sync_data`, and fails the Nth call of one of
+//! them, once or from then on. It keeps a *durable image*: the bytes as of the last successful
+//! `sync_data` (writes and length changes since then are pending, and lost in a power cut).
 //!
 //! A probe run of a small workload (begin / checkpoint / extend / complete / abandon / drop /
 //! reap on five keys, driven by a `ManualClock`) records the call counts, the state of every
@@ -35,33 +35,19 @@
 //! non-empty file without it, which the store refuses (`IncompatibleFormat`) and leaves as is.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::io;
-use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use idemstore::backends::{FileBackend, InMemoryBackend};
+use idemstore::backends::FileBackend;
 use idemstore::{
-    Begin, Clock, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, StorageBackend,
-    Store,
+    Begin, Clock, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, Store,
 };
-use redb::BackendError;
+use idemstore_testkit::crash::{self, ImageChecker, Snapshot};
+use idemstore_testkit::fault::{Call, Fault, Faults, FaultyBackend, memory};
+use idemstore_testkit::rng::noise;
+use idemstore_testkit::store::{TTL, start};
 
-// ---------------------------------------------------------------------------------------------
-// The fault-injecting backend
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Call {
-    Write = 0,
-    SetLen = 1,
-    Sync = 2,
-}
-
-const CALLS: [Call; 3] = [Call::Write, Call::SetLen, Call::Sync];
-
+/// How an injected fault repeats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// Only the Nth call fails.
@@ -70,273 +56,21 @@ enum Mode {
     Always,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Fault {
-    call: Call,
-    n: u64,
-    mode: Mode,
-}
-
-/// A change made since the last successful sync.
-enum Pending {
-    Write(u64, Vec<u8>),
-    SetLen(u64),
-}
-
-fn apply(image: &mut Vec<u8>, change: &Pending) {
-    match change {
-        Pending::Write(offset, data) => {
-            let start = usize::try_from(*offset).expect("offset");
-            if image.len() < start + data.len() {
-                image.resize(start + data.len(), 0);
-            }
-            image[start..start + data.len()].copy_from_slice(data);
-        }
-        Pending::SetLen(len) => image.resize(usize::try_from(*len).expect("len"), 0),
-    }
-}
-
-/// The image at one successful sync of a recorded run.
-struct SyncPoint {
-    /// Index of the operation that was running (0: open, `ops + 1`: close).
-    op: usize,
-    /// The image made durable by this sync.
-    durable: Vec<u8>,
-    /// The previous durable image plus a random subset of the changes this sync made durable:
-    /// a power cut during the fsync.
-    torn: Vec<u8>,
-}
-
-#[derive(Default)]
-struct Disk {
-    durable: Vec<u8>,
-    /// Every successful write and length change, synced or not.
-    written: Vec<u8>,
-    pending: Vec<Pending>,
-    /// `Some` while recording sync points.
-    syncs: Option<Vec<SyncPoint>>,
-    rng: u64,
-}
-
-/// Shared between the backend (owned by redb) and the test.
-#[derive(Default)]
-struct FaultState {
-    calls: [AtomicU64; 3],
-    fault: Mutex<Option<Fault>>,
-    injected: AtomicU64,
-    disk: Mutex<Disk>,
-    /// The operation the workload is running, to label sync points.
-    op: AtomicUsize,
-    lock_calls: AtomicU64,
-    closes: AtomicU64,
-}
-
-impl FaultState {
-    fn count(&self, call: Call) -> u64 {
-        self.calls[call as usize].load(SeqCst)
-    }
-
-    fn arm(&self, fault: Option<Fault>) {
-        *self.fault.lock().unwrap() = fault;
-    }
-
-    /// Counts a call; `Err` when the armed fault says it fails.
-    fn tick(&self, call: Call) -> io::Result<()> {
-        let n = self.calls[call as usize].fetch_add(1, SeqCst) + 1;
-        let fail = match *self.fault.lock().unwrap() {
-            Some(f) if f.call == call => match f.mode {
-                Mode::Once => n == f.n,
-                Mode::Always => n >= f.n,
-            },
-            _ => false,
-        };
-        if fail {
-            self.injected.fetch_add(1, SeqCst);
-            return Err(io::Error::other(format!(
-                "injected fault: {call:?} call {n}"
-            )));
-        }
-        Ok(())
-    }
-
-    fn durable(&self) -> Vec<u8> {
-        self.disk.lock().unwrap().durable.clone()
-    }
-
-    fn written(&self) -> Vec<u8> {
-        self.disk.lock().unwrap().written.clone()
-    }
-
-    fn record_syncs(&self) {
-        self.disk.lock().unwrap().syncs = Some(Vec::new());
-    }
-
-    fn take_syncs(&self) -> Vec<SyncPoint> {
-        self.disk.lock().unwrap().syncs.take().unwrap_or_default()
-    }
-}
-
-struct FaultyBackend<B> {
-    inner: B,
-    state: Arc<FaultState>,
-}
-
-impl<B: StorageBackend> FaultyBackend<B> {
-    /// Wraps `inner`; what it holds already counts as durable.
-    fn new(inner: B, state: Arc<FaultState>) -> FaultyBackend<B> {
-        let len = inner.len().expect("len");
-        let mut bytes = vec![0; usize::try_from(len).expect("len")];
-        inner.read(0, &mut bytes).expect("read");
-        let mut disk = state.disk.lock().unwrap();
-        disk.durable = bytes.clone();
-        disk.written = bytes;
-        drop(disk);
-        FaultyBackend { inner, state }
-    }
-
-    fn lock_call(&self) {
-        self.state.lock_calls.fetch_add(1, SeqCst);
-    }
-}
-
-impl<B> fmt::Debug for FaultyBackend<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FaultyBackend").finish_non_exhaustive()
-    }
-}
-
-impl<B: StorageBackend> StorageBackend for FaultyBackend<B> {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.inner.read(offset, out)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.state.tick(Call::SetLen)?;
-        self.inner.set_len(len)?;
-        let mut disk = self.state.disk.lock().unwrap();
-        apply(&mut disk.written, &Pending::SetLen(len));
-        disk.pending.push(Pending::SetLen(len));
-        Ok(())
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        self.state.tick(Call::Sync)?;
-        self.inner.sync_data()?;
-        let mut disk = self.state.disk.lock().unwrap();
-        let disk = &mut *disk;
-        let pending = std::mem::take(&mut disk.pending);
-        if let Some(syncs) = disk.syncs.as_mut() {
-            let mut torn = disk.durable.clone();
-            for change in &pending {
-                disk.rng = disk
-                    .rng
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1);
-                // Length changes are kept (the file system orders them); writes are a coin toss.
-                if matches!(change, Pending::SetLen(_)) || (disk.rng >> 40) & 1 == 1 {
-                    apply(&mut torn, change);
-                }
-            }
-            for change in &pending {
-                apply(&mut disk.durable, change);
-            }
-            syncs.push(SyncPoint {
-                op: self.state.op.load(SeqCst),
-                durable: disk.durable.clone(),
-                torn,
-            });
-        } else {
-            for change in &pending {
-                apply(&mut disk.durable, change);
-            }
-        }
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.state.tick(Call::Write)?;
-        self.inner.write(offset, data)?;
-        let change = Pending::Write(offset, data.to_vec());
-        let mut disk = self.state.disk.lock().unwrap();
-        apply(&mut disk.written, &change);
-        disk.pending.push(change);
-        Ok(())
-    }
-
-    fn close(&self) -> io::Result<()> {
-        self.state.closes.fetch_add(1, SeqCst);
-        self.inner.close()
-    }
-
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.lock_call();
-        self.inner.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.lock_call();
-        self.inner.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.lock_call();
-        self.inner.lock_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.lock_call();
-        self.inner.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.lock_call();
-        self.inner.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.lock_call();
-        self.inner.query_lock_range(start, end)
-    }
-}
-
-/// An in-memory backend holding `image`.
-fn backend_from(image: &[u8]) -> InMemoryBackend {
-    let b = InMemoryBackend::new();
-    b.set_len(image.len() as u64).expect("set_len");
-    b.write(0, image).expect("write");
-    b
-}
-
 // ---------------------------------------------------------------------------------------------
 // The workload
 
-const TTL: Duration = Duration::from_secs(1000);
-const LEASE: Duration = Duration::from_secs(30);
 const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
 
-fn start() -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(1_700_000_000)
-}
-
 fn builder(clock: &ManualClock) -> idemstore::Builder {
-    Store::builder()
-        .ttl(TTL)
-        .lease(LEASE)
-        .reap_interval(None)
-        .durability(Durability::Immediate)
-        .clock(clock.clone())
+    idemstore_testkit::store::builder(clock).durability(Durability::Immediate)
 }
 
 fn key(k: usize) -> Key {
     Key::new("faults", KEYS[k]).expect("key")
+}
+
+fn keys() -> Vec<Key> {
+    (0..KEYS.len()).map(key).collect()
 }
 
 fn fp(k: usize, variant: u8) -> Fingerprint {
@@ -348,15 +82,7 @@ fn fp(k: usize, variant: u8) -> Fingerprint {
 
 /// Response bytes: binary, `len` long, different per key and length.
 fn response(k: usize, len: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (k as u64) << 32 ^ len as u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    noise(len, (k as u64) << 32 ^ len as u64)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -422,7 +148,7 @@ enum Outcome {
 }
 
 impl Outcome {
-    /// An acknowledged durable write (SPEC §4.3).
+    /// An acknowledged durable write.
     fn acknowledges_write(&self) -> bool {
         matches!(
             self,
@@ -448,10 +174,8 @@ fn error_kind(e: &Error) -> &'static str {
 }
 
 /// The state of every key, as `get` sees it.
-type Snapshot = Vec<Option<Entry>>;
-
 fn snapshot(store: &Store) -> Result<Snapshot, Error> {
-    (0..KEYS.len()).map(|k| store.get(&key(k))).collect()
+    crash::snapshot(store, &keys())
 }
 
 /// `s` as seen at `now` (records dead by then are absent).
@@ -466,17 +190,6 @@ fn view_at(s: &Snapshot, now: SystemTime) -> Snapshot {
         .collect()
 }
 
-fn tokens_in(s: &Snapshot) -> u64 {
-    s.iter()
-        .flatten()
-        .map(|e| match e {
-            Entry::Completed(done) => done.token(),
-            Entry::InFlight { token, .. } => *token,
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// What one run of the workload did.
 struct Run {
     /// `Err` when the open failed (with its error kind).
@@ -487,7 +200,7 @@ struct Run {
     /// The state after each operation (index 0: after open); probe runs only.
     after: Vec<Snapshot>,
     close: Result<(), &'static str>,
-    state: Arc<FaultState>,
+    state: Faults,
 }
 
 fn run_op(
@@ -558,12 +271,11 @@ fn run_op(
 
 /// Runs the workload on a fresh in-memory backend with `fault` armed.
 fn run(fault: Option<Fault>, probe: bool) -> Run {
-    let state = Arc::new(FaultState::default());
+    let (backend, state) = FaultyBackend::in_memory(&[]);
     if probe {
-        state.record_syncs();
+        state.record_syncs(0x5eed);
     }
     state.arm(fault);
-    let backend = FaultyBackend::new(InMemoryBackend::new(), state.clone());
     let clock = ManualClock::new(start());
     let mut run = Run {
         open: Ok(()),
@@ -585,7 +297,7 @@ fn run(fault: Option<Fault>, probe: bool) -> Run {
     }
     let mut leases = HashMap::new();
     for (i, op) in WORKLOAD.iter().enumerate() {
-        state.op.store(i + 1, SeqCst);
+        state.set_label(i + 1);
         run.times.push(clock.now());
         let outcome = run_op(&store, &clock, &mut leases, *op);
         if let Op::Advance(_) = op {
@@ -600,7 +312,7 @@ fn run(fault: Option<Fault>, probe: bool) -> Run {
         }
         run.outcomes.push(outcome);
     }
-    state.op.store(WORKLOAD.len() + 1, SeqCst);
+    state.set_label(WORKLOAD.len() + 1);
     drop(leases);
     run.close = store.close().map_err(|e| error_kind(&e));
     run
@@ -609,21 +321,15 @@ fn run(fault: Option<Fault>, probe: bool) -> Run {
 // ---------------------------------------------------------------------------------------------
 // Checks
 
-/// Reopens crash images: every `file_every`-th one through `Store::open` of a real file (the
-/// production path: read-only check, then recovery), the others on an in-memory backend
-/// through `Builder::open_backend` (no fsync: fast).
+/// The testkit's checker of crash images, each image checked once against the same
+/// expectations.
 struct Images {
-    dir: tempfile::TempDir,
-    file_every: u64,
-    checked: u64,
-    via_file: u64,
+    checker: ImageChecker,
     /// Results by image and expectation: an identical image checked against identical
     /// expectations gives the same result (the durable image is the same for every fault
     /// between two syncs), so it is checked once.
     seen: HashMap<(u64, u64), Option<Snapshot>>,
     repeats: u64,
-    /// Images of a store whose creation was cut short, refused as not a redb file.
-    refused_half_created: u64,
 }
 
 /// What a reopened image must show.
@@ -638,29 +344,19 @@ struct Expect<'a> {
     creating: bool,
 }
 
-const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
-
 impl Images {
+    /// Every `file_every`-th image through a real file, the others in memory.
     fn new(file_every: u64) -> Images {
         Images {
-            dir: tempfile::tempdir().expect("tempdir"),
-            file_every,
-            checked: 0,
-            via_file: 0,
+            checker: ImageChecker::new(file_every),
             seen: HashMap::new(),
             repeats: 0,
-            refused_half_created: 0,
         }
     }
 
-    /// A crash left `image`: redb's integrity check passes on it, it opens as a store (through
-    /// a file), its keys are exactly one of the candidates (as seen at `now`), and the next
-    /// token exceeds every token acknowledged or stored.
-    ///
-    /// Exception: redb writes its magic number last when it creates a file, so a crash during
-    /// the creation of the store can leave a non-empty file without it. Nothing was
-    /// acknowledged then; the store refuses such a file as not a redb file
-    /// (`IncompatibleFormat`) and must leave it unchanged.
+    /// A crash left `image`: it passes the testkit's check (integrity, reopen, tokens), and
+    /// its keys are exactly one of the candidates (as seen at `now`). `None` for a refused
+    /// half-created file.
     fn check(&mut self, what: &str, image: &[u8], expect: &Expect<'_>) -> Option<Snapshot> {
         let memo = (
             hash(image),
@@ -678,80 +374,39 @@ impl Images {
             self.repeats += 1;
             return found.clone();
         }
-        let found = self.check_new(what, image, expect);
+        let clock = ManualClock::new(expect.now);
+        let accept = |state: &[Option<Entry>]| {
+            if expect.candidates.iter().any(|c| c.as_slice() == state) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "half state or lost acknowledged change after reopen:\n  found {state:?}\n  \
+                     expected one of {:#?}",
+                    expect.candidates
+                ))
+            }
+        };
+        let keys = keys();
+        let found = self
+            .checker
+            .check(
+                what,
+                image,
+                &|| builder(&clock),
+                &crash::Expect {
+                    keys: &keys,
+                    min_token: expect.min_token,
+                    creating: expect.creating,
+                    accept: &accept,
+                },
+            )
+            .map(|reopened| {
+                let state = reopened.state.clone();
+                reopened.close();
+                state
+            });
         self.seen.insert(memo, found.clone());
         found
-    }
-
-    fn check_new(&mut self, what: &str, image: &[u8], expect: &Expect<'_>) -> Option<Snapshot> {
-        self.checked += 1;
-        let clock = ManualClock::new(expect.now);
-        if !image.is_empty() && !image.starts_with(&REDB_MAGIC) {
-            assert!(
-                expect.creating,
-                "{what}: an image without redb's magic number"
-            );
-            let path = self.dir.path().join(format!("image-{}.redb", self.checked));
-            std::fs::write(&path, image).expect("write the image");
-            match builder(&clock).open(&path) {
-                Err(Error::IncompatibleFormat { .. }) => {}
-                other => {
-                    panic!("{what}: half-created file: expected IncompatibleFormat, got {other:?}")
-                }
-            }
-            assert!(
-                std::fs::read(&path).expect("read") == image,
-                "{what}: refused file modified"
-            );
-            std::fs::remove_file(&path).expect("remove the image");
-            self.refused_half_created += 1;
-            return None;
-        }
-        // redb's own integrity check, on a copy (the open repairs an unclean image first).
-        let mut db = redb::Builder::new()
-            .create_with_backend(backend_from(image))
-            .unwrap_or_else(|e| panic!("{what}: redb cannot open the image: {e}"));
-        match db.check_integrity() {
-            Ok(true) => {}
-            other => panic!("{what}: redb integrity check: {other:?}"),
-        }
-        drop(db);
-
-        let path = self.dir.path().join(format!("image-{}.redb", self.checked));
-        let file = self.checked.is_multiple_of(self.file_every);
-        let store = if file {
-            self.via_file += 1;
-            std::fs::write(&path, image).expect("write the image");
-            builder(&clock).open(&path)
-        } else {
-            builder(&clock).open_backend(backend_from(image))
-        };
-        let store = store.unwrap_or_else(|e| panic!("{what}: the store does not reopen: {e:?}"));
-        let state = snapshot(&store).unwrap_or_else(|e| panic!("{what}: get: {e:?}"));
-        assert!(
-            expect.candidates.contains(&state),
-            "{what}: half state or lost acknowledged change after reopen:\n  found {state:?}\n  \
-             expected one of {:#?}",
-            expect.candidates
-        );
-        let fresh = Key::new("faults", "fresh").expect("key");
-        match store.begin(&fresh, &Fingerprint::of(b"fresh")) {
-            Ok(Begin::Started(lease)) => {
-                let floor = expect.min_token.max(tokens_in(&state));
-                assert!(
-                    lease.token() > floor,
-                    "{what}: token {} granted after reopen, {floor} acknowledged or stored",
-                    lease.token()
-                );
-                lease.abandon().expect("abandon");
-            }
-            other => panic!("{what}: begin on a fresh key after reopen: {other:?}"),
-        }
-        store.close().expect("close the reopened image");
-        if file {
-            std::fs::remove_file(&path).expect("remove the image");
-        }
-        Some(state)
     }
 }
 
@@ -779,7 +434,7 @@ fn check_run(probe: &Run, r: &Run, images: &mut Images, what: &str) {
     if let Err(kind) = r.open {
         assert!(CLEAR.contains(&kind), "{what}: open failed with {kind}");
         assert_eq!(
-            r.state.closes.load(SeqCst),
+            r.state.closes(),
             1,
             "{what}: a failed open closes the backend"
         );
@@ -805,12 +460,12 @@ fn check_run(probe: &Run, r: &Run, images: &mut Images, what: &str) {
         assert!(CLEAR.contains(&kind), "{what}: close failed with {kind}");
     }
     assert_eq!(
-        r.state.closes.load(SeqCst),
+        r.state.closes(),
         1,
         "{what}: after close the backend is closed once (its locks released)"
     );
     // The first answer that differs from the probe run: normally the first error; or, when the
-    // release of a dropped lease failed silently (best effort, SPEC §3), a read that still sees
+    // release of a dropped lease failed silently (best effort), a read that still sees
     // the lease.
     let first = r
         .outcomes
@@ -831,7 +486,7 @@ fn check_run(probe: &Run, r: &Run, images: &mut Images, what: &str) {
         );
     }
     // From the first error on: clear errors and nothing acknowledged. Reads may still answer
-    // (SPEC §4.3 refuses writes); they are checked below.
+    // (only writes are refused); they are checked below.
     let mut reads = Vec::new();
     for (j, (o, op)) in r.outcomes.iter().zip(WORKLOAD).enumerate().skip(ok_until) {
         match o {
@@ -915,12 +570,12 @@ fn answer(s: &Snapshot, k: usize, v: u8, now: SystemTime) -> Option<Outcome> {
     }
 }
 
-fn run_checked(probe: &Run, fault: Fault, images: &mut Images) -> u64 {
-    let what = format!("{fault:?}");
+fn run_checked(probe: &Run, (call, n, mode): (Call, u64, Mode), images: &mut Images) -> u64 {
+    let what = format!("{call:?} call {n}, {mode:?}");
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let r = run(Some(fault), false);
+        let r = run(Some(Fault::nth(call, n, mode == Mode::Always)), false);
         check_run(probe, &r, images, &what);
-        r.state.injected.load(SeqCst)
+        r.state.injected()
     }));
     result.unwrap_or_else(|p| {
         let msg = p
@@ -942,14 +597,14 @@ fn every_write_set_len_and_sync_fault_of_a_workload_keeps_the_guarantees() {
         probe.open.is_ok() && probe.close.is_ok(),
         "the probe run fails by itself"
     );
-    let counts = CALLS.map(|c| probe.state.count(c));
+    let counts = Call::ALL.map(|c| probe.state.calls(c));
     println!(
         "probe run: {} operations, {} writes, {} set_len, {} sync_data, {} lock calls",
         WORKLOAD.len(),
         counts[0],
         counts[1],
         counts[2],
-        probe.state.lock_calls.load(SeqCst)
+        probe.state.lock_calls()
     );
     assert!(
         counts.iter().all(|&c| c > 0),
@@ -957,12 +612,14 @@ fn every_write_set_len_and_sync_fault_of_a_workload_keeps_the_guarantees() {
     );
     let mut images = Images::new(8);
     let (mut injected, mut runs) = (0, 0);
-    for call in CALLS {
+    for call in Call::ALL {
         for mode in [Mode::Once, Mode::Always] {
-            for n in 1..=probe.state.count(call) {
-                let fault = Fault { call, n, mode };
-                let got = run_checked(&probe, fault, &mut images);
-                assert!(got >= 1, "{fault:?}: the fault was not injected");
+            for n in 1..=probe.state.calls(call) {
+                let got = run_checked(&probe, (call, n, mode), &mut images);
+                assert!(
+                    got >= 1,
+                    "{call:?} call {n}, {mode:?}: the fault was not injected"
+                );
                 injected += got;
                 runs += 1;
             }
@@ -971,7 +628,10 @@ fn every_write_set_len_and_sync_fault_of_a_workload_keeps_the_guarantees() {
     println!(
         "fault sweep: {runs} runs, {injected} faults injected; {} distinct crash images \
          reopened and checked ({} through a file, {} half-created files refused), {} repeats",
-        images.checked, images.via_file, images.refused_half_created, images.repeats
+        images.checker.checked,
+        images.checker.via_file,
+        images.checker.refused_half_created,
+        images.repeats
     );
 }
 
@@ -987,7 +647,7 @@ fn every_sync_point_image_of_a_workload_is_a_consistent_store() {
     let n = WORKLOAD.len();
     for (s, sp) in syncs.iter().enumerate() {
         // A power cut at this fsync: the operation running then may or may not have happened.
-        let (now, candidates, min_token) = match sp.op {
+        let (now, candidates, min_token) = match sp.label {
             0 => (probe.times[0], vec![probe.after[0].clone()], 0),
             j if j > n => (
                 probe.times[n],
@@ -1003,12 +663,12 @@ fn every_sync_point_image_of_a_workload_is_a_consistent_store() {
                 (now, c, acked_token(&probe.outcomes[..j - 1]))
             }
         };
-        let label = format!("sync point {s} (op {})", sp.op);
+        let label = format!("sync point {s} (op {})", sp.label);
         let expect = Expect {
             now,
             candidates: &candidates,
             min_token,
-            creating: sp.op == 0,
+            creating: sp.label == 0,
         };
         images.check(&format!("{label}, durable image"), &sp.durable, &expect);
         images.check(&format!("{label}, torn image"), &sp.torn, &expect);
@@ -1017,8 +677,8 @@ fn every_sync_point_image_of_a_workload_is_a_consistent_store() {
         "sync points: {} (a power cut at each, and torn during each), {} images checked, {} \
          half-created files refused",
         syncs.len(),
-        images.checked,
-        images.refused_half_created
+        images.checker.checked,
+        images.checker.refused_half_created
     );
 }
 
@@ -1054,14 +714,13 @@ fn on_a_file_the_wrapper_forwards_the_locks_and_a_poisoned_store_keeps_the_file_
         .truncate(false)
         .open(&path)
         .expect("create the file");
-    let state = Arc::new(FaultState::default());
-    let backend = FaultyBackend::new(FileBackend::new(file).expect("file backend"), state.clone());
+    let (backend, state) = FaultyBackend::new(FileBackend::new(file).expect("file backend"));
     let clock = ManualClock::new(start());
     let store = builder(&clock)
         .open_backend(backend)
         .expect("open on the file");
     assert!(
-        state.lock_calls.load(SeqCst) > 0,
+        state.lock_calls() > 0,
         "redb locked the file through the wrapper"
     );
     assert_already_open(&path, &clock);
@@ -1073,11 +732,7 @@ fn on_a_file_the_wrapper_forwards_the_locks_and_a_poisoned_store_keeps_the_file_
     held.checkpoint(b"step 1").expect("checkpoint");
     let held_token = held.token();
     // Every fsync from now on fails.
-    state.arm(Some(Fault {
-        call: Call::Sync,
-        n: state.count(Call::Sync) + 1,
-        mode: Mode::Always,
-    }));
+    state.arm(Some(Fault::every_sync()));
     match held.complete(b"unknown outcome") {
         Err(
             e @ Error::Storage {
@@ -1093,14 +748,14 @@ fn on_a_file_the_wrapper_forwards_the_locks_and_a_poisoned_store_keeps_the_file_
             other => panic!("a poisoned store must refuse writes, got {other:?}"),
         }
     }
-    assert!(state.injected.load(SeqCst) >= 1);
+    assert!(state.injected() >= 1);
     assert_already_open(&path, &clock);
-    assert_eq!(state.closes.load(SeqCst), 0);
+    assert_eq!(state.closes(), 0);
     match store.close() {
         Ok(()) | Err(Error::Storage { .. }) => {}
         Err(e) => panic!("close of a poisoned store: {e:?}"),
     }
-    assert_eq!(state.closes.load(SeqCst), 1, "close released the backend");
+    assert_eq!(state.closes(), 1, "close released the backend");
 
     let reopened = builder(&clock).open(&path).expect("reopen once closed");
     match reopened.get(&key(0)).expect("get") {
@@ -1157,20 +812,15 @@ fn under_durability_none_a_crash_loses_everything_since_the_open() {
     };
 
     // A first session, closed cleanly: its completion is durable, and outlives the test.
-    let state = Arc::new(FaultState::default());
-    let store = none()
-        .ttl(TTL * 1000)
-        .open_backend(FaultyBackend::new(InMemoryBackend::new(), state.clone()))
-        .expect("open");
+    let (backend, state) = FaultyBackend::in_memory(&[]);
+    let store = none().ttl(TTL * 1000).open_backend(backend).expect("open");
     let kept = started(&store, 0).complete(b"kept").expect("complete");
     store.close().expect("close");
     let first = state.durable();
 
     // A second session: claims, completions, a checkpoint, an abandon and a reaping pass.
-    let state = Arc::new(FaultState::default());
-    let store = none()
-        .open_backend(FaultyBackend::new(backend_from(&first), state.clone()))
-        .expect("reopen");
+    let (backend, state) = FaultyBackend::in_memory(&first);
+    let store = none().open_backend(backend).expect("reopen");
     let opened = state.written();
     let mut tokens = Vec::new();
     for round in 0..40 {
@@ -1196,7 +846,7 @@ fn under_durability_none_a_crash_loses_everything_since_the_open() {
 
     for (what, image) in [("power cut", power_cut), ("killed process", killed)] {
         let reopened = builder(&clock)
-            .open_backend(backend_from(&image))
+            .open_backend(memory(&image))
             .unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
         // What was durable before the open stays.
         match reopened.get(&key(0)).expect("get") {
@@ -1227,7 +877,7 @@ fn under_durability_none_a_crash_loses_everything_since_the_open() {
     drop(held);
     store.close().expect("close");
     let closed = builder(&clock)
-        .open_backend(backend_from(&state.durable()))
+        .open_backend(memory(&state.durable()))
         .expect("open after a clean close");
     assert!(
         matches!(closed.get(&key(4)).expect("get"), Some(Entry::InFlight { token, .. }) if token == last_token),

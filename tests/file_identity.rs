@@ -9,12 +9,10 @@
 
 #![cfg(unix)]
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
 use idemstore::{Begin, Durability, Entry, Error, Store};
+use idemstore_testkit::store::*;
 
 /// Every write of `store` is refused, and says why.
 #[track_caller]

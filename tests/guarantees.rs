@@ -2,15 +2,14 @@
 //! stored deadlines, no early deletion, replay fidelity, mutual exclusion, refusal of a file
 //! open in another process, and the auto traits of §5.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::*;
 use idemstore::{Begin, Clock, Completed, Durability, Error, Key, Lease, Store};
+use idemstore_testkit::rng::noise;
+use idemstore_testkit::store::*;
 
 const NS: Duration = Duration::from_nanos(1);
 

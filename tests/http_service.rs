@@ -1,17 +1,125 @@
-//! The example HTTP service (`examples/http_service.rs`), started on 127.0.0.1 on a free port
-//! and driven by a real HTTP client (`ureq`): the six behaviours of SPEC §3 at the HTTP edge.
+//! The example HTTP service (`examples/http_service.rs`), run as a child process on a free
+//! port of 127.0.0.1 (cargo builds the example before it runs this test) and driven by a real
+//! HTTP client (`ureq`): the six behaviours of the store's contract at the HTTP edge.
 #![cfg(feature = "http")]
 
-#[path = "../examples/http_service.rs"]
-#[allow(dead_code)]
-mod service;
-
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use idemstore::Entry;
-use service::{Config, Service};
+use idemstore::Store;
+use idemstore_testkit::http::RawReply;
+use idemstore_testkit::programs::HttpService;
+
+/// How the service runs (the example's flags, with its defaults).
+#[derive(Clone, Debug)]
+struct Config {
+    ttl: Duration,
+    lease: Duration,
+    retry_after_hint: Duration,
+    /// The store file; `None`: one in the test's temporary directory.
+    db: Option<PathBuf>,
+    /// The ledger file; `None`: one in the test's temporary directory.
+    ledger: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+            retry_after_hint: Duration::from_secs(1),
+            db: None,
+            ledger: None,
+        }
+    }
+}
+
+/// The example service in a child process, on its store and ledger files.
+struct Service {
+    http: Option<HttpService>,
+    config: Config,
+    db: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    fn start(config: Config) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let db = config
+            .db
+            .clone()
+            .unwrap_or_else(|| dir.path().join("service.redb"));
+        let ledger = config
+            .ledger
+            .clone()
+            .unwrap_or_else(|| dir.path().join("ledger"));
+        let config = Config {
+            db: Some(db.clone()),
+            ledger: Some(ledger),
+            ..config
+        };
+        let mut service = Service {
+            http: None,
+            config,
+            db,
+            _dir: dir,
+        };
+        service.run();
+        service
+    }
+
+    fn run(&mut self) {
+        let c = &self.config;
+        let ms = |d: Duration| d.as_millis().to_string();
+        let path = |p: &Option<PathBuf>| p.as_ref().unwrap().display().to_string();
+        self.http = Some(HttpService::start([
+            "--ttl-ms".into(),
+            ms(c.ttl),
+            "--lease-ms".into(),
+            ms(c.lease),
+            "--retry-after-ms".into(),
+            ms(c.retry_after_hint),
+            "--db".into(),
+            path(&c.db),
+            "--ledger".into(),
+            path(&c.ledger),
+        ]));
+    }
+
+    fn http(&self) -> &HttpService {
+        self.http.as_ref().expect("the service runs")
+    }
+
+    fn addr(&self) -> &str {
+        self.http().addr()
+    }
+
+    fn url(&self) -> String {
+        self.http().url()
+    }
+
+    fn charges(&self) -> BTreeMap<String, u32> {
+        self.http().charges()
+    }
+
+    fn charges_for(&self, key: &str) -> u32 {
+        self.http().charges_for(key)
+    }
+
+    /// What the store holds for `key`: the service is killed (the file is its alone while it
+    /// runs), the file read, and the service started again on the same files.
+    fn entry_across_a_restart(&mut self, key: &idemstore::Key) -> Option<idemstore::Entry> {
+        if let Some(http) = self.http.take() {
+            http.kill();
+        }
+        let store = Store::builder().reap_interval(None).open(&self.db).unwrap();
+        let entry = store.get(key).unwrap();
+        store.close().unwrap();
+        self.run();
+        entry
+    }
+}
 
 struct Reply {
     status: u16,
@@ -63,7 +171,7 @@ fn post_with(service: &Service, key: Option<&str>, body: &str, extra: &[(&str, &
 }
 
 fn start(config: Config) -> Service {
-    Service::start(config).expect("the service starts")
+    Service::start(config)
 }
 
 fn assert_problem(reply: &Reply, status: u16, type_fragment: &str) {
@@ -132,12 +240,7 @@ fn a_concurrent_duplicate_gets_409_with_retry_after_then_the_replay() {
             assert!(Instant::now() < deadline, "the first request never started");
             std::thread::sleep(Duration::from_millis(5));
         }
-        let key = idemstore::Key::new("public", KEY_ID).unwrap();
-        assert!(matches!(
-            service.store().get(&key).unwrap(),
-            Some(Entry::InFlight { .. })
-        ));
-
+        // The first request holds the key (in flight): a duplicate is told so.
         let duplicate = post(&service, Some(KEY), r#"{"amount":5}"#);
         assert_problem(&duplicate, 409, "request-in-flight");
         let retry_after: u64 = duplicate
@@ -274,7 +377,7 @@ fn unknown_routes_are_404_problems_and_charges_are_listed() {
         .call()
         .unwrap();
     assert_eq!(missing.status(), 404);
-    service.shutdown();
+    drop(service);
 }
 
 #[test]
@@ -296,42 +399,10 @@ fn a_scope_the_store_refuses_is_a_500_that_says_nothing_of_the_scope() {
 
 // ---------------------------------------------------------------- raw bytes on the wire
 
-/// An answer read off a raw connection.
-#[derive(Debug)]
-struct RawReply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
 /// Writes `bytes` to the service, then (if `half_close`) shuts the writing side, as a client
 /// whose upload was cut short; reads whatever comes back until the server closes.
 fn raw(service: &Service, bytes: &[u8], half_close: bool) -> Option<RawReply> {
-    let mut stream = TcpStream::connect(service.addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(bytes).unwrap();
-    if half_close {
-        stream.shutdown(Shutdown::Write).unwrap();
-    }
-    let mut answer = Vec::new();
-    // A reset after (or instead of) the answer still leaves what was read.
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some(RawReply {
-        status,
-        head: head.to_ascii_lowercase(),
-        body: body.to_owned(),
-    })
+    idemstore_testkit::http::raw(service.addr(), bytes, half_close).unwrap()
 }
 
 fn head_of(extra_headers: &str) -> String {
@@ -359,10 +430,10 @@ fn assert_raw_problem(reply: &Option<RawReply>, status: u16) {
 }
 
 /// After a refused attempt, nothing is begun: the full request runs, charged once.
-fn assert_full_retry_runs_once(service: &Service, body: &str) {
+fn assert_full_retry_runs_once(service: &mut Service, body: &str) {
     let key = idemstore::Key::new("public", KEY_ID).unwrap();
-    assert_eq!(service.store().get(&key).unwrap(), None, "nothing begun");
     assert!(service.charges().is_empty(), "nothing charged");
+    assert_eq!(service.entry_across_a_restart(&key), None, "nothing begun");
     let full = post(service, Some(KEY), body);
     assert_eq!(full.status, 201, "{}", full.body);
     assert_eq!(full.header("idempotent-replayed"), None);
@@ -377,19 +448,19 @@ fn amount_body(len: usize) -> String {
 #[test]
 fn an_upload_cut_short_is_a_400_problem_and_the_full_retry_runs_once() {
     for (declared, sent) in [(2000, 1500), (3000, 1024), (500, 300)] {
-        let service = start(Config::default());
+        let mut service = start(Config::default());
         let body = amount_body(declared);
         let mut bytes = head_of(&format!("Content-Length: {declared}\r\n")).into_bytes();
         bytes.extend_from_slice(&body.as_bytes()[..sent]);
         let reply = raw(&service, &bytes, true);
         assert_raw_problem(&reply, 400);
-        assert_full_retry_runs_once(&service, &body);
+        assert_full_retry_runs_once(&mut service, &body);
     }
 }
 
 #[test]
 fn a_chunked_upload_cut_inside_a_chunk_is_a_400_problem_and_the_full_retry_runs_once() {
-    let service = start(Config::default());
+    let mut service = start(Config::default());
     let body = amount_body(3000);
     let mut bytes = head_of("Transfer-Encoding: chunked\r\n").into_bytes();
     bytes.extend_from_slice(format!("{:x}\r\n", 1000).as_bytes());
@@ -398,7 +469,7 @@ fn a_chunked_upload_cut_inside_a_chunk_is_a_400_problem_and_the_full_retry_runs_
     bytes.extend_from_slice(&body.as_bytes()[1000..1700]);
     let reply = raw(&service, &bytes, true);
     assert_raw_problem(&reply, 400);
-    assert_full_retry_runs_once(&service, &body);
+    assert_full_retry_runs_once(&mut service, &body);
 }
 
 #[test]
@@ -460,73 +531,18 @@ fn a_byte_outside_ascii_in_a_header_name_gets_a_400_answer() {
 
 // ---------------------------------------------------------------- kill -9 and a restart
 
-const CHILD_STORE: &str = "IDEMSTORE_HTTP_SERVICE_CHILD_STORE";
-const CHILD_LEDGER: &str = "IDEMSTORE_HTTP_SERVICE_CHILD_LEDGER";
 const CHILD_LEASE: Duration = Duration::from_millis(1500);
 
-/// The service in a child process (this test binary, run again on one test with the store
-/// and ledger files in the environment), which prints its address and serves until killed.
-struct Child {
-    process: std::process::Child,
-    url: String,
-}
-
-impl Child {
-    fn start(test: &str, store: &std::path::Path, ledger: &std::path::Path) -> Child {
-        use std::io::BufRead;
-        let mut process = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([test, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_STORE, store)
-            .env(CHILD_LEDGER, ledger)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = process.stdout.take().unwrap();
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let url = loop {
-            let line = lines.next().expect("the child prints its address").unwrap();
-            // libtest may have printed "test <name> ... " on the same line.
-            if let Some((_, addr)) = line.split_once("LISTENING ") {
-                break format!("http://{addr}");
-            }
-        };
-        Child { process, url }
-    }
-
-    /// SIGKILL: no destructor runs, no lease is released.
-    fn kill(mut self) {
-        self.process.kill().unwrap();
-        self.process.wait().unwrap();
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-/// In the child: serve on the files named in the environment until killed. `false` in the
-/// parent.
-fn serve_if_child() -> bool {
-    let (Some(store), Some(ledger)) = (
-        std::env::var_os(CHILD_STORE),
-        std::env::var_os(CHILD_LEDGER),
-    ) else {
-        return false;
-    };
-    let service = start(Config {
-        lease: CHILD_LEASE,
-        db: Some(store.into()),
-        ledger: Some(ledger.into()),
-        ..Config::default()
-    });
-    println!("LISTENING {}", service.addr());
-    loop {
-        std::thread::park();
-    }
+/// The service on `store` and `ledger`, with a short lease, in a child process.
+fn child(store: &std::path::Path, ledger: &std::path::Path) -> HttpService {
+    HttpService::start([
+        "--lease-ms".into(),
+        CHILD_LEASE.as_millis().to_string(),
+        "--db".into(),
+        store.display().to_string(),
+        "--ledger".into(),
+        ledger.display().to_string(),
+    ])
 }
 
 fn ledger_lines(path: &std::path::Path) -> Vec<String> {
@@ -539,10 +555,6 @@ fn ledger_lines(path: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn kill_9_mid_request_and_a_restart_on_the_same_file_charge_once() {
-    if serve_if_child() {
-        return;
-    }
-    let name = "kill_9_mid_request_and_a_restart_on_the_same_file_charge_once";
     let dir = tempfile::tempdir().unwrap();
     let (store, ledger) = (dir.path().join("service.redb"), dir.path().join("ledger"));
     let body = r#"{"amount":4200}"#;
@@ -555,9 +567,9 @@ fn kill_9_mid_request_and_a_restart_on_the_same_file_charge_once() {
             .send(body)
     };
 
-    let first = Child::start(name, &store, &ledger);
+    let first = child(&store, &ledger);
     std::thread::scope(|s| {
-        let url = first.url.clone();
+        let url = first.url();
         let in_flight = s.spawn(move || send(&url));
         // Mid-request: charged, its response not yet stored.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -575,11 +587,11 @@ fn kill_9_mid_request_and_a_restart_on_the_same_file_charge_once() {
 
     // The same store and ledger; the client retries with the same key until it gets a
     // final answer (409s until the dead process's lease runs out, then a takeover).
-    let second = Child::start(name, &store, &ledger);
+    let second = child(&store, &ledger);
     let policy = idemstore::client::RetryPolicy::new()
         .base(Duration::from_millis(100))
         .max_elapsed(Some(Duration::from_secs(30)));
-    let outcome = policy.run(KEY, |_| match send(&second.url) {
+    let outcome = policy.run(KEY, |_| match send(&second.url()) {
         Ok(response) => idemstore::client::Sent::from_http(response),
         Err(e) => idemstore::client::Sent::ConnectionFailed(e.to_string()),
     });
@@ -605,12 +617,13 @@ fn a_takeover_after_the_intent_checkpoint_charges_under_the_same_reference_once(
     // As after a crash between the charge and its "charged" checkpoint: the processor booked
     // pay_9, the lease holds "intent pay_9" and was left behind.
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger");
+    let (db, ledger) = (dir.path().join("service.redb"), dir.path().join("ledger"));
     std::fs::write(&ledger, format!("pay_9 public/{KEY_ID}\n")).unwrap();
-    let service = start(Config {
+    let config = Config {
+        db: Some(db.clone()),
         ledger: Some(ledger.clone()),
         ..Config::default()
-    });
+    };
     let body = r#"{"amount":9}"#;
     let request = http::Request::post("/payments")
         .header("content-type", "application/json")
@@ -618,11 +631,19 @@ fn a_takeover_after_the_intent_checkpoint_charges_under_the_same_reference_once(
         .unwrap();
     let fp = idemstore::http::request_fingerprint(&request, &[http::header::CONTENT_TYPE]);
     let key = idemstore::Key::new("public", KEY_ID).unwrap();
-    let idemstore::Begin::Started(mut lease) = service.store().begin(&key, &fp).unwrap() else {
+    // The service's store, with its settings, before the service starts on it.
+    let store = Store::builder()
+        .ttl(config.ttl)
+        .lease(config.lease)
+        .open(&db)
+        .unwrap();
+    let idemstore::Begin::Started(mut lease) = store.begin(&key, &fp).unwrap() else {
         panic!("a new key");
     };
     lease.checkpoint(b"intent pay_9").unwrap();
     drop(lease); // released: the next attempt takes over at once
+    store.close().unwrap();
+    let service = start(config);
 
     let reply = post(&service, Some(KEY), body);
     assert_eq!(reply.status, 201, "{}", reply.body);

@@ -1,13 +1,12 @@
 //! SPEC §6 (inputs and limits) and the refusals of §4.7: keys, sizes, settings, the file,
 //! double opens, use after close, overflowing durations and a clock that goes backwards.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use common::*;
 use idemstore::{Begin, Durability, Error, Key, Store};
+use idemstore_testkit::rng::noise;
+use idemstore_testkit::store::*;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 const NS: Duration = Duration::from_nanos(1);

@@ -1,16 +1,13 @@
 //! Model test: random sequences of operations run against the store and against the plain
-//! model of SPEC §3 in `support/model.rs`, compared after every step (outcome, retry_after,
+//! model of the store's contract in `idemstore_testkit::model`, compared after every step (outcome, retry_after,
 //! replayed bytes, tokens, recovered(), LeaseLost, `get` of every key, `reap()`, stats).
 //!
 //! Cases: 512, or `PROPTEST_CASES` when it is larger. A quarter of the cases run on a file
 //! store (where `Reopen` closes and reopens the file); the rest in memory, for speed.
 
-#[path = "support/model.rs"]
-mod model;
-
 use std::cell::RefCell;
 
-use model::{Backend, By, Coverage, Op, Size, Tick, check};
+use idemstore_testkit::model::{Backend, By, Coverage, Op, Size, Tick, check};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

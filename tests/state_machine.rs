@@ -1,12 +1,10 @@
 //! SPEC §3: every row of the `begin` table and of the lease-operation table, dead records,
 //! the stats counters, reaping and scopes, on both the in-memory and the file store.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use idemstore::{Begin, Error, Key, Lease};
+use idemstore_testkit::store::*;
 
 const NS: Duration = Duration::from_nanos(1);
 

@@ -6,13 +6,12 @@
 //! default would miss it). The tests share it and run one at a time.
 
 use std::fmt;
-use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
-use idemstore::backends::InMemoryBackend;
-use idemstore::{Begin, Error, Fingerprint, Key, ManualClock, StorageBackend, Store};
+use idemstore::{Begin, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore_testkit::fault::{Fault, FaultyBackend};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Metadata, Subscriber};
@@ -244,50 +243,15 @@ fn reaper_pass_reports_its_count() {
     store.close().unwrap();
 }
 
-/// An in-memory backend whose syncs fail once `fail` is set.
-#[derive(Debug)]
-struct FailingSync {
-    inner: InMemoryBackend,
-    fail: Arc<AtomicBool>,
-}
-
-impl StorageBackend for FailingSync {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.inner.read(offset, out)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        if self.fail.load(SeqCst) {
-            return Err(io::Error::other("injected: the disk is gone"));
-        }
-        self.inner.sync_data()
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.inner.write(offset, data)
-    }
-}
-
 #[test]
 fn failed_commit_is_an_error_event_and_poisons() {
     let (capture, _serial) = capture();
-    let fail = Arc::new(AtomicBool::new(false));
+    let (backend, faults) = FaultyBackend::in_memory(&[]);
     let store = Store::builder()
         .reap_interval(None)
-        .open_backend(FailingSync {
-            inner: InMemoryBackend::new(),
-            fail: fail.clone(),
-        })
+        .open_backend(backend)
         .unwrap();
-    fail.store(true, SeqCst);
+    faults.arm(Some(Fault::every_sync()));
     let err = store.begin(&key(), &Fingerprint::of(b"x")).unwrap_err();
     assert!(
         matches!(

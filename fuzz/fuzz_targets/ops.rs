@@ -1,16 +1,16 @@
-//! Operation sequences (SPEC §3, §4), two modes picked by the first input byte.
+//! Operation sequences, two modes picked by the first input byte.
 //!
 //! **Model mode** (`mode % 4` is 0, 1: in memory; 2: a file, where `Reopen` closes and
-//! reopens it): the shared operation enum and checker of `tests/support/model.rs` (also run
-//! by the proptest model test): every answer, every `get` and the counters are compared with
-//! a `HashMap` model of SPEC §3 after every step.
+//! reopens it): the testkit's operation enum and checker (also run by the proptest model
+//! test): every answer, every `get` and the counters are compared with a `HashMap` model of
+//! the store's contract after every step.
 //!
 //! **Fault mode** (`mode % 4 == 3`): the model checker cannot inject faults, so this mode
-//! runs the same operations on a store opened with `Builder::open_backend` on [`FaultBackend`]:
-//! redb's `InMemoryBackend` with every method forwarded (the lock methods and `close`
-//! included), failing the Nth `write` / `set_len` / `sync_data` (which of them, N, and once
-//! or from then on, come from the input). It keeps the *durable image*: the bytes as of the
-//! last successful `sync_data`. It checks:
+//! runs the same operations on a store opened with `Builder::open_backend` on the testkit's
+//! `FaultyBackend`: redb's `InMemoryBackend` with every method forwarded (the lock methods
+//! and `close` included), failing the Nth `write` / `set_len` / `sync_data` (which of them,
+//! N, and once or from then on, come from the input). It keeps the *durable image*: the bytes
+//! as of the last successful `sync_data`. It checks:
 //! * nothing panics, and every error is typed: `Storage` or `Poisoned` for a fault (besides
 //!   the refusals that need no disk: `ResponseTooLarge`, `InvalidConfig`, `LeaseLost`);
 //! * until the store is reopened after a fault, no write is acknowledged;
@@ -26,24 +26,14 @@
 //! the end the store is closed cleanly and reopened, and every key must be as acknowledged.
 #![no_main]
 
-#[path = "../../tests/support/model.rs"]
-mod model;
-
-use std::fmt;
-use std::io;
-use std::ops::Bound;
-use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
-use idemstore::backends::InMemoryBackend;
-use idemstore::{
-    Begin, Clock, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, StorageBackend,
-    Store,
-};
+use idemstore::{Begin, Clock, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, Store};
+use idemstore_testkit::crash::{Expect, ImageChecker};
+use idemstore_testkit::fault::{Call, Fault, Faults, FaultyBackend};
+use idemstore_testkit::model::{self, By, FINGERPRINTS, KEYS, MAX_BYTES, Op, Size, Tick};
+use idemstore_testkit::store::scratch_dir;
 use libfuzzer_sys::fuzz_target;
-use model::{By, FINGERPRINTS, KEYS, MAX_BYTES, Op, Size, Tick};
-use redb::BackendError;
 
 /// Operations per input at most (longer inputs are cut).
 const MAX_OPS: usize = 96;
@@ -51,214 +41,6 @@ const MAX_OPS: usize = 96;
 const MAX_FAULTS: usize = 4;
 /// Operations run on a faulted store before it is reopened (they must all be refused).
 const AFTER_FAULT: usize = 3;
-
-// ---------------------------------------------------------------------------------------
-// The fault-injecting backend
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Call {
-    Write,
-    SetLen,
-    Sync,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Fault {
-    /// `None`: any of the three calls counts.
-    call: Option<Call>,
-    /// Fails the call with this 0-based index among the counted ones.
-    n: u64,
-    /// Fails every counted call from the Nth on (else only the Nth).
-    always: bool,
-}
-
-enum Change {
-    Write(u64, Vec<u8>),
-    SetLen(u64),
-}
-
-fn apply(image: &mut Vec<u8>, change: &Change) {
-    match change {
-        Change::Write(offset, data) => {
-            let start = usize::try_from(*offset).expect("offset fits");
-            if image.len() < start + data.len() {
-                image.resize(start + data.len(), 0);
-            }
-            image[start..start + data.len()].copy_from_slice(data);
-        }
-        Change::SetLen(len) => image.resize(usize::try_from(*len).expect("length fits"), 0),
-    }
-}
-
-#[derive(Default)]
-struct Disk {
-    /// The bytes as of the last successful `sync_data`.
-    durable: Vec<u8>,
-    /// Successful writes and length changes since then.
-    pending: Vec<Change>,
-    fault: Option<Fault>,
-    /// Counted calls since the fault was armed.
-    counted: u64,
-    injected: u64,
-}
-
-impl Disk {
-    fn with_image(image: Vec<u8>) -> Disk {
-        Disk {
-            durable: image,
-            ..Disk::default()
-        }
-    }
-
-    /// Whether this call fails.
-    fn inject(&mut self, call: Call) -> bool {
-        let Some(f) = self.fault else { return false };
-        if f.call.is_some_and(|c| c != call) {
-            return false;
-        }
-        let i = self.counted;
-        self.counted += 1;
-        let fail = if f.always { i >= f.n } else { i == f.n };
-        self.injected += u64::from(fail);
-        fail
-    }
-
-    /// Everything written, synced or not.
-    fn live(&self) -> Vec<u8> {
-        let mut image = self.durable.clone();
-        for c in &self.pending {
-            apply(&mut image, c);
-        }
-        image
-    }
-
-    /// The durable image plus the pending changes picked by `mask` (a power cut during an
-    /// fsync that made some of them durable).
-    fn torn(&self, mask: u64) -> Vec<u8> {
-        let mut image = self.durable.clone();
-        for (i, c) in self.pending.iter().enumerate() {
-            if mask.rotate_left(i as u32) & 1 == 1 {
-                apply(&mut image, c);
-            }
-        }
-        image
-    }
-}
-
-/// redb's `InMemoryBackend`, every method forwarded, with injected failures and a durable
-/// image (see the module doc).
-struct FaultBackend {
-    inner: InMemoryBackend,
-    disk: Arc<Mutex<Disk>>,
-}
-
-impl fmt::Debug for FaultBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FaultBackend")
-            .field("inner", &self.inner)
-            .finish()
-    }
-}
-
-fn injected() -> io::Error {
-    io::Error::other("injected I/O failure")
-}
-
-fn lock(disk: &Mutex<Disk>) -> MutexGuard<'_, Disk> {
-    disk.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl FaultBackend {
-    /// A backend holding `image`, sharing its bookkeeping with the caller.
-    fn new(image: &[u8]) -> (FaultBackend, Arc<Mutex<Disk>>) {
-        let inner = InMemoryBackend::new();
-        inner.set_len(image.len() as u64).expect("memory");
-        inner.write(0, image).expect("memory");
-        let disk = Arc::new(Mutex::new(Disk::with_image(image.to_vec())));
-        (
-            FaultBackend {
-                inner,
-                disk: disk.clone(),
-            },
-            disk,
-        )
-    }
-}
-
-impl StorageBackend for FaultBackend {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.inner.read(offset, out)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut disk = lock(&self.disk);
-        if disk.inject(Call::SetLen) {
-            return Err(injected());
-        }
-        self.inner.set_len(len)?;
-        disk.pending.push(Change::SetLen(len));
-        Ok(())
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        let mut disk = lock(&self.disk);
-        if disk.inject(Call::Sync) {
-            return Err(injected());
-        }
-        self.inner.sync_data()?;
-        let pending = std::mem::take(&mut disk.pending);
-        for c in &pending {
-            apply(&mut disk.durable, c);
-        }
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let mut disk = lock(&self.disk);
-        if disk.inject(Call::Write) {
-            return Err(injected());
-        }
-        self.inner.write(offset, data)?;
-        disk.pending.push(Change::Write(offset, data.to_vec()));
-        Ok(())
-    }
-
-    fn close(&self) -> io::Result<()> {
-        self.inner.close()
-    }
-
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // What was acknowledged
@@ -329,7 +111,11 @@ fn payload(size: Size, step: usize) -> Vec<u8> {
         .collect()
 }
 
-fn open(backend: FaultBackend, clock: &ManualClock) -> idemstore::Result<Store> {
+fn open(backend: FaultyBackend, clock: &ManualClock) -> idemstore::Result<Store> {
+    builder(clock).open_backend(backend)
+}
+
+fn builder(clock: &ManualClock) -> idemstore::Builder {
     Store::builder()
         .ttl(TTL)
         .lease(LEASE)
@@ -338,7 +124,6 @@ fn open(backend: FaultBackend, clock: &ManualClock) -> idemstore::Result<Store> 
         .durability(Durability::Immediate)
         .cache_bytes(1 << 20)
         .clock(clock.clone())
-        .open_backend(backend)
 }
 
 /// An error a fault may cause.
@@ -363,7 +148,7 @@ struct Run {
     max_token: u64,
     held: Vec<Held>,
     faults: usize,
-    probes: usize,
+    images: ImageChecker,
 }
 
 /// The outcome of one operation on a store that has not failed.
@@ -663,8 +448,9 @@ impl Run {
         }
     }
 
-    /// Opens `image` (a crash image), checks it, and returns the store and the state it
-    /// holds per key.
+    /// Opens `image` (a crash image), checks it with the testkit's crash-image check (every
+    /// key as acknowledged, or the key of the failed write as it requested), and returns the
+    /// store and the state it holds per key.
     /// `keep`: the run goes on from this image (its probe token counts for later checks).
     fn check_image(
         &mut self,
@@ -672,127 +458,83 @@ impl Run {
         image: &[u8],
         alt: Option<&(usize, Requested)>,
         keep: bool,
-    ) -> (Store, Arc<Mutex<Disk>>, Vec<Seen>) {
-        let mut image = image;
-        if !image.is_empty() && !image.starts_with(&REDB_MAGIC) {
-            // The creation of the store was cut before redb wrote its magic number (redb writes
-            // it last): a non-empty file that no open accepts. Only possible before anything
-            // was acknowledged. Refused with a typed error; the user deletes the file.
-            assert!(
-                self.max_token == 0 && self.acked.iter().all(|s| *s == Seen::Absent),
-                "{what}: no redb magic number after writes were acknowledged"
-            );
-            match open(FaultBackend::new(image).0, &self.clock) {
-                Ok(_) => panic!("{what}: a store opened on a file without redb's magic number"),
-                Err(e) => assert!(
-                    matches!(e, Error::Storage { .. } | Error::IncompatibleFormat { .. }),
-                    "{what}: {e:?}"
-                ),
-            }
-            image = &[];
-        }
-        integrity(what, image);
-        let (backend, disk) = FaultBackend::new(image);
-        let store = match open(backend, &self.clock) {
-            Ok(s) => s,
-            Err(e) => panic!("{what}: the store does not open: {e:?}"),
-        };
-        let mut state = Vec::with_capacity(KEYS.len());
-        let mut top = self.max_token;
-        for (k, key) in self.keys.iter().enumerate() {
-            let got = seen(
-                store
-                    .get(key)
-                    .unwrap_or_else(|e| panic!("{what}: get: {e:?}")),
-            );
-            let as_requested = match alt {
-                Some((ak, r)) if *ak == k => match (r, &got) {
-                    (
-                        Requested::Claim {
-                            attempt,
-                            checkpoint,
-                        },
-                        Seen::InFlight {
-                            token,
-                            attempt: a,
-                            checkpoint: c,
-                        },
-                    ) => *token > self.max_token && a == attempt && c == checkpoint,
-                    (Requested::Exactly(s), got) => s == got,
+    ) -> (Store, Faults, Vec<Seen>) {
+        let (acked, max_token) = (&self.acked, self.max_token);
+        let accept = |state: &[Option<Entry>]| -> Result<(), String> {
+            for (k, entry) in state.iter().enumerate() {
+                let got = seen(entry.clone());
+                let as_requested = match alt {
+                    Some((ak, r)) if *ak == k => match (r, &got) {
+                        (
+                            Requested::Claim {
+                                attempt,
+                                checkpoint,
+                            },
+                            Seen::InFlight {
+                                token,
+                                attempt: a,
+                                checkpoint: c,
+                            },
+                        ) => *token > max_token && a == attempt && c == checkpoint,
+                        (Requested::Exactly(s), got) => s == got,
+                        _ => false,
+                    },
                     _ => false,
-                },
-                _ => false,
+                };
+                if got != acked[k] && !as_requested {
+                    return Err(format!(
+                        "key {k} holds {got:?}; acknowledged {:?}, the failed write asked {:?}",
+                        acked[k],
+                        alt.filter(|(ak, _)| *ak == k).map(|(_, r)| r)
+                    ));
+                }
+            }
+            Ok(())
+        };
+        let expect = Expect {
+            keys: &self.keys,
+            min_token: max_token,
+            // Before anything was acknowledged the store may not have been created.
+            creating: max_token == 0 && acked.iter().all(|s| *s == Seen::Absent),
+            accept: &accept,
+        };
+        let clock = &self.clock;
+        let reopened = match self.images.check(what, image, &|| builder(clock), &expect) {
+            Some(r) => r,
+            // A half-created file, refused as it must be: the user deletes it, and the run
+            // goes on from an empty file.
+            None => self
+                .images
+                .check(what, &[], &|| builder(clock), &expect)
+                .expect("an empty image opens"),
+        };
+        let store = reopened.store;
+        // Every completion replays its bytes (to the one fingerprint it was begun with).
+        for (k, (key, entry)) in self.keys.iter().zip(&reopened.state).enumerate() {
+            let Some(Entry::Completed(done)) = entry else {
+                continue;
             };
-            assert!(
-                got == self.acked[k] || as_requested,
-                "{what}: key {k} holds {got:?}; acknowledged {:?}, the failed write asked {:?}",
-                self.acked[k],
-                alt.filter(|(ak, _)| *ak == k).map(|(_, r)| r)
-            );
-            // Every completion replays its bytes (to the one fingerprint it was begun with).
-            if let Seen::Completed { token, response } = &got {
-                let mut replays = 0;
-                for fp in &self.fps {
-                    match store.begin(key, fp) {
-                        Ok(Begin::Replay(c)) => {
-                            assert_eq!(c.response(), response.as_slice(), "{what}: key {k} replay");
-                            assert_eq!(c.token(), *token, "{what}: key {k} replay token");
-                            replays += 1;
-                        }
-                        Ok(Begin::Mismatch) => {}
-                        Ok(other) => {
-                            panic!("{what}: key {k} is completed, begin answered {other:?}")
-                        }
-                        Err(e) => panic!("{what}: begin: {e:?}"),
+            let mut replays = 0;
+            for fp in &self.fps {
+                match store.begin(key, fp) {
+                    Ok(Begin::Replay(c)) => {
+                        assert_eq!(c.response(), done.response(), "{what}: key {k} replay");
+                        assert_eq!(c.token(), done.token(), "{what}: key {k} replay token");
+                        replays += 1;
                     }
+                    Ok(Begin::Mismatch) => {}
+                    Ok(other) => panic!("{what}: key {k} is completed, begin answered {other:?}"),
+                    Err(e) => panic!("{what}: begin: {e:?}"),
                 }
-                assert_eq!(replays, 1, "{what}: key {k}: one fingerprint replays");
             }
-            if let Seen::InFlight { token, .. } | Seen::Completed { token, .. } = &got {
-                top = top.max(*token);
-            }
-            state.push(got);
+            assert_eq!(replays, 1, "{what}: key {k}: one fingerprint replays");
         }
-        // Tokens rise across the crash: a new key's token exceeds every one seen.
-        self.probes += 1;
-        let probe = Key::new("probe", &format!("p{}", self.probes)).expect("key");
-        match store.begin(&probe, &self.fps[0]) {
-            Ok(Begin::Started(lease)) => {
-                assert!(
-                    lease.token() > top,
-                    "{what}: token {} not above {top}",
-                    lease.token()
-                );
-                if keep {
-                    self.max_token = self.max_token.max(lease.token());
-                }
-                lease
-                    .abandon()
-                    .unwrap_or_else(|e| panic!("{what}: abandon: {e:?}"));
-            }
-            other => panic!("{what}: begin of a new key: {other:?}"),
+        if keep {
+            self.max_token = self.max_token.max(reopened.probe_token);
         }
-        (store, disk, state)
-    }
-}
-
-/// The first bytes of every redb file, written last when a file is created.
-const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
-
-/// redb's integrity check on a copy of `image`.
-fn integrity(what: &str, image: &[u8]) {
-    if image.is_empty() {
-        return;
-    }
-    let mem = InMemoryBackend::new();
-    mem.set_len(image.len() as u64).expect("memory");
-    mem.write(0, image).expect("memory");
-    let mut db = redb::Builder::new()
-        .create_with_backend(mem)
-        .unwrap_or_else(|e| panic!("{what}: redb does not open the image: {e:?}"));
-    match db.check_integrity() {
-        Ok(true) => {}
-        other => panic!("{what}: redb's integrity check: {other:?}"),
+        let state = reopened.state.into_iter().map(seen).collect();
+        let faults = reopened.faults.expect("crash images are opened in memory");
+        (store, faults, state)
     }
 }
 
@@ -805,7 +547,7 @@ fn fault_mode(header: &[u8], ops: &[Op]) {
             2 => Some(Call::Sync),
             _ => None,
         },
-        n: u64::from(n),
+        pass: u64::from(n),
         always: kind & 4 != 0,
     };
     let clock = ManualClock::new(UNIX_EPOCH + START);
@@ -820,12 +562,13 @@ fn fault_mode(header: &[u8], ops: &[Op]) {
         max_token: 0,
         held: Vec::new(),
         faults: 0,
-        probes: 0,
+        // In memory only: the run goes on from a checked image, with its fault handle.
+        images: ImageChecker::new(0),
     };
 
     // Open under the fault: creating the store may fail too.
-    let (backend, mut disk) = FaultBackend::new(&[]);
-    lock(&disk).fault = Some(fault);
+    let (backend, mut disk) = FaultyBackend::in_memory(&[]);
+    disk.arm(Some(fault));
     let mut store = match open(backend, &clock) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -847,14 +590,7 @@ fn fault_mode(header: &[u8], ops: &[Op]) {
                 }
             }
             let alt = failure.take().flatten();
-            let (durable, live, torn) = {
-                let d = lock(&disk);
-                (
-                    d.durable.clone(),
-                    d.live(),
-                    d.torn(u64::from(mask).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                )
-            };
+            let (durable, live, torn) = (disk.durable(), disk.written(), disk.torn(u64::from(mask)));
             for (what, image) in [("the written image", &live), ("a torn image", &torn)] {
                 let (s, _, _) = run.check_image(what, image, alt.as_ref(), false);
                 s.close().unwrap_or_else(|e| panic!("{what}: close: {e:?}"));
@@ -863,7 +599,7 @@ fn fault_mode(header: &[u8], ops: &[Op]) {
             run.acked = state;
             run.faults += 1;
             if run.faults < MAX_FAULTS {
-                lock(&d).fault = Some(fault);
+                d.arm(Some(fault));
             }
             store = Some(s);
             disk = d;
@@ -880,16 +616,9 @@ fn fault_mode(header: &[u8], ops: &[Op]) {
             let s = store.take().expect("open");
             match s.close() {
                 Ok(()) => {
-                    let (live, fault_state) = {
-                        let d = lock(&disk);
-                        (d.live(), d.fault.map(|f| (f, d.counted)))
-                    };
-                    let (backend, d) = FaultBackend::new(&live);
-                    if let Some((f, counted)) = fault_state {
-                        let mut d = lock(&d);
-                        d.fault = Some(f);
-                        d.counted = counted;
-                    }
+                    // The countdown goes on on the reopened file.
+                    let (backend, d) = FaultyBackend::in_memory(&disk.written());
+                    d.arm(disk.fault());
                     disk = d;
                     match open(backend, &clock) {
                         Ok(s) => {
@@ -927,10 +656,7 @@ fn fault_mode(header: &[u8], ops: &[Op]) {
     // wrote, or, if a fault hit the close, every crash image).
     run.held.clear();
     let closed = store.take().map_or(Ok(()), Store::close);
-    let (durable, live) = {
-        let d = lock(&disk);
-        (d.durable.clone(), d.live())
-    };
+    let (durable, live) = (disk.durable(), disk.written());
     let images = match closed {
         Ok(()) => vec![("the file after close", live)],
         Err(e) => {
@@ -956,22 +682,6 @@ fn fault_mode(header: &[u8], ops: &[Op]) {
     }
 }
 
-/// A directory for the model mode's files: memory-backed when available.
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(d) = tempfile::Builder::new()
-            .prefix("idemstore-fuzz")
-            .tempdir_in(shm)
-    {
-        return d;
-    }
-    tempfile::Builder::new()
-        .prefix("idemstore-fuzz")
-        .tempdir()
-        .expect("temporary directory")
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -983,7 +693,7 @@ fuzz_target!(|data: &[u8]| {
         }
         2 => {
             let ops = Op::decode(&rest[..rest.len().min(2 * MAX_OPS)]);
-            let dir = scratch();
+            let dir = scratch_dir("idemstore-fuzz");
             model::check(&model::Backend::File(dir.path().join("model.redb")), &ops);
         }
         _ => {

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use idemstore::{Begin, Error, Fingerprint, Key, Store};
+use idemstore_testkit::store::scratch_dir;
 use libfuzzer_sys::fuzz_target;
 
 const KEY: (&str, &str) = ("fuzz", "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11");
@@ -55,22 +56,6 @@ fn install_panic_hook() {
     });
 }
 
-/// A directory for temporary files: memory-backed when available (fsync is then cheap).
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(d) = tempfile::Builder::new()
-            .prefix("idemstore-fuzz")
-            .tempdir_in(shm)
-    {
-        return d;
-    }
-    tempfile::Builder::new()
-        .prefix("idemstore-fuzz")
-        .tempdir()
-        .expect("temporary directory")
-}
-
 fn builder() -> idemstore::Builder {
     Store::builder()
         .reap_interval(None)
@@ -82,7 +67,7 @@ fn builder() -> idemstore::Builder {
 fn bases() -> &'static [Vec<u8>; 2] {
     static BASES: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
     BASES.get_or_init(|| {
-        let dir = scratch();
+        let dir = scratch_dir("idemstore-fuzz");
         let ours = dir.path().join("ours.redb");
         let store = builder().open(&ours).expect("create a store");
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
@@ -227,7 +212,7 @@ fn exercise(store: Store) {
 fuzz_target!(|data: &[u8]| {
     install_panic_hook();
     let bytes = file_bytes(data);
-    let dir = scratch();
+    let dir = scratch_dir("idemstore-fuzz");
     let path: PathBuf = dir.path().join("store.redb");
     std::fs::write(&path, &bytes).expect("write the file");
     match builder().open(&path) {

@@ -1,12 +1,13 @@
 //! Peers and baselines for idemstore's write path, shared by `benches/` and
 //! `examples/compare.rs`. None of this is in the library.
 //!
+//! [`key_id`] is no random generator but a bijection from `(thread, i)` to UUID-shaped ids:
+//! every id is distinct by construction, which a generator cannot promise.
+//!
 //! Every peer runs the same workload: a *cycle* is `begin` (claim an absent key: read it,
 //! allocate a fencing token, write an in-flight record) followed by `complete` (re-read,
 //! check the token, write the completed record with a 200-byte response), each durable
 //! before it returns.
-
-#![allow(dead_code)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -339,7 +340,6 @@ impl Peer for NaiveOnThread {
 /// SQLite through rusqlite (bundled): WAL, `synchronous=FULL`, a connection per thread,
 /// the same transitions in `BEGIN IMMEDIATE` transactions.
 pub struct Sqlite {
-    path: std::path::PathBuf,
     conns: Vec<parking_lot::Mutex<rusqlite::Connection>>,
 }
 
@@ -366,10 +366,7 @@ impl Sqlite {
         while conns.len() < threads {
             conns.push(parking_lot::Mutex::new(open()));
         }
-        Sqlite {
-            path: path.to_owned(),
-            conns,
-        }
+        Sqlite { conns }
     }
 }
 

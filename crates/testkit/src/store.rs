@@ -1,6 +1,6 @@
-//! Helpers shared by the integration tests: stores of both kinds (in memory and on a file)
-//! driven by a `ManualClock`, so that every behaviour test runs over both backends.
-#![allow(dead_code)]
+//! The test builders and helpers: stores of both kinds (in memory and on a file) driven by a
+//! `ManualClock`, so that every behaviour test runs over both backends, and `begin`/`get`
+//! helpers that expect one answer.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -223,15 +223,21 @@ pub fn get_completed(store: &Store, key: &Key) -> Completed {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), for large binary payloads.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+/// A temporary directory named `prefix…`: in memory-backed `/dev/shm` when there is one
+/// (an fsync is then cheap), else in the system's temporary directory.
+///
+/// # Panics
+///
+/// When neither can hold a new directory.
+pub fn scratch_dir(prefix: &str) -> TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::Builder::new().prefix(prefix).tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temporary directory")
 }

@@ -1,7 +1,6 @@
-//! The operation enum, the reference model of SPEC §3 and the checker that runs both side by
-//! side. Shared by the proptest model test (`tests/model.rs`) and a fuzz target (include it
-//! with `#[path = "../../tests/support/model.rs"] mod model;` and build the operations with
-//! [`Op::decode`]). It depends on `idemstore` and `std` only.
+//! The operation enum, the reference model of the store's contract and the checker that runs
+//! both side by side. Shared by the proptest model test (`tests/model.rs`) and the `ops` fuzz
+//! target (which builds the operations with [`Op::decode`]).
 //!
 //! The model is a plain `HashMap` from key index to record, with its own time (nanoseconds),
 //! its own copy of the fencing-token counter (tokens are 1, 2, 3… per store file, one per
@@ -15,7 +14,6 @@
 //! at the corrected time), and records written more than a second after the corrected time
 //! are moved back to it with all their times. A reopened store starts from the latest time it
 //! saw before.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,7 +35,7 @@ pub const KEYS: [(&str, &str); 5] = [
 pub const FINGERPRINTS: [&[u8]; 2] = [b"POST /charges amount=1", b"POST /charges amount=2"];
 /// `max_response_bytes` of the store under test.
 pub const MAX_BYTES: usize = 64;
-/// `(ttl, lease)` in milliseconds; a reopen picks one (SPEC §4.8: stored deadlines are kept).
+/// `(ttl, lease)` in milliseconds; a reopen picks one (stored deadlines are kept).
 pub const SETTINGS: [(u64, u64); 2] = [(10_000, 2_000), (20_000, 3_000)];
 
 const MS: u64 = 1_000_000;
@@ -143,7 +141,7 @@ pub enum Op {
     Abandon {
         lease: u8,
     },
-    /// Drop a held lease: the best-effort release of SPEC §3.
+    /// Drop a held lease: the best-effort release.
     Drop {
         lease: u8,
     },
@@ -297,7 +295,7 @@ impl MRecord {
         }
     }
 
-    /// SPEC §3: completed records die at `completed_at + ttl`, in-flight ones at
+    /// Completed records die at `completed_at + ttl`, in-flight ones at
     /// `max(created_at + ttl, lease_expires_at)` (both computed when written).
     fn dies_at(&self) -> u64 {
         match &self.state {
@@ -362,7 +360,7 @@ pub enum ErrOut {
     Other(String),
 }
 
-/// The reference model of SPEC §3.
+/// The reference model of the store's contract.
 #[derive(Debug)]
 pub struct Model {
     /// What the `ManualClock` says.
@@ -616,7 +614,7 @@ impl Model {
         Ok(())
     }
 
-    /// Drop of a lease: SPEC §3 "lease_expires_at = now, checkpoint kept", best effort.
+    /// Drop of a lease: "lease_expires_at = now, checkpoint kept", best effort.
     fn release(&mut self, key: usize, token: u64) {
         let now = self.now;
         let Some(r) = self.held(key, token) else {

@@ -1,0 +1,23 @@
+//! Test support for idemstore, shared by its tests, benches, examples and fuzz targets. Not
+//! published: nothing here is part of the library.
+//!
+//! * [`store`]: the test builders (a `ManualClock`, no reaper thread), stores of both kinds
+//!   (in memory and on a file) and `begin`/`get` helpers that expect one answer;
+//! * [`model`]: the operation enum, the reference model of the store's contract and the
+//!   checker that runs both side by side (the proptest model test and a fuzz target);
+//! * [`fault`]: the fault-injecting redb storage backend and the crash images it keeps;
+//! * [`crash`]: the check that a crash image opens as a store holding what was acknowledged;
+//! * [`rng`]: the seeded random generator;
+//! * [`http`]: raw HTTP on the loopback;
+//! * [`programs`]: where the built example programs are, for tests that run them;
+//! * `peers` (feature `peers`): the peers and baselines of the benchmarks.
+
+pub mod crash;
+pub mod fault;
+pub mod http;
+pub mod model;
+#[cfg(feature = "peers")]
+pub mod peers;
+pub mod programs;
+pub mod rng;
+pub mod store;
