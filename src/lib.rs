@@ -36,7 +36,8 @@
 //! transitions, `record` the stored codec, `storage` the redb tables, `timeline` the store's
 //! time, `committer` the group commit thread, `reaper` the TTL reaper, `clock`,
 //! `fingerprint`, `key` and `error` the rest. The public modules beside the core are
-//! [`admin`] (views for tools), and with their features `client` and `http`.
+//! [`admin`] (views for tools), and with their features `client`, `http` and `tower` (an
+//! async layer for axum, hyper and any tower service, which never blocks the runtime).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -69,6 +70,9 @@ pub mod client;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Durability, MAX_RESPONSE_LIMIT};

@@ -155,6 +155,9 @@ pub use problem::{
 };
 pub use stored::StoredResponse;
 
+#[cfg(feature = "tower")]
+pub(crate) use problem::retry_after_secs;
+
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;

@@ -1,0 +1,89 @@
+//! Store calls off the runtime: every call that can wait on a commit (an fsync) runs on
+//! tokio's blocking pool, and a [`HeldLease`] never releases itself on a runtime thread.
+
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::lease::Lease;
+use crate::outcome::{Begin, Completed};
+use crate::store::Store;
+
+/// Runs `f` on tokio's blocking pool and waits for it without holding a runtime thread.
+///
+/// # Errors
+/// [`Error::Closed`] when the pool did not run `f` to its end (the runtime is shutting down,
+/// or `f` panicked).
+async fn offload<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(Error::Closed))
+}
+
+/// [`Store::begin`] on the blocking pool. A `Started` answer whose waiter went away is
+/// dropped on the pool's thread (its release is a store write).
+///
+/// # Errors
+/// As [`Store::begin`].
+pub(crate) async fn begin(store: &Store, key: &Key, fp: Fingerprint) -> Result<Begin> {
+    let (store, key) = (store.clone(), key.clone());
+    offload(move || store.begin(&key, &fp)).await
+}
+
+/// A lease held by async code. Its operations run on the blocking pool; if it is dropped
+/// without [`complete`](HeldLease::complete), its release (a store write) is sent to the
+/// blocking pool too.
+pub(crate) struct HeldLease {
+    lease: Option<Lease>,
+}
+
+impl HeldLease {
+    pub(crate) fn new(lease: Lease) -> HeldLease {
+        HeldLease { lease: Some(lease) }
+    }
+
+    /// [`Lease::extend`] on the blocking pool.
+    ///
+    /// # Errors
+    /// As [`Lease::extend`]; [`Error::Closed`] if the lease is gone (a failed call before).
+    pub(crate) async fn extend(&mut self, by: Duration) -> Result<()> {
+        let mut lease = self.lease.take().ok_or(Error::Closed)?;
+        let (lease, result) = tokio::task::spawn_blocking(move || {
+            let result = lease.extend(by);
+            (lease, result)
+        })
+        .await
+        .map_err(|_| Error::Closed)?;
+        self.lease = Some(lease);
+        result
+    }
+
+    /// [`Lease::complete`] on the blocking pool.
+    ///
+    /// # Errors
+    /// As [`Lease::complete`].
+    pub(crate) async fn complete(mut self, response: Vec<u8>) -> Result<Completed> {
+        let lease = self.lease.take().ok_or(Error::Closed)?;
+        offload(move || lease.complete(&response)).await
+    }
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            release_off_runtime(lease);
+        }
+    }
+}
+
+/// Drops `lease` (its best-effort release) on the blocking pool. Outside a runtime, or once
+/// the runtime refuses new blocking work (it is shutting down), it is dropped here.
+fn release_off_runtime(lease: Lease) {
+    match Handle::try_current() {
+        Ok(handle) => drop(handle.spawn_blocking(move || drop(lease))),
+        Err(_) => drop(lease),
+    }
+}

@@ -1,0 +1,60 @@
+//! The heartbeat: while a handler runs, its lease is extended so that a retry cannot take
+//! the key over, up to a limit.
+
+use std::time::Duration;
+
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::{Instant, timeout};
+
+use super::blocking::HeldLease;
+use crate::error::Error;
+
+/// How the layer keeps a running handler's lease alive.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heartbeat {
+    /// The store's lease: each beat extends the lease by this much.
+    pub lease: Duration,
+    /// How long after the handler started the layer stops extending.
+    pub limit: Duration,
+}
+
+impl Heartbeat {
+    /// The time between beats: a third of the lease, so a beat that is late (a busy store)
+    /// still lands before the lease runs out.
+    fn every(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(1))
+    }
+
+    /// Waits for the handler's `task`, extending `lease` every [`every`](Heartbeat::every)
+    /// until [`limit`](Heartbeat::limit) has passed since the start. A lost lease or a store
+    /// failure stops the beats (logged); the handler runs on either way.
+    pub(crate) async fn run<T>(
+        &self,
+        mut task: JoinHandle<T>,
+        lease: &mut HeldLease,
+    ) -> Result<T, JoinError> {
+        let started = Instant::now();
+        loop {
+            match timeout(self.every(), &mut task).await {
+                Ok(done) => return done,
+                Err(_elapsed) if started.elapsed() >= self.limit => {
+                    tracing::warn!(
+                        limit_ms = self.limit.as_millis() as u64,
+                        "the handler runs longer than the heartbeat limit; its lease is no \
+                         longer extended and a retry may take the key over once it runs out"
+                    );
+                    return task.await;
+                }
+                Err(_elapsed) => match lease.extend(self.lease).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        if !matches!(e, Error::LeaseLost { .. }) {
+                            tracing::error!(error = %e, "extending a running handler's lease failed");
+                        }
+                        return task.await;
+                    }
+                },
+            }
+        }
+    }
+}
