@@ -193,7 +193,10 @@ impl Inner {
             reaper.stop();
         }
         engine.committer.shutdown();
-        #[cfg_attr(not(feature = "postgres"), allow(clippy::infallible_destructuring_match))]
+        #[cfg_attr(
+            not(feature = "postgres"),
+            allow(clippy::infallible_destructuring_match)
+        )]
         let stored = match engine.records {
             Records::Redb(stored) => stored,
             // The pool's connections close as it drops.

@@ -125,10 +125,7 @@ impl PgStore {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged row (the walk stops there); [`Error::Storage`], or
     /// `visit`'s own error.
-    pub fn walk(
-        &self,
-        visit: &mut Visit<'_>,
-    ) -> Result<u64> {
+    pub fn walk(&self, visit: &mut Visit<'_>) -> Result<u64> {
         self.read(|tx| {
             self.statements.walk(tx, &mut |key, bytes| {
                 let record = decode_row(key, bytes)?;
