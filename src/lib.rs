@@ -97,7 +97,7 @@ pub use redb::{StorageBackend, backends};
 #[doc(hidden)]
 pub mod __fuzz;
 
-/// The README's examples, compiled and run as doc tests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doc tests (they use every feature).
+#[cfg(all(doctest, feature = "postgres", feature = "tower", feature = "client"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
