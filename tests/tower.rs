@@ -6,9 +6,8 @@
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::ops::Bound;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -22,8 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use idemstore::backends::InMemoryBackend;
 use idemstore::http::request_fingerprint;
 use idemstore::tower::{IdempotencyLayer, ProblemKind};
-use idemstore::{Begin, Error, Key, ManualClock, StorageBackend, Store};
-use redb::BackendError;
+use idemstore::{Begin, Error, Key, ManualClock, Store};
+use idemstore_testkit::fault::{Call, Faults, FaultyBackend};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tower::Layer;
@@ -761,72 +760,15 @@ async fn a_plain_hyper_service() {
 // ---------------------------------------------------------------------------------------------
 // Never blocking the runtime
 
-/// An in-memory backend whose `sync_data` takes `delay_ms` (a slow disk).
-#[derive(Debug)]
-struct SlowBackend {
-    inner: InMemoryBackend,
-    delay_ms: Arc<AtomicU64>,
-    syncs: Arc<AtomicU64>,
-}
-
-impl StorageBackend for SlowBackend {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.syncs.fetch_add(1, SeqCst);
-        std::thread::sleep(Duration::from_millis(self.delay_ms.load(SeqCst)));
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.inner.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.inner.close()
-    }
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(start, end)
-    }
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
-}
-
-/// A store on a [`SlowBackend`], fast while it opens; the returned cell sets the delay.
-fn slow_store(max_response_bytes: usize) -> (Store, Arc<AtomicU64>, Arc<AtomicU64>) {
-    let delay_ms = Arc::new(AtomicU64::new(0));
-    let syncs = Arc::new(AtomicU64::new(0));
+/// A store on an in-memory backend whose syncs the returned handle can slow down (a slow
+/// disk), fast while it opens.
+fn slow_store(max_response_bytes: usize) -> (Store, Faults) {
+    let (backend, faults) = FaultyBackend::new(InMemoryBackend::new());
     let store = Store::builder()
         .max_response_bytes(max_response_bytes)
-        .open_backend(SlowBackend {
-            inner: InMemoryBackend::new(),
-            delay_ms: delay_ms.clone(),
-            syncs: syncs.clone(),
-        })
+        .open_backend(backend)
         .unwrap();
-    (store, delay_ms, syncs)
+    (store, faults)
 }
 
 /// On a `current_thread` runtime (one thread for everything), with every sync of the store
@@ -840,9 +782,9 @@ fn a_current_thread_runtime_keeps_answering_while_writes_are_slow() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let (store, delay, syncs) = slow_store(4 << 20);
+        let (store, slow) = slow_store(4 << 20);
         // This store cannot hold even a bare answer: its lease is dropped, and released.
-        let (tiny, tiny_delay, tiny_syncs) = slow_store(8);
+        let (tiny, tiny_slow) = slow_store(8);
         let count = Arc::new(AtomicUsize::new(0));
         let app = payments(count.clone())
             .layer(IdempotencyLayer::new(store.clone()))
@@ -860,8 +802,8 @@ fn a_current_thread_runtime_keeps_answering_while_writes_are_slow() {
                 .text(),
             "pong"
         );
-        delay.store(400, SeqCst);
-        tiny_delay.store(400, SeqCst);
+        slow.set_sync_delay(Duration::from_millis(400));
+        tiny_slow.set_sync_delay(Duration::from_millis(400));
 
         // The pinger: the longest time between two of its answers.
         let stop = Arc::new(AtomicBool::new(false));
@@ -882,7 +824,7 @@ fn a_current_thread_runtime_keeps_answering_while_writes_are_slow() {
             }
         });
 
-        let before = (syncs.load(SeqCst), tiny_syncs.load(SeqCst));
+        let before = (slow.calls(Call::Sync), tiny_slow.calls(Call::Sync));
         for path in ["/payments", "/tiny"] {
             let request = Request::post(format!("http://{addr}{path}"))
                 .header("idempotency-key", "\"slow\"")
@@ -925,7 +867,7 @@ fn a_current_thread_runtime_keeps_answering_while_writes_are_slow() {
         let (worst, pings) = pinger.await.unwrap();
         // begin + complete on one store, begin + release + the check's begin and abandon on the
         // other: many slow syncs, and the pinger answered all along.
-        let slow_syncs = syncs.load(SeqCst) - before.0 + tiny_syncs.load(SeqCst) - before.1;
+        let slow_syncs = slow.calls(Call::Sync) - before.0 + tiny_slow.calls(Call::Sync) - before.1;
         assert!(slow_syncs >= 6, "{slow_syncs} syncs");
         assert!(pings >= 20, "{pings} pings in {slow_syncs} syncs of 400 ms");
         assert!(
@@ -933,7 +875,7 @@ fn a_current_thread_runtime_keeps_answering_while_writes_are_slow() {
             "the runtime stalled {worst:?} while a write was pending"
         );
         assert_eq!(count.load(SeqCst), 1);
-        delay.store(0, SeqCst);
-        tiny_delay.store(0, SeqCst);
+        slow.set_sync_delay(Duration::ZERO);
+        tiny_slow.set_sync_delay(Duration::ZERO);
     });
 }

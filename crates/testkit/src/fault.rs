@@ -130,6 +130,8 @@ struct State {
     label: AtomicUsize,
     lock_calls: AtomicU64,
     closes: AtomicU64,
+    /// How long each `sync_data` sleeps before it syncs, in microseconds (a slow disk).
+    sync_delay_us: AtomicU64,
 }
 
 /// The test's handle on a [`FaultyBackend`]: arms faults, counts calls, takes crash images.
@@ -170,6 +172,13 @@ impl Faults {
     /// Calls of `close` so far.
     pub fn closes(&self) -> u64 {
         self.0.closes.load(SeqCst)
+    }
+
+    /// Makes every later `sync_data` take `delay` longer (a slow disk; zero: as fast as the
+    /// inner backend). The sleep holds no lock: reads and writes go on meanwhile.
+    pub fn set_sync_delay(&self, delay: std::time::Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.0.sync_delay_us.store(us, SeqCst);
     }
 
     /// The bytes as of the last successful `sync_data`: a power cut now.
@@ -300,6 +309,10 @@ impl<B: StorageBackend> StorageBackend for FaultyBackend<B> {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let delay = self.faults.0.sync_delay_us.load(SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
         let mut disk = self.faults.disk();
         self.faults.tick(&mut disk, Call::Sync)?;
         self.inner.sync_data()?;
