@@ -72,7 +72,10 @@ impl RedbWriter {
         };
         if let Err(e) = txn.commit() {
             self.poison();
+            // The committer's target, like every event of a failed write (the engine behind it
+            // is an implementation detail a log filter should not depend on).
             tracing::error!(
+                target: "idemstore::committer",
                 error = %e,
                 "commit failed (outcome unknown); the store is poisoned and refuses writes until it is reopened"
             );
