@@ -12,6 +12,7 @@
 //! * [`programs`]: where the built example programs are, for tests that run them;
 //! * `peers` (feature `peers`): the peers and baselines of the benchmarks.
 
+pub mod child;
 pub mod crash;
 pub mod fault;
 pub mod http;
