@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use postgres::Transaction;
 
-use super::error::{read_failed, write_failed};
+use super::error::{chain, read_failed, write_failed};
 use super::pool::{Conn, Pool, connection, open_pool};
 use super::schema::{Names, create_or_check};
 use super::sql::{Loaded, Statements, Upsert};
@@ -209,11 +209,9 @@ impl PgWriter {
         }
     }
 
-    fn write_on(&self, conn: &mut Conn, batch: &mut [Command]) -> Result<bool> {
+    /// Runs `batch` in `tx` and commits it.
+    fn write_in(&self, mut tx: Transaction<'_>, batch: &mut [Command]) -> Result<bool> {
         let sql = &self.store.statements;
-        let mut tx = conn
-            .transaction()
-            .map_err(|e| write_failed("starting a PostgreSQL transaction", e))?;
         let keys: Vec<Vec<u8>> = batch
             .iter()
             .filter_map(|c| c.key().map(<[u8]>::to_vec))
@@ -257,11 +255,33 @@ impl PgWriter {
 impl BatchWriter for PgWriter {
     fn write(&self, batch: &mut [Command]) -> Result<bool> {
         let mut slot = self.conn.borrow_mut();
-        let mut conn = match slot.take() {
-            Some(conn) => conn,
-            None => connection(&self.store.pool)?,
-        };
-        let written = self.write_on(&mut conn, batch);
+        // The connection kept since the last batch was not checked by the pool since then:
+        // the server may have closed it meanwhile (a restart, an idle timeout). When even its
+        // BEGIN fails, nothing of the batch was sent, so the batch runs on a connection from
+        // the pool (checked on checkout) instead of failing.
+        if let Some(mut conn) = slot.take() {
+            let written = match conn.transaction() {
+                Ok(tx) => Some(self.write_in(tx, batch)),
+                Err(e) => {
+                    tracing::debug!(
+                        error = %chain(&e),
+                        "idemstore: the kept PostgreSQL connection failed; the batch runs on another one"
+                    );
+                    None
+                }
+            };
+            if let Some(written) = written {
+                if written.is_ok() {
+                    *slot = Some(conn);
+                }
+                return written;
+            }
+        }
+        let mut conn = connection(&self.store.pool)?;
+        let tx = conn
+            .transaction()
+            .map_err(|e| write_failed("starting a PostgreSQL transaction", e))?;
+        let written = self.write_in(tx, batch);
         if written.is_ok() {
             *slot = Some(conn);
         }
