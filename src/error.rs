@@ -60,10 +60,11 @@ pub enum Error {
     /// The storage engine or the file system failed.
     ///
     /// When `outcome_unknown` is set, this failed a write whose outcome is unknown: the
-    /// change may or may not be durable. The store then refuses further writes until it is
-    /// reopened: with [`Error::Poisoned`] after a failed commit, or with this error again
-    /// when the storage engine itself latched an I/O failure. Otherwise nothing was written
-    /// (an open, a read, a thread that could not start).
+    /// change may or may not be durable. A redb store then refuses further writes until it
+    /// is reopened: with [`Error::Poisoned`] after a failed commit, or with this error again
+    /// when the storage engine itself latched an I/O failure. A PostgreSQL store goes on
+    /// (later calls get fresh connections; a `begin` shows what was committed). Otherwise
+    /// nothing was written (an open, a read, a thread that could not start).
     #[non_exhaustive]
     Storage {
         /// What idemstore was doing.
@@ -182,9 +183,8 @@ impl fmt::Display for Error {
             ),
             Error::Corrupt { reason } => write!(
                 f,
-                "stored data is corrupt: {reason}; restore the file from a backup, or keep it \
-                 for inspection and open a new store path (retries of its keys will then run \
-                 again)"
+                "stored data is corrupt: {reason}; restore the store from a backup, or keep it \
+                 for inspection and open a new store (retries of its keys will then run again)"
             ),
             Error::Storage {
                 context,
@@ -193,7 +193,7 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "storage failed while {context}; the write's outcome is unknown (it may be \
-                 durable): close and reopen the store before retrying"
+                 durable): ask again with begin (a redb store first needs to be reopened)"
             ),
             Error::Storage { context, .. } => write!(f, "storage failed while {context}"),
             Error::Poisoned => write!(
