@@ -60,7 +60,12 @@ impl Report {
                  drop it with: psql \"${PG_ENV}\" -c 'DROP SCHEMA {schema} CASCADE'\n"
             ));
         }
-        if let Some(dir) = &self.kept {
+        if let (Some(dir), Backend::Postgres) = (&self.kept, self.options.backend) {
+            out.push_str(&format!(
+                "\nfiles kept in {} (the clients' outboxes, the servers' log)\n",
+                dir.display()
+            ));
+        } else if let Some(dir) = &self.kept {
             out.push_str(&format!(
                 "\nfiles kept in {}\n  look inside the store: cargo run --features cli --bin idemstore -- stats {}\n",
                 dir.display(),
