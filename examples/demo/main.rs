@@ -75,7 +75,9 @@
 //! transaction, so the charge and the stored response commit together or not at all, and
 //! no checkpoint is needed: a takeover finds either a completed key (a replay) or nothing
 //! charged (the crashed or fenced attempt's transaction rolled back). The verdict counts the
-//! ledger table's rows per payment.
+//! ledger table's rows per payment. `--ignore-checkpoints` breaks this service on purpose
+//! too: the charge commits in a transaction of its own before the lease is completed, so a
+//! stalled attempt that is fenced off leaves its charge behind, and the verdict fails.
 //!
 //! # The service on axum (`--server axum`, feature `tower`)
 //!
@@ -226,7 +228,8 @@ usage: demo [--payments N] [--clients N] [--seed S] [--keep] [--quiet] [--ignore
   --quiet        no progress bar
   --ignore-checkpoints
                  break the service on purpose: a takeover ignores the checkpoint it
-                 receives and charges again; the verdict then fails (exit code 1)
+                 receives and charges again (on postgres: the charge commits on its
+                 own, before the completion); the verdict then fails (exit code 1)
   --backend B    the store's engine: redb (default, a file) or postgres (a schema of the
                  run's own in the database named by IDEMSTORE_PG; feature `postgres`)
   --replicas N   service processes sharing the store (default 1; more needs postgres)
