@@ -5,6 +5,12 @@
 //!
 //! The demo runs as the built example program (cargo builds it before it runs this test);
 //! it re-executes itself as the server.
+//!
+//! Its other modes run small too, when the features they need are on (the example is built
+//! with the test's features): the service on axum behind the tower layer (feature `tower`),
+//! and two replicas on PostgreSQL (feature `postgres`; the cluster named by `IDEMSTORE_PG`,
+//! `.ci/pg run -- cargo test --all-features --test demo`; skipped loudly without it, failed
+//! under `CI=true`).
 
 use std::ffi::OsStr;
 use std::process::Command;
@@ -14,19 +20,29 @@ use idemstore_testkit::programs::{Program, example};
 /// Runs the demo small (90 payments, 4 clients, seed 7, quiet): whether it exited with
 /// success, and what it printed.
 fn run_demo(ignore_checkpoints: bool) -> Result<(bool, String), String> {
+    let broken: &[&str] = if ignore_checkpoints {
+        &["--ignore-checkpoints"]
+    } else {
+        &[]
+    };
+    run_demo_with(90, broken)
+}
+
+/// Runs the demo with `payments` payments, 4 clients, seed 7, quiet, and `extra` flags:
+/// whether it exited with success, and what it printed.
+fn run_demo_with(payments: usize, extra: &[&str]) -> Result<(bool, String), String> {
     let mut command = Command::new(example("demo"));
+    let payments = payments.to_string();
     command.args([
         "--payments",
-        "90",
+        &payments,
         "--clients",
         "4",
         "--seed",
         "7",
         "--quiet",
     ]);
-    if ignore_checkpoints {
-        command.arg("--ignore-checkpoints");
-    }
+    command.args(extra);
     let output = command
         .output()
         .map_err(|e| format!("the demo failed to run: {e}"))?;
@@ -66,16 +82,132 @@ fn demo_verdict_holds() {
 #[test]
 fn demo_verdict_fails_without_checkpoints() {
     let (success, table) = run_demo(true).unwrap();
-    if let Some(dir) = table
-        .lines()
-        .find_map(|line| line.strip_prefix("files kept in "))
-    {
-        let _ = std::fs::remove_dir_all(dir.trim());
-    }
+    remove_kept(&table);
     let charges = row(&table, "charges executed (ledger lines)");
     assert!(
         !success && table.contains("VERDICT: VIOLATED") && charges.is_some_and(|c| c > 90),
         "{table}\n(expected double charges and a failed verdict)"
+    );
+}
+
+/// The service on axum behind the tower layer: clients hang up while the handler runs, the
+/// server is killed and restarted, and every payment is still charged once.
+#[cfg(feature = "tower")]
+#[test]
+fn demo_on_axum_verdict_holds() {
+    let (success, table) = run_demo_with(60, &["--server", "axum"]).unwrap();
+    let charges = row(&table, "charges executed (ledger lines)");
+    let disconnects = row(&table, "client disconnects mid-handler (handler ran on)");
+    let runs = row(&table, "handler runs (the layer's)");
+    assert!(
+        verdict_ok(success, &table)
+            && charges == Some(60)
+            && disconnects.is_some_and(|d| d > 0)
+            && runs.is_some_and(|r| r >= 60),
+        "{table}\n(expected the verdict to hold, 60 charges, some disconnects mid-handler)"
+    );
+}
+
+/// Removes what a failed run kept: its folder, and its schema when there is one.
+fn remove_kept(table: &str) {
+    if let Some(dir) = table
+        .lines()
+        .find_map(|line| line.strip_prefix("files kept in "))
+    {
+        let dir = dir.split(" (").next().unwrap_or(dir);
+        let _ = std::fs::remove_dir_all(dir.trim());
+    }
+    #[cfg(feature = "postgres")]
+    if let Some(schema) = table.lines().find_map(|line| {
+        let rest = line.strip_prefix("schema ")?;
+        Some(rest.split(' ').next()?.to_owned())
+    }) && let Some(conninfo) = idemstore_testkit::pg::conninfo()
+        && let Ok(mut client) = postgres::Client::connect(&conninfo, postgres::NoTls)
+    {
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+    }
+}
+
+/// Two replicas on one PostgreSQL database, clients spread over both, one replica killed:
+/// the ledger table holds one charge per payment, and the stalled handler was taken over.
+#[cfg(feature = "postgres")]
+#[test]
+fn demo_on_postgres_replicas_verdict_holds() {
+    if idemstore_testkit::pg::conninfo().is_none() {
+        return;
+    }
+    let (success, table) =
+        run_demo_with(60, &["--backend", "postgres", "--replicas", "2"]).unwrap();
+    let charges = row(&table, "charges executed (ledger rows)");
+    let replicas = row(&table, "service replicas sharing the store");
+    let takeovers = row(&table, "lease takeovers");
+    if !success {
+        remove_kept(&table);
+    }
+    assert!(
+        verdict_ok(success, &table)
+            && charges == Some(60)
+            && replicas == Some(2)
+            && takeovers.is_some_and(|t| t > 0),
+        "{table}\n(expected the verdict to hold, 60 charge rows, 2 replicas, a takeover)"
+    );
+}
+
+/// On PostgreSQL, a service that commits the charge on its own before completing (not with
+/// `complete_in` in the same transaction) charges again when a stalled attempt is taken
+/// over, and the verdict computed from the table says so.
+#[cfg(feature = "postgres")]
+#[test]
+fn demo_on_postgres_fails_when_the_charge_commits_alone() {
+    if idemstore_testkit::pg::conninfo().is_none() {
+        return;
+    }
+    let (success, table) = run_demo_with(
+        60,
+        &[
+            "--backend",
+            "postgres",
+            "--replicas",
+            "2",
+            "--ignore-checkpoints",
+        ],
+    )
+    .unwrap();
+    remove_kept(&table);
+    let charges = row(&table, "charges executed (ledger rows)");
+    assert!(
+        !success && table.contains("VERDICT: VIOLATED") && charges.is_some_and(|c| c > 60),
+        "{table}\n(expected double charges and a failed verdict)"
+    );
+}
+
+/// Both new modes at once: two axum replicas behind the layer on PostgreSQL.
+#[cfg(all(feature = "postgres", feature = "tower"))]
+#[test]
+fn demo_on_postgres_replicas_with_axum_verdict_holds() {
+    if idemstore_testkit::pg::conninfo().is_none() {
+        return;
+    }
+    let (success, table) = run_demo_with(
+        60,
+        &[
+            "--backend",
+            "postgres",
+            "--replicas",
+            "2",
+            "--server",
+            "axum",
+        ],
+    )
+    .unwrap();
+    let charges = row(&table, "charges executed (ledger rows)");
+    let disconnects = row(&table, "client disconnects mid-handler (handler ran on)");
+    if !success {
+        remove_kept(&table);
+    }
+    assert!(
+        verdict_ok(success, &table) && charges == Some(60) && disconnects.is_some_and(|d| d > 0),
+        "{table}\n(expected the verdict to hold, 60 charge rows, some disconnects)"
     );
 }
 

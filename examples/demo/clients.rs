@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::error::Error;
+use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use idemstore::http::format_idempotency_key;
 use idemstore_testkit::rng::{RngExt, TestRng, rng};
 use indicatif::ProgressBar;
 
-use crate::{BURST, CLIENT_TIMEOUT, SLOW_MS, STALL_MS};
+use crate::{BURST, CLIENT_TIMEOUT, DISCONNECT_AFTER, DISCONNECT_SLOW_MS, SLOW_MS, STALL_MS};
 
 /// Client-side counts.
 #[derive(Default)]
@@ -36,6 +37,7 @@ pub(crate) struct Counts {
     pub(crate) client_crashes: AtomicU64,
     pub(crate) resumed: AtomicU64,
     pub(crate) gave_up: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -44,7 +46,12 @@ pub(crate) fn bump(counter: &AtomicU64) {
 
 /// State shared by the client threads and the orchestrator.
 pub(crate) struct World {
-    pub(crate) url: RwLock<String>,
+    /// The replicas' `http://` addresses; each request goes to the next one in turn.
+    pub(crate) urls: RwLock<Vec<String>>,
+    /// The turn.
+    pub(crate) next: AtomicUsize,
+    /// Whether some attempts disconnect while the handler runs (the axum service).
+    pub(crate) disconnect_mid_handler: bool,
     pub(crate) counts: Counts,
     /// Payments with a final answer.
     pub(crate) done: AtomicU64,
@@ -62,6 +69,12 @@ pub(crate) struct World {
 }
 
 impl World {
+    /// The replica the next request goes to (round-robin).
+    pub(crate) fn url(&self) -> String {
+        let urls = self.urls.read().unwrap_or_else(|e| e.into_inner());
+        urls[self.next.fetch_add(1, SeqCst) % urls.len()].clone()
+    }
+
     pub(crate) fn problem(&self, p: String) {
         self.problems
             .lock()
@@ -100,7 +113,7 @@ pub(crate) fn send_once(
     extra: Extra,
 ) -> Answer {
     bump(&world.counts.attempts);
-    let url = world.url.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let url = world.url();
     let Ok(header) = format_idempotency_key(key) else {
         return Answer::Refused(format!("invalid key {key:?}"));
     };
@@ -183,6 +196,49 @@ pub(crate) fn send_once(
     answer
 }
 
+/// A client that goes away mid-handler: sends the request (asking for a slower handler),
+/// waits a little, and closes the socket before the answer comes. It never learns the
+/// outcome.
+pub(crate) fn disconnect_mid_handler(
+    world: &World,
+    scope: &str,
+    key: &str,
+    body: &str,
+) -> Sent<String> {
+    bump(&world.counts.attempts);
+    bump(&world.counts.disconnects);
+    let url = world.url();
+    let addr = url.trim_start_matches("http://");
+    let Ok(header) = format_idempotency_key(key) else {
+        return Sent::ConnectionFailed(format!("invalid key {key:?}"));
+    };
+    let request = format!(
+        "POST /payments HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         X-Tenant: {scope}\r\nIdempotency-Key: {}\r\nX-Demo-Slow-Ms: {DISCONNECT_SLOW_MS}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        header.to_str().unwrap_or_default(),
+        body.len()
+    );
+    match std::net::TcpStream::connect(addr) {
+        Ok(mut stream) => {
+            if stream.write_all(request.as_bytes()).is_err() {
+                bump(&world.counts.refused);
+                return Sent::ConnectionFailed("the connection broke while sending".into());
+            }
+            world.on_wire.fetch_add(1, SeqCst);
+            std::thread::sleep(DISCONNECT_AFTER);
+            world.on_wire.fetch_sub(1, SeqCst);
+            // Closed with the request running: no answer will be read.
+            drop(stream);
+            Sent::Timeout
+        }
+        Err(e) => {
+            bump(&world.counts.refused);
+            Sent::ConnectionFailed(e.to_string())
+        }
+    }
+}
+
 pub(crate) fn to_sent(answer: Answer) -> Sent<String> {
     match answer {
         Answer::Http {
@@ -238,6 +294,9 @@ pub(crate) fn send_with_retries(
             bump(&world.counts.attempts);
             bump(&world.counts.refused);
             return Sent::ConnectionFailed("injected: connection refused".into());
+        }
+        if world.disconnect_mid_handler && !extra.stall && rng.random_range(0..100) < 8 {
+            return disconnect_mid_handler(world, scope, attempt.key(), body);
         }
         let drop_response = rng.random_range(0..100) < 12;
         let answer = if !extra.stall && rng.random_range(0..100) < 6 {

@@ -59,12 +59,50 @@
 //! `cargo run --features cli --bin idemstore -- stats FILE`), `--quiet` (no progress bar),
 //! `--ignore-checkpoints` (breaks the service on purpose: a takeover ignores its checkpoint
 //! and charges again, and the verdict fails with exit code 1: the check is not a formality).
+//!
+//! # Replicas on PostgreSQL (`--backend postgres --replicas N`, feature `postgres`)
+//!
+//! ```text
+//! .ci/pg run -- cargo run --release --features postgres --example demo -- --backend postgres --replicas 2
+//! ```
+//!
+//! The store is on PostgreSQL (`Builder::open_postgres`, the conninfo from `IDEMSTORE_PG`),
+//! in a schema of the run's own (dropped at the end unless `--keep`), and N service
+//! processes share it, each on its own port. Each attempt of a client goes to the next
+//! replica in turn, so a retry usually lands on another one; one replica is SIGKILLed
+//! mid-flight and restarted. The ledger is a table in the same schema: the handler inserts
+//! the charge row and completes the lease with `Lease::complete_in` in the *same*
+//! transaction, so the charge and the stored response commit together or not at all, and
+//! no checkpoint is needed: a takeover finds either a completed key (a replay) or nothing
+//! charged (the crashed or fenced attempt's transaction rolled back). The verdict counts the
+//! ledger table's rows per payment. `--ignore-checkpoints` breaks this service on purpose
+//! too: the charge commits in a transaction of its own before the lease is completed, so a
+//! stalled attempt that is fenced off leaves its charge behind, and the verdict fails.
+//!
+//! # The service on axum (`--server axum`, feature `tower`)
+//!
+//! ```text
+//! cargo run --release --features tower --example demo -- --server axum
+//! ```
+//!
+//! The service is axum 0.8 behind `idemstore::tower::IdempotencyLayer` instead of the
+//! hand-written hyper service, on either backend. The layer keeps the lease alive while the
+//! handler runs (a stalled handler is answered 409 to its retries, not taken over) and runs
+//! the handler to its end when the client goes away, so the clients add a fault: some close
+//! the socket while the handler runs, and their retry gets the stored answer. The handler
+//! cannot see the lease (the layer holds it), so it passes the idempotency key to the
+//! payment processor as the charge reference: a handler re-run by a takeover after the
+//! crash books nothing twice.
 
 mod clients;
+#[cfg(feature = "postgres")]
+mod pg;
 mod process;
 mod report;
 mod run;
 mod server;
+#[cfg(feature = "tower")]
+mod service_axum;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -77,6 +115,14 @@ pub(crate) const ROLE_ENV: &str = "IDEMSTORE_DEMO_ROLE";
 pub(crate) const STORE_ENV: &str = "IDEMSTORE_DEMO_STORE";
 pub(crate) const LEDGER_ENV: &str = "IDEMSTORE_DEMO_LEDGER";
 pub(crate) const IGNORE_ENV: &str = "IDEMSTORE_DEMO_IGNORE_CHECKPOINTS";
+/// The server's HTTP stack: `hyper` (unset) or `axum`.
+pub(crate) const SERVER_ENV: &str = "IDEMSTORE_DEMO_SERVER";
+/// The store's engine: `redb` (unset) or `postgres`.
+pub(crate) const BACKEND_ENV: &str = "IDEMSTORE_DEMO_BACKEND";
+/// The run's PostgreSQL schema (the store's tables and the ledger table).
+pub(crate) const SCHEMA_ENV: &str = "IDEMSTORE_DEMO_PG_SCHEMA";
+/// The PostgreSQL conninfo, as `.ci/pg` sets it.
+pub(crate) const PG_ENV: &str = "IDEMSTORE_PG";
 
 /// The lease a request holds; a takeover waits for it to run out after a crash.
 pub(crate) const LEASE: Duration = Duration::from_millis(1000);
@@ -92,6 +138,46 @@ pub(crate) const BURST: usize = 6;
 pub(crate) const DOWNTIME: Duration = Duration::from_millis(300);
 /// Server worker threads.
 pub(crate) const SERVER_THREADS: usize = 40;
+/// A client that disconnects mid-handler closes its socket this long after sending...
+pub(crate) const DISCONNECT_AFTER: Duration = Duration::from_millis(40);
+/// ...while the handler works this long.
+pub(crate) const DISCONNECT_SLOW_MS: u64 = 150;
+
+/// Where the store lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// A redb file (one process).
+    Redb,
+    /// A schema in a PostgreSQL database (any number of processes).
+    Postgres,
+}
+
+/// What serves HTTP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ServerKind {
+    /// hyper, with the hand-written service around `RequestGuard` and lease checkpoints.
+    Hyper,
+    /// axum, behind `idemstore::tower::IdempotencyLayer`.
+    Axum,
+}
+
+impl Backend {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Backend::Redb => "redb",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+impl ServerKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ServerKind::Hyper => "hyper",
+            ServerKind::Axum => "axum",
+        }
+    }
+}
 
 /// How big the simulation is.
 #[derive(Clone, Debug)]
@@ -108,6 +194,12 @@ pub(crate) struct Options {
     pub(crate) quiet: bool,
     /// The server ignores the checkpoint a takeover receives (to see the verdict fail).
     pub(crate) ignore_checkpoints: bool,
+    /// Where the store lives.
+    pub(crate) backend: Backend,
+    /// Service processes sharing the store (more than one needs PostgreSQL).
+    pub(crate) replicas: usize,
+    /// What serves HTTP.
+    pub(crate) server: ServerKind,
 }
 
 impl Default for Options {
@@ -119,12 +211,16 @@ impl Default for Options {
             keep: false,
             quiet: false,
             ignore_checkpoints: false,
+            backend: Backend::Redb,
+            replicas: 1,
+            server: ServerKind::Hyper,
         }
     }
 }
 
 const USAGE: &str = "\
 usage: demo [--payments N] [--clients N] [--seed S] [--keep] [--quiet] [--ignore-checkpoints]
+            [--backend redb|postgres] [--replicas N] [--server hyper|axum]
   --payments N   logical payments to make (default 1000)
   --clients N    client threads, each a tenant with its own outbox (default 16)
   --seed S       seed of the injected failures (default 42)
@@ -132,7 +228,16 @@ usage: demo [--payments N] [--clients N] [--seed S] [--keep] [--quiet] [--ignore
   --quiet        no progress bar
   --ignore-checkpoints
                  break the service on purpose: a takeover ignores the checkpoint it
-                 receives and charges again; the verdict then fails (exit code 1)";
+                 receives and charges again (on postgres: the charge commits on its
+                 own, before the completion); the verdict then fails (exit code 1)
+  --backend B    the store's engine: redb (default, a file) or postgres (a schema of the
+                 run's own in the database named by IDEMSTORE_PG; feature `postgres`)
+  --replicas N   service processes sharing the store (default 1; more needs postgres)
+  --server S     hyper (default: the hand-written service with checkpoints) or axum
+                 (behind idemstore::tower::IdempotencyLayer; feature `tower`)";
+
+/// How to build the demo with the features a mode needs.
+const FEATURE_HINT: &str = "cargo run --release --features postgres,tower --example demo -- ...";
 
 fn parse_args() -> Result<Options, String> {
     let mut options = Options::default();
@@ -152,12 +257,54 @@ fn parse_args() -> Result<Options, String> {
             "--keep" => options.keep = true,
             "--quiet" => options.quiet = true,
             "--ignore-checkpoints" => options.ignore_checkpoints = true,
+            "--replicas" => options.replicas = number("--replicas")? as usize,
+            "--backend" => {
+                options.backend = match args.next().as_deref() {
+                    Some("redb") => Backend::Redb,
+                    Some("postgres") => Backend::Postgres,
+                    other => {
+                        return Err(format!(
+                            "--backend: redb or postgres, not {other:?}\n{USAGE}"
+                        ));
+                    }
+                }
+            }
+            "--server" => {
+                options.server = match args.next().as_deref() {
+                    Some("hyper") => ServerKind::Hyper,
+                    Some("axum") => ServerKind::Axum,
+                    other => {
+                        return Err(format!("--server: hyper or axum, not {other:?}\n{USAGE}"));
+                    }
+                }
+            }
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }
-    if options.payments == 0 || options.clients == 0 {
+    if options.payments == 0 || options.clients == 0 || options.replicas == 0 {
         return Err(format!(
-            "--payments and --clients must be at least 1\n{USAGE}"
+            "--payments, --clients and --replicas must be at least 1\n{USAGE}"
+        ));
+    }
+    if options.replicas > 1 && options.backend == Backend::Redb {
+        return Err(format!(
+            "--replicas {} needs --backend postgres: a redb file is open in one process only\n{USAGE}",
+            options.replicas
+        ));
+    }
+    if options.backend == Backend::Postgres && cfg!(not(feature = "postgres")) {
+        return Err(format!(
+            "--backend postgres: this demo was built without the `postgres` feature; run\n  {FEATURE_HINT}"
+        ));
+    }
+    if options.server == ServerKind::Axum && cfg!(not(feature = "tower")) {
+        return Err(format!(
+            "--server axum: this demo was built without the `tower` feature; run\n  {FEATURE_HINT}"
+        ));
+    }
+    if options.ignore_checkpoints && options.server == ServerKind::Axum {
+        return Err(format!(
+            "--ignore-checkpoints breaks the hyper service's checkpoints; the axum service has none\n{USAGE}"
         ));
     }
     Ok(options)

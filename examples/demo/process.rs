@@ -10,7 +10,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::{IGNORE_ENV, LEDGER_ENV, ROLE_ENV, STORE_ENV};
+use crate::{
+    BACKEND_ENV, Backend, IGNORE_ENV, LEDGER_ENV, PG_ENV, ROLE_ENV, SCHEMA_ENV, SERVER_ENV,
+    STORE_ENV, ServerKind,
+};
+
+/// How to start a server process.
+pub(crate) struct ServerConfig<'a> {
+    /// The redb store file (redb backend).
+    pub(crate) store: &'a Path,
+    /// The ledger file (redb backend).
+    pub(crate) ledger: &'a Path,
+    /// Where the servers' stderr goes (appended).
+    pub(crate) log: &'a Path,
+    pub(crate) ignore_checkpoints: bool,
+    pub(crate) backend: Backend,
+    pub(crate) server: ServerKind,
+    /// The conninfo and schema (postgres backend).
+    pub(crate) postgres: Option<(&'a str, &'a str)>,
+}
 
 /// What the server processes reported (read from their stdout).
 #[derive(Default)]
@@ -21,6 +39,8 @@ pub(crate) struct ServerEvents {
     pub(crate) fenced: AtomicU64,
     pub(crate) deduped: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Handler runs (the axum service reports them).
+    pub(crate) runs: AtomicU64,
 }
 
 /// A running server child; killed when dropped.
@@ -37,19 +57,29 @@ impl ServerProcess {
     }
 
     pub(crate) fn start(
-        store: &Path,
-        ledger: &Path,
-        log: &Path,
+        config: &ServerConfig<'_>,
         events: Arc<ServerEvents>,
         errors: Arc<Mutex<Vec<String>>>,
-        ignore_checkpoints: bool,
     ) -> Result<ServerProcess, Box<dyn Error>> {
-        let log = OpenOptions::new().create(true).append(true).open(log)?;
-        let mut child = Command::new(std::env::current_exe()?)
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.log)?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
             .env(ROLE_ENV, "server")
-            .env(STORE_ENV, store)
-            .env(LEDGER_ENV, ledger)
-            .env(IGNORE_ENV, if ignore_checkpoints { "1" } else { "0" })
+            .env(STORE_ENV, config.store)
+            .env(LEDGER_ENV, config.ledger)
+            .env(BACKEND_ENV, config.backend.name())
+            .env(SERVER_ENV, config.server.name())
+            .env(
+                IGNORE_ENV,
+                if config.ignore_checkpoints { "1" } else { "0" },
+            );
+        if let Some((conninfo, schema)) = config.postgres {
+            command.env(PG_ENV, conninfo).env(SCHEMA_ENV, schema);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -75,6 +105,9 @@ impl ServerProcess {
                     }
                     (Some("FENCED"), _) => {
                         events.fenced.fetch_add(1, SeqCst);
+                    }
+                    (Some("RUN"), _) => {
+                        events.runs.fetch_add(1, SeqCst);
                     }
                     (Some("DEDUPED"), _) => {
                         events.deduped.fetch_add(1, SeqCst);

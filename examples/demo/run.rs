@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::error::Error;
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,10 @@ use idemstore_testkit::rng::{RngExt, rng};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::clients::{Counts, World, client};
-use crate::process::{ServerEvents, ServerProcess};
+use crate::process::{ServerConfig, ServerEvents, ServerProcess};
 use crate::report::Report;
 
-use crate::{BURST, DOWNTIME, Options, STALL_MS};
+use crate::{BURST, Backend, DOWNTIME, Options, STALL_MS, ServerKind};
 
 /// Runs the whole simulation.
 pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
@@ -53,23 +53,59 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
     };
     let events = Arc::new(ServerEvents::default());
     let problems = Arc::new(Mutex::new(Vec::new()));
-    let server = ServerProcess::start(
-        &store_path,
-        &ledger_path,
-        &log_path,
-        events.clone(),
-        problems.clone(),
-        options.ignore_checkpoints,
-    )?;
-    say(format!(
-        "server (pid {}) on {}, store {}",
-        server.child.id(),
-        server.url,
-        store_path.display()
-    ));
+    #[cfg(feature = "postgres")]
+    let schema = match options.backend {
+        Backend::Postgres => {
+            let conninfo = crate::pg::conninfo()?;
+            let suffix = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().replace('-', "_"))
+                .unwrap_or_default();
+            let suffix = suffix.trim_start_matches("idemstore_demo_").to_owned();
+            Some(crate::pg::RunSchema::create(conninfo, &suffix)?)
+        }
+        Backend::Redb => None,
+    };
+    #[cfg(feature = "postgres")]
+    let postgres = schema
+        .as_ref()
+        .map(|s| (s.conninfo.as_str(), s.schema.as_str()));
+    #[cfg(not(feature = "postgres"))]
+    let postgres = None;
+    let config = ServerConfig {
+        store: &store_path,
+        ledger: &ledger_path,
+        log: &log_path,
+        ignore_checkpoints: options.ignore_checkpoints,
+        backend: options.backend,
+        server: options.server,
+        postgres,
+    };
+    let where_store = match postgres {
+        Some((_, schema)) => format!("store in schema {schema}"),
+        None => format!("store {}", store_path.display()),
+    };
+    let mut servers = Vec::new();
+    for index in 0..options.replicas {
+        // One at a time: the first creates the store's tables, the others find them.
+        let server = ServerProcess::start(&config, events.clone(), problems.clone())?;
+        let name = if options.replicas == 1 {
+            "server".to_owned()
+        } else {
+            format!("replica {index}")
+        };
+        say(format!(
+            "{name} (pid {}) on {}, {where_store}",
+            server.child.id(),
+            server.url,
+        ));
+        servers.push(server);
+    }
     progress.set_message("server up");
     let world = Arc::new(World {
-        url: RwLock::new(server.url().to_owned()),
+        urls: RwLock::new(servers.iter().map(|s| s.url().to_owned()).collect()),
+        next: AtomicUsize::new(0),
+        disconnect_mid_handler: options.server == ServerKind::Axum,
         counts: Counts::default(),
         done: AtomicU64::new(0),
         on_wire: AtomicI64::new(0),
@@ -96,34 +132,42 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
         );
     }
 
-    // The crash: SIGKILL the server once a seeded share (30-50%) of the payments is done.
+    // The crash: SIGKILL a server once a seeded share (30-50%) of the payments is done.
     let crash_at = (options.payments as u64 * rng(options.seed).random_range(30..=50) / 100).max(1);
+    let victim = rng(options.seed ^ 0x5eed).random_range(0..options.replicas);
     while world.done.load(SeqCst) < crash_at && handles.iter().any(|h| !h.is_finished()) {
         std::thread::sleep(Duration::from_millis(2));
     }
     let on_wire = world.on_wire.load(SeqCst);
-    server.kill();
-    progress.set_message("server KILLED (SIGKILL)");
+    let (name, others) = if options.replicas == 1 {
+        ("server".to_owned(), String::new())
+    } else {
+        (
+            format!("replica {victim}"),
+            format!(", the other {} serving on", options.replicas - 1),
+        )
+    };
+    servers.remove(victim).kill();
+    progress.set_message(format!("{name} KILLED (SIGKILL)"));
     say(format!(
-        "server killed with SIGKILL after {} payments, {on_wire} request(s) on the wire",
+        "{name} killed with SIGKILL after {} payments, {on_wire} request(s) on the wire{others}",
         world.done.load(SeqCst)
     ));
     std::thread::sleep(DOWNTIME);
-    let server = ServerProcess::start(
-        &store_path,
-        &ledger_path,
-        &log_path,
-        events.clone(),
-        problems.clone(),
-        options.ignore_checkpoints,
-    )?;
-    *world.url.write().unwrap_or_else(|e| e.into_inner()) = server.url().to_owned();
-    progress.set_message("server restarted");
+    let server = ServerProcess::start(&config, events.clone(), problems.clone())?;
+    world.urls.write().unwrap_or_else(|e| e.into_inner())[victim] = server.url().to_owned();
+    progress.set_message(format!("{name} restarted"));
     say(format!(
-        "server restarted (pid {}) on {}, same store and ledger files",
+        "{name} restarted (pid {}) on {}, same {}",
         server.child.id(),
-        server.url
+        server.url,
+        if postgres.is_some() {
+            "database"
+        } else {
+            "store and ledger files"
+        }
     ));
+    servers.insert(victim, server);
     for h in handles {
         let _ = h.join();
     }
@@ -133,32 +177,44 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
         let until = at + Duration::from_millis(STALL_MS + 300);
         std::thread::sleep(until.saturating_duration_since(Instant::now()));
     }
-    drop(server);
+    drop(servers);
     progress.finish_and_clear();
 
-    // The evidence: the ledger file, the store file, and what the clients saw.
-    let ledger = std::fs::read_to_string(&ledger_path)?;
+    // The evidence: the ledger (file or table), the store, and what the clients saw.
     let mut per_payment: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut charges = 0u64;
     let mut failures = problems.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for line in ledger.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() != 4 {
-            failures.push(format!("malformed ledger line {line:?}"));
-            continue;
-        }
+    let mut booked = |reference: &str, payment: &str| {
         charges += 1;
         per_payment
-            .entry(fields[1].to_owned())
+            .entry(payment.to_owned())
             .or_default()
-            .push(fields[0].to_owned());
-    }
-    let summary = {
-        let store = Store::builder().reap_interval(None).open(&store_path)?;
-        let summary = store.summary()?;
-        store.close()?;
-        summary
+            .push(reference.to_owned());
     };
+    #[cfg(feature = "postgres")]
+    if let Some(schema) = &schema {
+        for (reference, payment) in schema.charges()? {
+            booked(&reference, &payment);
+        }
+    }
+    if postgres.is_none() {
+        let ledger = std::fs::read_to_string(&ledger_path)?;
+        for line in ledger.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() != 4 {
+                failures.push(format!("malformed ledger line {line:?}"));
+                continue;
+            }
+            booked(fields[0], fields[1]);
+        }
+    }
+    #[cfg(feature = "postgres")]
+    let summary = match &schema {
+        Some(schema) => schema.summary()?,
+        None => redb_summary(&store_path)?,
+    };
+    #[cfg(not(feature = "postgres"))]
+    let summary = redb_summary(&store_path)?;
 
     let n = options.payments as u64;
     let mut checks = Vec::new();
@@ -169,9 +225,14 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
             failures.push(text);
         }
     };
+    let ledger_unit = if postgres.is_some() {
+        "ledger rows"
+    } else {
+        "ledger lines"
+    };
     check(
         charges == n,
-        format!("charges executed (ledger lines) {charges} == logical payments {n}"),
+        format!("charges executed ({ledger_unit}) {charges} == logical payments {n}"),
         &mut failures,
     );
     let twice: Vec<_> = per_payment
@@ -247,8 +308,10 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
     check(
         summary.completed == n && summary.in_flight == 0,
         format!(
-            "the store file holds {} completed records (one per payment), {} in flight",
-            summary.completed, summary.in_flight
+            "the store {} holds {} completed records (one per payment), {} in flight",
+            if postgres.is_some() { "schema" } else { "file" },
+            summary.completed,
+            summary.in_flight
         ),
         &mut failures,
     );
@@ -257,7 +320,7 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
     let takeovers = get(&events.takeover_charged)
         + get(&events.takeover_intent)
         + get(&events.takeover_scratch);
-    let rows = vec![
+    let mut rows = vec![
         ("logical payments".to_owned(), n),
         (
             "HTTP attempts (all requests sent)".to_owned(),
@@ -300,42 +363,76 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
             get(&c.mismatches),
         ),
         ("                  5xx".to_owned(), get(&c.server_errors)),
-        (
-            "server killed (SIGKILL mid-flight) and restarted".to_owned(),
-            1,
-        ),
-        ("lease takeovers".to_owned(), takeovers),
-        (
-            "  resumed from checkpoint \"charged\"".to_owned(),
-            get(&events.takeover_charged),
-        ),
-        (
-            "  resumed from checkpoint \"intent\"".to_owned(),
-            get(&events.takeover_intent),
-        ),
-        (
-            "  from scratch (nothing was charged yet)".to_owned(),
-            get(&events.takeover_scratch),
-        ),
-        (
-            "stale holders fenced off (LeaseLost)".to_owned(),
-            get(&events.fenced),
-        ),
-        (
-            "repeated charge references ignored by ledger".to_owned(),
-            get(&events.deduped),
-        ),
-        (
-            "client crashes, resumed from the outbox".to_owned(),
-            get(&c.client_crashes),
-        ),
-        (
-            "retry runs that gave up, resumed later".to_owned(),
-            get(&c.gave_up),
-        ),
-        ("charges executed (ledger lines)".to_owned(), charges),
     ];
-    let kept = if options.keep || !failures.is_empty() {
+    let mut row = |label: &str, value: u64| rows.push((label.to_owned(), value));
+    if options.replicas > 1 {
+        row(
+            "service replicas sharing the store",
+            options.replicas as u64,
+        );
+        row("replica killed (SIGKILL mid-flight) and restarted", 1);
+    } else {
+        row("server killed (SIGKILL mid-flight) and restarted", 1);
+    }
+    match (options.server, options.backend) {
+        (ServerKind::Hyper, Backend::Redb) => {
+            row("lease takeovers", takeovers);
+            row(
+                "  resumed from checkpoint \"charged\"",
+                get(&events.takeover_charged),
+            );
+            row(
+                "  resumed from checkpoint \"intent\"",
+                get(&events.takeover_intent),
+            );
+            row(
+                "  from scratch (nothing was charged yet)",
+                get(&events.takeover_scratch),
+            );
+            row("stale holders fenced off (LeaseLost)", get(&events.fenced));
+        }
+        (ServerKind::Hyper, Backend::Postgres) => {
+            row("lease takeovers", takeovers);
+            row(
+                "  from scratch (the dead attempt's transaction rolled back)",
+                get(&events.takeover_scratch),
+            );
+            row(
+                "stale holders fenced off (LeaseLost, charge rolled back)",
+                get(&events.fenced),
+            );
+        }
+        (ServerKind::Axum, _) => {
+            row(
+                "client disconnects mid-handler (handler ran on)",
+                get(&c.disconnects),
+            );
+            row("handler runs (the layer's)", get(&events.runs));
+        }
+    }
+    row(
+        "repeated charge references ignored by ledger",
+        get(&events.deduped),
+    );
+    row(
+        "client crashes, resumed from the outbox",
+        get(&c.client_crashes),
+    );
+    row("retry runs that gave up, resumed later", get(&c.gave_up));
+    row(&format!("charges executed ({ledger_unit})"), charges);
+    let keep = options.keep || !failures.is_empty();
+    #[cfg(feature = "postgres")]
+    let kept_schema = match &schema {
+        Some(schema) if keep => Some(schema.schema.clone()),
+        Some(schema) => {
+            schema.drop_schema()?;
+            None
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "postgres"))]
+    let kept_schema = None;
+    let kept = if keep {
         Some(dir.clone())
     } else {
         let _ = std::fs::remove_dir_all(&dir);
@@ -348,5 +445,14 @@ pub(crate) fn run(options: &Options) -> Result<Report, Box<dyn Error>> {
         failures,
         checks,
         kept,
+        kept_schema,
     })
+}
+
+/// The redb store's own count of its records.
+fn redb_summary(path: &std::path::Path) -> Result<idemstore::admin::Summary, Box<dyn Error>> {
+    let store = Store::builder().reap_interval(None).open(path)?;
+    let summary = store.summary()?;
+    store.close()?;
+    Ok(summary)
 }

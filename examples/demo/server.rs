@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use idemstore::http::{Decision, RequestGuard, complete, error_response, problem_response};
 use idemstore::{Error as StoreError, Store};
 
-use crate::{IGNORE_ENV, LEASE, LEDGER_ENV, SERVER_THREADS, STORE_ENV};
+use crate::{BACKEND_ENV, IGNORE_ENV, LEASE, LEDGER_ENV, SERVER_ENV, SERVER_THREADS, STORE_ENV};
 
 /// The payment processor: an append-only ledger file, one line per booked charge,
 /// `ref payment amount token`, fsync'd before `charge` returns. It books a reference once.
@@ -81,13 +81,53 @@ pub(crate) fn server_main() -> ExitCode {
     }
 }
 
-pub(crate) fn serve_forever() -> Result<(), Box<dyn Error + Send + Sync>> {
+/// Where the charges go: the ledger file (redb backend) or the ledger table (PostgreSQL).
+#[derive(Clone)]
+pub(crate) enum Books {
+    File(Arc<Ledger>),
+    #[cfg(feature = "postgres")]
+    Table(Arc<crate::pg::LedgerTable>),
+}
+
+impl Books {
+    /// Books `reference` once (the axum service's charge, referenced by the idempotency
+    /// key); `Ok(false)` when it was booked before.
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn charge_once(
+        &self,
+        reference: &str,
+        payment: &str,
+        amount: u64,
+    ) -> Result<bool, Box<dyn Error + Send + Sync>> {
+        match self {
+            Books::File(ledger) => Ok(ledger.charge(reference, payment, amount, 0)?),
+            #[cfg(feature = "postgres")]
+            Books::Table(table) => table.charge_once(reference, payment, amount),
+        }
+    }
+}
+
+/// The store and the books this server process uses, from its environment.
+fn open_store_and_books() -> Result<(Store, Books), Box<dyn Error + Send + Sync>> {
+    let backend = std::env::var(BACKEND_ENV).unwrap_or_default();
+    if backend == "postgres" {
+        #[cfg(feature = "postgres")]
+        return crate::pg::open_store_and_books();
+        #[cfg(not(feature = "postgres"))]
+        return Err("the postgres backend needs the `postgres` feature".into());
+    }
     let store_path = std::env::var(STORE_ENV)?;
     let ledger_path = std::env::var(LEDGER_ENV)?;
     let store = Store::builder().lease(LEASE).open(&store_path)?;
-    let guard = RequestGuard::new(store);
     let ledger = Arc::new(Ledger::open(Path::new(&ledger_path))?);
-    // hyper on one runtime thread; handlers (store calls, fsyncs, sleeps) on its blocking pool.
+    Ok((store, Books::File(ledger)))
+}
+
+pub(crate) fn serve_forever() -> Result<(), Box<dyn Error + Send + Sync>> {
+    let (store, books) = open_store_and_books()?;
+    let axum = std::env::var(SERVER_ENV).is_ok_and(|v| v == "axum");
+    // The server on one runtime thread; handlers (store calls, fsyncs, sleeps) on its
+    // blocking pool.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -97,6 +137,13 @@ pub(crate) fn serve_forever() -> Result<(), Box<dyn Error + Send + Sync>> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         event(format!("LISTENING {}", listener.local_addr()?));
+        if axum {
+            #[cfg(feature = "tower")]
+            return crate::service_axum::serve(listener, store, books).await;
+            #[cfg(not(feature = "tower"))]
+            return Err("the axum server needs the `tower` feature".into());
+        }
+        let guard = RequestGuard::new(store);
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -105,10 +152,10 @@ pub(crate) fn serve_forever() -> Result<(), Box<dyn Error + Send + Sync>> {
                     continue;
                 }
             };
-            let (guard, ledger) = (guard.clone(), ledger.clone());
+            let (guard, books) = (guard.clone(), books.clone());
             let service = hyper::service::service_fn(move |request| {
-                let (guard, ledger) = (guard.clone(), ledger.clone());
-                async move { Ok::<_, Infallible>(serve(guard, ledger, request).await) }
+                let (guard, books) = (guard.clone(), books.clone());
+                async move { Ok::<_, Infallible>(serve(guard, books, request).await) }
             });
             tokio::spawn(async move {
                 // Half-closed connections are kept: a client may shut its writing side and
@@ -126,7 +173,7 @@ pub(crate) fn serve_forever() -> Result<(), Box<dyn Error + Send + Sync>> {
 /// body read whole.
 pub(crate) async fn serve(
     guard: RequestGuard,
-    ledger: Arc<Ledger>,
+    books: Books,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
@@ -150,11 +197,13 @@ pub(crate) async fn serve(
             )),
             Ok(body) => {
                 let req = Request::from_parts(parts, body.to_bytes().to_vec());
-                tokio::task::spawn_blocking(move || payments(&guard, &ledger, &req))
-                    .await
-                    .unwrap_or_else(|_| {
-                        text(StatusCode::INTERNAL_SERVER_ERROR, "the handler panicked")
-                    })
+                tokio::task::spawn_blocking(move || match &books {
+                    Books::File(ledger) => payments(&guard, ledger, &req),
+                    #[cfg(feature = "postgres")]
+                    Books::Table(table) => crate::pg::payments(&guard, table, &req),
+                })
+                .await
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "the handler panicked"))
             }
         }
     };
@@ -167,6 +216,47 @@ pub(crate) fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {
     response
 }
 
+/// The key's scope: the tenant header.
+pub(crate) fn tenant(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-tenant")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("public")
+        .to_owned()
+}
+
+/// The payment id and amount of a request body.
+pub(crate) fn payment_of(body: &[u8]) -> Option<(String, u64)> {
+    let body: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    Some((
+        body["payment"].as_str()?.to_owned(),
+        body["amount"].as_u64()?,
+    ))
+}
+
+/// The 201 answer of a payment charged under `reference`.
+pub(crate) fn receipt(payment: &str, reference: &str, amount: u64) -> Response<Vec<u8>> {
+    let response = Response::builder()
+        .status(StatusCode::CREATED)
+        .header(CONTENT_TYPE, "application/json")
+        .body(
+            serde_json::json!({
+                "payment": payment,
+                "charge": reference,
+                "amount": amount,
+                "status": "succeeded",
+            })
+            .to_string()
+            .into_bytes(),
+        );
+    response.unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response build failed"))
+}
+
+/// Whether this server was started broken on purpose (`--ignore-checkpoints`).
+pub(crate) fn broken_on_purpose() -> bool {
+    std::env::var_os(IGNORE_ENV).is_some_and(|v| v == "1")
+}
+
 pub(crate) fn header_ms(req: &Request<Vec<u8>>, name: &str) -> Option<u64> {
     req.headers().get(name)?.to_str().ok()?.parse().ok()
 }
@@ -177,16 +267,11 @@ pub(crate) fn payments(
     ledger: &Ledger,
     req: &Request<Vec<u8>>,
 ) -> Response<Vec<u8>> {
-    let scope = req
-        .headers()
-        .get("x-tenant")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("public")
-        .to_owned();
-    let body: serde_json::Value = serde_json::from_slice(req.body()).unwrap_or_default();
-    let (Some(payment), Some(amount)) = (body["payment"].as_str(), body["amount"].as_u64()) else {
+    let scope = tenant(req.headers());
+    let Some((payment, amount)) = payment_of(req.body()) else {
         return text(StatusCode::BAD_REQUEST, "need payment and amount");
     };
+    let payment = payment.as_str();
     let mut lease = match guard.begin(&scope, req) {
         Ok(Decision::Run(lease)) => lease,
         Ok(Decision::Replay(response) | Decision::Reject(response)) => return response,
@@ -211,7 +296,7 @@ pub(crate) fn payments(
         error_response(&e)
     };
     // Where the previous attempt got to, from its checkpoint.
-    if std::env::var_os(IGNORE_ENV).is_some_and(|v| v == "1") {
+    if broken_on_purpose() {
         // Broken on purpose (--ignore-checkpoints): forget what the previous attempt did.
         if let Some((_, _, checkpoint)) = resumed.as_mut() {
             *checkpoint = None;
@@ -259,22 +344,7 @@ pub(crate) fn payments(
     if let Some(stall) = header_ms(req, "x-demo-stall-ms") {
         std::thread::sleep(Duration::from_millis(stall.min(10_000)));
     }
-    let response = Response::builder()
-        .status(StatusCode::CREATED)
-        .header(CONTENT_TYPE, "application/json")
-        .body(
-            serde_json::json!({
-                "payment": payment,
-                "charge": reference,
-                "amount": amount,
-                "status": "succeeded",
-            })
-            .to_string()
-            .into_bytes(),
-        );
-    let Ok(response) = response else {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, "response build failed");
-    };
+    let response = receipt(payment, &reference, amount);
     match complete(lease, &response) {
         Ok(_) => response,
         Err(e) => failed("complete", e),

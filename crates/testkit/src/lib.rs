@@ -10,6 +10,7 @@
 //! * [`rng`]: the seeded random generator;
 //! * [`http`]: raw HTTP on the loopback;
 //! * [`programs`]: where the built example programs are, for tests that run them;
+//! * [`pg`]: the PostgreSQL test cluster's conninfo, or a loud skip;
 //! * `peers` (feature `peers`): the peers and baselines of the benchmarks.
 
 pub mod child;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod model;
 #[cfg(feature = "peers")]
 pub mod peers;
+pub mod pg;
 pub mod programs;
 pub mod rng;
 pub mod store;
