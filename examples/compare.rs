@@ -40,6 +40,8 @@ struct Args {
     postgres: Option<bool>,
     /// Only the PostgreSQL peers (`--postgres-only`).
     postgres_only: bool,
+    /// idemstore's PostgreSQL pool size (`--pg-pool N`; default: the store's default).
+    pg_pool: Option<u32>,
 }
 
 fn args() -> Args {
@@ -50,6 +52,7 @@ fn args() -> Args {
         handoff: false,
         postgres: None,
         postgres_only: false,
+        pg_pool: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -62,6 +65,14 @@ fn args() -> Args {
             "--handoff" => a.handoff = true,
             "--postgres" => a.postgres = Some(true),
             "--no-postgres" => a.postgres = Some(false),
+            "--pg-pool" => {
+                a.pg_pool = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&n| n > 0)
+                    .map(Some)
+                    .expect("--pg-pool needs a number above 0")
+            }
             "--postgres-only" => {
                 a.postgres = Some(true);
                 a.postgres_only = true;
@@ -92,7 +103,7 @@ fn args() -> Args {
             },
             "-h" | "--help" => {
                 println!(
-                    "usage: compare [--smoke] [--seconds S] [--rounds R] [--callers 1,8,64] [--keys random|sequential] [--handoff] [--postgres | --no-postgres | --postgres-only]"
+                    "usage: compare [--smoke] [--seconds S] [--rounds R] [--callers 1,8,64] [--keys random|sequential] [--handoff] [--postgres | --no-postgres | --postgres-only] [--pg-pool N]"
                 );
                 std::process::exit(0);
             }
@@ -141,7 +152,7 @@ fn postgres_conninfo(a: &Args) -> Option<String> {
 }
 
 #[cfg(feature = "postgres")]
-fn postgres_peers(conninfo: String, peers: &mut Vec<Entry>) {
+fn postgres_peers(conninfo: String, pool: Option<u32>, peers: &mut Vec<Entry>) {
     let base = peers.len();
     let info = conninfo.clone();
     peers.push((
@@ -154,14 +165,14 @@ fn postgres_peers(conninfo: String, peers: &mut Vec<Entry>) {
     peers.push((
         "idemstore on postgres",
         Box::new(move |_, p: &std::path::Path| {
-            Box::new(pg::IdemPg::open(&conninfo, &pg::schema_for(p))) as Box<dyn Peer>
+            Box::new(pg::IdemPg::open(&conninfo, &pg::schema_for(p), pool)) as Box<dyn Peer>
         }),
         base,
     ));
 }
 
 #[cfg(not(feature = "postgres"))]
-fn postgres_peers(_: String, _: &mut Vec<Entry>) {
+fn postgres_peers(_: String, _: Option<u32>, _: &mut Vec<Entry>) {
     unreachable!("postgres_conninfo is None without the feature")
 }
 
@@ -213,7 +224,7 @@ fn main() {
         }
     }
     if let Some(conninfo) = postgres_conninfo(&a) {
-        postgres_peers(conninfo, &mut peers);
+        postgres_peers(conninfo, a.pg_pool, &mut peers);
     }
     // rates[peer][callers] = one rate per round; the peers take turns within each round (in a
     // rotating order), so slow drifts of the machine hit them all alike.
@@ -679,11 +690,13 @@ mod pg {
     }
 
     impl IdemPg {
-        pub fn open(conninfo: &str, schema: &str) -> IdemPg {
+        pub fn open(conninfo: &str, schema: &str, pool: Option<u32>) -> IdemPg {
             drop_schema(conninfo, schema);
-            let store = Store::builder()
-                .postgres_schema(schema)
-                .reap_interval(None)
+            let mut builder = Store::builder().postgres_schema(schema).reap_interval(None);
+            if let Some(pool) = pool {
+                builder = builder.postgres_pool_size(pool);
+            }
+            let store = builder
                 .open_postgres(conninfo)
                 .expect("open idemstore on PostgreSQL");
             IdemPg {

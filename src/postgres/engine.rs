@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use postgres::Transaction;
+use postgres::{Client, Transaction};
 
 use super::error::{read_failed, write_failed};
 use super::pool::{Conn, Pool, connection, open_pool};
@@ -68,9 +68,17 @@ impl PgStore {
     /// # Errors
     /// [`Error::Clock`] for a reading the store cannot represent; [`Error::Storage`].
     pub fn now_in(&self, tx: &mut Transaction<'_>) -> Result<u64> {
+        self.time(|| self.statements.server_now(tx))
+    }
+
+    /// The store's time: the builder's clock, or else the server's reading `server`.
+    ///
+    /// # Errors
+    /// As [`PgStore::now_in`].
+    fn time(&self, server: impl FnOnce() -> Result<u64>) -> Result<u64> {
         let now = match &self.clock {
             Some(clock) => representable(clock.now())?,
-            None => self.statements.server_now(tx)?,
+            None => server()?,
         };
         Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
     }
@@ -209,22 +217,52 @@ impl PgWriter {
         }
     }
 
+    /// Runs `batch` as one transaction on `conn`, in two round trips: `BEGIN`, the key locks
+    /// and after them the rows, tokens and time; the writes and `COMMIT`. (The synchronous
+    /// client cannot pipeline statements; a simple query carries several.)
     fn write_on(&self, conn: &mut Conn, batch: &mut [Command]) -> Result<bool> {
-        let sql = &self.store.statements;
-        let mut tx = conn
-            .transaction()
-            .map_err(|e| write_failed("starting a PostgreSQL transaction", e))?;
+        let client: &mut Client = conn;
         let keys: Vec<Vec<u8>> = batch
             .iter()
             .filter_map(|c| c.key().map(<[u8]>::to_vec))
             .collect();
-        // The locks first: the rows loaded, the tokens drawn and the time read after them
-        // reflect every batch that held one of these keys before.
-        sql.lock_keys(&mut tx, &keys)?;
-        let loaded = sql.load(&mut tx, &keys)?;
+        let written = self
+            .write_in(client, &keys, batch)
+            .and_then(|closing| match closing {
+                Some(text) => client
+                    .batch_execute(&text)
+                    .map(|()| true)
+                    .map_err(|e| write_failed("writing and committing a batch in PostgreSQL", e)),
+                None => Ok(false),
+            });
+        if !matches!(written, Ok(true)) {
+            // Nothing to keep (a clock the store cannot represent), or a failure before the
+            // commit answered: rolled back. A connection that cannot roll back is broken,
+            // and the pool discards it.
+            let rolled_back = client
+                .batch_execute("ROLLBACK")
+                .map_err(|e| write_failed("rolling back a batch in PostgreSQL", e));
+            written.as_ref().map_err(Clone::clone)?;
+            rolled_back?;
+        }
+        written
+    }
+
+    /// Starts the batch's transaction (the locks first: the rows loaded, the tokens drawn
+    /// and the time read after them reflect every batch that held one of these keys before)
+    /// and applies the batch: returns the text that writes it and commits, or `None` when
+    /// nothing is to be committed.
+    fn write_in(
+        &self,
+        client: &mut Client,
+        keys: &[Vec<u8>],
+        batch: &mut [Command],
+    ) -> Result<Option<String>> {
+        let sql = &self.store.statements;
         let claims = batch.iter().filter(|c| c.is_claim()).count();
-        let tokens = sql.next_tokens(&mut tx, claims)?;
-        let now = match self.store.now_in(&mut tx) {
+        let start = sql.start_batch(client, keys, claims)?;
+        let server_now = start.server_now;
+        let now = match self.store.time(|| server_now) {
             Ok(now) => now,
             // A clock reading the store cannot represent: nothing is written, every
             // command of the batch gets the error.
@@ -232,29 +270,37 @@ impl PgWriter {
                 for command in batch.iter_mut() {
                     command.answer_without_writing(&e);
                 }
-                return Ok(false);
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
         let mut tables = PgTables {
-            tx: &mut tx,
+            tx: client,
             sql,
-            loaded,
-            tokens: tokens.into_iter(),
+            loaded: start.rows,
+            tokens: start.tokens.into_iter(),
             written: HashMap::new(),
             now,
         };
         for command in batch.iter_mut() {
             committer::apply(&mut tables, command, now, &self.settings)?;
         }
-        tables.flush()?;
-        tx.commit()
-            .map_err(|e| write_failed("committing a batch in PostgreSQL", e))?;
-        Ok(true)
+        tables.closing().map(Some)
     }
 }
 
 impl BatchWriter for PgWriter {
+    /// Half the pool's connections carry batches, each on a committer thread of its own
+    /// that keeps its connection; the other half is for reads. So while one batch waits for
+    /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
+    /// transactions together, and the keys' locks order batches that share a key.
+    fn siblings(&self) -> Vec<PgWriter> {
+        let workers = (self.store.pool.max_size() / 2).max(1);
+        (1..workers)
+            .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
+            .collect()
+    }
+
     fn write(&self, batch: &mut [Command]) -> Result<bool> {
         let mut slot = self.conn.borrow_mut();
         let mut conn = match slot.take() {
@@ -271,8 +317,8 @@ impl BatchWriter for PgWriter {
 
 /// A batch's view of the rows of its keys: loaded once after the locks, changed in memory,
 /// written back in two statements before the commit.
-struct PgTables<'a, 't> {
-    tx: &'a mut Transaction<'t>,
+struct PgTables<'a> {
+    tx: &'a mut Client,
     sql: &'a Statements,
     /// The rows of the batch's keys as loaded (keys without a row are absent).
     loaded: HashMap<Vec<u8>, Loaded>,
@@ -285,10 +331,10 @@ struct PgTables<'a, 't> {
     now: u64,
 }
 
-impl PgTables<'_, '_> {
-    /// Writes the batch's changes: every record put in one statement, every deletion in
-    /// another.
-    fn flush(self) -> Result<()> {
+impl PgTables<'_> {
+    /// The text that writes the batch's changes (every record put in one statement, every
+    /// deletion in another) and commits.
+    fn closing(self) -> Result<String> {
         let mut rows = Vec::new();
         let mut deleted = Vec::new();
         for (key, row) in &self.written {
@@ -302,13 +348,11 @@ impl PgTables<'_, '_> {
                 None => deleted.push(key.as_slice()),
             }
         }
-        self.sql.upsert(self.tx, &rows)?;
-        self.sql.delete(self.tx, &deleted)?;
-        Ok(())
+        self.sql.write_and_commit(&rows, &deleted)
     }
 }
 
-impl Tables for PgTables<'_, '_> {
+impl Tables for PgTables<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Record>> {
         let row = match self.written.get(key) {
             Some(written) => written.as_ref(),
