@@ -693,6 +693,68 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_starts_and_ends_in_one_round_trip_each() {
+        let Some((db, sql)) = opened() else { return };
+        let mut client = db.client();
+        // Bytes a quoted literal would have to escape: they travel as hexadecimal digits.
+        let keys: [&[u8]; 3] = [b"k'1\\", b"\0scope\0k-2", b"k-absent"];
+        let start = sql.start_batch(&mut client, &keys, 2).unwrap();
+        let second = start.tokens[1];
+        assert!(start.rows.is_empty());
+        assert_eq!(start.tokens.len(), 2);
+        assert!(start.tokens[0] < start.tokens[1]);
+        assert!(*start.server_now.as_ref().unwrap() > 1_600_000_000_000_000_000);
+        assert_eq!(held_locks_of(&mut client), sql.lock_order(&keys));
+        let record = (0..=255u8).collect::<Vec<u8>>();
+        let text = sql
+            .write_and_commit::<&[u8]>(
+                &[
+                    row(keys[0], start.tokens[0], 100, b"first"),
+                    row(keys[1], start.tokens[1], u64::MAX, &record),
+                    // A key written twice: its last row counts.
+                    row(keys[0], start.tokens[1], 200, &record),
+                ],
+                &[keys[2]],
+            )
+            .unwrap();
+        client.batch_execute(&text).unwrap();
+        assert!(held_locks_of(&mut client).is_empty(), "committed: locks gone");
+
+        let start = sql.start_batch(&mut client, &keys, 0).unwrap();
+        assert!(start.tokens.is_empty());
+        assert_eq!(start.rows.len(), 2);
+        assert_eq!(start.rows[keys[0]].token, second);
+        assert_eq!(start.rows[keys[0]].dies_at, 200);
+        assert_eq!(start.rows[keys[0]].record, record);
+        assert_eq!(start.rows[keys[1]].dies_at, i64::MAX as u64);
+        assert_eq!(start.rows[keys[1]].record, record);
+        let text = sql.write_and_commit::<&[u8]>(&[], &[keys[0]]).unwrap();
+        client.batch_execute(&text).unwrap();
+        let start = sql.start_batch::<&[u8]>(&mut client, &[], 1).unwrap();
+        assert_eq!(start.tokens.len(), 1);
+        client.batch_execute("ROLLBACK").unwrap();
+        let mut tx = client.transaction().unwrap();
+        let loaded = sql.load(&mut tx, &keys).unwrap();
+        assert_eq!(loaded.len(), 1, "keys[0] deleted, keys[1] kept");
+        assert!(loaded.contains_key(keys[1]));
+    }
+
+    /// The advisory locks `client`'s session holds (inside or outside its transaction).
+    fn held_locks_of(client: &mut postgres::Client) -> Vec<i64> {
+        client
+            .query(
+                "SELECT ((classid::int8 << 32) | objid::int8) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND objsubid = 1 AND granted \
+                 AND pid = pg_backend_pid() ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[test]
     fn a_locked_key_makes_another_session_wait() {
         let Some((db, sql)) = opened() else { return };
         let (mut a, mut b) = (db.client(), db.client());
