@@ -19,6 +19,17 @@
 //! inserts all over its tree; `--keys sequential` gives each caller its own append point.
 //!
 //! Ratios are against the naive baseline measured in the same run.
+//!
+//! With `IDEMSTORE_PG` set and the example built with `--features postgres`, idemstore on
+//! PostgreSQL is measured too, against a hand-written PostgreSQL baseline of the same
+//! transitions (ratios against that baseline, in a table of their own):
+//!
+//! ```sh
+//! .ci/pg run -- cargo run --release --features postgres --example compare -- --postgres-only
+//! ```
+//!
+//! `--postgres` insists on them, `--no-postgres` skips them, `--pg-pool N` sets idemstore's
+//! pool size (half of it are committer threads).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -16,7 +16,10 @@
 //!
 //! The committer is the same for every engine: it collects batches and answers them, and
 //! [`apply`] runs each command's state transition ([`crate::machine`]) on the engine's
-//! [`Tables`]. An engine provides a [`BatchWriter`]: one transaction per batch.
+//! [`Tables`]. An engine provides a [`BatchWriter`]: one transaction per batch. An engine
+//! whose database orders concurrent transactions itself (PostgreSQL, through its key locks)
+//! may ask for more committer threads ([`BatchWriter::siblings`]): they share the queue,
+//! each with a batch in flight; redb has one.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;

@@ -226,15 +226,14 @@ impl PgWriter {
             .iter()
             .filter_map(|c| c.key().map(<[u8]>::to_vec))
             .collect();
-        let written = self
-            .write_in(client, &keys, batch)
-            .and_then(|closing| match closing {
-                Some(text) => client
-                    .batch_execute(&text)
-                    .map(|()| true)
-                    .map_err(|e| write_failed("writing and committing a batch in PostgreSQL", e)),
-                None => Ok(false),
-            });
+        let written =
+            self.write_in(client, &keys, batch)
+                .and_then(|closing| match closing {
+                    Some(text) => client.batch_execute(&text).map(|()| true).map_err(|e| {
+                        write_failed("writing and committing a batch in PostgreSQL", e)
+                    }),
+                    None => Ok(false),
+                });
         if !matches!(written, Ok(true)) {
             // Nothing to keep (a clock the store cannot represent), or a failure before the
             // commit answered: rolled back. A connection that cannot roll back is broken,

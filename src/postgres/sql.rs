@@ -19,9 +19,9 @@ use std::collections::HashMap;
 
 use std::ops::ControlFlow;
 
-use postgres::{GenericClient, SimpleQueryMessage};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
+use postgres::{GenericClient, SimpleQueryMessage};
 
 use super::error::{read_failed, write_failed};
 use super::schema::{Names, lock_key};
@@ -400,7 +400,10 @@ impl Statements {
         let mut text = String::new();
         let rows = last_rows(rows)?;
         if !rows.is_empty() {
-            let _ = write!(text, "INSERT INTO {records} (key, token, dies_at, record) VALUES ");
+            let _ = write!(
+                text,
+                "INSERT INTO {records} (key, token, dies_at, record) VALUES "
+            );
             for (i, (key, token, dies_at, record)) in rows.iter().enumerate() {
                 if i > 0 {
                     text.push(',');
@@ -477,7 +480,11 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`].
-    pub(crate) fn read_one(&self, tx: &mut impl GenericClient, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn read_one(
+        &self,
+        tx: &mut impl GenericClient,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
         let rows = tx
             .query_typed(&self.read_one, &[(&key, Type::BYTEA)])
             .map_err(|e| read_failed("reading a record from PostgreSQL", e))?;
@@ -521,13 +528,16 @@ impl Statements {
     }
 }
 
+/// A row to write with its numbers as bigints: key, token, death time, record.
+type BigintRow<'a> = (&'a [u8], i64, i64, &'a [u8]);
+
 /// Each key's last row of `rows` (`ON CONFLICT DO UPDATE` refuses to touch a row twice), as
 /// key, token, death time and record, the numbers as bigints.
 ///
 /// # Errors
 ///
 /// [`Error::Corrupt`] for a token above `i64::MAX`.
-fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<(&'a [u8], i64, i64, &'a [u8])>> {
+fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<BigintRow<'a>>> {
     let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         last.insert(row.key, i);
@@ -562,7 +572,7 @@ fn push_hex(text: &mut String, bytes: &[u8]) {
 fn from_hex(hex: &str) -> Option<Vec<u8>> {
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let hex = hex.as_bytes();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     hex.chunks(2)
@@ -718,7 +728,10 @@ mod tests {
             )
             .unwrap();
         client.batch_execute(&text).unwrap();
-        assert!(held_locks_of(&mut client).is_empty(), "committed: locks gone");
+        assert!(
+            held_locks_of(&mut client).is_empty(),
+            "committed: locks gone"
+        );
 
         let start = sql.start_batch(&mut client, &keys, 0).unwrap();
         assert!(start.tokens.is_empty());
