@@ -294,6 +294,7 @@ fn main() {
     let ratio =
         |rates: &[f64], base: &[f64]| median(rates.iter().zip(base).map(|(r, b)| r / b).collect());
     let mut bases: Vec<usize> = rows.iter().map(|r| r.2).collect();
+    bases.sort_unstable();
     bases.dedup();
     for base in bases {
         println!(
