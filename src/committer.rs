@@ -16,7 +16,10 @@
 //!
 //! The committer is the same for every engine: it collects batches and answers them, and
 //! [`apply`] runs each command's state transition ([`crate::machine`]) on the engine's
-//! [`Tables`]. An engine provides a [`BatchWriter`]: one transaction per batch.
+//! [`Tables`]. An engine provides a [`BatchWriter`]: one transaction per batch. An engine
+//! whose database orders concurrent transactions itself (PostgreSQL, through its key locks)
+//! may ask for more committer threads ([`BatchWriter::siblings`]): they share the queue,
+//! each with a batch in flight; redb has one.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -127,11 +130,11 @@ enum Msg {
     Shutdown,
 }
 
-/// Handle of the committer thread.
+/// Handle of the committer thread (or threads, for an engine with [`BatchWriter::siblings`]).
 pub(crate) struct Committer {
     tx: Sender<Msg>,
     bell: Arc<Doorbell>,
-    handle: Option<JoinHandle<()>>,
+    handles: Vec<JoinHandle<()>>,
 }
 
 /// A cheap handle that submits operations to the committer (the reaper holds one).
@@ -261,6 +264,17 @@ pub(crate) trait BatchWriter: Send + 'static {
 
     /// Runs once when the committer stops cleanly, after the last batch.
     fn close(&self) {}
+
+    /// Writers for more committer threads beside this one's, each with a batch of its own in
+    /// flight: for an engine that orders concurrent batches itself (PostgreSQL's key locks,
+    /// taken in one order, do), so that a batch can be sent while others wait for their
+    /// commits. Empty, the default: one committer thread, which sleeps on the doorbell.
+    fn siblings(&self) -> Vec<Self>
+    where
+        Self: Sized,
+    {
+        Vec::new()
+    }
 }
 
 struct Worker<W> {
@@ -275,9 +289,32 @@ impl Committer {
     ///
     /// # Errors
     /// [`Error::Storage`] if the thread cannot be spawned.
-    pub fn spawn(writer: impl BatchWriter, stats: Arc<StatsCells>) -> Result<Committer> {
+    pub fn spawn<W: BatchWriter>(writer: W, stats: Arc<StatsCells>) -> Result<Committer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let bell = Arc::new(Doorbell::default());
+        let siblings = writer.siblings();
+        if !siblings.is_empty() {
+            // Several workers on one queue, each waiting in the channel's own `recv` (the
+            // doorbell has one sleeper; a ring without one costs a fence and a load). If a
+            // spawn fails, the workers already started stop when the queue's sender drops.
+            let handles = std::iter::once(writer)
+                .chain(siblings)
+                .enumerate()
+                .map(|(i, writer)| {
+                    let worker = Worker {
+                        writer,
+                        stats: Arc::clone(&stats),
+                        bell: Arc::clone(&bell),
+                    };
+                    let rx = rx.clone();
+                    std::thread::Builder::new()
+                        .name(format!("idemstore-committer-{i}"))
+                        .spawn(move || worker.run_shared(rx))
+                        .map_err(|e| Error::storage("starting a committer thread", e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Committer { tx, bell, handles });
+        }
         let worker = Worker {
             writer,
             stats,
@@ -291,7 +328,7 @@ impl Committer {
         Ok(Committer {
             tx,
             bell,
-            handle: Some(handle),
+            handles: vec![handle],
         })
     }
 
@@ -303,11 +340,15 @@ impl Committer {
         }
     }
 
-    /// Stops the thread after it answered everything queued before, and joins it.
+    /// Stops the thread (each thread) after everything queued before was answered, and joins
+    /// it.
     pub fn shutdown(&mut self) {
-        let _ = self.tx.send(Msg::Shutdown);
+        // One stop for each worker: a worker stops at the first it takes.
+        for _ in &self.handles {
+            let _ = self.tx.send(Msg::Shutdown);
+        }
         self.bell.ring();
-        if let Some(h) = self.handle.take() {
+        for h in self.handles.drain(..) {
             let _ = h.join();
         }
     }
@@ -342,31 +383,52 @@ fn let_callers_catch_up(rx: &Receiver<Msg>, answered: usize) {
     }
 }
 
+/// Adds what is queued to `batch`, up to [`MAX_BATCH`]; whether a stop was taken.
+fn take_queued(rx: &Receiver<Msg>, batch: &mut Vec<Command>) -> bool {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(Msg::Command(command)) => batch.push(command),
+            Ok(Msg::Shutdown) => return true,
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => return false,
+        }
+    }
+    false
+}
+
 impl<W: BatchWriter> Worker<W> {
     fn run(self, rx: Receiver<Msg>) {
         let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
         loop {
-            let mut stop = false;
             match self.next(&rx) {
                 Some(Msg::Command(command)) => batch.push(command),
                 Some(Msg::Shutdown) | None => break,
             }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Command(command)) => batch.push(command),
-                    Ok(Msg::Shutdown) => {
-                        stop = true;
-                        break;
-                    }
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
+            let stop = take_queued(&rx, &mut batch);
             let answered = batch.len();
             self.commit_batch(&mut batch);
             if stop {
                 break;
             }
             let_callers_catch_up(&rx, answered);
+        }
+        self.writer.close();
+    }
+
+    /// One of several workers sharing the queue: each takes what is queued when it is free,
+    /// so a batch is collected and sent while the others wait for their commits. No yields
+    /// between batches: another worker takes what arrives meanwhile.
+    fn run_shared(self, rx: Receiver<Msg>) {
+        let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
+        loop {
+            match rx.recv() {
+                Ok(Msg::Command(command)) => batch.push(command),
+                Ok(Msg::Shutdown) | Err(_) => break,
+            }
+            let stop = take_queued(&rx, &mut batch);
+            self.commit_batch(&mut batch);
+            if stop {
+                break;
+            }
         }
         self.writer.close();
     }

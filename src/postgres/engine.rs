@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use postgres::Transaction;
+use postgres::{Client, Transaction};
 
-use super::error::{chain, read_failed, write_failed};
+use super::error::{read_failed, write_failed};
 use super::pool::{Conn, Pool, connection, open_pool};
 use super::schema::{Names, create_or_check};
 use super::sql::{Loaded, Statements, Upsert};
@@ -68,9 +68,17 @@ impl PgStore {
     /// # Errors
     /// [`Error::Clock`] for a reading the store cannot represent; [`Error::Storage`].
     pub fn now_in(&self, tx: &mut Transaction<'_>) -> Result<u64> {
+        self.time(|| self.statements.server_now(tx))
+    }
+
+    /// The store's time: the builder's clock, or else the server's reading `server`.
+    ///
+    /// # Errors
+    /// As [`PgStore::now_in`].
+    fn time(&self, server: impl FnOnce() -> Result<u64>) -> Result<u64> {
         let now = match &self.clock {
             Some(clock) => representable(clock.now())?,
-            None => self.statements.server_now(tx)?,
+            None => server()?,
         };
         Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
     }
@@ -209,20 +217,69 @@ impl PgWriter {
         }
     }
 
-    /// Runs `batch` in `tx` and commits it.
-    fn write_in(&self, mut tx: Transaction<'_>, batch: &mut [Command]) -> Result<bool> {
-        let sql = &self.store.statements;
+    /// Runs `batch` as one transaction on `conn`, in two round trips: `BEGIN`, the key locks
+    /// and after them the rows, tokens and time; the writes and `COMMIT`. (The synchronous
+    /// client cannot pipeline statements; a simple query carries several.)
+    fn write_on(
+        &self,
+        conn: &mut Conn,
+        batch: &mut [Command],
+    ) -> std::result::Result<bool, Failed> {
+        let client: &mut Client = conn;
         let keys: Vec<Vec<u8>> = batch
             .iter()
             .filter_map(|c| c.key().map(<[u8]>::to_vec))
             .collect();
-        // The locks first: the rows loaded, the tokens drawn and the time read after them
-        // reflect every batch that held one of these keys before.
-        sql.lock_keys(&mut tx, &keys)?;
-        let loaded = sql.load(&mut tx, &keys)?;
+        let written =
+            self.write_in(client, &keys, batch)?
+                .map_or(Ok(false), |text| {
+                    client.batch_execute(&text).map(|()| true).map_err(|e| {
+                        write_failed("writing and committing a batch in PostgreSQL", e)
+                    })
+                });
+        if !matches!(written, Ok(true)) {
+            // Nothing to keep (a clock the store cannot represent), or a failure before the
+            // commit answered: rolled back. A connection that cannot roll back is broken,
+            // and the pool discards it.
+            let rolled_back = client
+                .batch_execute("ROLLBACK")
+                .map_err(|e| write_failed("rolling back a batch in PostgreSQL", e));
+            written.as_ref().map_err(|e| Failed::Writing(e.clone()))?;
+            rolled_back.map_err(Failed::Writing)?;
+        }
+        written.map_err(Failed::Writing)
+    }
+
+    /// Starts the batch's transaction (the locks first: the rows loaded, the tokens drawn
+    /// and the time read after them reflect every batch that held one of these keys before)
+    /// and applies the batch: returns the text that writes it and commits, or `None` when
+    /// nothing is to be committed.
+    fn write_in(
+        &self,
+        client: &mut Client,
+        keys: &[Vec<u8>],
+        batch: &mut [Command],
+    ) -> std::result::Result<Option<String>, Failed> {
+        let sql = &self.store.statements;
         let claims = batch.iter().filter(|c| c.is_claim()).count();
-        let tokens = sql.next_tokens(&mut tx, claims)?;
-        let now = match self.store.now_in(&mut tx) {
+        // Only locks and reads so far: a failure here wrote nothing of the batch.
+        let start = sql
+            .start_batch(client, keys, claims)
+            .map_err(Failed::BeforeWriting)?;
+        self.apply(client, start, batch).map_err(Failed::Writing)
+    }
+
+    /// Applies the batch to the rows `start` loaded: the text that writes it and commits, or
+    /// `None` when nothing is to be committed.
+    fn apply(
+        &self,
+        client: &mut Client,
+        start: super::sql::BatchStart,
+        batch: &mut [Command],
+    ) -> Result<Option<String>> {
+        let sql = &self.store.statements;
+        let server_now = start.server_now;
+        let now = match self.store.time(|| server_now) {
             Ok(now) => now,
             // A clock reading the store cannot represent: nothing is written, every
             // command of the batch gets the error.
@@ -230,58 +287,76 @@ impl PgWriter {
                 for command in batch.iter_mut() {
                     command.answer_without_writing(&e);
                 }
-                return Ok(false);
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
         let mut tables = PgTables {
-            tx: &mut tx,
+            tx: client,
             sql,
-            loaded,
-            tokens: tokens.into_iter(),
+            loaded: start.rows,
+            tokens: start.tokens.into_iter(),
             written: HashMap::new(),
             now,
         };
         for command in batch.iter_mut() {
             committer::apply(&mut tables, command, now, &self.settings)?;
         }
-        tables.flush()?;
-        tx.commit()
-            .map_err(|e| write_failed("committing a batch in PostgreSQL", e))?;
-        Ok(true)
+        tables.closing().map(Some)
+    }
+}
+
+/// How a batch failed: before anything of it was written (its first round trip only locks
+/// and reads), or after (the outcome may be unknown).
+enum Failed {
+    BeforeWriting(Error),
+    Writing(Error),
+}
+
+impl Failed {
+    fn into_error(self) -> Error {
+        match self {
+            Failed::BeforeWriting(e) | Failed::Writing(e) => e,
+        }
     }
 }
 
 impl BatchWriter for PgWriter {
+    /// Half the pool's connections carry batches, each on a committer thread of its own
+    /// that keeps its connection; the other half is for reads. So while one batch waits for
+    /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
+    /// transactions together, and the keys' locks order batches that share a key.
+    fn siblings(&self) -> Vec<PgWriter> {
+        let workers = (self.store.pool.max_size() / 2).max(1);
+        (1..workers)
+            .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
+            .collect()
+    }
+
     fn write(&self, batch: &mut [Command]) -> Result<bool> {
         let mut slot = self.conn.borrow_mut();
         // The connection kept since the last batch was not checked by the pool since then:
-        // the server may have closed it meanwhile (a restart, an idle timeout). When even its
-        // BEGIN fails, nothing of the batch was sent, so the batch runs on a connection from
-        // the pool (checked on checkout) instead of failing.
-        if let Some(mut conn) = slot.take() {
-            let written = match conn.transaction() {
-                Ok(tx) => Some(self.write_in(tx, batch)),
-                Err(e) => {
-                    tracing::debug!(
-                        error = %chain(&e),
-                        "idemstore: the kept PostgreSQL connection failed; the batch runs on another one"
-                    );
-                    None
+        // the server may have closed it meanwhile (a restart, an idle timeout). One the
+        // client already knows is closed is dropped; when the batch's first round trip
+        // fails on it (that one only locks and reads: nothing of the batch is written yet),
+        // the batch runs again on a connection from the pool, which checks it on checkout.
+        if let Some(mut conn) = slot.take().filter(|c| !c.is_closed()) {
+            match self.write_on(&mut conn, batch) {
+                Err(Failed::BeforeWriting(e)) => tracing::debug!(
+                    error = %e,
+                    "idemstore: the kept PostgreSQL connection failed; the batch runs on another one"
+                ),
+                written => {
+                    let written = written.map_err(Failed::into_error);
+                    if written.is_ok() {
+                        *slot = Some(conn);
+                    }
+                    return written;
                 }
-            };
-            if let Some(written) = written {
-                if written.is_ok() {
-                    *slot = Some(conn);
-                }
-                return written;
             }
         }
         let mut conn = connection(&self.store.pool)?;
-        let tx = conn
-            .transaction()
-            .map_err(|e| write_failed("starting a PostgreSQL transaction", e))?;
-        let written = self.write_in(tx, batch);
+        let written = self.write_on(&mut conn, batch).map_err(Failed::into_error);
         if written.is_ok() {
             *slot = Some(conn);
         }
@@ -291,8 +366,8 @@ impl BatchWriter for PgWriter {
 
 /// A batch's view of the rows of its keys: loaded once after the locks, changed in memory,
 /// written back in two statements before the commit.
-struct PgTables<'a, 't> {
-    tx: &'a mut Transaction<'t>,
+struct PgTables<'a> {
+    tx: &'a mut Client,
     sql: &'a Statements,
     /// The rows of the batch's keys as loaded (keys without a row are absent).
     loaded: HashMap<Vec<u8>, Loaded>,
@@ -305,10 +380,10 @@ struct PgTables<'a, 't> {
     now: u64,
 }
 
-impl PgTables<'_, '_> {
-    /// Writes the batch's changes: every record put in one statement, every deletion in
-    /// another.
-    fn flush(self) -> Result<()> {
+impl PgTables<'_> {
+    /// The text that writes the batch's changes (every record put in one statement, every
+    /// deletion in another) and commits.
+    fn closing(self) -> Result<String> {
         let mut rows = Vec::new();
         let mut deleted = Vec::new();
         for (key, row) in &self.written {
@@ -322,13 +397,11 @@ impl PgTables<'_, '_> {
                 None => deleted.push(key.as_slice()),
             }
         }
-        self.sql.upsert(self.tx, &rows)?;
-        self.sql.delete(self.tx, &deleted)?;
-        Ok(())
+        self.sql.write_and_commit(&rows, &deleted)
     }
 }
 
-impl Tables for PgTables<'_, '_> {
+impl Tables for PgTables<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Record>> {
         let row = match self.written.get(key) {
             Some(written) => written.as_ref(),

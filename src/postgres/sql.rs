@@ -19,9 +19,9 @@ use std::collections::HashMap;
 
 use std::ops::ControlFlow;
 
-use postgres::Transaction;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
+use postgres::{GenericClient, SimpleQueryMessage};
 
 use super::error::{read_failed, write_failed};
 use super::schema::{Names, lock_key};
@@ -47,10 +47,29 @@ pub(crate) struct Loaded {
     pub record: Vec<u8>,
 }
 
+/// The server's clock in nanoseconds since 1970: `clock_timestamp()`, the time of the
+/// reading, not the transaction's start (`now()`), which may lie before the waits for locks.
+const NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000000000)::int8";
+
+/// What [`Statements::start_batch`] read after a batch's locks.
+#[derive(Debug)]
+pub(crate) struct BatchStart {
+    /// The rows of the batch's keys that have one.
+    pub rows: HashMap<Vec<u8>, Loaded>,
+    /// Fresh fencing tokens, ascending.
+    pub tokens: Vec<u64>,
+    /// The server's clock, read after the locks (`Err`: a reading before 1970).
+    pub server_now: Result<u64>,
+}
+
 /// The statement texts for one schema, built once when the store opens.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
     schema: String,
+    /// The records table's qualified name, for the texts of a batch's start and end.
+    records: String,
+    /// The token sequence's name as a literal for `nextval`.
+    sequence: String,
     lock: String,
     load: String,
     tokens: String,
@@ -74,6 +93,8 @@ impl Statements {
         let sequence = format!("E'{}'", tokens.replace('\\', "\\\\").replace('\'', "''"));
         Statements {
             schema: names.schema.clone(),
+            records: records.clone(),
+            sequence: sequence.clone(),
             // The array arrives sorted and without duplicates; a function scan of `unnest`
             // yields its elements in order, so the locks are taken in that order.
             lock: "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS u(k)".to_owned(),
@@ -88,7 +109,7 @@ impl Statements {
                  dies_at = EXCLUDED.dies_at, record = EXCLUDED.record"
             ),
             delete: format!("DELETE FROM {records} WHERE key = ANY($1::bytea[])"),
-            now: "SELECT (extract(epoch FROM clock_timestamp()) * 1000000000)::int8".to_owned(),
+            now: format!("SELECT {NOW}"),
             read_one: format!("SELECT record FROM {records} WHERE key = $1"),
             // Tokens rise with every claim: the order in which the keys were (last) claimed.
             walk: format!("SELECT key, record FROM {records} ORDER BY token"),
@@ -134,7 +155,7 @@ impl Statements {
     /// reported by the server after its `deadlock_timeout` (retryable).
     pub(crate) fn lock_keys<K: AsRef<[u8]>>(
         &self,
-        tx: &mut Transaction<'_>,
+        tx: &mut impl GenericClient,
         keys: &[K],
     ) -> Result<()> {
         let ids = self.lock_order(keys);
@@ -146,6 +167,116 @@ impl Statements {
         Ok(())
     }
 
+    /// Starts a batch's transaction in one round trip (a simple query of several
+    /// statements, each run after the one before it, with a snapshot of its own): `BEGIN`;
+    /// the key locks, as [`Statements::lock_keys`]; then, after the locks, the stored rows of
+    /// those of `keys` that have one, `claims` fresh fencing tokens (see
+    /// [`Statements::next_tokens`]) and the server's clock. The keys are written as
+    /// hexadecimal text decoded by the server, the lock keys and counts as integers: nothing
+    /// in the text is quoted from outside. The transaction stays open, also after an error
+    /// (the caller rolls it back).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token or death time, or an
+    /// answer not of the statements' shape. A server clock before 1970 is not an error here
+    /// but [`BatchStart::server_now`]'s.
+    pub(crate) fn start_batch<K: AsRef<[u8]>>(
+        &self,
+        tx: &mut impl GenericClient,
+        keys: &[K],
+        claims: usize,
+    ) -> Result<BatchStart> {
+        use std::fmt::Write as _;
+        let ids = self.lock_order(keys);
+        let mut text = String::from("BEGIN; ");
+        if !ids.is_empty() {
+            let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+            let _ = write!(
+                text,
+                "SELECT pg_advisory_xact_lock(k) FROM unnest('{{{}}}'::int8[]) AS u(k); \
+                 SELECT encode(key, 'hex'), token, dies_at, encode(record, 'hex') \
+                 FROM {} WHERE key IN (",
+                list.join(","),
+                self.records
+            );
+            for (i, key) in keys.iter().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                text.push_str("decode('");
+                push_hex(&mut text, key.as_ref());
+                text.push_str("', 'hex')");
+            }
+            text.push_str("); ");
+        }
+        let _ = write!(
+            text,
+            "SELECT {NOW}, ARRAY(SELECT nextval({}) FROM generate_series(1, {claims}))::text",
+            self.sequence
+        );
+        let messages = tx
+            .simple_query(&text)
+            .map_err(|e| write_failed("starting a batch in PostgreSQL", e))?;
+        // The rows of each statement, in order: BEGIN, [locks, load,] clock and tokens.
+        let mut answers: Vec<Vec<postgres::SimpleQueryRow>> = vec![Vec::new()];
+        for message in messages {
+            match message {
+                SimpleQueryMessage::Row(row) => answers.last_mut().expect("one").push(row),
+                SimpleQueryMessage::CommandComplete(_) => answers.push(Vec::new()),
+                _ => {}
+            }
+        }
+        let expected = if ids.is_empty() { 2 } else { 4 };
+        let odd = || Error::corrupt("PostgreSQL answered a batch's start in an unexpected shape");
+        if answers.len() != expected + 1 {
+            return Err(odd());
+        }
+        let mut rows = HashMap::new();
+        if !ids.is_empty() {
+            for row in &answers[2] {
+                let field = |i: usize| row.get(i).ok_or_else(odd);
+                let bigint = |i: usize, what: &str| {
+                    field(i)?
+                        .parse::<i64>()
+                        .map_err(|_| odd())
+                        .and_then(|v| from_bigint(v, what))
+                };
+                let loaded = Loaded {
+                    token: bigint(1, "token")?,
+                    dies_at: bigint(2, "dies_at")?,
+                    record: from_hex(field(3)?).ok_or_else(odd)?,
+                };
+                rows.insert(from_hex(field(0)?).ok_or_else(odd)?, loaded);
+            }
+        }
+        let last = answers[expected - 1].first().ok_or_else(odd)?;
+        let now: i64 = last.get(0).and_then(|v| v.parse().ok()).ok_or_else(odd)?;
+        let list = last.get(1).ok_or_else(odd)?;
+        let list = list
+            .strip_prefix('{')
+            .and_then(|l| l.strip_suffix('}'))
+            .ok_or_else(odd)?;
+        let mut tokens = list
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse::<i64>()
+                    .map_err(|_| odd())
+                    .and_then(|v| from_bigint(v, "fencing token"))
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        if tokens.len() != claims {
+            return Err(odd());
+        }
+        tokens.sort_unstable();
+        Ok(BatchStart {
+            rows,
+            tokens,
+            server_now: clock_reading(now),
+        })
+    }
+
     /// The stored rows of those of `keys` that have one, in one statement.
     ///
     /// # Errors
@@ -153,7 +284,7 @@ impl Statements {
     /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token or death time.
     pub(crate) fn load<K: AsRef<[u8]>>(
         &self,
-        tx: &mut Transaction<'_>,
+        tx: &mut impl GenericClient,
         keys: &[K],
     ) -> Result<HashMap<Vec<u8>, Loaded>> {
         if keys.is_empty() {
@@ -187,7 +318,7 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`]; [`Error::Corrupt`] when the sequence hands out a negative value.
-    pub(crate) fn next_tokens(&self, tx: &mut Transaction<'_>, n: usize) -> Result<Vec<u64>> {
+    pub(crate) fn next_tokens(&self, tx: &mut impl GenericClient, n: usize) -> Result<Vec<u64>> {
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -211,33 +342,15 @@ impl Statements {
     ///
     /// [`Error::Storage`]; [`Error::Corrupt`] for a token above `i64::MAX` (never drawn from
     /// the sequence).
-    pub(crate) fn upsert(&self, tx: &mut Transaction<'_>, rows: &[Upsert<'_>]) -> Result<()> {
+    pub(crate) fn upsert(&self, tx: &mut impl GenericClient, rows: &[Upsert<'_>]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        // One row per key: `ON CONFLICT DO UPDATE` refuses to touch a row twice.
-        let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            last.insert(row.key, i);
-        }
-        let mut keys = Vec::with_capacity(last.len());
-        let mut tokens = Vec::with_capacity(last.len());
-        let mut deaths = Vec::with_capacity(last.len());
-        let mut records = Vec::with_capacity(last.len());
-        for (i, row) in rows.iter().enumerate() {
-            if last.get(row.key) != Some(&i) {
-                continue;
-            }
-            keys.push(row.key);
-            tokens.push(i64::try_from(row.token).map_err(|_| {
-                Error::corrupt(format!(
-                    "fencing token {} does not fit PostgreSQL's bigint",
-                    row.token
-                ))
-            })?);
-            deaths.push(to_bigint(row.dies_at));
-            records.push(row.record);
-        }
+        let rows = last_rows(rows)?;
+        let keys: Vec<&[u8]> = rows.iter().map(|r| r.0).collect();
+        let tokens: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let deaths: Vec<i64> = rows.iter().map(|r| r.2).collect();
+        let records: Vec<&[u8]> = rows.iter().map(|r| r.3).collect();
         tx.query_typed(
             &self.upsert,
             &[
@@ -258,7 +371,7 @@ impl Statements {
     /// [`Error::Storage`].
     pub(crate) fn delete<K: AsRef<[u8]>>(
         &self,
-        tx: &mut Transaction<'_>,
+        tx: &mut impl GenericClient,
         keys: &[K],
     ) -> Result<u64> {
         if keys.is_empty() {
@@ -269,6 +382,59 @@ impl Statements {
             .map_err(|e| write_failed("deleting records from PostgreSQL", e))
     }
 
+    /// The text that ends a batch's transaction, in one round trip (a simple query): writes
+    /// `rows` (as [`Statements::upsert`]: a key's last row counts), deletes the rows of
+    /// `deleted`, and commits. Keys and records are written as hexadecimal text decoded by
+    /// the server, tokens and times as integers: nothing in the text is quoted from outside.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] for a token above `i64::MAX` (never drawn from the sequence).
+    pub(crate) fn write_and_commit<K: AsRef<[u8]>>(
+        &self,
+        rows: &[Upsert<'_>],
+        deleted: &[K],
+    ) -> Result<String> {
+        use std::fmt::Write as _;
+        let records = &self.records;
+        let mut text = String::new();
+        let rows = last_rows(rows)?;
+        if !rows.is_empty() {
+            let _ = write!(
+                text,
+                "INSERT INTO {records} (key, token, dies_at, record) VALUES "
+            );
+            for (i, (key, token, dies_at, record)) in rows.iter().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                text.push_str("(decode('");
+                push_hex(&mut text, key);
+                let _ = write!(text, "', 'hex'), {token}, {dies_at}, decode('");
+                push_hex(&mut text, record);
+                text.push_str("', 'hex'))");
+            }
+            text.push_str(
+                " ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, \
+                 dies_at = EXCLUDED.dies_at, record = EXCLUDED.record; ",
+            );
+        }
+        if !deleted.is_empty() {
+            let _ = write!(text, "DELETE FROM {records} WHERE key IN (");
+            for (i, key) in deleted.iter().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                text.push_str("decode('");
+                push_hex(&mut text, key.as_ref());
+                text.push_str("', 'hex')");
+            }
+            text.push_str("); ");
+        }
+        text.push_str("COMMIT");
+        Ok(text)
+    }
+
     /// The database server's clock, in nanoseconds since 1970 (microsecond precision):
     /// `clock_timestamp()`, the time of this call, not the transaction's start (`now()`),
     /// which may lie before the waits for the locks.
@@ -276,14 +442,11 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`]; [`Error::Clock`] for a server time before 1970.
-    pub(crate) fn server_now(&self, tx: &mut Transaction<'_>) -> Result<u64> {
+    pub(crate) fn server_now(&self, tx: &mut impl GenericClient) -> Result<u64> {
         let row = tx
             .query_typed_one(&self.now, &[])
             .map_err(|e| write_failed("reading the PostgreSQL server's clock", e))?;
-        let nanos: i64 = row.get(0);
-        u64::try_from(nanos).map_err(|_| Error::Clock {
-            reason: format!("the PostgreSQL server's clock reads {nanos} ns, before 1970"),
-        })
+        clock_reading(row.get(0))
     }
 
     /// Deletes up to `limit` rows whose death time is at or before `now`, oldest first, and
@@ -295,7 +458,7 @@ impl Statements {
     /// [`Error::Storage`].
     pub(crate) fn reap(
         &self,
-        tx: &mut Transaction<'_>,
+        tx: &mut impl GenericClient,
         now: u64,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>> {
@@ -317,7 +480,11 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`].
-    pub(crate) fn read_one(&self, tx: &mut Transaction<'_>, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn read_one(
+        &self,
+        tx: &mut impl GenericClient,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
         let rows = tx
             .query_typed(&self.read_one, &[(&key, Type::BYTEA)])
             .map_err(|e| read_failed("reading a record from PostgreSQL", e))?;
@@ -330,7 +497,7 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`], or `visit`'s own error.
-    pub(crate) fn walk(&self, tx: &mut Transaction<'_>, visit: &mut RowVisit<'_>) -> Result<()> {
+    pub(crate) fn walk(&self, tx: &mut impl GenericClient, visit: &mut RowVisit<'_>) -> Result<()> {
         let params: [&(dyn ToSql + Sync); 0] = [];
         let mut rows = tx
             .query_raw(self.walk.as_str(), params)
@@ -353,12 +520,71 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`].
-    pub(crate) fn last_token(&self, tx: &mut Transaction<'_>) -> Result<u64> {
+    pub(crate) fn last_token(&self, tx: &mut impl GenericClient) -> Result<u64> {
         let row = tx
             .query_typed_one(&self.last_token, &[])
             .map_err(|e| read_failed("reading the fencing-token sequence", e))?;
         from_bigint(row.get(0), "fencing token")
     }
+}
+
+/// A row to write with its numbers as bigints: key, token, death time, record.
+type BigintRow<'a> = (&'a [u8], i64, i64, &'a [u8]);
+
+/// Each key's last row of `rows` (`ON CONFLICT DO UPDATE` refuses to touch a row twice), as
+/// key, token, death time and record, the numbers as bigints.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] for a token above `i64::MAX`.
+fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<BigintRow<'a>>> {
+    let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        last.insert(row.key, i);
+    }
+    let mut out = Vec::with_capacity(last.len());
+    for (i, row) in rows.iter().enumerate() {
+        if last.get(row.key) != Some(&i) {
+            continue;
+        }
+        let token = i64::try_from(row.token).map_err(|_| {
+            Error::corrupt(format!(
+                "fencing token {} does not fit PostgreSQL's bigint",
+                row.token
+            ))
+        })?;
+        out.push((row.key, token, to_bigint(row.dies_at), row.record));
+    }
+    Ok(out)
+}
+
+/// Appends `bytes` as lowercase hexadecimal digits.
+fn push_hex(text: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    text.reserve(2 * bytes.len());
+    for b in bytes {
+        text.push(DIGITS[usize::from(b >> 4)] as char);
+        text.push(DIGITS[usize::from(b & 15)] as char);
+    }
+}
+
+/// The bytes written as hexadecimal digits in `hex` (`None`: not such digits).
+fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let hex = hex.as_bytes();
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
+/// The server clock's reading in nanoseconds since 1970.
+fn clock_reading(nanos: i64) -> Result<u64> {
+    u64::try_from(nanos).map_err(|_| Error::Clock {
+        reason: format!("the PostgreSQL server's clock reads {nanos} ns, before 1970"),
+    })
 }
 
 /// A time as a bigint: beyond `i64::MAX` (year 2262) stored as `i64::MAX`.
@@ -374,6 +600,8 @@ fn from_bigint(value: i64, what: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+
+    use postgres::Transaction;
     use std::sync::{Arc, Barrier};
 
     use super::*;
@@ -472,6 +700,71 @@ mod tests {
         sql.upsert(&mut tx, &[]).unwrap();
         assert_eq!(sql.delete::<&[u8]>(&mut tx, &[]).unwrap(), 0);
         assert!(sql.next_tokens(&mut tx, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_batch_starts_and_ends_in_one_round_trip_each() {
+        let Some((db, sql)) = opened() else { return };
+        let mut client = db.client();
+        // Bytes a quoted literal would have to escape: they travel as hexadecimal digits.
+        let keys: [&[u8]; 3] = [b"k'1\\", b"\0scope\0k-2", b"k-absent"];
+        let start = sql.start_batch(&mut client, &keys, 2).unwrap();
+        let second = start.tokens[1];
+        assert!(start.rows.is_empty());
+        assert_eq!(start.tokens.len(), 2);
+        assert!(start.tokens[0] < start.tokens[1]);
+        assert!(*start.server_now.as_ref().unwrap() > 1_600_000_000_000_000_000);
+        assert_eq!(held_locks_of(&mut client), sql.lock_order(&keys));
+        let record = (0..=255u8).collect::<Vec<u8>>();
+        let text = sql
+            .write_and_commit::<&[u8]>(
+                &[
+                    row(keys[0], start.tokens[0], 100, b"first"),
+                    row(keys[1], start.tokens[1], u64::MAX, &record),
+                    // A key written twice: its last row counts.
+                    row(keys[0], start.tokens[1], 200, &record),
+                ],
+                &[keys[2]],
+            )
+            .unwrap();
+        client.batch_execute(&text).unwrap();
+        assert!(
+            held_locks_of(&mut client).is_empty(),
+            "committed: locks gone"
+        );
+
+        let start = sql.start_batch(&mut client, &keys, 0).unwrap();
+        assert!(start.tokens.is_empty());
+        assert_eq!(start.rows.len(), 2);
+        assert_eq!(start.rows[keys[0]].token, second);
+        assert_eq!(start.rows[keys[0]].dies_at, 200);
+        assert_eq!(start.rows[keys[0]].record, record);
+        assert_eq!(start.rows[keys[1]].dies_at, i64::MAX as u64);
+        assert_eq!(start.rows[keys[1]].record, record);
+        let text = sql.write_and_commit::<&[u8]>(&[], &[keys[0]]).unwrap();
+        client.batch_execute(&text).unwrap();
+        let start = sql.start_batch::<&[u8]>(&mut client, &[], 1).unwrap();
+        assert_eq!(start.tokens.len(), 1);
+        client.batch_execute("ROLLBACK").unwrap();
+        let mut tx = client.transaction().unwrap();
+        let loaded = sql.load(&mut tx, &keys).unwrap();
+        assert_eq!(loaded.len(), 1, "keys[0] deleted, keys[1] kept");
+        assert!(loaded.contains_key(keys[1]));
+    }
+
+    /// The advisory locks `client`'s session holds (inside or outside its transaction).
+    fn held_locks_of(client: &mut postgres::Client) -> Vec<i64> {
+        client
+            .query(
+                "SELECT ((classid::int8 << 32) | objid::int8) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND objsubid = 1 AND granted \
+                 AND pid = pg_backend_pid() ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     #[test]
