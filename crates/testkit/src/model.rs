@@ -20,7 +20,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idemstore::{
-    Begin, Completed, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock, Stats, Store,
+    Begin, Builder, Completed, Durability, Entry, Error, Fingerprint, Key, Lease, ManualClock,
+    Stats, Store,
 };
 
 /// Keys the operations choose from (by index). Two pairs differ only in where the scope ends.
@@ -785,8 +786,11 @@ struct Held {
     token: u64,
 }
 
-struct Harness {
-    backend: Backend,
+struct Harness<'a> {
+    /// Opens the store under test with the given builder.
+    open: &'a dyn Fn(Builder) -> idemstore::Result<Store>,
+    /// Whether `Reopen` closes and reopens the store (it finds its data again).
+    reopens: bool,
     clock: ManualClock,
     store: Option<Store>,
     keys: Vec<Key>,
@@ -799,7 +803,11 @@ struct Harness {
     coverage: Coverage,
 }
 
-fn open(backend: &Backend, clock: &ManualClock, settings: (u64, u64)) -> Store {
+fn open(
+    opener: &dyn Fn(Builder) -> idemstore::Result<Store>,
+    clock: &ManualClock,
+    settings: (u64, u64),
+) -> Store {
     let builder = Store::builder()
         .ttl(Duration::from_millis(settings.0))
         .lease(Duration::from_millis(settings.1))
@@ -807,20 +815,17 @@ fn open(backend: &Backend, clock: &ManualClock, settings: (u64, u64)) -> Store {
         .max_response_bytes(MAX_BYTES)
         .durability(Durability::Immediate)
         .clock(clock.clone());
-    match backend {
-        Backend::Memory => builder.open_in_memory(),
-        Backend::File(path) => builder.open(path),
-    }
-    .expect("open the store")
+    opener(builder).expect("open the store")
 }
 
-impl Harness {
-    fn new(backend: &Backend) -> Harness {
+impl<'a> Harness<'a> {
+    fn new(opener: &'a dyn Fn(Builder) -> idemstore::Result<Store>, reopens: bool) -> Harness<'a> {
         let model = Model::new(SETTINGS[0]);
         let clock = ManualClock::new(UNIX_EPOCH + Duration::from_nanos(model.clock));
-        let store = open(backend, &clock, SETTINGS[0]);
+        let store = open(opener, &clock, SETTINGS[0]);
         Harness {
-            backend: backend.clone(),
+            open: opener,
+            reopens,
             clock,
             store: Some(store),
             keys: KEYS
@@ -987,12 +992,12 @@ impl Harness {
                 while !self.held.is_empty() {
                     self.drop_lease(0);
                 }
-                if let Backend::File(_) = self.backend {
+                if self.reopens {
                     self.check_stats("before close");
                     self.store.take().expect("open").close().expect("close");
                     let s = SETTINGS[usize::from(settings) % SETTINGS.len()];
                     self.model.reopen(s);
-                    self.store = Some(open(&self.backend, &self.clock, s));
+                    self.store = Some(open(self.open, &self.clock, s));
                     self.coverage.reopens += 1;
                 }
             }
@@ -1055,7 +1060,22 @@ impl Harness {
 /// Runs `ops` against a new store on `backend` and against the model, asserting after every
 /// step. Panics on the first difference. Returns what the run exercised.
 pub fn check(backend: &Backend, ops: &[Op]) -> Coverage {
-    let mut h = Harness::new(backend);
+    match backend {
+        Backend::Memory => check_on(&|b: Builder| b.open_in_memory(), false, ops),
+        Backend::File(path) => check_on(&|b: Builder| b.open(path), true, ops),
+    }
+}
+
+/// As [`check`], on the store `open` opens from a builder (the checker's settings and
+/// clock); `reopens`: `Reopen` closes the store and opens it again with `open`, which must
+/// find the same records (a file, a PostgreSQL schema), else `Reopen` does nothing. Each
+/// call needs a new, empty store: the model's tokens start at 1.
+pub fn check_on(
+    open: &dyn Fn(Builder) -> idemstore::Result<Store>,
+    reopens: bool,
+    ops: &[Op],
+) -> Coverage {
+    let mut h = Harness::new(open, reopens);
     for (step, op) in ops.iter().enumerate() {
         h.step(step, op);
         h.verify(step, op);
