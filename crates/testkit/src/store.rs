@@ -71,7 +71,10 @@ impl TestStore<'_> {
     /// On an engine that is not [durable](Engine::durable), and when the close or the open
     /// fails.
     pub fn reopen_with(&mut self, configure: impl FnOnce(Builder) -> Builder) {
-        assert!(self.engine.durable(), "an in-memory store cannot be reopened");
+        assert!(
+            self.engine.durable(),
+            "an in-memory store cannot be reopened"
+        );
         self.store
             .clone()
             .close()
