@@ -103,6 +103,21 @@ impl Place {
         }
     }
 
+    /// Whether an open created anything here yet: the file (redb), the schema (PostgreSQL);
+    /// always false in memory.
+    ///
+    /// # Panics
+    ///
+    /// When the PostgreSQL catalogue cannot be read.
+    pub fn created(&self) -> bool {
+        match &self.at {
+            At::Memory => false,
+            At::File { path, .. } => path.exists(),
+            #[cfg(feature = "postgres")]
+            At::Postgres(schema) => schema.exists(),
+        }
+    }
+
     /// The store file, for a redb place on a file.
     pub fn path(&self) -> Option<&Path> {
         match &self.at {
@@ -204,6 +219,23 @@ pub mod pg {
         }
     }
 
+    impl Schema {
+        /// Whether the schema exists on the cluster.
+        ///
+        /// # Panics
+        ///
+        /// When the catalogue cannot be read.
+        pub fn exists(&self) -> bool {
+            let row = connect(&self.conninfo)
+                .query_one(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                    &[&self.name],
+                )
+                .expect("read pg_namespace");
+            row.get::<_, i64>(0) > 0
+        }
+    }
+
     impl Drop for Schema {
         fn drop(&mut self) {
             let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name);
@@ -232,13 +264,16 @@ pub mod pg {
 /// ```
 ///
 /// `every:` runs on every engine; `durable:` on the engines where a store opened again at
-/// the same place sees the data (redb on a file, PostgreSQL), for tests that reopen. Each
-/// list is optional; one invocation per file (it defines the three modules).
+/// the same place sees the data (redb on a file, PostgreSQL), for tests that reopen;
+/// `redb:` on redb's two (in memory, on a file) only, for behaviour the PostgreSQL engine
+/// does not have (the call site says which and why). Each list is optional, in this order;
+/// one invocation per file (it defines the three modules).
 #[macro_export]
 macro_rules! engine_tests {
     (
         $(every: $($every:ident),+ $(,)? ;)?
         $(durable: $($durable:ident),+ $(,)? ;)?
+        $(redb: $($redb:ident),+ $(,)? ;)?
     ) => {
         mod memory {
             $($(
@@ -247,12 +282,24 @@ macro_rules! engine_tests {
                     $crate::engine::run($crate::engine::Engine::Memory, super::$every);
                 }
             )+)?
+            $($(
+                #[test]
+                fn $redb() {
+                    $crate::engine::run($crate::engine::Engine::Memory, super::$redb);
+                }
+            )+)?
         }
         mod redb {
             $($(
                 #[test]
                 fn $every() {
                     $crate::engine::run($crate::engine::Engine::Redb, super::$every);
+                }
+            )+)?
+            $($(
+                #[test]
+                fn $redb() {
+                    $crate::engine::run($crate::engine::Engine::Redb, super::$redb);
                 }
             )+)?
             $($(
