@@ -54,7 +54,7 @@ enum At {
         _dir: TempDir,
     },
     #[cfg(feature = "postgres")]
-    Postgres(pg::Schema),
+    Postgres(Box<pg::Schema>),
 }
 
 impl Place {
@@ -76,7 +76,7 @@ impl Place {
                 }
             }
             #[cfg(feature = "postgres")]
-            Engine::Postgres => At::Postgres(pg::Schema::new()?),
+            Engine::Postgres => At::Postgres(Box::new(pg::Schema::new()?)),
         };
         Some(Place { engine, at })
     }
