@@ -3,75 +3,37 @@
 //! cluster named by `IDEMSTORE_PG` (`.ci/pg run -- cargo test ...`); skipped loudly without
 //! it, and failed under `CI=true`.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::io::Write;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, UNIX_EPOCH};
 
 use idemstore::{Begin, Builder, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore_testkit::engine::{Engine, Place, pg};
 
-/// The test cluster's conninfo, or `None` after saying loudly that the test is skipped.
-fn conninfo() -> Option<String> {
-    match std::env::var("IDEMSTORE_PG") {
-        Ok(c) if !c.is_empty() => Some(c),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "IDEMSTORE_PG is not set but CI=true: run the tests under .ci/pg run --"
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: IDEMSTORE_PG not set (run under .ci/pg run --)"
-            );
-            None
-        }
-    }
-}
-
-/// A database and a schema of the test's own (dropped at the end).
+/// A schema of the test's own on the test cluster (dropped at the end), or `None` after the
+/// loud skip.
 struct Db {
-    conninfo: String,
-    schema: String,
+    place: Place,
 }
 
 impl Db {
     fn new() -> Option<Db> {
-        let conninfo = conninfo()?;
-        let suffix = RandomState::new().build_hasher().finish();
-        Some(Db {
-            conninfo,
-            schema: format!("idemstore_it_{suffix:016x}"),
-        })
+        Place::new(Engine::Postgres).map(|place| Db { place })
     }
 
     fn builder(&self) -> Builder {
-        Store::builder()
-            .postgres_schema(self.schema.clone())
-            .postgres_pool_size(4)
-            .reap_interval(None)
+        Store::builder().postgres_pool_size(4).reap_interval(None)
     }
 
     fn open(&self, builder: Builder) -> Store {
-        builder
-            .postgres_schema(self.schema.clone())
-            .open_postgres(&self.conninfo)
-            .expect("open on PostgreSQL")
+        self.place.open(builder).expect("open on PostgreSQL")
+    }
+
+    fn schema(&self) -> &str {
+        self.place.postgres().expect("a PostgreSQL place").1
     }
 
     fn client(&self) -> postgres::Client {
-        postgres::Client::connect(&self.conninfo, postgres::NoTls).expect("connect")
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.conninfo, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-                self.schema
-            ));
-        }
+        pg::connect(self.place.postgres().expect("a PostgreSQL place").0)
     }
 }
 
@@ -206,7 +168,7 @@ fn completion_inside_the_callers_transaction() {
     client
         .batch_execute(&format!(
             "CREATE TABLE \"{}\".bookings (slot int PRIMARY KEY)",
-            db.schema
+            db.schema()
         ))
         .unwrap();
     let fp = Fingerprint::of(b"book slot 7");
@@ -217,7 +179,7 @@ fn completion_inside_the_callers_transaction() {
     };
     let mut tx = client.transaction().unwrap();
     tx.execute(
-        &format!("INSERT INTO \"{}\".bookings VALUES (7)", db.schema),
+        &format!("INSERT INTO \"{}\".bookings VALUES (7)", db.schema()),
         &[],
     )
     .unwrap();
@@ -236,7 +198,7 @@ fn completion_inside_the_callers_transaction() {
     };
     let mut tx = client.transaction().unwrap();
     tx.execute(
-        &format!("INSERT INTO \"{}\".bookings VALUES (8)", db.schema),
+        &format!("INSERT INTO \"{}\".bookings VALUES (8)", db.schema()),
         &[],
     )
     .unwrap();

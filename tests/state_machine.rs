@@ -1,9 +1,11 @@
 //! SPEC §3: every row of the `begin` table and of the lease-operation table, dead records,
-//! the stats counters, reaping and scopes, on both the in-memory and the file store.
+//! the stats counters, reaping and scopes, on every engine (redb in memory, redb on a file,
+//! PostgreSQL: `memory::`, `redb::` and `postgres::` in the test names).
 
 use std::time::{Duration, Instant};
 
 use idemstore::{Begin, Error, Key, Lease};
+use idemstore_testkit::engine::Place;
 use idemstore_testkit::store::*;
 
 const NS: Duration = Duration::from_nanos(1);
@@ -11,16 +13,15 @@ const NS: Duration = Duration::from_nanos(1);
 // ---------------------------------------------------------------------------------------------
 // begin: absent or dead
 
-#[test]
-fn begin_on_absent_key_starts_a_fresh_lease() {
-    for_each_store(|t| {
+fn begin_on_absent_key_starts_a_fresh_lease(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("absent");
         assert_eq!(store.get(&k).unwrap(), None);
         let t0 = clock_now(clock);
 
         let lease = started(store, &k, &fp("body"));
-        assert!(lease.recovered().is_none(), "{:?}", t.kind);
+        assert!(lease.recovered().is_none(), "{:?}", t.engine);
         assert_eq!(lease.key(), &k);
         assert!(lease.token() > 0);
         assert_eq!(lease.expires_at(), t0 + LEASE);
@@ -41,9 +42,8 @@ fn begin_on_absent_key_starts_a_fresh_lease() {
     });
 }
 
-#[test]
-fn begin_on_dead_completed_record_starts_fresh_at_completed_at_plus_ttl() {
-    for_each_store(|t| {
+fn begin_on_dead_completed_record_starts_fresh_at_completed_at_plus_ttl(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("dead-completed");
         let f = fp("body");
@@ -72,9 +72,8 @@ fn begin_on_dead_completed_record_starts_fresh_at_completed_at_plus_ttl() {
     });
 }
 
-#[test]
-fn in_flight_record_dies_at_created_plus_ttl_when_that_is_later() {
-    for_each_store(|t| {
+fn in_flight_record_dies_at_created_plus_ttl_when_that_is_later(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("dead-in-flight-ttl");
         let f = fp("body");
@@ -97,9 +96,8 @@ fn in_flight_record_dies_at_created_plus_ttl_when_that_is_later() {
     });
 }
 
-#[test]
-fn in_flight_record_dies_at_lease_end_when_that_is_later() {
-    for_each_store(|t| {
+fn in_flight_record_dies_at_lease_end_when_that_is_later(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("dead-in-flight-lease");
         let f = fp("body");
@@ -123,9 +121,8 @@ fn in_flight_record_dies_at_lease_end_when_that_is_later() {
     });
 }
 
-#[test]
-fn takeover_keeps_created_at_so_death_is_max_of_both_deadlines() {
-    for_each_store(|t| {
+fn takeover_keeps_created_at_so_death_is_max_of_both_deadlines(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("takeover-death");
         let f = fp("body");
@@ -151,9 +148,8 @@ fn takeover_keeps_created_at_so_death_is_max_of_both_deadlines() {
 // ---------------------------------------------------------------------------------------------
 // begin: in flight
 
-#[test]
-fn in_flight_with_other_fingerprint_is_a_mismatch_and_changes_nothing() {
-    for_each_store(|t| {
+fn in_flight_with_other_fingerprint_is_a_mismatch_and_changes_nothing(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("inflight-mismatch");
         let mut lease = started(store, &k, &fp("body"));
@@ -174,9 +170,8 @@ fn in_flight_with_other_fingerprint_is_a_mismatch_and_changes_nothing() {
     });
 }
 
-#[test]
-fn in_flight_same_fingerprint_live_lease_answers_retry_after_time_left() {
-    for_each_store(|t| {
+fn in_flight_same_fingerprint_live_lease_answers_retry_after_time_left(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("inflight-live");
         let f = fp("body");
@@ -196,9 +191,8 @@ fn in_flight_same_fingerprint_live_lease_answers_retry_after_time_left() {
     });
 }
 
-#[test]
-fn in_flight_same_fingerprint_expired_lease_is_taken_over_with_recovery() {
-    for_each_store(|t| {
+fn in_flight_same_fingerprint_expired_lease_is_taken_over_with_recovery(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("inflight-expired");
         let f = fp("body");
@@ -248,9 +242,8 @@ fn in_flight_same_fingerprint_expired_lease_is_taken_over_with_recovery() {
     });
 }
 
-#[test]
-fn takeover_without_checkpoint_recovers_none() {
-    for_each_store(|t| {
+fn takeover_without_checkpoint_recovers_none(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("no-checkpoint");
         let f = fp("body");
@@ -267,9 +260,8 @@ fn takeover_without_checkpoint_recovers_none() {
 // ---------------------------------------------------------------------------------------------
 // begin: completed, alive
 
-#[test]
-fn completed_same_fingerprint_replays_byte_for_byte_and_changes_nothing() {
-    for_each_store(|t| {
+fn completed_same_fingerprint_replays_byte_for_byte_and_changes_nothing(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("replay");
         let f = fp("body");
@@ -293,9 +285,8 @@ fn completed_same_fingerprint_replays_byte_for_byte_and_changes_nothing() {
     });
 }
 
-#[test]
-fn completed_other_fingerprint_is_a_mismatch_and_changes_nothing() {
-    for_each_store(|t| {
+fn completed_other_fingerprint_is_a_mismatch_and_changes_nothing(place: &Place) {
+    with_store(place, |t| {
         let store = &t.store;
         let k = key("completed-mismatch");
         started(store, &k, &fp("body")).complete(b"ok").unwrap();
@@ -309,9 +300,8 @@ fn completed_other_fingerprint_is_a_mismatch_and_changes_nothing() {
 // ---------------------------------------------------------------------------------------------
 // Lease operations
 
-#[test]
-fn complete_turns_in_flight_into_completed_at_now() {
-    for_each_store(|t| {
+fn complete_turns_in_flight_into_completed_at_now(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("complete");
         let lease = started(store, &k, &fp("body"));
@@ -327,9 +317,8 @@ fn complete_turns_in_flight_into_completed_at_now() {
     });
 }
 
-#[test]
-fn complete_after_the_lease_ran_out_without_takeover_is_allowed() {
-    for_each_store(|t| {
+fn complete_after_the_lease_ran_out_without_takeover_is_allowed(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("late-complete");
         let f = fp("body");
@@ -342,9 +331,8 @@ fn complete_after_the_lease_ran_out_without_takeover_is_allowed() {
     });
 }
 
-#[test]
-fn extend_sets_lease_end_to_now_plus_duration() {
-    for_each_store(|t| {
+fn extend_sets_lease_end_to_now_plus_duration(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("extend");
         let f = fp("body");
@@ -380,9 +368,8 @@ fn extend_sets_lease_end_to_now_plus_duration() {
     });
 }
 
-#[test]
-fn checkpoint_stores_the_recovery_point_and_nothing_else() {
-    for_each_store(|t| {
+fn checkpoint_stores_the_recovery_point_and_nothing_else(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("checkpoint");
         let f = fp("body");
@@ -416,9 +403,8 @@ fn checkpoint_stores_the_recovery_point_and_nothing_else() {
     });
 }
 
-#[test]
-fn abandon_deletes_the_record_and_the_retry_runs_from_scratch() {
-    for_each_store(|t| {
+fn abandon_deletes_the_record_and_the_retry_runs_from_scratch(place: &Place) {
+    with_store(place, |t| {
         let store = &t.store;
         let k = key("abandon");
         let f = fp("body");
@@ -440,9 +426,8 @@ fn abandon_deletes_the_record_and_the_retry_runs_from_scratch() {
     });
 }
 
-#[test]
-fn drop_releases_the_lease_keeps_the_checkpoint_and_allows_immediate_takeover() {
-    for_each_store(|t| {
+fn drop_releases_the_lease_keeps_the_checkpoint_and_allows_immediate_takeover(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("drop");
         let f = fp("body");
@@ -472,9 +457,8 @@ fn drop_releases_the_lease_keeps_the_checkpoint_and_allows_immediate_takeover() 
     });
 }
 
-#[test]
-fn drop_after_the_lease_ran_out_sets_lease_end_to_now_and_allows_takeover() {
-    for_each_store(|t| {
+fn drop_after_the_lease_ran_out_sets_lease_end_to_now_and_allows_takeover(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("late-drop");
         let f = fp("body");
@@ -514,9 +498,8 @@ fn assert_lease_lost<T: std::fmt::Debug>(r: Result<T, Error>, token: u64) {
     }
 }
 
-#[test]
-fn every_operation_of_a_fenced_lease_is_refused_and_changes_nothing() {
-    for_each_store(|t| {
+fn every_operation_of_a_fenced_lease_is_refused_and_changes_nothing(place: &Place) {
+    with_store(place, |t| {
         let store = &t.store;
 
         // complete
@@ -576,9 +559,8 @@ fn every_operation_of_a_fenced_lease_is_refused_and_changes_nothing() {
     });
 }
 
-#[test]
-fn a_fenced_lease_cannot_touch_the_record_after_the_new_holder_completed_it() {
-    for_each_store(|t| {
+fn a_fenced_lease_cannot_touch_the_record_after_the_new_holder_completed_it(place: &Place) {
+    with_store(place, |t| {
         let store = &t.store;
         let k = key("fenced-after-complete");
         let f = fp("body");
@@ -594,9 +576,8 @@ fn a_fenced_lease_cannot_touch_the_record_after_the_new_holder_completed_it() {
     });
 }
 
-#[test]
-fn a_lease_of_an_abandoned_then_restarted_key_is_fenced() {
-    for_each_store(|t| {
+fn a_lease_of_an_abandoned_then_restarted_key_is_fenced(place: &Place) {
+    with_store(place, |t| {
         let store = &t.store;
         let k = key("fenced-by-restart");
         let f = fp("body");
@@ -613,9 +594,8 @@ fn a_lease_of_an_abandoned_then_restarted_key_is_fenced() {
     });
 }
 
-#[test]
-fn lease_operations_on_a_dead_record_are_lease_lost() {
-    for_each_store(|t| {
+fn lease_operations_on_a_dead_record_are_lease_lost(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let f = fp("body");
         let t0 = clock_now(clock);
@@ -654,9 +634,8 @@ fn lease_operations_on_a_dead_record_are_lease_lost() {
 // ---------------------------------------------------------------------------------------------
 // Stats
 
-#[test]
-fn stats_count_each_outcome() {
-    for_each_store(|t| {
+fn stats_count_each_outcome(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let f = fp("body");
         let s0 = store.stats();
@@ -712,9 +691,8 @@ fn stats_count_each_outcome() {
 // ---------------------------------------------------------------------------------------------
 // Reaping
 
-#[test]
-fn reap_deletes_exactly_the_dead_records() {
-    for_each_store(|t| {
+fn reap_deletes_exactly_the_dead_records(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let f = fp("body");
         let t0 = clock_now(clock);
@@ -772,9 +750,8 @@ fn reap_deletes_exactly_the_dead_records() {
     });
 }
 
-#[test]
-fn reap_follows_moved_deadlines() {
-    for_each_store(|t| {
+fn reap_follows_moved_deadlines(place: &Place) {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let f = fp("body");
         let t0 = clock_now(clock);
@@ -796,9 +773,9 @@ fn reap_follows_moved_deadlines() {
     });
 }
 
-#[test]
-fn reaper_thread_deletes_dead_records() {
-    for_each_store_with(
+fn reaper_thread_deletes_dead_records(place: &Place) {
+    with_store_with(
+        place,
         |b| b.reap_interval(Some(Duration::from_millis(20))),
         |t| {
             let (store, clock) = (&t.store, &t.clock);
@@ -819,7 +796,7 @@ fn reaper_thread_deletes_dead_records() {
                 assert!(
                     Instant::now() < deadline,
                     "{:?}: the reaper did not delete the dead records: {:?}",
-                    t.kind,
+                    t.engine,
                     store.stats()
                 );
                 std::thread::sleep(Duration::from_millis(5));
@@ -836,9 +813,8 @@ fn reaper_thread_deletes_dead_records() {
 // ---------------------------------------------------------------------------------------------
 // Scopes
 
-#[test]
-fn the_same_id_in_two_scopes_is_two_independent_records() {
-    for_each_store(|t| {
+fn the_same_id_in_two_scopes_is_two_independent_records(place: &Place) {
+    with_store(place, |t| {
         let store = &t.store;
         let a = Key::new("tenant-a", "same-id").unwrap();
         let b = Key::new("tenant-b", "same-id").unwrap();
@@ -864,10 +840,9 @@ fn the_same_id_in_two_scopes_is_two_independent_records() {
     });
 }
 
-#[test]
-fn begin_outcomes_are_exhaustive_over_the_table() {
+fn begin_outcomes_are_exhaustive_over_the_table(place: &Place) {
     // A compact walk through the table in one sequence, checking the variant of every answer.
-    for_each_store(|t| {
+    with_store(place, |t| {
         let (store, clock) = (&t.store, &t.clock);
         let k = key("walk");
         let (f, g) = (fp("f"), fp("g"));
@@ -894,4 +869,37 @@ fn begin_outcomes_are_exhaustive_over_the_table() {
 fn clock_now(clock: &idemstore::ManualClock) -> std::time::SystemTime {
     use idemstore::Clock;
     clock.now()
+}
+
+idemstore_testkit::engine_tests! {
+    every:
+        begin_on_absent_key_starts_a_fresh_lease,
+        begin_on_dead_completed_record_starts_fresh_at_completed_at_plus_ttl,
+        in_flight_record_dies_at_created_plus_ttl_when_that_is_later,
+        in_flight_record_dies_at_lease_end_when_that_is_later,
+        takeover_keeps_created_at_so_death_is_max_of_both_deadlines,
+        in_flight_with_other_fingerprint_is_a_mismatch_and_changes_nothing,
+        in_flight_same_fingerprint_live_lease_answers_retry_after_time_left,
+        in_flight_same_fingerprint_expired_lease_is_taken_over_with_recovery,
+        takeover_without_checkpoint_recovers_none,
+        completed_same_fingerprint_replays_byte_for_byte_and_changes_nothing,
+        completed_other_fingerprint_is_a_mismatch_and_changes_nothing,
+        complete_turns_in_flight_into_completed_at_now,
+        complete_after_the_lease_ran_out_without_takeover_is_allowed,
+        extend_sets_lease_end_to_now_plus_duration,
+        checkpoint_stores_the_recovery_point_and_nothing_else,
+        abandon_deletes_the_record_and_the_retry_runs_from_scratch,
+        drop_releases_the_lease_keeps_the_checkpoint_and_allows_immediate_takeover,
+        drop_after_the_lease_ran_out_sets_lease_end_to_now_and_allows_takeover,
+        every_operation_of_a_fenced_lease_is_refused_and_changes_nothing,
+        a_fenced_lease_cannot_touch_the_record_after_the_new_holder_completed_it,
+        a_lease_of_an_abandoned_then_restarted_key_is_fenced,
+        lease_operations_on_a_dead_record_are_lease_lost,
+        stats_count_each_outcome,
+        reap_deletes_exactly_the_dead_records,
+        reap_follows_moved_deadlines,
+        reaper_thread_deletes_dead_records,
+        the_same_id_in_two_scopes_is_two_independent_records,
+        begin_outcomes_are_exhaustive_over_the_table,
+    ;
 }

@@ -1,8 +1,10 @@
 //! Test support for idemstore, shared by its tests, benches, examples and fuzz targets. Not
 //! published: nothing here is part of the library.
 //!
-//! * [`store`]: the test builders (a `ManualClock`, no reaper thread), stores of both kinds
-//!   (in memory and on a file) and `begin`/`get` helpers that expect one answer;
+//! * [`engine`]: the engines a test runs on (redb in memory, redb on a file, PostgreSQL),
+//!   where its store lives, and the `engine_tests!` macro that runs each test on each;
+//! * [`store`]: the test builders (a `ManualClock`, no reaper thread), a store at a place of
+//!   any engine, and `begin`/`get` helpers that expect one answer;
 //! * [`model`]: the operation enum, the reference model of the store's contract and the
 //!   checker that runs both side by side (the proptest model test and a fuzz target);
 //! * [`fault`]: the fault-injecting redb storage backend and the crash images it keeps;
@@ -15,6 +17,7 @@
 
 pub mod child;
 pub mod crash;
+pub mod engine;
 pub mod fault;
 pub mod http;
 pub mod model;

@@ -1,12 +1,14 @@
-//! The test builders and helpers: stores of both kinds (in memory and on a file) driven by a
-//! `ManualClock`, so that every behaviour test runs over both backends, and `begin`/`get`
-//! helpers that expect one answer.
+//! The test builders and helpers: a store at a [`Place`] of any engine driven by a
+//! `ManualClock` (see [`crate::engine`] for running a test on every engine), and
+//! `begin`/`get` helpers that expect one answer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idemstore::{Begin, Builder, Completed, Entry, Fingerprint, Key, Lease, ManualClock, Store};
 use tempfile::TempDir;
+
+use crate::engine::{Engine, Place};
 
 /// Record lifetime used by the tests unless they say otherwise.
 pub const TTL: Duration = Duration::from_secs(1000);
@@ -33,104 +35,107 @@ pub fn builder(clock: &ManualClock) -> Builder {
         .clock(clock.clone())
 }
 
-/// Which backend a [`TestStore`] runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Memory,
-    File,
-}
-
-/// A store under test, with its clock and (for the file kind) its directory and path.
-pub struct TestStore {
-    pub kind: Kind,
+/// A store under test at a [`Place`], with its clock.
+pub struct TestStore<'p> {
+    /// The engine the store runs on.
+    pub engine: Engine,
+    /// The open store.
     pub store: Store,
+    /// The clock every open of this test store uses.
     pub clock: ManualClock,
-    pub path: Option<PathBuf>,
-    dir: Option<TempDir>,
+    place: &'p Place,
 }
 
-impl TestStore {
-    /// The store file (file kind only).
-    pub fn path(&self) -> &Path {
-        self.path.as_deref().expect("only file stores have a path")
+impl TestStore<'_> {
+    /// The place the store lives at.
+    pub fn place(&self) -> &Place {
+        self.place
     }
 
-    /// Closes the store and opens the same file again with `configure(builder(clock))`.
-    /// File kind only.
+    /// Opens another store at the same place with `configure(builder(clock))`, this store
+    /// staying open (for PostgreSQL: a second replica on the same schema).
+    ///
+    /// # Panics
+    ///
+    /// When the open fails.
+    pub fn open_again(&self, configure: impl FnOnce(Builder) -> Builder) -> Store {
+        self.place
+            .open(configure(builder(&self.clock)))
+            .unwrap_or_else(|e| panic!("{:?}: open again: {e}", self.engine))
+    }
+
+    /// Closes the store and opens the same place again with `configure(builder(clock))`.
+    ///
+    /// # Panics
+    ///
+    /// On an engine that is not [durable](Engine::durable), and when the close or the open
+    /// fails.
     pub fn reopen_with(&mut self, configure: impl FnOnce(Builder) -> Builder) {
-        assert_eq!(self.kind, Kind::File, "only a file store can be reopened");
-        let path = self.path().to_owned();
-        let old = std::mem::replace(
-            &mut self.store,
-            // A placeholder while the file is closed; replaced right below.
-            builder(&self.clock)
-                .open_in_memory()
-                .expect("placeholder store"),
+        assert!(
+            self.engine.durable(),
+            "an in-memory store cannot be reopened"
         );
-        old.close().expect("close before reopen");
-        let placeholder = std::mem::replace(
-            &mut self.store,
-            configure(builder(&self.clock))
-                .open(&path)
-                .expect("reopen the store file"),
-        );
-        placeholder.close().expect("close placeholder");
+        self.store
+            .clone()
+            .close()
+            .unwrap_or_else(|e| panic!("{:?}: close before reopen: {e}", self.engine));
+        self.store = self.open_again(configure);
     }
 
-    /// Closes the store and opens the same file again with the default test settings.
+    /// Closes the store and opens the same place again with the default test settings.
+    ///
+    /// # Panics
+    ///
+    /// As [`reopen_with`](TestStore::reopen_with).
     pub fn reopen(&mut self) {
         self.reopen_with(|b| b);
     }
-
-    /// The temporary directory holding the store file (file kind only).
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_ref().map(TempDir::path)
-    }
 }
 
-/// Opens a store of `kind` with `configure(builder(clock))` and a fresh clock at [`start`].
-pub fn open(kind: Kind, configure: impl FnOnce(Builder) -> Builder) -> TestStore {
+/// Opens a store at `place` with `configure(builder(clock))` and a fresh clock at [`start`].
+///
+/// # Panics
+///
+/// When the open fails.
+pub fn open(place: &Place, configure: impl FnOnce(Builder) -> Builder) -> TestStore<'_> {
     let clock = clock();
-    let b = configure(builder(&clock));
-    match kind {
-        Kind::Memory => TestStore {
-            kind,
-            store: b.open_in_memory().expect("open in-memory store"),
-            clock,
-            path: None,
-            dir: None,
-        },
-        Kind::File => {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let path = dir.path().join("idem.redb");
-            TestStore {
-                kind,
-                store: b.open(&path).expect("open file store"),
-                clock,
-                path: Some(path),
-                dir: Some(dir),
-            }
-        }
+    let store = place
+        .open(configure(builder(&clock)))
+        .unwrap_or_else(|e| panic!("{:?}: open: {e}", place.engine()));
+    TestStore {
+        engine: place.engine(),
+        store,
+        clock,
+        place,
     }
 }
 
-/// Runs `f` once on an in-memory store and once on a file store, both with the default test
-/// settings. The store is closed cleanly afterwards.
-pub fn for_each_store(f: impl Fn(&mut TestStore)) {
-    for_each_store_with(|b| b, f);
+/// Runs `f` on a store at `place` with the default test settings, and closes it cleanly
+/// afterwards.
+///
+/// # Panics
+///
+/// When the open or the close fails, or `f` panics.
+pub fn with_store(place: &Place, f: impl FnOnce(&mut TestStore<'_>)) {
+    with_store_with(place, |b| b, f);
 }
 
-/// As [`for_each_store`], with `configure` applied to the test builder.
-pub fn for_each_store_with(configure: impl Fn(Builder) -> Builder, f: impl Fn(&mut TestStore)) {
-    for kind in [Kind::Memory, Kind::File] {
-        let mut t = open(kind, &configure);
-        f(&mut t);
-        let TestStore { store, dir, .. } = t;
-        store
-            .close()
-            .unwrap_or_else(|e| panic!("{kind:?}: close: {e}"));
-        drop(dir);
-    }
+/// As [`with_store`], with `configure` applied to the test builder.
+///
+/// # Panics
+///
+/// As [`with_store`].
+pub fn with_store_with(
+    place: &Place,
+    configure: impl FnOnce(Builder) -> Builder,
+    f: impl FnOnce(&mut TestStore<'_>),
+) {
+    let mut t = open(place, configure);
+    f(&mut t);
+    let engine = t.engine;
+    t.store
+        .close()
+        .unwrap_or_else(|e| panic!("{engine:?}: close: {e}"));
 }
 
 /// A valid key in scope `"tenant"`.
