@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use idemstore::{Begin, Entry, Error, Fingerprint, Key, Lease, Store};
 use idemstore_testkit::child::{Child, commands, emit};
+use idemstore_testkit::engine::pg::Schema;
 use idemstore_testkit::rng::{RngExt, rng};
 
 /// The child's role (unset: not a child).
@@ -43,37 +44,21 @@ const ANSWER: Duration = Duration::from_secs(30);
 /// beside each other (read).
 static SERVER: RwLock<()> = RwLock::new(());
 
-/// The test cluster's conninfo, or `None` after saying loudly that the test is skipped.
-fn conninfo() -> Option<String> {
-    match std::env::var("IDEMSTORE_PG") {
-        Ok(c) if !c.is_empty() => Some(c),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "IDEMSTORE_PG is not set but CI=true: run the tests under .ci/pg run --"
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: IDEMSTORE_PG not set (run under .ci/pg run --)"
-            );
-            None
-        }
-    }
-}
-
 /// A schema of the test's own on the test cluster, dropped at the end.
 struct Db {
     conninfo: String,
     schema: String,
+    /// Drops the schema at the end.
+    _dropped: Schema,
 }
 
 impl Db {
     fn new() -> Option<Db> {
-        let conninfo = conninfo()?;
-        let suffix = RandomState::new().build_hasher().finish();
+        let dropped = Schema::new()?;
         let db = Db {
-            conninfo,
-            schema: format!("idemstore_replicas_{suffix:016x}"),
+            conninfo: dropped.conninfo.clone(),
+            schema: dropped.name.clone(),
+            _dropped: dropped,
         };
         // Created here, so that the children racing to open it find it there.
         db.open(Duration::from_secs(30)).close().expect("close");
@@ -104,17 +89,6 @@ impl Db {
         let ready = child.expect(ANSWER, "ready");
         assert_eq!(ready, "ready", "{name}");
         child
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.conninfo, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-                self.schema
-            ));
-        }
     }
 }
 

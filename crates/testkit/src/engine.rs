@@ -151,30 +151,8 @@ pub mod pg {
     use std::io::Write;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    /// The test cluster's conninfo (`IDEMSTORE_PG`), or `None` after writing
-    /// `SKIPPED: IDEMSTORE_PG not set (run under .ci/pg run --)` to stderr.
-    ///
-    /// # Panics
-    ///
-    /// With `CI=true` and no `IDEMSTORE_PG`: CI must run the PostgreSQL tests, never pass
-    /// them unrun.
-    pub fn conninfo() -> Option<String> {
-        match std::env::var("IDEMSTORE_PG") {
-            Ok(c) if !c.is_empty() => Some(c),
-            _ => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "IDEMSTORE_PG is not set but CI=true: run the tests under .ci/pg run --"
-                );
-                // Straight to the process's stderr: the test harness captures `eprintln!`.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: IDEMSTORE_PG not set (run under .ci/pg run --)"
-                );
-                None
-            }
-        }
-    }
+    /// The test cluster's conninfo, or a loud skip (see [`crate::pg::conninfo`]).
+    pub use crate::pg::conninfo;
 
     /// A new connection to the test cluster.
     ///
