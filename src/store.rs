@@ -108,8 +108,14 @@ impl Records {
         match self {
             Records::Redb(stored) => {
                 // The time first: a clock correction it finds applies to the record read next.
-                let now = stored.timeline.nanos()?;
-                Ok((stored.read_record(key)?, now))
+                let before = stored.timeline.nanos()?;
+                let record = stored.read_record(key)?;
+                // And again after the read: every record the read can see was written at a
+                // store time up to this one, so a lease it holds never seems to have more
+                // than its full length left. (After a correction between the two readings,
+                // the later one is lower and the first stands.)
+                let after = stored.timeline.nanos()?;
+                Ok((record, before.max(after)))
             }
             #[cfg(feature = "postgres")]
             Records::Postgres(pg) => pg.read_record(key),
