@@ -22,6 +22,7 @@ use idemstore::backends::InMemoryBackend;
 use idemstore::http::request_fingerprint;
 use idemstore::tower::{IdempotencyLayer, ProblemKind};
 use idemstore::{Begin, Error, Key, ManualClock, Store};
+use idemstore_testkit::engine::{Engine, Place};
 use idemstore_testkit::fault::{Call, Faults, FaultyBackend};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
@@ -691,6 +692,49 @@ async fn the_heartbeat_keeps_a_long_handler_from_being_taken_over() {
 
 // ---------------------------------------------------------------------------------------------
 // axum's route_layer and a plain hyper service
+
+/// The layer on a store on PostgreSQL (skipped loudly without a test cluster, failed under
+/// CI): the same answers as on redb, a second replica's layer included. The stores are
+/// opened and closed outside the runtime: the synchronous PostgreSQL client runs a runtime
+/// of its own, which tokio refuses to start on a runtime thread.
+#[test]
+fn the_layer_on_a_store_on_postgres() {
+    let Some(place) = Place::new(Engine::Postgres) else {
+        return;
+    };
+    let open = || place.open(Store::builder().reap_interval(None)).unwrap();
+    let (a, b) = (open(), open());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    runtime.block_on({
+        let (a, b, count) = (a.clone(), b.clone(), count.clone());
+        async move {
+            let one = serve(payments(count.clone()).layer(IdempotencyLayer::new(a))).await;
+            let two = serve(payments(count.clone()).layer(IdempotencyLayer::new(b))).await;
+            let http = client();
+            let first = post_key(&http, one, "pg-1", "a").await;
+            assert_eq!(first.status, 201);
+            assert!(!first.replayed());
+            // The retry lands on the other replica: the stored response, not a second run.
+            let retry = post_key(&http, two, "pg-1", "a").await;
+            assert_eq!(retry.status, 201);
+            assert!(retry.replayed());
+            assert_eq!(retry.body, first.body);
+            let reused = post_key(&http, one, "pg-1", "b").await;
+            assert_eq!(reused.status, 422);
+            let missing = send(&http, two, Method::POST, "/payments", None, "a".to_owned()).await;
+            assert_eq!(missing.status, 400);
+        }
+    });
+    assert_eq!(count.load(SeqCst), 1);
+    a.close().unwrap();
+    b.close().unwrap();
+    drop(runtime);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_layer_guards_only_its_routes() {
