@@ -35,13 +35,14 @@
 //! kill moments are real time, so a run is not exactly reproducible.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idemstore::{Begin, Durability, Entry, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore_testkit::child::marked_lines;
 use idemstore_testkit::rng::{RngExt, rng};
 
 /// The child's instructions: `seed,path,clock_secs,keys`.
@@ -569,29 +570,7 @@ fn spawn_child(seed: u64, clock_secs: u64, path: &Path, stderr: &Path) -> Run {
         .spawn()
         .expect("spawn the child");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    // Drains the pipe all the time (a full pipe would stall the child), until EOF at its death.
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            // Only complete lines count: the last one may have been cut by the kill.
-            if buf.last() != Some(&b'\n') {
-                break;
-            }
-            let line = String::from_utf8_lossy(&buf[..buf.len() - 1]).into_owned();
-            if let Some(pos) = line.find(MARK)
-                && tx.send(line[pos + MARK.len()..].to_owned()).is_err()
-            {
-                break;
-            }
-        }
-    });
+    let (rx, reader) = marked_lines(stdout, MARK);
     Run {
         child,
         lines: rx,

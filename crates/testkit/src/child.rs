@@ -69,31 +69,7 @@ impl Child {
         let mut process = command.spawn().expect("spawn the child");
         let stdout = process.stdout.take().expect("the child's stdout");
         let stdin = process.stdin.take();
-        let (tx, rx) = mpsc::channel();
-        // Drains the pipe all the time (a full pipe would stall the child), until EOF.
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                // Only whole lines count: the last one may have been cut by a kill.
-                if buf.last() != Some(&b'\n') {
-                    break;
-                }
-                let line = String::from_utf8_lossy(&buf[..buf.len() - 1]).into_owned();
-                // Not always at the start: the harness prints `test NAME ... ` before the
-                // test runs, without a line break.
-                if let Some(pos) = line.find(MARK)
-                    && tx.send(line[pos + MARK.len()..].to_owned()).is_err()
-                {
-                    break;
-                }
-            }
-        });
+        let (rx, _reader) = marked_lines(stdout, MARK);
         Child {
             process,
             stdin,
@@ -265,4 +241,36 @@ impl Drop for Child {
             let _ = self.process.wait();
         }
     }
+}
+
+/// Reads a child's stdout on a thread of its own, all the time (a full pipe would stall the
+/// child), until EOF: sends what follows `mark` in each whole line (not always at the line's
+/// start: the test harness prints `test NAME ... ` before the test runs, without a line
+/// break). A last line cut short by a kill is dropped. Returns the lines and the thread.
+pub fn marked_lines(
+    stdout: impl std::io::Read + Send + 'static,
+    mark: &'static str,
+) -> (mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if buf.last() != Some(&b'\n') {
+                break;
+            }
+            let line = String::from_utf8_lossy(&buf[..buf.len() - 1]).into_owned();
+            if let Some(pos) = line.find(mark)
+                && tx.send(line[pos + mark.len()..].to_owned()).is_err()
+            {
+                break;
+            }
+        }
+    });
+    (rx, reader)
 }
