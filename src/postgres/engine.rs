@@ -322,8 +322,9 @@ impl Failed {
 }
 
 impl BatchWriter for PgWriter {
-    /// Half the pool's connections carry batches, each on a committer thread of its own
-    /// that keeps its connection; the other half is for reads. So while one batch waits for
+    /// Half the pool's connections carry batches, each kept by a writer of its own (a
+    /// caller that finds one free commits on it; a committer thread serves each otherwise);
+    /// the other half is for reads. So while one batch waits for
     /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
     /// transactions together, and the keys' locks order batches that share a key.
     fn siblings(&self) -> Vec<PgWriter> {
