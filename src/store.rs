@@ -475,7 +475,7 @@ impl Builder {
     }
 
     /// Largest response (and checkpoint) accepted, in bytes. Default 4 MiB, at most
-    /// [`MAX_RESPONSE_LIMIT`](crate::MAX_RESPONSE_LIMIT) (64 MiB). Storing or replaying a
+    /// [`MAX_RESPONSE_LIMIT`] (64 MiB). Storing or replaying a
     /// response holds two to three times its size in memory for the duration of the call.
     pub fn max_response_bytes(mut self, max: usize) -> Builder {
         self.max_response_bytes = max;

@@ -32,7 +32,7 @@ use crate::stats::{StatsCells, bump};
 
 /// An engine's side of the committer: applies a batch in one transaction.
 pub(crate) trait BatchWriter: Send + 'static {
-    /// Applies every command of `batch` (with [`super::apply`]) in one transaction and commits it;
+    /// Applies every command of `batch` (with [`super::apply()`]) in one transaction and commits it;
     /// each command keeps its own result. `Ok(false)`: nothing was written, every command
     /// was answered without a write. `Err` fails the whole batch (an unknown outcome for its
     /// callers).

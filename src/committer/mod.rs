@@ -3,7 +3,7 @@
 //! Every state change (a claiming `begin`, the lease operations, release on drop, reaper
 //! batches) is queued here as a [`Command`]. Whoever commits takes what is queued (at most
 //! [`MAX_BATCH`] operations), applies it in arrival order inside one write transaction
-//! (each sees the state the ones before it left; [`apply`]), commits once (one fsync for the
+//! (each sees the state the ones before it left; [`apply()`]), commits once (one fsync for the
 //! whole batch) and then answers every caller.
 //!
 //! Who commits is decided by leader and follower ([`group`]): a caller that finds the
@@ -19,7 +19,7 @@
 //! outcome); the engine decides what follows (redb poisons the store: later writes get
 //! [`Error::Poisoned`] until it is reopened).
 //!
-//! The committer is the same for every engine: [`apply`] runs each command's state
+//! The committer is the same for every engine: [`apply()`] runs each command's state
 //! transition ([`crate::machine`]) on the engine's [`Tables`], and an engine provides a
 //! [`BatchWriter`]: one transaction per batch. An engine whose database orders concurrent
 //! transactions itself (PostgreSQL, through its key locks) may provide several writers
