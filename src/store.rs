@@ -653,7 +653,9 @@ impl Builder {
     }
 
     /// How many PostgreSQL connections the store keeps. Default: two per CPU core, at least
-    /// 2 and at most 16 (one carries the batch of writes in flight, the others the reads).
+    /// 2 and at most 16. Half of them (at least one) carry batches of writes, each with a
+    /// batch in flight; the others the reads. At least 2: [`open_postgres`](Builder::open_postgres)
+    /// refuses a smaller size with [`Error::InvalidConfig`].
     /// Only for [`open_postgres`](Builder::open_postgres).
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -1,6 +1,6 @@
 //! The PostgreSQL engine behind the committer: a batch of operations is one transaction on
 //! one connection (lock the batch's keys, load their rows, draw tokens, apply the state
-//! machine, write, commit), and reads are short read-only transactions on the pool.
+//! machine, write, commit), and a read is one statement on a connection the readers keep.
 //!
 //! A row's `record` column holds the same checksummed entry as a redb log entry (the key,
 //! the record, a CRC-32), verified on every read, so a damaged byte is [`Error::Corrupt`],
@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use postgres::{Client, Transaction};
 
 use super::error::{read_failed, write_failed};
-use super::pool::{Conn, Pool, connection, open_pool};
+use super::pool::{Conn, Kept, Pool, connection, open_pool};
 use super::schema::{Names, create_or_check};
-use super::sql::{Loaded, Statements, Upsert};
+use super::sql::{Loaded, Statements, Upsert, clock_reading};
 use crate::clock::Clock;
 use crate::committer::{self, BatchWriter, Command, Reaped, Tables};
 use crate::config::Settings;
@@ -30,6 +30,8 @@ use crate::timeline::{Corrections, Stamp, representable};
 /// A store's database: its pool, its statements and its time.
 pub(crate) struct PgStore {
     pool: Pool,
+    /// The connections reads keep between calls (the pool's half not used by writers).
+    readers: Kept,
     statements: Statements,
     /// The clock given to the builder; `None`: the database server's clock.
     clock: Option<Arc<dyn Clock>>,
@@ -53,10 +55,19 @@ impl PgStore {
         clock: Option<Arc<dyn Clock>>,
     ) -> Result<PgStore> {
         let names = Names::new(schema)?;
+        if pool_size < 2 {
+            // The writer keeps its connection: reads need another.
+            return Err(Error::config(format!(
+                "the PostgreSQL pool size must be at least 2 (one connection carries the \
+                 writes, the others the reads), not {pool_size}"
+            )));
+        }
         let pool = open_pool(conninfo, pool_size)?;
         create_or_check(&mut *connection(&pool)?, &names)?;
+        let readers = Kept::new(usize::try_from(pool.max_size() - writers(&pool)).unwrap_or(0));
         Ok(PgStore {
             pool,
+            readers,
             statements: Statements::new(&names),
             clock,
             floor: AtomicU64::new(0),
@@ -103,28 +114,33 @@ impl PgStore {
     /// # Errors
     /// As [`PgStore::now_in`].
     pub fn now(&self) -> Result<u64> {
-        match &self.clock {
-            Some(clock) => {
-                let now = representable(clock.now())?;
-                Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
-            }
-            None => self.read(|tx| self.now_in(tx)),
-        }
+        self.time(|| {
+            let nanos = self.readers.read(
+                &self.pool,
+                "reading the PostgreSQL server's clock",
+                |client| self.statements.read_clock(client),
+            )?;
+            clock_reading(nanos)
+        })
     }
 
-    /// The record of `key` and the store's time, read together.
+    /// The record of `key` and the store's time, read together: one statement in one round
+    /// trip, the time read after the record.
     ///
     /// # Errors
     /// [`Error::Corrupt`] for a damaged row; [`Error::Storage`]; [`Error::Clock`].
     pub fn read_record(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
-        self.read(|tx| {
-            let now = self.now_in(tx)?;
-            let record = match self.statements.read_one(tx, key)? {
-                Some(bytes) => Some(decode_row(key, &bytes)?),
-                None => None,
-            };
-            Ok((record, now))
-        })
+        let (bytes, nanos) =
+            self.readers
+                .read(&self.pool, "reading a record from PostgreSQL", |client| {
+                    self.statements.read_one(client, key)
+                })?;
+        let now = self.time(|| clock_reading(nanos))?;
+        let record = match bytes {
+            Some(bytes) => Some(decode_row(key, &bytes)?),
+            None => None,
+        };
+        Ok((record, now))
     }
 
     /// Visits every record in one snapshot, in the order their keys were last claimed;
@@ -306,6 +322,12 @@ impl PgWriter {
     }
 }
 
+/// How many writers (connections that carry batches) a store on `pool` has: half the pool,
+/// at least one.
+fn writers(pool: &Pool) -> u32 {
+    (pool.max_size() / 2).max(1)
+}
+
 /// How a batch failed: before anything of it was written (its first round trip only locks
 /// and reads), or after (the outcome may be unknown).
 enum Failed {
@@ -328,8 +350,7 @@ impl BatchWriter for PgWriter {
     /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
     /// transactions together, and the keys' locks order batches that share a key.
     fn siblings(&self) -> Vec<PgWriter> {
-        let workers = (self.store.pool.max_size() / 2).max(1);
-        (1..workers)
+        (1..writers(&self.store.pool))
             .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
             .collect()
     }

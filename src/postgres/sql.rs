@@ -110,7 +110,10 @@ impl Statements {
             ),
             delete: format!("DELETE FROM {records} WHERE key = ANY($1::bytea[])"),
             now: format!("SELECT {NOW}"),
-            read_one: format!("SELECT record FROM {records} WHERE key = $1"),
+            // One statement, one snapshot: the subquery sees the snapshot taken when the
+            // statement starts, and `clock_timestamp()` is read as the row is produced, so the
+            // time is never earlier than the record read.
+            read_one: format!("SELECT {NOW}, (SELECT record FROM {records} WHERE key = $1)"),
             // Tokens rise with every claim: the order in which the keys were (last) claimed.
             walk: format!("SELECT key, record FROM {records} ORDER BY token"),
             // `is_called` is false until the first token was drawn (then none was granted).
@@ -475,20 +478,31 @@ impl Statements {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    /// The record bytes stored under `key`, if any.
+    /// The record bytes of `key` (`None`: no row) and the server's clock, read by one
+    /// statement in one round trip, outside any transaction.
     ///
     /// # Errors
     ///
-    /// [`Error::Storage`].
+    /// The client's error, for the caller to map (and retry: the statement writes nothing).
     pub(crate) fn read_one(
         &self,
-        tx: &mut impl GenericClient,
+        client: &mut impl GenericClient,
         key: &[u8],
-    ) -> Result<Option<Vec<u8>>> {
-        let rows = tx
-            .query_typed(&self.read_one, &[(&key, Type::BYTEA)])
-            .map_err(|e| read_failed("reading a record from PostgreSQL", e))?;
-        Ok(rows.first().map(|row| row.get(0)))
+    ) -> std::result::Result<(Option<Vec<u8>>, i64), postgres::Error> {
+        let row = client.query_typed_one(&self.read_one, &[(&key, Type::BYTEA)])?;
+        Ok((row.get(1), row.get(0)))
+    }
+
+    /// The server's clock, as [`Statements::read_one`] reads it (nanoseconds since 1970).
+    ///
+    /// # Errors
+    ///
+    /// The client's error, for the caller to map.
+    pub(crate) fn read_clock(
+        &self,
+        client: &mut impl GenericClient,
+    ) -> std::result::Result<i64, postgres::Error> {
+        Ok(client.query_typed_one(&self.now, &[])?.get(0))
     }
 
     /// Visits every row (key, record bytes) in token order, streaming them; `visit` says
@@ -581,7 +595,7 @@ fn from_hex(hex: &str) -> Option<Vec<u8>> {
 }
 
 /// The server clock's reading in nanoseconds since 1970.
-fn clock_reading(nanos: i64) -> Result<u64> {
+pub(crate) fn clock_reading(nanos: i64) -> Result<u64> {
     u64::try_from(nanos).map_err(|_| Error::Clock {
         reason: format!("the PostgreSQL server's clock reads {nanos} ns, before 1970"),
     })
