@@ -140,6 +140,7 @@ mod blocking;
 mod body;
 mod heartbeat;
 mod layer;
+mod panic;
 mod problem;
 mod service;
 mod wait;

@@ -15,6 +15,7 @@ use tower_service::Service;
 use super::blocking::{self, HeldLease};
 use super::body::{Body, ReadError, read_all, read_limited};
 use super::layer::Config;
+use super::panic::CatchPanic;
 use super::wait::{Turn, leader_done};
 use crate::error::Error;
 use crate::http::{StoredResponse, idempotency_key, replay, request_fingerprint};
@@ -251,7 +252,7 @@ where
     }
 }
 
-/// What the handler's task ends with: its response's head and body (or the body's
+/// What the handler ends with: its response's head and body (or the body's
 /// failure), or the service's error.
 type Handled<E> = Result<(http::response::Parts, Result<Bytes, String>), E>;
 
@@ -273,7 +274,9 @@ where
     let problems = &config.problems;
     // The service was made ready by the `poll_ready` before this call.
     let future = inner.call(request.map(Body::full));
-    let handler = tokio::spawn(async move {
+    // Run here, in the request's own task (which a client going away does not cancel); a
+    // panic is caught and answered like a failed handler.
+    let handler = CatchPanic::new(async move {
         let (parts, body) = future.await?.into_parts();
         Ok::<_, S::Error>((parts, read_all(body).await))
     });
@@ -305,8 +308,8 @@ where
             store_fallback(config, lease, problems.handler_failed()).await;
             Err(service_error)
         }
-        Err(join_error) => {
-            tracing::error!(error = %join_error, "the handler panicked; answering 500");
+        Err(panicked) => {
+            tracing::error!(error = %panicked, "the handler panicked; answering 500");
             let response = problems.handler_failed();
             store_fallback(config, lease, response.clone()).await;
             Ok(answer(response))
