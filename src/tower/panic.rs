@@ -69,12 +69,9 @@ mod tests {
             panic!("boom {}", 1)
         })
         .await;
-        let err = panicked.map(|()| ()).unwrap_err();
+        let err = panicked.unwrap_err();
         assert_eq!(err.to_string(), "the handler panicked: boom 1");
         let panicked = CatchPanic::new(async { std::panic::panic_any(3_u8) }).await;
-        assert_eq!(
-            panicked.map(|()| ()).unwrap_err().to_string(),
-            "the handler panicked"
-        );
+        assert_eq!(panicked.unwrap_err().to_string(), "the handler panicked");
     }
 }
