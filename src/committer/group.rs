@@ -228,7 +228,19 @@ struct Taken<'a, W: BatchWriter> {
 
 impl<W: BatchWriter> Drop for Taken<'_, W> {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
+        if let Some(mut slot) = self.slot.take() {
+            if std::thread::panicking() && !slot.batch.is_empty() {
+                // The batch panicked midway (a bug): its callers learn that its outcome is
+                // unknown, and it is never applied again by the next holder.
+                let failure = Error::storage(
+                    "a write batch panicked",
+                    std::io::Error::other("panic while writing a batch"),
+                )
+                .outcome_unknown();
+                for command in slot.batch.drain(..) {
+                    command.finish(Some(&failure));
+                }
+            }
             self.group.give_back(slot);
         }
     }
@@ -608,6 +620,39 @@ mod tests {
             let ops: usize = memory.batches.lock().iter().map(|b| b.1).sum();
             assert_eq!(ops, 4000);
         }
+    }
+
+    /// A writer that panics on its first batch.
+    struct PanicsOnce(Arc<Memory>, AtomicBool);
+
+    impl BatchWriter for PanicsOnce {
+        fn write(&self, batch: &mut [Command]) -> Result<bool> {
+            if !self.1.swap(true, Ordering::Relaxed) {
+                panic!("a bug in a writer (test)");
+            }
+            MemoryWriter(Arc::clone(&self.0), 1).write(batch)
+        }
+    }
+
+    #[test]
+    fn a_batch_that_panicked_is_answered_unknown_and_never_applied_again() {
+        let memory = Arc::new(Memory::default());
+        let committer = Committer::spawn(
+            PanicsOnce(Arc::clone(&memory), AtomicBool::new(false)),
+            Arc::default(),
+        )
+        .unwrap();
+        let submitter = committer.submitter();
+        let panicked =
+            std::thread::scope(|s| s.spawn(|| claim(&submitter, "first")).join().is_err());
+        assert!(panicked, "the leader's thread saw its writer panic");
+        // The writer came back: the next caller leads with it; the first claim stays unapplied.
+        claim(&submitter, "second").unwrap();
+        let records = memory.records.lock();
+        assert!(
+            records.contains_key(b"second".as_slice())
+                && !records.contains_key(b"first".as_slice())
+        );
     }
 
     #[test]
