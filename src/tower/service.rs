@@ -1,6 +1,7 @@
-//! [`IdempotencyService`]: reads the key and the body, then hands the request to a task of
-//! its own ([`execute`]) that asks the store, runs the handler and stores its response, so
-//! that a client going away never cuts that work short.
+//! [`IdempotencyService`]: reads the key and the body, then runs the rest ([`execute`]: ask
+//! the store, run the handler, store its response) so that a client going away never cuts
+//! it short: it is polled in place, and moved to a task of its own if the request's future
+//! is dropped first ([`Detach`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +15,7 @@ use tower_service::Service;
 
 use super::blocking::{self, HeldLease};
 use super::body::{Body, ReadError, read_all, read_limited};
+use super::detach::Detach;
 use super::layer::Config;
 use super::panic::CatchPanic;
 use super::wait::{Turn, leader_done};
@@ -187,16 +189,10 @@ where
     };
     let request = Request::from_parts(parts, body);
     let fp = request_fingerprint(&request, &config.headers);
-    // From here on the work is the task's: if this future is dropped (the client went
-    // away), the task still asks the store, runs the handler and stores the response.
-    let task = tokio::spawn(execute(Arc::clone(&config), inner, key, fp, request));
-    match task.await {
-        Ok(response) => response,
-        Err(e) => {
-            tracing::error!(error = %e, "the layer's request task failed");
-            Ok(answer(config.problems.server_error()))
-        }
-    }
+    // From here on the work runs to its end: polled here, and if this future is dropped
+    // (the client went away), as a task of its own that still asks the store, runs the
+    // handler and stores the response.
+    Detach::new(execute(config, inner, key, fp, request)).await
 }
 
 /// Asks the store what to do with the request and does it: runs the handler (with its
