@@ -16,7 +16,7 @@ use postgres::{Client, Transaction};
 use super::error::{read_failed, write_failed};
 use super::pool::{Conn, Kept, Pool, connection, open_pool};
 use super::schema::{Names, create_or_check};
-use super::sql::{Loaded, Prepared, Statements, Upsert, clock_reading};
+use super::sql::{Loaded, Statements, Upsert, clock_reading};
 use crate::clock::Clock;
 use crate::committer::{self, BatchWriter, Command, Reaped, Tables};
 use crate::config::Settings;
@@ -219,10 +219,9 @@ fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Record> {
 pub(crate) struct PgWriter {
     store: Arc<PgStore>,
     settings: Settings,
-    /// The connection batches run on, with the batch statements prepared on it, kept
-    /// between batches (a checkout from the pool costs a round trip); dropped after a
-    /// failure, so the next batch gets a checked one.
-    conn: RefCell<Option<(Conn, Prepared)>>,
+    /// The connection batches run on, kept between batches (a checkout from the pool costs
+    /// a round trip); dropped after a failure, so the next batch gets a checked one.
+    conn: RefCell<Option<Conn>>,
 }
 
 impl PgWriter {
@@ -234,13 +233,12 @@ impl PgWriter {
         }
     }
 
-    /// Runs `batch` as one transaction on `conn`: `BEGIN` and the key locks; after them the
-    /// rows, tokens and time (one prepared statement); the writes (prepared, binary
-    /// parameters) and `COMMIT`.
+    /// Runs `batch` as one transaction on `conn`, in two round trips: `BEGIN`, the key locks
+    /// and after them the rows, tokens and time; the writes and `COMMIT`. (The synchronous
+    /// client cannot pipeline statements; a simple query carries several.)
     fn write_on(
         &self,
         conn: &mut Conn,
-        prepared: &Prepared,
         batch: &mut [Command],
     ) -> std::result::Result<bool, Failed> {
         let client: &mut Client = conn;
@@ -248,7 +246,13 @@ impl PgWriter {
             .iter()
             .filter_map(|c| c.key().map(<[u8]>::to_vec))
             .collect();
-        let written = self.write_in(client, prepared, &keys, batch);
+        let written =
+            self.write_in(client, &keys, batch)?
+                .map_or(Ok(false), |text| {
+                    client.batch_execute(&text).map(|()| true).map_err(|e| {
+                        write_failed("writing and committing a batch in PostgreSQL", e)
+                    })
+                });
         if !matches!(written, Ok(true)) {
             // Nothing to keep (a clock the store cannot represent), or a failure before the
             // commit answered: rolled back. A connection that cannot roll back is broken,
@@ -256,42 +260,39 @@ impl PgWriter {
             let rolled_back = client
                 .batch_execute("ROLLBACK")
                 .map_err(|e| write_failed("rolling back a batch in PostgreSQL", e));
-            let written = written?;
+            written.as_ref().map_err(|e| Failed::Writing(e.clone()))?;
             rolled_back.map_err(Failed::Writing)?;
-            return Ok(written);
         }
-        written
+        written.map_err(Failed::Writing)
     }
 
     /// Starts the batch's transaction (the locks first: the rows loaded, the tokens drawn
-    /// and the time read after them reflect every batch that held one of these keys before),
-    /// applies the batch, writes it and commits; `false` when nothing was to be committed.
+    /// and the time read after them reflect every batch that held one of these keys before)
+    /// and applies the batch: returns the text that writes it and commits, or `None` when
+    /// nothing is to be committed.
     fn write_in(
         &self,
         client: &mut Client,
-        prepared: &Prepared,
         keys: &[Vec<u8>],
         batch: &mut [Command],
-    ) -> std::result::Result<bool, Failed> {
+    ) -> std::result::Result<Option<String>, Failed> {
         let sql = &self.store.statements;
         let claims = batch.iter().filter(|c| c.is_claim()).count();
         // Only locks and reads so far: a failure here wrote nothing of the batch.
         let start = sql
-            .start_batch(client, prepared, keys, claims)
+            .start_batch(client, keys, claims)
             .map_err(Failed::BeforeWriting)?;
-        self.apply(client, prepared, start, batch)
-            .map_err(Failed::Writing)
+        self.apply(client, start, batch).map_err(Failed::Writing)
     }
 
-    /// Applies the batch to the rows `start` loaded, writes it and commits; `false` when
-    /// nothing is to be committed.
+    /// Applies the batch to the rows `start` loaded: the text that writes it and commits, or
+    /// `None` when nothing is to be committed.
     fn apply(
         &self,
         client: &mut Client,
-        prepared: &Prepared,
         start: super::sql::BatchStart,
         batch: &mut [Command],
-    ) -> Result<bool> {
+    ) -> Result<Option<String>> {
         let sql = &self.store.statements;
         let server_now = start.server_now;
         let now = match self.store.time(|| server_now) {
@@ -302,7 +303,7 @@ impl PgWriter {
                 for command in batch.iter_mut() {
                     command.answer_without_writing(&e);
                 }
-                return Ok(false);
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
@@ -317,20 +318,18 @@ impl PgWriter {
         for command in batch.iter_mut() {
             committer::apply(&mut tables, command, now, &self.settings)?;
         }
-        tables.closing(prepared)?;
-        Ok(true)
-    }
-
-    /// A connection from the pool (checked on checkout) with the batch statements prepared.
-    fn fresh(&self) -> Result<(Conn, Prepared)> {
-        let mut conn = connection(&self.store.pool)?;
-        let prepared = self.store.statements.prepare(&mut conn)?;
-        Ok((conn, prepared))
+        tables.closing().map(Some)
     }
 }
 
-/// How a batch failed: before anything of it was written (its first round trips only lock
-/// and read), or after (the outcome may be unknown).
+/// How many writers (connections that carry batches) a store on `pool` has: half the pool,
+/// at least one.
+fn writers(pool: &Pool) -> u32 {
+    (pool.max_size() / 2).max(1)
+}
+
+/// How a batch failed: before anything of it was written (its first round trip only locks
+/// and reads), or after (the outcome may be unknown).
 enum Failed {
     BeforeWriting(Error),
     Writing(Error),
@@ -347,9 +346,9 @@ impl Failed {
 impl BatchWriter for PgWriter {
     /// Half the pool's connections carry batches, each kept by a writer of its own (a
     /// caller that finds one free commits on it; a committer thread serves each otherwise);
-    /// the other half is for reads. So while one batch waits for its commit, the next is
-    /// already sent: PostgreSQL flushes the commits of concurrent transactions together,
-    /// and the keys' locks order batches that share a key.
+    /// the other half is for reads. So while one batch waits for
+    /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
+    /// transactions together, and the keys' locks order batches that share a key.
     fn siblings(&self) -> Vec<PgWriter> {
         (1..writers(&self.store.pool))
             .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
@@ -360,11 +359,11 @@ impl BatchWriter for PgWriter {
         let mut slot = self.conn.borrow_mut();
         // The connection kept since the last batch was not checked by the pool since then:
         // the server may have closed it meanwhile (a restart, an idle timeout). One the
-        // client already knows is closed is dropped; when the batch's first round trips
-        // fail on it (they only lock and read: nothing of the batch is written yet), the
-        // batch runs again on a connection from the pool, which checks it on checkout.
-        if let Some((mut conn, prepared)) = slot.take().filter(|(c, _)| !c.is_closed()) {
-            match self.write_on(&mut conn, &prepared, batch) {
+        // client already knows is closed is dropped; when the batch's first round trip
+        // fails on it (that one only locks and reads: nothing of the batch is written yet),
+        // the batch runs again on a connection from the pool, which checks it on checkout.
+        if let Some(mut conn) = slot.take().filter(|c| !c.is_closed()) {
+            match self.write_on(&mut conn, batch) {
                 Err(Failed::BeforeWriting(e)) => tracing::debug!(
                     error = %e,
                     "idemstore: the kept PostgreSQL connection failed; the batch runs on another one"
@@ -372,27 +371,19 @@ impl BatchWriter for PgWriter {
                 written => {
                     let written = written.map_err(Failed::into_error);
                     if written.is_ok() {
-                        *slot = Some((conn, prepared));
+                        *slot = Some(conn);
                     }
                     return written;
                 }
             }
         }
-        let (mut conn, prepared) = self.fresh()?;
-        let written = self
-            .write_on(&mut conn, &prepared, batch)
-            .map_err(Failed::into_error);
+        let mut conn = connection(&self.store.pool)?;
+        let written = self.write_on(&mut conn, batch).map_err(Failed::into_error);
         if written.is_ok() {
-            *slot = Some((conn, prepared));
+            *slot = Some(conn);
         }
         written
     }
-}
-
-/// How many writers (connections that carry batches) a store on `pool` has: half the pool,
-/// at least one.
-fn writers(pool: &Pool) -> u32 {
-    (pool.max_size() / 2).max(1)
 }
 
 /// A batch's view of the rows of its keys: loaded once after the locks, changed in memory,
@@ -412,9 +403,9 @@ struct PgTables<'a> {
 }
 
 impl PgTables<'_> {
-    /// Writes the batch's changes (every record put in one statement, every deletion in
-    /// another) and commits.
-    fn closing(self, prepared: &Prepared) -> Result<()> {
+    /// The text that writes the batch's changes (every record put in one statement, every
+    /// deletion in another) and commits.
+    fn closing(self) -> Result<String> {
         let mut rows = Vec::new();
         let mut deleted = Vec::new();
         for (key, row) in &self.written {
@@ -428,7 +419,7 @@ impl PgTables<'_> {
                 None => deleted.push(key.as_slice()),
             }
         }
-        self.sql.end_batch(self.tx, prepared, &rows, &deleted)
+        self.sql.write_and_commit(&rows, &deleted)
     }
 }
 
