@@ -433,7 +433,7 @@ impl Default for Builder {
             clock_set: false,
             cache_bytes: DEFAULT_CACHE_BYTES,
             #[cfg(feature = "postgres")]
-            postgres_schema: "idemstore".to_owned(),
+            postgres_schema: crate::postgres::schema::DEFAULT_SCHEMA.to_owned(),
             #[cfg(feature = "postgres")]
             postgres_pool_size: None,
         }
