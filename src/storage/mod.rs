@@ -41,6 +41,7 @@ mod batch;
 mod format;
 mod read;
 mod reap;
+mod snapshot;
 mod write;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -63,6 +64,7 @@ pub(crate) use format::{initialize, open_file, open_memory, open_read_only};
 pub(crate) use read::ReadOnlyFile;
 #[cfg(test)]
 use reap::ReapPass;
+pub(crate) use snapshot::IndexSource;
 pub(crate) use write::{WriteTables, begin_write};
 
 /// before it), for files that must not be taken for a store (the client outbox).
@@ -85,6 +87,10 @@ const TOKEN_KEY: &str = "last_token";
 const TIME_KEY: &str = "latest_time";
 const CORRECTIONS_KEY: &str = "clock_corrections";
 const RESWEEP_KEY: &str = "resweep_from";
+/// The key index snapshot's header ([`snapshot`]).
+const SNAPSHOT_KEY: &str = "index_snapshot";
+/// The latest time again, written with it by builds that keep the snapshot up to date.
+const TIME_MARK_KEY: &str = "latest_time_mark";
 /// The file format version this build writes and reads.
 pub(crate) const FORMAT_VERSION: u32 = 3;
 
@@ -147,6 +153,24 @@ pub(crate) struct Stored {
     pub resweep_from: Mutex<Option<u64>>,
     /// The file the database lives in, checked after each commit; `None` without a path.
     pub file: Option<FileIdentity>,
+    /// Whether the database outlives the store (a file or a backend, not memory): only then
+    /// is the key index's snapshot written.
+    persistent: bool,
+    /// The end of the snapshot in the file (0: none): deletions below it are counted.
+    snapshot_floor: AtomicU64,
+    /// The index's generation the snapshot in the file was written or loaded at.
+    snapshot_generation: Mutex<Option<u64>>,
+    /// How the key index was built at open.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub index_source: IndexSource,
+}
+
+impl Stored {
+    /// Whether the database outlives the store (a file or a backend): only then is the key
+    /// index's snapshot written.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
 }
 
 /// Decodes the record bytes of a log entry (whose checksum [`split_entry`] verified), with
