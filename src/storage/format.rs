@@ -217,6 +217,7 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>, persistent: bool) 
     let built = guarded("initializing the store", || {
         let meta = initialize_unguarded(&db)?;
         let started = std::time::Instant::now();
+        let mut snapshot_ms = 0;
         let (log, source, floor) = match snapshot::load(&db)? {
             snapshot::Loaded::Index {
                 index,
@@ -224,15 +225,19 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>, persistent: bool) 
                 highest_token,
                 tail,
                 seq_end,
-            } => (
-                LogScan {
-                    index,
-                    next_seq,
-                    highest_token,
-                },
-                IndexSource::Snapshot { tail },
-                Some(seq_end),
-            ),
+                took,
+            } => {
+                snapshot_ms = took.0.as_millis() as u64;
+                (
+                    LogScan {
+                        index,
+                        next_seq,
+                        highest_token,
+                    },
+                    IndexSource::Snapshot { tail },
+                    Some(seq_end),
+                )
+            }
             snapshot::Loaded::Absent => (
                 build_index(&db)?,
                 IndexSource::Rebuilt { rejected: None },
@@ -259,6 +264,7 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>, persistent: bool) 
             entries = log.index.len(),
             index_bytes = log.index.heap_bytes(),
             elapsed_ms = started.elapsed().as_millis() as u64,
+            snapshot_ms,
             "key index ready"
         );
         Ok((meta, log, source, floor))

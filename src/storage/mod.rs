@@ -9,6 +9,15 @@
 //! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
 //! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]) |
 //! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
+//! | `idemstore_index_snapshot` | chunk number (`u64`) | the key index's slots ([`crate::index`]), 12 bytes each |
+//! | `idemstore_index_deleted` | sequence number (`u64`) | key hash (`u64`): a log entry below the snapshot's end deleted since it was written |
+//!
+//! The key index's snapshot (`snapshot`) adds to the meta table `"index_snapshot"` (its header:
+//! hash keys, size, end, entry count, token floor, CRC-32) and `"latest_time_mark"` (the latest
+//! time again, written with it). These are additions within format version 3: a file without
+//! them opens as before (its index is built from the whole log, and the first close writes a
+//! snapshot); an older build of idemstore ignores them, and an open by this build after such a
+//! build wrote the file finds the snapshot stale by its checks and rebuilds the index.
 //!
 //! # Why a log
 //!
@@ -20,8 +29,9 @@
 //! near the log's end too), so a commit of a whole batch touches a handful of pages. The
 //! log is in the order keys were claimed; a key deleted (abandoned or reaped) and
 //! claimed again gets a new entry at the end. The cost is an
-//! in-memory index from key hash to sequence number ([`crate::index`]), rebuilt by a scan of
-//! the log when the store opens.
+//! in-memory index from key hash to sequence number ([`crate::index`]), loaded from its
+//! snapshot plus the log written after it when the store opens (or rebuilt by a scan of the
+//! whole log when there is no snapshot to trust).
 //!
 //! The expiry index holds exactly one entry per log entry, keyed by the record's death time,
 //! so the reaper walks dead records in time order and never scans live ones.
@@ -32,6 +42,7 @@
 //! # Layout
 //!
 //! `format` checks, creates and opens the file and builds the key index from the log;
+//! `snapshot` writes, checks and loads the key index's snapshot;
 //! `read` is the read path (one record, or a walk of the whole log); `write` the tables of
 //! one write transaction (records, expiry entries, the token counter and the meta keys);
 //! `reap` the reaper's passes over the expiry index. The tables and the meta keys are named

@@ -19,12 +19,16 @@
 //! * the number of entries: the snapshot records how many log entries were below `seq_end`
 //!   when it was written, and every deletion below `seq_end` since is journaled (sequence
 //!   number and key hash, in the transaction that deletes it; the open removes them from the
-//!   loaded index, so it is exact again). At open, the log's length must be that number,
-//!   minus the journaled deletions, plus the entries from `seq_end` on. An entry added below
-//!   `seq_end` by a writer that does not know these rules (an older build of idemstore)
-//!   breaks the count.
+//!   loaded index, so it is exact again). At open, the entries below `seq_end` must number
+//!   that, minus the journaled deletions. An entry added below `seq_end` by a writer that
+//!   does not know these rules (an older build of idemstore) breaks the count.
 //! * the time mark: every write of the latest time by this build writes the same value under
 //!   a second key. An older build writes the time at its first commit without the mark.
+//!
+//! The open still reads every log entry and verifies its checksum (a damaged entry is
+//! [`Error::Corrupt`] at open, naming its position, as with a rebuild), and checks that no
+//! entry from `seq_end` on holds a key the index already has; what the snapshot saves is
+//! hashing every key and building the table.
 //!
 //! Damage to the snapshot's pages is caught by the storage engine's integrity check at open
 //! like damage to any page; the snapshot's own CRC-32 catches a snapshot that does not
@@ -154,12 +158,15 @@ pub(super) enum Loaded {
         highest_token: u64,
         tail: u64,
         seq_end: u64,
+        /// How long reading the snapshot took, and then the pass over the log.
+        took: (Duration, Duration),
     },
 }
 
 /// Loads the snapshot and the log entries after it, checking both marks and the checksum.
 /// A damaged log entry after the snapshot is [`Error::Corrupt`], as in a rebuild.
 pub(super) fn load(db: &Database) -> Result<Loaded> {
+    let started = Instant::now();
     let txn = db.begin_read().map_err(engine("starting a read"))?;
     let meta = txn.open_table(META).map_err(table_error)?;
     let Some(header) = meta
@@ -209,8 +216,9 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
         return reject("its slots do not match its header");
     };
 
+    let loaded = started.elapsed();
     let log = txn.open_table(LOG).map_err(table_error)?;
-    let log_error = |e| Error::storage("reading the log after the key index's snapshot", e);
+    let log_error = |e| Error::storage("reading the log to check the key index's snapshot", e);
     let seq_end = header.shape.seq_end;
     let mut changes = Vec::new();
     match txn.open_table(DELETIONS) {
@@ -228,30 +236,52 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
         Err(e) => return Err(table_error(e)),
     }
     let deleted = changes.len() as u64;
+    // Every entry's checksum is verified, as a rebuild does: a damaged entry is reported at
+    // open with its position. Only the entries from `seq_end` on are hashed and indexed.
     let mut highest_token = header.token_floor;
-    for item in log.range(seq_end..).map_err(log_error)? {
+    let mut below = 0u64;
+    let mut tail_keys = Vec::new();
+    for item in log.iter().map_err(log_error)? {
         let (seq, entry) = item.map_err(log_error)?;
         let seq = seq.value();
         let at = |e: Error| e.at_log_entry(seq);
         let (key, record) = split_entry(entry.value()).map_err(at)?;
         highest_token = highest_token.max(Record::peek_token(record).map_err(at)?);
+        if seq < seq_end {
+            below += 1;
+            continue;
+        }
         changes.push(Change {
             hash: index.hash(key),
             old: None,
             new: Some(seq),
         });
+        tail_keys.push(key.to_vec());
     }
-    let tail = changes.len() as u64 - deleted;
-    let len = log.len().map_err(log_error)?;
-    if header
-        .below
-        .checked_sub(deleted)
-        .and_then(|b| b.checked_add(tail))
-        != Some(len)
-    {
+    let tail = tail_keys.len() as u64;
+    if header.below.checked_sub(deleted) != Some(below) {
         return reject("the log holds another number of entries than it accounts for");
     }
     index.apply(&changes);
+    // An entry after the snapshot of a key the index already had: two entries of one key (a
+    // damaged or crafted file), as a rebuild would find.
+    for (change, key) in changes[deleted as usize..].iter().zip(&tail_keys) {
+        let seq = change.new.unwrap_or_default();
+        for other in index.candidates(change.hash).iter().filter(|&s| s != seq) {
+            if let Some(entry) = log.get(other).map_err(log_error)?
+                && split_entry(entry.value())
+                    .map_err(|e| e.at_log_entry(other))?
+                    .0
+                    == key.as_slice()
+            {
+                return Err(Error::corrupt(format!(
+                    "log entries {} and {} hold records of one key (a damaged or crafted file)",
+                    other.min(seq),
+                    other.max(seq)
+                )));
+            }
+        }
+    }
     let last = log
         .last()
         .map_err(log_error)?
@@ -266,6 +296,7 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
         highest_token,
         tail,
         seq_end,
+        took: (loaded, started.elapsed() - loaded),
     })
 }
 
