@@ -38,8 +38,8 @@
 //! # Layout
 //!
 //! The header is the meta table's `"index_snapshot"` value ([`Header`]); the slots are in the
-//! table `idemstore_index_snapshot`, chunk number → up to [`CHUNK_SLOTS`] slots of
-//! [`SLOT_BYTES`] bytes each; the deletions since in `idemstore_index_deleted`, sequence
+//! table `idemstore_index_snapshot`, segment number → the segment's slots, [`SLOT_BYTES`]
+//! bytes each; the deletions since in `idemstore_index_deleted`, sequence
 //! number → key hash.
 
 use std::sync::atomic::Ordering;
@@ -55,8 +55,6 @@ use crate::index::{Change, Loader, SLOT_BYTES, Shape};
 const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_index_snapshot");
 /// Log entries below the snapshot's end deleted since it was written: sequence number → hash.
 const DELETIONS: TableDefinition<u64, u64> = TableDefinition::new("idemstore_index_deleted");
-/// Slots per chunk (768 KiB).
-const CHUNK_SLOTS: usize = 1 << 16;
 /// The header's layout version.
 const LAYOUT: u32 = 1;
 /// Encoded header length.
@@ -373,7 +371,7 @@ impl Stored {
                 let mut chunks = txn.open_table(CHUNKS).map_err(table_error)?;
                 let counter = read_u64(&meta, TOKEN_KEY)?.unwrap_or(0);
                 let time = read_u64(&meta, TIME_KEY)?;
-                let written = self.index.with_snapshot(|shape, write| {
+                let written = self.index.with_snapshot(|shape, view| {
                     // Under the index's read lock: no batch changes it meanwhile, and none
                     // commits (this transaction holds the file's write lock). A batch that
                     // committed but has not published its changes yet added entries at or
@@ -383,23 +381,19 @@ impl Stored {
                     if (tail > 0 || below != shape.len) && !anyway {
                         return Ok(None);
                     }
-                    let capacity = shape.capacity as usize;
-                    let count = capacity.div_ceil(CHUNK_SLOTS);
                     let mut header = Header {
                         shape,
                         below,
                         token_floor: self.tokens_above.max(counter),
-                        chunks: count as u64,
+                        chunks: view.segments() as u64,
                         crc: 0,
                     };
                     let mut crc = header.crc_start();
-                    for c in 0..count {
-                        let from = c * CHUNK_SLOTS;
-                        let slots = CHUNK_SLOTS.min(capacity - from);
+                    for c in 0..view.segments() {
                         let mut space = chunks
-                            .insert_reserve(c as u64, slots * SLOT_BYTES)
+                            .insert_reserve(c as u64, view.segment_bytes(c))
                             .map_err(write_error)?;
-                        write(from, space.as_mut());
+                        view.write_segment(c, space.as_mut());
                         crc.update(space.as_mut());
                     }
                     header.crc = crc.finalize();

@@ -246,8 +246,8 @@ fn after_a_crash_the_log_after_the_snapshot_is_replayed() {
     assert_eq!(stored.index.len(), 2_700);
 }
 
-/// Rewrites the first chunk of the snapshot's slots with `f` (a valid page of the file, with
-/// contents that do not match the snapshot's checksum or header).
+/// Rewrites the first chunk of the snapshot's slots that holds an entry with `f` (a valid
+/// page of the file, with contents that do not match the snapshot's checksum or header).
 fn edit_chunk(path: &std::path::Path, f: impl FnOnce(&mut Vec<u8>)) {
     let db = redb::Database::create(path).unwrap();
     let txn = db.begin_write().unwrap();
@@ -255,9 +255,17 @@ fn edit_chunk(path: &std::path::Path, f: impl FnOnce(&mut Vec<u8>)) {
         let def: redb::TableDefinition<u64, &[u8]> =
             redb::TableDefinition::new("idemstore_index_snapshot");
         let mut chunks = txn.open_table(def).unwrap();
-        let mut chunk = chunks.get(0).unwrap().unwrap().value().to_vec();
+        let (n, mut chunk) = chunks
+            .iter()
+            .unwrap()
+            .map(|c| {
+                let (n, c) = c.unwrap();
+                (n.value(), c.value().to_vec())
+            })
+            .find(|(_, c)| c.chunks(crate::index::SLOT_BYTES).any(|s| s[..4] != [0; 4]))
+            .unwrap();
         f(&mut chunk);
-        chunks.insert(0, chunk.as_slice()).unwrap();
+        chunks.insert(n, chunk.as_slice()).unwrap();
     }
     txn.commit().unwrap();
 }
