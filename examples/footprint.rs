@@ -71,7 +71,7 @@ fn write(store: &Store, range: std::ops::Range<u64>, threads: u64) {
                         }
                         other => panic!("fresh key did not start: {other:?}"),
                     }
-                    if t == 0 && (i - range.start) % 1_000_000 == 0 && i > range.start {
+                    if t == 0 && (i - range.start).is_multiple_of(1_000_000) && i > range.start {
                         eprintln!("  {i} / {n} records…");
                     }
                 }
