@@ -16,8 +16,8 @@
 //! Each open is measured in a new process (this program run again), so its peak RSS is the
 //! open's own:
 //!
-//! 1. redb's integrity check alone (the file opened by redb with the check on open, as the
-//!    store opens it, and closed);
+//! 1. redb alone: the file opened by redb without, then with its integrity check on open (as
+//!    the store opens it), and closed;
 //! 2. a clean reopen: the store loads the key index's snapshot written at the close; then
 //!    every 100th record is replayed, so the peak includes a working read path;
 //! 3. a reopen after a crash: a process opens the store, completes 10,000 new records and
@@ -150,10 +150,10 @@ fn child(step: &str, path: &Path, n: u64) -> Result<(), idemstore::Error> {
     drop_caches_if_cold();
     let started = Instant::now();
     match step {
-        "integrity" => {
+        "integrity" | "plain" => {
             let db = redb::Builder::new()
                 .set_cache_size(32 << 20)
-                .set_check_integrity_on_open(true)
+                .set_check_integrity_on_open(step == "integrity")
                 .open(path)
                 .expect("redb open");
             println!("open_ms={}", started.elapsed().as_millis());
@@ -290,6 +290,7 @@ fn main() -> Result<(), idemstore::Error> {
     let bytes = std::fs::metadata(&path).expect("metadata").len();
 
     eprintln!("  measuring the opens…");
+    let plain = run_child("plain", &path, n);
     let integrity = run_child("integrity", &path, n);
     let reopen = run_child("reopen", &path, n);
     run_child("crash", &path, n);
@@ -318,7 +319,12 @@ fn main() -> Result<(), idemstore::Error> {
         if cold { "cold page cache" } else { "warm" }
     );
     println!(
-        "| redb's integrity check alone | {} | — | {} |",
+        "| redb's open alone, no integrity check | {} | — | {} |",
+        secs(get(&plain, "open_ms")),
+        mib(get(&plain, "peak_kib"))
+    );
+    println!(
+        "| redb's open with its integrity check (as the store opens) | {} | — | {} |",
         secs(get(&integrity, "open_ms")),
         mib(get(&integrity, "peak_kib"))
     );

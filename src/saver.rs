@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::storage::Stored;
 
@@ -76,15 +77,15 @@ fn run(stored: &Stored, stop: &Receiver<()>) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
         if due(stored.index.len(), stored.changes_since_snapshot()) {
-            save(stored, "from time to time");
+            save(stored, Durability::Immediate, "from time to time");
         }
     }
 }
 
 /// Writes a snapshot of the key index, logging what it cost; a failure is logged (the next
 /// open rebuilds the index, or replays more of the log).
-pub(crate) fn save(stored: &Stored, when: &str) {
-    match stored.save_index() {
+pub(crate) fn save(stored: &Stored, durability: Durability, when: &str) {
+    match stored.save_index(durability) {
         Ok(Some(saved)) => tracing::debug!(
             when,
             entries = saved.entries,

@@ -218,7 +218,7 @@ impl Inner {
         // Nothing writes any more: the index is the log's. Written unless the file's snapshot
         // is of this very index, so the next open loads it instead of reading the log.
         if stored.persistent() && stored.changes_since_snapshot() != Some(0) {
-            saver::save(&stored, "at close");
+            saver::save(&stored, crate::config::Durability::Immediate, "at close");
         }
         match Arc::try_unwrap(stored).map(|s| s.db) {
             // Guarded: closing commits the engine's allocator state, and the engine can panic

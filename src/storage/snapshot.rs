@@ -333,14 +333,18 @@ impl Stored {
         Some(self.index.generation().saturating_sub(at))
     }
 
-    /// Writes a snapshot of the key index into the file, in one durable write transaction
-    /// (the committer waits for it). Readers go on meanwhile. `None` for a store without a
-    /// file.
+    /// Writes a snapshot of the key index into the file, in one write transaction of
+    /// `durability` (the committer waits for it). Readers go on meanwhile. `None` for a store
+    /// without a file.
+    ///
+    /// A snapshot written without durability becomes durable with the next durable commit;
+    /// a crash before that loses it along with everything after the last durable commit, and
+    /// the file keeps the snapshot before it, which matches the file's log as well.
     ///
     /// # Errors
     /// [`Error::Storage`] when the write fails (the file keeps its previous snapshot, if
     /// any); [`Error::Corrupt`] if the storage engine panics.
-    pub fn save_index(&self) -> Result<Option<Saved>> {
+    pub fn save_index(&self, durability: Durability) -> Result<Option<Saved>> {
         if !self.persistent {
             return Ok(None);
         }
@@ -349,7 +353,7 @@ impl Stored {
         // the index behind the log: give it a moment to publish (a few tries), then write
         // anyway (the snapshot is then a superset of the log, which is correct too).
         for attempt in 1.. {
-            if let Some(saved) = self.try_save_index(started, attempt >= 4)? {
+            if let Some(saved) = self.try_save_index(durability, started, attempt >= 4)? {
                 return Ok(Some(saved));
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -359,9 +363,14 @@ impl Stored {
 
     /// One try of [`Stored::save_index`]: `None` (nothing written) when the index is not in
     /// step with the log and `anyway` is false.
-    fn try_save_index(&self, started: Instant, anyway: bool) -> Result<Option<Saved>> {
+    fn try_save_index(
+        &self,
+        durability: Durability,
+        started: Instant,
+        anyway: bool,
+    ) -> Result<Option<Saved>> {
         guarded("writing the key index's snapshot", || {
-            let txn = begin_write(&self.db, Durability::Immediate)?;
+            let txn = begin_write(&self.db, durability)?;
             fn write_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
                 Error::storage("writing the key index's snapshot", e)
             }

@@ -166,7 +166,7 @@ fn assert_keys(stored: &Stored, prefix: &str, n: usize, present: bool) {
 
 fn saved(stored: &Stored) -> crate::storage::snapshot::Saved {
     stored
-        .save_index()
+        .save_index(crate::config::Durability::Immediate)
         .unwrap()
         .expect("a file store writes a snapshot")
 }
