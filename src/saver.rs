@@ -25,6 +25,10 @@ const CHECK_EVERY: Duration = Duration::from_secs(60);
 /// costs well under a second.
 const MIN_CHANGES: u64 = 200_000;
 
+/// Entries below which a close writes no snapshot into a file that has none: the rebuild of
+/// so small an index costs less than the commit that would save it.
+pub(crate) const MIN_ENTRIES: usize = 1024;
+
 /// Whether a snapshot is due for an index of `len` entries, changed `changes` times since the
 /// last snapshot (`None`: the file holds none).
 pub(crate) fn due(len: usize, changes: Option<u64>) -> bool {

@@ -216,8 +216,13 @@ impl Inner {
             Records::Postgres(_) => return Ok(()),
         };
         // Nothing writes any more: the index is the log's. Written unless the file's snapshot
-        // is of this very index, so the next open loads it instead of reading the log.
-        if stored.persistent() && stored.changes_since_snapshot() != Some(0) {
+        // is of this very index, so the next open loads it instead of rebuilding the index
+        // (a small index with no snapshot in the file is rebuilt faster than it is saved).
+        let changes = stored.changes_since_snapshot();
+        if stored.persistent()
+            && changes != Some(0)
+            && (changes.is_some() || stored.index.len() >= saver::MIN_ENTRIES)
+        {
             saver::save(&stored, crate::config::Durability::Immediate, "at close");
         }
         match Arc::try_unwrap(stored).map(|s| s.db) {
