@@ -3,14 +3,14 @@
 //!
 //! # What it holds, and why it can be trusted
 //!
-//! The snapshot is the index's table as it was at some moment ([`crate::index`]: its hash
-//! keys, its slots) and `seq_end`, one above every sequence number in it. The log only ever
-//! changes in three ways after that moment: a new key's entry is appended at a sequence number
-//! at or above `seq_end` (sequence numbers are taken in order, and every open starts them at
-//! `seq_end` at least); an entry is rewritten in place, for the same key; an entry is deleted.
-//! So the snapshot plus the log entries from `seq_end` on name every entry of the log, and
-//! at most a few more that were deleted since (a lookup compares the key of every entry it
-//! reads and passes over missing ones, so those cost a read, never a wrong answer).
+//! The snapshot is the index's table as it was in the transaction that wrote it
+//! ([`crate::index`]: its hash keys, its slots), written only when the index is exactly the
+//! log's then (as many entries, none at or above `seq_end`), and `seq_end`, one above every
+//! sequence number in it. The log only ever changes in three ways after that: a new key's
+//! entry is appended at a sequence number at or above `seq_end` (sequence numbers are taken in
+//! order, and every open starts them at `seq_end` at least); an entry is rewritten in place,
+//! for the same key; an entry is deleted, and journaled (below). So the snapshot, less the
+//! journaled deletions, plus the log entries from `seq_end` on, is exactly the log's index.
 //!
 //! That holds only if every writer since the snapshot kept those rules. Two marks check it at
 //! open; when either fails (or the snapshot's checksum does), the snapshot is removed and the
@@ -181,11 +181,8 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
     if read_u64(&meta, TIME_KEY)? != read_u64(&meta, TIME_MARK_KEY)? {
         return reject("the file was written since by a build that does not keep it up to date");
     }
-    if header.shape.len > header.below.saturating_add(1024 + header.below / 64) {
-        // A snapshot written while deletions were being published keeps their entries
-        // (harmless: the log's entries are compared); too many of them, and a rebuild
-        // drops them.
-        return reject("it holds too many entries the log no longer had");
+    if header.shape.len != header.below {
+        return reject("it holds another number of entries than the log had");
     }
     let chunks = match txn.open_table(CHUNKS) {
         Ok(t) => t,
@@ -350,25 +347,21 @@ impl Stored {
         }
         let started = Instant::now();
         // A batch that committed but has not published its changes to the index yet leaves
-        // the index behind the log: give it a moment to publish (a few tries), then write
-        // anyway (the snapshot is then a superset of the log, which is correct too).
-        for attempt in 1.. {
-            if let Some(saved) = self.try_save_index(durability, started, attempt >= 4)? {
+        // the index behind the log: give it a moment to publish. A snapshot is written only
+        // of an index exactly in step with the log (never of one that may miss an entry).
+        for _ in 0..5 {
+            if let Some(saved) = self.try_save_index(durability, started)? {
                 return Ok(Some(saved));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        unreachable!("the loop returns")
+        tracing::debug!("key index snapshot not written: the index is not in step with the log");
+        Ok(None)
     }
 
     /// One try of [`Stored::save_index`]: `None` (nothing written) when the index is not in
-    /// step with the log and `anyway` is false.
-    fn try_save_index(
-        &self,
-        durability: Durability,
-        started: Instant,
-        anyway: bool,
-    ) -> Result<Option<Saved>> {
+    /// step with the log.
+    fn try_save_index(&self, durability: Durability, started: Instant) -> Result<Option<Saved>> {
         guarded("writing the key index's snapshot", || {
             let txn = begin_write(&self.db, durability)?;
             fn write_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -382,12 +375,14 @@ impl Stored {
                 let time = read_u64(&meta, TIME_KEY)?;
                 let written = self.index.with_snapshot(|shape, view| {
                     // Under the index's read lock: no batch changes it meanwhile, and none
-                    // commits (this transaction holds the file's write lock). A batch that
-                    // committed but has not published its changes yet added entries at or
-                    // above `seq_end` only (the tail), and its deletions leave stale entries.
+                    // commits (this transaction holds the file's write lock). In step: no
+                    // entry at or above `seq_end` (a batch that committed and has not published
+                    // its changes yet, or whose commit failed with an unknown outcome, would
+                    // have put its new keys there), and as many entries below it as the index
+                    // holds (its deletions would leave stale ones).
                     let tail = log.range(shape.seq_end..).map_err(write_error)?.count() as u64;
                     let below = log.len().map_err(write_error)?.saturating_sub(tail);
-                    if (tail > 0 || below != shape.len) && !anyway {
+                    if tail > 0 || below != shape.len {
                         return Ok(None);
                     }
                     let mut header = Header {

@@ -372,3 +372,42 @@ fn a_snapshot_the_log_moved_away_from_is_not_used() {
     );
     assert_eq!(stored.index.len(), 501);
 }
+
+/// A batch that committed and has not published its changes (or whose commit failed with an
+/// unknown outcome) leaves the index behind the log: no snapshot is written of it, and once
+/// the changes are published one is.
+#[test]
+fn no_snapshot_is_written_of_an_index_behind_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let stored = open_stored(&path);
+    fill(&stored, "a", 2_000, 0, 1_000_000);
+    saved(&stored);
+    for unpublished in ["add", "delete"] {
+        let txn = stored.db.begin_write().unwrap();
+        let changes = {
+            let mut t = WriteTables::open(&txn, &stored, Stamp::default()).unwrap();
+            if unpublished == "add" {
+                let key = key_of("b", 0);
+                let record = machine::claim(None, &Fingerprint::of(&key), 9_999, 0, 1_000_000, 1);
+                t.put(&key, &record.record).unwrap();
+            } else {
+                t.delete(&key_of("a", 5)).unwrap();
+            }
+            t.into_changes()
+        };
+        txn.commit().unwrap();
+        let none = stored
+            .save_index(crate::config::Durability::Immediate)
+            .unwrap();
+        assert_eq!(none, None, "{unpublished}: the index is behind the log");
+        stored.index.apply(&changes);
+        saved(&stored);
+    }
+    drop(stored);
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Snapshot { tail: 0 });
+    assert_eq!(stored.index.len(), 2_000);
+    assert!(stored.read_record(&key_of("b", 0)).unwrap().is_some());
+    assert!(stored.read_record(&key_of("a", 5)).unwrap().is_none());
+}
