@@ -1,15 +1,43 @@
-//! The peer comparison of idemstore's durable write path, in one run:
-//! idemstore (group commit) vs the naive baseline (one redb transaction per operation),
-//! SQLite (WAL, synchronous=FULL) and the raw-redb ceiling (64 operations per commit),
-//! at 1, 8 and 64 callers; then replay lookups vs raw redb read transactions.
+//! The peer comparison of idemstore's durable write path, in one run, at 1, 8 and 64 callers:
+//!
+//! - **idemstore** at its default durability (every commit fsync'd in two phases, so a damaged
+//!   newest commit is reported at open instead of silently rolled back), and with one-phase
+//!   commits (`Durability::ImmediateOnePhase`: what the guard costs);
+//! - **naive redb (1 txn/op)**: idemstore's transitions (fencing token, expiry entries) in one
+//!   durable redb write transaction per operation, no group commit;
+//! - **simplest redb (1 table)**: the code a user writes instead of idemstore: one table keyed
+//!   by the idempotency key, `begin` a read and an insert in one durable transaction,
+//!   `complete` an insert in another;
+//! - both redb baselines at idemstore's default durability (redb's two-phase commit) and at
+//!   redb's own default (one phase); every ratio is against a baseline at the same durability
+//!   as the table says;
+//! - **SQLite** (WAL, `synchronous=FULL`), **Redis** (`appendonly yes`, `appendfsync always`,
+//!   `SET NX` then `SET XX`, a connection per caller) and the raw-redb ceiling (64 operations
+//!   per two-phase commit);
+//!
+//! then replay lookups against raw redb read transactions.
 //!
 //! ```sh
-//! cargo run --release --example compare                 # 3 rounds, ~2 minutes
+//! cargo run --release --example compare                 # 3 rounds, a few minutes
 //! cargo run --release --example compare -- --smoke      # seconds, for CI
 //! cargo run --release --example compare -- --seconds 5  # longer runs per cell
 //! cargo run --release --example compare -- --keys sequential  # thread-counter key ids
 //! cargo run --release --example compare -- --callers 1 --handoff  # + the cost of a thread hop
 //! ```
+//!
+//! Results go to stdout as Markdown tables: one at idemstore's default durability (every row,
+//! with its ratios to both two-phase redb baselines) and one of one-phase commits (idemstore
+//! 1-phase against the one-phase baselines). Each cell is the median rate of the rounds, each
+//! ratio the median of the per-round ratios to the baseline measured in the same round (the
+//! peers take turns within each round). Per-round rates go to stderr.
+//!
+//! **Redis**: when `redis-server` is on `PATH`, compare starts its own on 127.0.0.1, on a free
+//! port, in a temporary folder, with `appendonly yes`, `appendfsync always` and no RDB
+//! snapshots, waits until it answers `PING`, measures it, and stops it and removes the folder
+//! at the end, also on a panic or on SIGINT, SIGTERM or SIGHUP. When `redis-server` is not
+//! installed (`apt-get install redis-server`), it says it skipped Redis and why.
+//! `--redis-addr HOST:PORT` measures a server already running there instead (compare sets
+//! `appendonly yes` and `appendfsync always` on it with `CONFIG SET`); `--no-redis` skips it.
 //!
 //! `--handoff` adds two diagnostic rows: the naive baseline with every operation run on a
 //! second thread, the threads waiting for each other either in crossbeam's blocking `recv`
@@ -17,8 +45,6 @@
 //!
 //! Keys are UUID-shaped and random by default, as clients generate them, so every peer
 //! inserts all over its tree; `--keys sequential` gives each caller its own append point.
-//!
-//! Ratios are against the naive baseline measured in the same run.
 //!
 //! With `IDEMSTORE_PG` set and the example built with `--features postgres`, idemstore on
 //! PostgreSQL is measured too, against a hand-written PostgreSQL baseline of the same
@@ -31,21 +57,35 @@
 //! `--postgres` insists on them, `--no-postgres` skips them, `--pg-pool N` sets idemstore's
 //! pool size (half of it are committer threads).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use idemstore::{Begin, Fingerprint, Key};
+use idemstore::{Begin, Durability, Fingerprint, Key};
 use idemstore_testkit::peers::{
-    self, Idem, NaiveOnThread, NaiveRedb, Peer, Sqlite, Wait, raw_batch_ceiling, run_cycles,
+    self, Idem, NaiveOnThread, NaiveRedb, Peer, Redis, RedisConn, SimplestRedb, Sqlite, Wait,
+    raw_batch_ceiling, run_cycles,
 };
+
+/// Which Redis to measure.
+enum RedisChoice {
+    /// Start one (the default), or say why not.
+    Start,
+    /// One already running at this address (`--redis-addr`).
+    At(SocketAddr),
+    /// None (`--no-redis`).
+    Skip,
+}
 
 struct Args {
     seconds: f64,
     callers: Vec<usize>,
     rounds: usize,
     handoff: bool,
+    redis: RedisChoice,
     /// Measure the PostgreSQL peers: `Some(true)` asked for (`--postgres`), `Some(false)`
     /// refused (`--no-postgres`), `None` when `IDEMSTORE_PG` is set.
     postgres: Option<bool>,
@@ -61,6 +101,7 @@ fn args() -> Args {
         callers: vec![1, 8, 64],
         rounds: 3,
         handoff: false,
+        redis: RedisChoice::Start,
         postgres: None,
         postgres_only: false,
         pg_pool: None,
@@ -74,6 +115,14 @@ fn args() -> Args {
                 a.rounds = 1;
             }
             "--handoff" => a.handoff = true,
+            "--redis-addr" => {
+                a.redis = RedisChoice::At(
+                    it.next()
+                        .and_then(|s| s.parse().ok())
+                        .expect("--redis-addr needs an address like 127.0.0.1:6379"),
+                )
+            }
+            "--no-redis" => a.redis = RedisChoice::Skip,
             "--postgres" => a.postgres = Some(true),
             "--no-postgres" => a.postgres = Some(false),
             "--pg-pool" => {
@@ -114,7 +163,7 @@ fn args() -> Args {
             },
             "-h" | "--help" => {
                 println!(
-                    "usage: compare [--smoke] [--seconds S] [--rounds R] [--callers 1,8,64] [--keys random|sequential] [--handoff] [--postgres | --no-postgres | --postgres-only] [--pg-pool N]"
+                    "usage: compare [--smoke] [--seconds S] [--rounds R] [--callers 1,8,64] [--keys random|sequential] [--handoff] [--redis-addr HOST:PORT | --no-redis] [--postgres | --no-postgres | --postgres-only] [--pg-pool N]"
                 );
                 std::process::exit(0);
             }
@@ -124,15 +173,50 @@ fn args() -> Args {
     a
 }
 
-type Maker = dyn Fn(usize, &std::path::Path) -> Box<dyn Peer>;
+type Maker = dyn Fn(usize, &Path) -> Box<dyn Peer>;
 
-/// A peer to measure: its name, how to make it for a cell, and the index of the peer its
-/// ratios are against.
-type Entry = (&'static str, Box<Maker>, usize);
+/// A peer to measure: its name, how to make it for a cell (from the number of callers and a
+/// fresh path), and the tables it is printed in (indices into the run's [`Table`]s).
+struct Entry {
+    name: String,
+    make: Box<Maker>,
+    tables: Vec<usize>,
+}
+
+fn entry(
+    name: &str,
+    make: impl Fn(usize, &Path) -> Box<dyn Peer> + 'static,
+    tables: &[usize],
+) -> Entry {
+    Entry {
+        name: name.to_owned(),
+        make: Box::new(make),
+        tables: tables.to_vec(),
+    }
+}
+
+/// One table of the summary: what its rows share, and the rows its ratio columns are against.
+struct Table {
+    title: String,
+    /// (row index, the ratio column's heading)
+    bases: Vec<(usize, &'static str)>,
+}
+
+/// A measured row: its name, one rate per round for each caller count, its tables.
+struct Row {
+    name: String,
+    rates: Vec<Vec<f64>>,
+    tables: Vec<usize>,
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The median of the per-round ratios of `rates` to `base`.
+fn ratio(rates: &[f64], base: &[f64]) -> f64 {
+    median(rates.iter().zip(base).map(|(r, b)| r / b).collect())
 }
 
 /// The conninfo of the PostgreSQL peers, if they are to be measured.
@@ -163,79 +247,160 @@ fn postgres_conninfo(a: &Args) -> Option<String> {
 }
 
 #[cfg(feature = "postgres")]
-fn postgres_peers(conninfo: String, pool: Option<u32>, peers: &mut Vec<Entry>) {
-    let base = peers.len();
+fn postgres_peers(
+    conninfo: String,
+    pool: Option<u32>,
+    peers: &mut Vec<Entry>,
+    tables: &mut Vec<Table>,
+) {
+    let table = tables.len();
+    tables.push(Table {
+        title: "PostgreSQL".to_owned(),
+        bases: vec![(peers.len(), "× baseline")],
+    });
     let info = conninfo.clone();
-    peers.push((
+    peers.push(entry(
         "postgres baseline (1 txn/op)",
-        Box::new(move |n, p: &std::path::Path| {
-            Box::new(pg::Baseline::open(&info, &pg::schema_for(p), n)) as Box<dyn Peer>
-        }),
-        base,
+        move |n, p| Box::new(pg::Baseline::open(&info, &pg::schema_for(p), n)),
+        &[table],
     ));
-    peers.push((
+    peers.push(entry(
         "idemstore on postgres",
-        Box::new(move |_, p: &std::path::Path| {
-            Box::new(pg::IdemPg::open(&conninfo, &pg::schema_for(p), pool)) as Box<dyn Peer>
-        }),
-        base,
+        move |_, p| Box::new(pg::IdemPg::open(&conninfo, &pg::schema_for(p), pool)),
+        &[table],
     ));
 }
 
 #[cfg(not(feature = "postgres"))]
-fn postgres_peers(_: String, _: Option<u32>, _: &mut Vec<Entry>) {
+fn postgres_peers(_: String, _: Option<u32>, _: &mut Vec<Entry>, _: &mut Vec<Table>) {
     unreachable!("postgres_conninfo is None without the feature")
 }
 
 fn main() {
     let a = args();
+    cleanup::on_signal();
     let dir = tempfile::tempdir().expect("tempdir");
+    cleanup::remove_on_signal(dir.path());
     let mut peers: Vec<Entry> = Vec::new();
+    let mut tables: Vec<Table> = Vec::new();
+    // Kept until the measurements end; dropping it stops the server and removes its folder.
+    let mut redis_server = None;
+    // The rows of idemstore at its default durability and of the ceiling's table.
+    let mut idem_default = None;
+    let default_table = 0;
     if !a.postgres_only {
-        peers.push((
-            "naive redb (1 txn/op)",
-            Box::new(|_, p: &std::path::Path| Box::new(NaiveRedb::open(p)) as Box<dyn Peer>),
-            0,
+        use Durability::{Immediate, ImmediateOnePhase};
+        let one_phase = 1;
+        let full = peers.len();
+        peers.push(entry(
+            "naive redb (1 txn/op), 2-phase",
+            |_, p| Box::new(NaiveRedb::open_with(p, Immediate)),
+            &[default_table],
         ));
-        peers.push((
-            "idemstore",
-            Box::new(|_, p: &std::path::Path| Box::new(Idem::open(p)) as Box<dyn Peer>),
-            0,
+        let simplest = peers.len();
+        peers.push(entry(
+            "simplest redb (1 table), 2-phase",
+            |_, p| Box::new(SimplestRedb::open_with(p, Immediate)),
+            &[default_table],
         ));
-        peers.push((
-            "sqlite WAL sync=FULL",
-            Box::new(|n, p: &std::path::Path| Box::new(Sqlite::open(p, n)) as Box<dyn Peer>),
-            0,
+        idem_default = Some(peers.len());
+        peers.push(entry(
+            "idemstore (default, 2-phase)",
+            |_, p| Box::new(Idem::open_with(p, Immediate)),
+            &[default_table],
         ));
-        peers.push((
-            // What the default's two-phase commit costs (the second fsync per commit).
+        // What the default's two-phase commit costs (the second fsync per commit).
+        peers.push(entry(
             "idemstore, 1-phase commit",
-            Box::new(|_, p: &std::path::Path| {
-                Box::new(Idem::open_with(p, idemstore::Durability::ImmediateOnePhase))
-                    as Box<dyn Peer>
-            }),
-            0,
+            |_, p| Box::new(Idem::open_with(p, ImmediateOnePhase)),
+            &[default_table, one_phase],
         ));
-        if a.handoff {
-            // Diagnostics: what a thread hand-off alone costs (no batching, naive's work).
-            peers.push((
-                "naive on a thread, recv",
-                Box::new(|_, p: &std::path::Path| {
-                    Box::new(NaiveOnThread::open(p, Wait::Recv)) as Box<dyn Peer>
-                }),
-                0,
-            ));
-            peers.push((
-                "naive on a thread, park",
-                Box::new(|_, p: &std::path::Path| {
-                    Box::new(NaiveOnThread::open(p, Wait::Park)) as Box<dyn Peer>
-                }),
-                0,
+        // redb's own default commit: what a user's code gets unless it asks for two phases.
+        let full_1 = peers.len();
+        peers.push(entry(
+            "naive redb (1 txn/op), 1-phase",
+            |_, p| Box::new(NaiveRedb::open_with(p, ImmediateOnePhase)),
+            &[default_table, one_phase],
+        ));
+        let simplest_1 = peers.len();
+        peers.push(entry(
+            "simplest redb (1 table), 1-phase",
+            |_, p| Box::new(SimplestRedb::open_with(p, ImmediateOnePhase)),
+            &[default_table, one_phase],
+        ));
+        peers.push(entry(
+            "sqlite WAL sync=FULL",
+            |n, p| Box::new(Sqlite::open(p, n)),
+            &[default_table],
+        ));
+        let redis_addr = match a.redis {
+            RedisChoice::Skip => {
+                eprintln!("  redis: skipped (--no-redis)");
+                None
+            }
+            RedisChoice::At(addr) => {
+                if let Err(why) = configure_redis(addr) {
+                    eprintln!("--redis-addr {addr}: {why}");
+                    std::process::exit(2);
+                }
+                eprintln!(
+                    "  redis: measuring the server at {addr} (set to appendonly yes, appendfsync always)"
+                );
+                Some(addr)
+            }
+            RedisChoice::Start => match RedisServer::start() {
+                Ok(server) => {
+                    let addr = server.addr;
+                    eprintln!(
+                        "  redis: started redis-server on {addr} in {} (appendonly yes, appendfsync always, no RDB snapshots)",
+                        server.dir.path().display()
+                    );
+                    redis_server = Some(server);
+                    Some(addr)
+                }
+                Err(why) => {
+                    eprintln!("  redis: skipped ({why})");
+                    None
+                }
+            },
+        };
+        if let Some(addr) = redis_addr {
+            peers.push(entry(
+                "redis appendfsync=always",
+                move |n, _| Box::new(Redis::open(addr, n)),
+                &[default_table],
             ));
         }
+        if a.handoff {
+            // Diagnostics: what a thread hand-off alone costs (no batching, naive's work).
+            peers.push(entry(
+                "naive on a thread, recv",
+                |_, p| Box::new(NaiveOnThread::open(p, Wait::Recv)),
+                &[default_table],
+            ));
+            peers.push(entry(
+                "naive on a thread, park",
+                |_, p| Box::new(NaiveOnThread::open(p, Wait::Park)),
+                &[default_table],
+            ));
+        }
+        tables.push(Table {
+            title: "at idemstore's default durability (the redb baselines commit in two phases, \
+                    as idemstore does)"
+                .to_owned(),
+            bases: vec![(full, "× naive"), (simplest, "× simplest")],
+        });
+        tables.push(Table {
+            title: "one-phase commits (redb's default commit, idemstore's `ImmediateOnePhase`)"
+                .to_owned(),
+            bases: vec![
+                (full_1, "× naive 1-phase"),
+                (simplest_1, "× simplest 1-phase"),
+            ],
+        });
     }
     if let Some(conninfo) = postgres_conninfo(&a) {
-        postgres_peers(conninfo, a.pg_pool, &mut peers);
+        postgres_peers(conninfo, a.pg_pool, &mut peers, &mut tables);
     }
     // rates[peer][callers] = one rate per round; the peers take turns within each round (in a
     // rotating order), so slow drifts of the machine hit them all alike.
@@ -249,13 +414,13 @@ fn main() {
         for (ci, &n) in a.callers.iter().enumerate() {
             for k in 0..peers.len() {
                 let pi = (k + round + ci) % peers.len();
-                let (name, make, _) = &peers[pi];
+                let Entry { name, make, .. } = &peers[pi];
                 let path = dir.path().join(format!("p{pi}-n{n}-r{round}.db"));
                 let peer = make(n, &path);
                 let (cycles, secs) = run_cycles(peer.as_ref(), n, a.seconds);
                 let rate = cycles as f64 / secs;
                 eprintln!(
-                    "  round {round}: {name:<28} {n:>3} callers: {rate:>10.0} cycles/s {}",
+                    "  round {round}: {name:<34} {n:>3} callers: {rate:>10.0} cycles/s {}",
                     peer.note()
                 );
                 rates[pi][ci].push(rate);
@@ -265,64 +430,36 @@ fn main() {
             let (c, secs) =
                 raw_batch_ceiling(&dir.path().join(format!("ceiling-r{round}.db")), a.seconds);
             let ceiling = c as f64 / secs;
-            eprintln!("  round {round}: raw redb 64 ops/commit: {ceiling:>10.0} cycles/s");
+            eprintln!("  round {round}: raw redb 64 ops/commit, 2-phase: {ceiling:>10.0} cycles/s");
             ceilings.push(ceiling);
         }
     }
-    // (name, rates per caller count, the row its ratios are against)
-    let mut rows: Vec<(&str, Vec<Vec<f64>>, usize)> = peers
+    if let Some(server) = redis_server.take() {
+        drop(server);
+        eprintln!("  redis: stopped, its folder removed");
+    }
+    let mut rows: Vec<Row> = peers
         .iter()
         .zip(rates)
-        .map(|((name, _, base), r)| (*name, r, *base))
+        .map(|(e, rates)| Row {
+            name: e.name.clone(),
+            rates,
+            tables: e.tables.clone(),
+        })
         .collect();
     if !a.postgres_only {
-        rows.push((
-            "raw redb 64 ops/commit",
-            vec![ceilings.clone(); a.callers.len()],
-            0,
-        ));
-        match redis_cycles(&a) {
-            Some(r) => rows.push((
-                "redis appendfsync=always",
-                r.into_iter().map(|x| vec![x; a.rounds]).collect(),
-                0,
-            )),
-            None => eprintln!("  redis: skipped (no server on 127.0.0.1:6379)"),
-        }
+        rows.push(Row {
+            name: "raw redb 64 ops/commit, 2-phase".to_owned(),
+            rates: vec![ceilings.clone(); a.callers.len()],
+            tables: vec![default_table],
+        });
     }
-
-    let ratio =
-        |rates: &[f64], base: &[f64]| median(rates.iter().zip(base).map(|(r, b)| r / b).collect());
-    let mut bases: Vec<usize> = rows.iter().map(|r| r.2).collect();
-    bases.sort_unstable();
-    bases.dedup();
-    for base in bases {
-        println!(
-            "\n## Cycles/s (begin + complete, durable): median of {} round(s), and the median of \
-             the per-round ratios to {}\n",
-            a.rounds, rows[base].0
-        );
-        print!("| peer |");
-        for n in &a.callers {
-            print!(" {n} caller{} |", if *n == 1 { "" } else { "s" });
-        }
-        println!();
-        println!("|---|{}", "---|".repeat(a.callers.len()));
-        let base_rates = rows[base].1.clone();
-        for (name, cells, _) in rows.iter().filter(|r| r.2 == base) {
-            print!("| {name} |");
-            for (r, b) in cells.iter().zip(&base_rates) {
-                print!(" {:.0} ({:.2}×) |", median(r.clone()), ratio(r, b));
-            }
-            println!();
-        }
-    }
-    if a.postgres_only {
+    print_tables(&a, &tables, &rows);
+    let Some(idem) = idem_default else {
         return;
-    }
-    let idem = &rows[1].1;
-    print!("\nidemstore / ceiling (median of per-round ratios):");
-    for (n, r) in a.callers.iter().zip(idem) {
+    };
+    print!("\nidemstore (default) / ceiling (2-phase; median of per-round ratios):");
+    for (n, r) in a.callers.iter().zip(&rows[idem].rates) {
         print!(" {n} callers {:.0} %;", 100.0 * ratio(r, &ceilings));
     }
     println!();
@@ -330,11 +467,60 @@ fn main() {
     replay(&a, dir.path());
 }
 
+/// The summary tables in Markdown: per caller count, the median rate and its ratios.
+fn print_tables(a: &Args, tables: &[Table], rows: &[Row]) {
+    if tables.first().is_some_and(|t| t.bases.len() == 2) {
+        println!(
+            "\nnaive redb: idemstore's transitions (fencing token, expiry entries), one durable \
+             redb transaction per operation.\nsimplest redb: one table keyed by the idempotency \
+             key; begin = a read and an insert in one durable transaction, complete = an insert \
+             in another."
+        );
+    }
+    for (ti, table) in tables.iter().enumerate() {
+        let names: Vec<&str> = table
+            .bases
+            .iter()
+            .map(|&(b, _)| rows[b].name.as_str())
+            .collect();
+        println!(
+            "\n## Cycles/s (begin + complete, durable), {}: median of {} round(s), and the \
+             medians of the per-round ratios to {}\n",
+            table.title,
+            a.rounds,
+            names.join(" and ")
+        );
+        print!("| peer |");
+        for n in &a.callers {
+            print!(" {n} caller{} |", if *n == 1 { "" } else { "s" });
+            for (_, heading) in &table.bases {
+                print!(" {heading} |");
+            }
+        }
+        println!();
+        println!(
+            "|---|{}",
+            "---|".repeat(a.callers.len() * (1 + table.bases.len()))
+        );
+        for row in rows.iter().filter(|r| r.tables.contains(&ti)) {
+            print!("| {} |", row.name);
+            for (ci, r) in row.rates.iter().enumerate() {
+                print!(" {:.0} |", median(r.clone()));
+                for &(b, _) in &table.bases {
+                    print!(" {:.2}× |", ratio(r, &rows[b].rates[ci]));
+                }
+            }
+            println!();
+        }
+    }
+}
+
 /// Replay lookups: idemstore `begin` answering `Replay` vs a raw redb read transaction + get.
 fn replay(a: &Args, dir: &std::path::Path) {
     const KEYS: u64 = 10_000;
     let idem = Idem::open(&dir.join("replay-idem.db"));
-    let raw = NaiveRedb::open(&dir.join("replay-raw.db"));
+    // Only its reads are timed: its records are written with one-phase commits, to be ready sooner.
+    let raw = NaiveRedb::open_with(&dir.join("replay-raw.db"), Durability::ImmediateOnePhase);
     let keys: Vec<(Key, Fingerprint)> = (0..KEYS)
         .map(|i| {
             let k = Key::new("bench", &peers::key_id(0, i)).expect("key");
@@ -397,57 +583,205 @@ fn replay(a: &Args, dir: &std::path::Path) {
     }
 }
 
-/// Redis with `appendfsync always`, 16 connections per caller count (SET NX then SET XX),
-/// if a server answers on localhost. Not started by this program.
-fn redis_cycles(a: &Args) -> Option<Vec<f64>> {
-    let mut probe =
-        TcpStream::connect_timeout(&"127.0.0.1:6379".parse().ok()?, Duration::from_millis(200))
-            .ok()?;
-    redis_cmd(&mut probe, &["CONFIG", "SET", "appendonly", "yes"])?;
-    redis_cmd(&mut probe, &["CONFIG", "SET", "appendfsync", "always"])?;
-    let mut out = Vec::new();
-    for &n in &a.callers {
-        let conns = n.min(16);
-        let done = AtomicU64::new(0);
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            for c in 0..n {
-                let done = &done;
-                s.spawn(move || {
-                    let mut conn = TcpStream::connect("127.0.0.1:6379").expect("redis");
-                    let mut i = 0u64;
-                    if c >= conns {
-                        return;
-                    }
-                    while start.elapsed().as_secs_f64() < a.seconds {
-                        let key = format!("idem:{c}:{i}:{}", std::process::id());
-                        redis_cmd(&mut conn, &["SET", &key, "inflight", "NX", "EX", "86400"])
-                            .expect("set nx");
-                        let body = String::from_utf8_lossy(&peers::RESPONSE).into_owned();
-                        redis_cmd(&mut conn, &["SET", &key, &body, "XX", "EX", "86400"])
-                            .expect("set xx");
-                        i += 1;
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-        eprintln!("  redis {n:>3} callers ({conns} connections): {rate:>10.0} cycles/s");
-        out.push(rate);
+/// Sets `appendonly yes` and `appendfsync always` on the Redis server at `addr` (one the user
+/// named with `--redis-addr`).
+fn configure_redis(addr: SocketAddr) -> Result<(), String> {
+    let mut conn = RedisConn::connect(addr, Duration::from_secs(2))
+        .map_err(|e| format!("no Redis server answers there: {e}"))?;
+    for (name, value) in [("appendonly", "yes"), ("appendfsync", "always")] {
+        let reply = conn
+            .command(&[b"CONFIG", b"SET", name.as_bytes(), value.as_bytes()])
+            .map_err(|e| format!("CONFIG SET {name} {value}: {e}"))?;
+        if reply != "+OK" {
+            return Err(format!("CONFIG SET {name} {value} answered {reply}"));
+        }
     }
-    Some(out)
+    Ok(())
 }
 
-fn redis_cmd(conn: &mut TcpStream, args: &[&str]) -> Option<()> {
-    let mut cmd = format!("*{}\r\n", args.len());
-    for a in args {
-        cmd.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+/// A `redis-server` this program started on loopback, in a temporary folder of its own;
+/// dropping it stops the server and removes the folder.
+struct RedisServer {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// How long the server gets to answer `PING` after it was started.
+    const READY_WITHIN: Duration = Duration::from_secs(10);
+
+    /// Starts `redis-server` from `PATH` on a free port of 127.0.0.1 with `appendonly yes`,
+    /// `appendfsync always` and no RDB snapshots, and waits until it answers. The error says
+    /// why there is no server (not installed, exited, did not answer in time).
+    fn start() -> Result<RedisServer, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("compare-redis-")
+            .tempdir()
+            .map_err(|e| format!("no temporary folder for it: {e}"))?;
+        cleanup::remove_on_signal(dir.path());
+        // The port is free when asked for, but another process may take it before the server
+        // binds it: then the server exits at once, and it is tried again on another port.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no free port on 127.0.0.1: {e}"))?
+                .port();
+            let log = dir.path().join("redis.log");
+            let spawned = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--logfile")
+                .arg(&log)
+                .args([
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                ])
+                .args(["--daemonize", "no"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match spawned {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(
+                        "redis-server is not on PATH; install it (e.g. `apt-get install \
+                         redis-server`) or name a running server with --redis-addr"
+                            .to_owned(),
+                    );
+                }
+                Err(e) => return Err(format!("redis-server did not start: {e}")),
+            };
+            cleanup::set_server(child);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            match wait_ready(addr, &log) {
+                Ok(()) => return Ok(RedisServer { addr, dir }),
+                Err((why, retry)) => {
+                    cleanup::stop_server();
+                    if !retry {
+                        return Err(why);
+                    }
+                    last = why;
+                }
+            }
+        }
+        Err(last)
     }
-    conn.write_all(cmd.as_bytes()).ok()?;
-    let mut buf = [0u8; 512];
-    let n = conn.read(&mut buf).ok()?;
-    (n > 0 && buf[0] != b'-').then_some(())
+}
+
+/// Waits until the server just started at `addr` answers `PING`. The error says why not, and
+/// whether another port is worth a try (the server exited because its port was taken).
+fn wait_ready(addr: SocketAddr, log: &Path) -> Result<(), (String, bool)> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = cleanup::server_exited() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            let mut tail: Vec<&str> = log.lines().rev().take(3).collect();
+            tail.reverse();
+            let taken = log.contains("Address already in use");
+            return Err((
+                format!("redis-server exited ({status}): {}", tail.join(" / ")),
+                taken,
+            ));
+        }
+        if let Ok(mut conn) = RedisConn::connect(addr, Duration::from_millis(500))
+            && conn.command(&[b"PING"]).is_ok_and(|r| r == "+PONG")
+        {
+            return Ok(());
+        }
+        if start.elapsed() > RedisServer::READY_WITHIN {
+            return Err((
+                format!(
+                    "redis-server did not answer on {addr} within {:?}",
+                    RedisServer::READY_WITHIN
+                ),
+                false,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        cleanup::stop_server();
+        // The folder goes with `dir`, dropped next.
+    }
+}
+
+/// What must not outlive the program: the Redis server it started and its temporary folders.
+/// A normal end or a panic undoes them by their owners' `Drop`; a signal (SIGINT, SIGTERM,
+/// SIGHUP) by the watcher thread [`on_signal`] starts, which then ends the process.
+mod cleanup {
+    use super::*;
+
+    static SERVER: Mutex<Option<Child>> = Mutex::new(None);
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Holds the started server's process (the one [`stop_server`] ends).
+    pub fn set_server(child: Child) {
+        *lock(&SERVER) = Some(child);
+    }
+
+    /// The server's exit status, if it has exited.
+    pub fn server_exited() -> Option<std::process::ExitStatus> {
+        lock(&SERVER).as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Kills the started server, if any, and waits for it.
+    pub fn stop_server() {
+        if let Some(mut child) = lock(&SERVER).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Removes `dir` too if a signal ends the program.
+    pub fn remove_on_signal(dir: &Path) {
+        lock(&DIRS).push(dir.to_owned());
+    }
+
+    /// Starts the thread that, on SIGINT, SIGTERM or SIGHUP, stops the server, removes the
+    /// folders and exits with 128 + the signal's number.
+    #[cfg(unix)]
+    pub fn on_signal() {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!(
+                    "  (no signal handler: {e}; an interrupt may leave a redis-server behind)"
+                );
+                return;
+            }
+        };
+        std::thread::spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                stop_server();
+                for dir in lock(&DIRS).iter() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                eprintln!(
+                    "compare: stopped by signal {signal}; redis-server stopped, temporary folders removed"
+                );
+                std::process::exit(128 + signal);
+            }
+        });
+    }
+
+    /// Without Unix signals, only a normal end or a panic cleans up.
+    #[cfg(not(unix))]
+    pub fn on_signal() {}
 }
 
 /// The PostgreSQL peers (feature `postgres`, a server named by `IDEMSTORE_PG`): a

@@ -1,62 +1,68 @@
-//! The two waits between a caller and the committer, without spinning.
+//! The two waits between callers and the committer threads, without spinning.
 //!
-//! A caller hands its operation to the committer and waits for the answer; the committer
-//! waits for operations. crossbeam's blocking `recv` spins and yields the CPU for a while
-//! before it parks the thread. Measured with `compare --callers 1 --handoff` (figures in
-//! BENCHMARKS.md), work handed to a second thread ran measurably slower when both threads
-//! waited in crossbeam's `recv` than when they parked at once: the spinning, on the CPU the
-//! other thread is not using, slows the thread doing the work. So both waits here park at
-//! once:
+//! A caller that cannot commit its operation itself hands it to a committer thread and
+//! waits for the answer; the committer threads wait for operations. crossbeam's blocking
+//! `recv` spins and yields the CPU for a while before it parks the thread. Measured with
+//! `compare --callers 1 --handoff` (figures in BENCHMARKS.md), work handed to a second thread
+//! ran measurably slower when both threads waited in crossbeam's `recv` than when they parked
+//! at once: the spinning, on the CPU the other thread is not using, slows the thread doing
+//! the work. So both waits here park at once:
 //!
-//! * [`Doorbell`]: the committer sleeps on it when its queue (still a crossbeam channel) is
-//!   empty; a caller rings it after queueing. A ring costs a fence and a load unless the
-//!   committer sleeps.
+//! * [`Bell`]: committer threads sleep on it while nothing is queued for them; a caller
+//!   rings it after queueing. A ring costs a fence and a load unless a thread sleeps.
 //! * [`oneshot`]: the answer to one operation. The caller sleeps on a condition variable
-//!   until the committer sends, or drops the sender (the committer stopped).
+//!   until the answer is sent, or the sender is dropped (the committer stopped).
 
 use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
-use std::thread::Thread;
+use std::sync::atomic::{AtomicUsize, Ordering, fence};
 
 use parking_lot::{Condvar, Mutex};
 
-/// Wakes the committer when a caller queued work while it slept.
+/// Wakes a sleeping committer thread when a caller queued work for it.
 #[derive(Default)]
-pub(crate) struct Doorbell {
-    sleeping: AtomicBool,
-    /// The sleeping thread; set once, before any caller can ring.
-    sleeper: OnceLock<Thread>,
+pub(crate) struct Bell {
+    /// How many threads announced that they sleep (or are about to).
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    woken: Condvar,
 }
 
-impl Doorbell {
-    /// Names the thread that sleeps on this doorbell. Call before handing the doorbell to
-    /// any caller.
-    pub fn set_sleeper(&self, thread: Thread) {
-        let _ = self.sleeper.set(thread);
-    }
-
-    /// Wakes the sleeper if it sleeps. Call after queueing work.
+impl Bell {
+    /// Wakes one sleeper, if any sleeps. Call after queueing work.
     pub fn ring(&self) {
-        // Pairs with the fence in `sleep_unless`: either the sleeper sees the work queued
-        // before this fence, or this load sees that it announced sleep.
-        fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed)
-            && let Some(thread) = self.sleeper.get()
-        {
-            thread.unpark();
+        if self.anyone_sleeps() {
+            let _held = self.lock.lock();
+            self.woken.notify_one();
         }
     }
 
-    /// Parks the calling thread (the sleeper) unless `ready()` holds after it announced that
-    /// it sleeps. May return early (spurious wake-ups); callers check again.
+    /// Wakes every sleeper (to stop, say).
+    pub fn ring_all(&self) {
+        if self.anyone_sleeps() {
+            let _held = self.lock.lock();
+            self.woken.notify_all();
+        }
+    }
+
+    fn anyone_sleeps(&self) -> bool {
+        // Pairs with the fence in `sleep_unless`: either the sleeper sees the work queued
+        // before this fence, or this load sees that it announced sleep. A sleeper checks
+        // and waits holding the lock, so a ringer that saw it takes the lock only once it
+        // waits (or has seen the work).
+        fence(Ordering::SeqCst);
+        self.sleepers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Sleeps unless `ready()` holds after the calling thread announced that it sleeps. May
+    /// return early (spurious wake-ups); callers check again.
     pub fn sleep_unless(&self, ready: impl Fn() -> bool) {
-        self.sleeping.store(true, Ordering::Relaxed);
+        let mut held = self.lock.lock();
+        self.sleepers.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if !ready() {
-            std::thread::park();
+            self.woken.wait(&mut held);
         }
-        self.sleeping.store(false, Ordering::Relaxed);
+        self.sleepers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -176,7 +182,7 @@ mod tests {
     #[test]
     fn no_ring_is_lost() {
         const ROUNDS: usize = 20_000;
-        let bell = Arc::new(Doorbell::default());
+        let bell = Arc::new(Bell::default());
         let queued = Arc::new(AtomicUsize::new(0));
         let taken = Arc::new(AtomicUsize::new(0));
         let sleeper = {
@@ -194,13 +200,12 @@ mod tests {
                 }
             })
         };
-        bell.set_sleeper(sleeper.thread().clone());
         for i in 1..=ROUNDS {
             // Every other round, queue only once the sleeper announced sleep (the ring must
             // wake it); the others race with it going to sleep.
             if i % 2 == 0 {
                 let start = std::time::Instant::now();
-                while !bell.sleeping.load(Ordering::Acquire) {
+                while bell.sleepers.load(Ordering::Acquire) == 0 {
                     assert!(start.elapsed() < Duration::from_secs(10), "never slept");
                     std::thread::yield_now();
                 }

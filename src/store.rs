@@ -449,7 +449,7 @@ impl Default for Builder {
             clock_set: false,
             cache_bytes: DEFAULT_CACHE_BYTES,
             #[cfg(feature = "postgres")]
-            postgres_schema: "idemstore".to_owned(),
+            postgres_schema: crate::postgres::schema::DEFAULT_SCHEMA.to_owned(),
             #[cfg(feature = "postgres")]
             postgres_pool_size: None,
         }
@@ -491,7 +491,7 @@ impl Builder {
     }
 
     /// Largest response (and checkpoint) accepted, in bytes. Default 4 MiB, at most
-    /// [`MAX_RESPONSE_LIMIT`](crate::MAX_RESPONSE_LIMIT) (64 MiB). Storing or replaying a
+    /// [`MAX_RESPONSE_LIMIT`] (64 MiB). Storing or replaying a
     /// response holds two to three times its size in memory for the duration of the call.
     pub fn max_response_bytes(mut self, max: usize) -> Builder {
         self.max_response_bytes = max;
@@ -669,7 +669,9 @@ impl Builder {
     }
 
     /// How many PostgreSQL connections the store keeps. Default: two per CPU core, at least
-    /// 2 and at most 16 (one carries the batch of writes in flight, the others the reads).
+    /// 2 and at most 16. Half of them (at least one) carry batches of writes, each with a
+    /// batch in flight; the others the reads. At least 2: [`open_postgres`](Builder::open_postgres)
+    /// refuses a smaller size with [`Error::InvalidConfig`].
     /// Only for [`open_postgres`](Builder::open_postgres).
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

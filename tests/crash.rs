@@ -1,5 +1,5 @@
-//! Process-kill crash test (SPEC §4.3 durability, §4.4 replay fidelity, §4.5 no lost keys,
-//! §4.7 a file open in another process, §4.9 tokens rise across restarts).
+//! Process-kill crash test (durability, replay fidelity, no lost keys,
+//! a file open in another process, tokens rise across restarts).
 //!
 //! The test binary re-runs itself as a child (`crash_child`, selected with `--exact`, does its
 //! work only when `IDEMSTORE_CRASH_CHILD` is set). The child opens a file store with

@@ -1,6 +1,6 @@
-//! SPEC §4: durability across close/reopen and across a process crash, rising tokens,
+//! The guarantees: durability across close/reopen and across a process crash, rising tokens,
 //! stored deadlines, no early deletion, replay fidelity, mutual exclusion, refusal of a file
-//! open in another process, and the auto traits of §5. Each test runs on every engine that
+//! open in another process, and the auto traits. Each test runs on every engine that
 //! has what it checks (`memory::`, `redb::`, `postgres::` in the test names; see the list at
 //! the end); the few that are about redb's file stay plain tests, each saying why.
 
@@ -17,7 +17,7 @@ use idemstore_testkit::store::*;
 const NS: Duration = Duration::from_nanos(1);
 
 // ---------------------------------------------------------------------------------------------
-// Auto traits (SPEC §5)
+// Auto traits (Send, Sync, Clone as documented)
 
 fn store_lease_and_completed_have_the_promised_auto_traits(place: &Place) {
     fn clone_send_sync<T: Clone + Send + Sync + 'static>() {}
@@ -279,7 +279,7 @@ fn a_file_open_in_another_process_is_already_open_and_unchanged() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deadlines are stored (§4.8)
+// Deadlines are stored
 
 fn reopening_with_another_ttl_and_lease_changes_only_later_writes(place: &Place) {
     let mut t = open(place, |b| b);
@@ -343,7 +343,7 @@ fn reopening_with_another_ttl_and_lease_changes_only_later_writes(place: &Place)
 }
 
 // ---------------------------------------------------------------------------------------------
-// No lost keys, no resurrected keys (§4.5)
+// No lost keys, no resurrected keys
 
 /// Builds `n` records with varied deadlines; returns each key with its death time.
 fn varied_records(t: &TestStore, n: usize) -> Vec<(Key, std::time::SystemTime)> {
@@ -408,7 +408,7 @@ fn a_record_is_never_deleted_before_it_is_dead(place: &Place) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Replay fidelity (§4.4)
+// Replay fidelity
 
 fn replays_return_exactly_the_completed_bytes(place: &Place) {
     let all_bytes: Vec<u8> = (0..=255u8).collect();
@@ -460,7 +460,7 @@ fn replays_return_exactly_the_completed_bytes(place: &Place) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Mutual exclusion (§4.1)
+// Mutual exclusion
 
 fn at_most_one_live_lease_per_key_across_threads(place: &Place) {
     const THREADS: usize = 8;

@@ -1,4 +1,4 @@
-//! SPEC §6 (inputs and limits) and the refusals of §4.7: keys, sizes, settings, the file,
+//! Inputs and limits, and the clean refusals: keys, sizes, settings, the file,
 //! double opens, use after close, overflowing durations and a clock that goes backwards.
 //! The tests of the store's behaviour run on every engine (`memory::`, `redb::`,
 //! `postgres::` in the test names; the list is at the end); those about keys alone and about

@@ -82,7 +82,7 @@ fn store_matches_the_model(place: &Place) {
     if let Err(e) = result {
         panic!("{e}");
     }
-    // The generator must reach every row of SPEC §3, or the comparison proves little.
+    // The generator must reach every row of the state table, or the comparison proves little.
     let c = total.into_inner();
     println!("{engine:?}, {cases} cases: {c:?}");
     assert!(c.started > 0 && c.takeovers > 0, "{c:?}");

@@ -226,3 +226,58 @@ fn completion_inside_the_callers_transaction() {
     fresh.complete(b"fresh").unwrap();
     store.close().unwrap();
 }
+
+/// The writer keeps its connection, so a pool of one would leave reads waiting for it: refused
+/// before anything connects.
+#[test]
+fn a_pool_of_one_connection_is_refused() {
+    let err = Store::builder()
+        .postgres_pool_size(1)
+        .open_postgres("host=127.0.0.1 port=1 user=nobody dbname=none")
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig { .. }) && err.to_string().contains("at least 2"),
+        "{err}"
+    );
+}
+
+/// Connections the store keeps between calls (the readers' and the writers') are used without
+/// the pool's check: when the server ends them meanwhile, the next read and the next batch
+/// notice, run on a checked connection, and answer as if nothing happened.
+#[test]
+fn kept_connections_the_server_ended_are_replaced_without_an_error() {
+    let Some(db) = Db::new() else { return };
+    let store = db.open(db.builder());
+    let fp = Fingerprint::of(b"p");
+    let Begin::Started(lease) = store.begin(&key("kept"), &fp).unwrap() else {
+        panic!()
+    };
+    lease.complete(b"done").unwrap();
+    // Reads and writes have each kept a connection by now.
+    assert!(store.get(&key("kept")).unwrap().is_some());
+    let mut client = db.client();
+    let ended: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'idemstore' AND pid <> pg_backend_pid()) AS t",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ended >= 2, "the store's connections were ended ({ended})");
+    std::thread::sleep(Duration::from_millis(100));
+    let entry = store.get(&key("kept")).unwrap();
+    assert!(
+        entry.is_some(),
+        "the read ran again on a checked connection"
+    );
+    match store.begin(&key("kept"), &fp).unwrap() {
+        Begin::Replay(done) => assert_eq!(done.response(), b"done"),
+        other => panic!("expected Replay, got {other:?}"),
+    }
+    let Begin::Started(lease) = store.begin(&key("after"), &fp).unwrap() else {
+        panic!()
+    };
+    lease.complete(b"after").unwrap();
+    store.close().unwrap();
+}

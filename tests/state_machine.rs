@@ -1,4 +1,4 @@
-//! SPEC §3: every row of the `begin` table and of the lease-operation table, dead records,
+//! The state table: every row of the `begin` table and of the lease-operation table, dead records,
 //! the stats counters, reaping and scopes, on every engine (redb in memory, redb on a file,
 //! PostgreSQL: `memory::`, `redb::` and `postgres::` in the test names).
 
@@ -469,7 +469,7 @@ fn drop_after_the_lease_ran_out_sets_lease_end_to_now_and_allows_takeover(place:
         let now = clock_now(clock);
         drop(lease);
         let e = get_in_flight(store, &k);
-        assert_eq!(e.lease_expires_at, now, "SPEC: lease_expires_at = now");
+        assert_eq!(e.lease_expires_at, now, "lease_expires_at = now");
         assert_eq!(e.token, token);
         let next = started(store, &k, &f);
         let rec = next.recovered().unwrap();

@@ -1,6 +1,6 @@
 //! `Key::new` and the fingerprint builder on arbitrary input.
 //!
-//! * `Key::new(scope, id)` never panics; it accepts exactly the keys that obey SPEC §6 (`id`:
+//! * `Key::new(scope, id)` never panics; it accepts exactly the keys that obey the documented key rules (`id`:
 //!   1–255 bytes of printable ASCII 0x20–0x7E, not only spaces; `scope`: 0–255 bytes of any
 //!   UTF-8, which `&str` already is), checked here independently; a refusal is
 //!   `Error::InvalidKey`; an accepted key gives its parts back unchanged; keys split
@@ -16,7 +16,7 @@ use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 
-/// SPEC §6, written from the table, not from the code.
+/// The key rules as `Key::new` documents them, written from the docs, not from the code.
 fn spec_accepts(scope: &str, id: &str) -> bool {
     let id_ok = (1..=255).contains(&id.len())
         && id.bytes().all(|b| (0x20..=0x7e).contains(&b))
@@ -39,7 +39,7 @@ fn check_key(scope: &str, id: &str) {
         Ok(key) => {
             assert!(
                 spec_accepts(scope, id),
-                "Key::new accepted a key SPEC §6 refuses: scope {scope:?}, id {id:?}"
+                "Key::new accepted a key the documented rules refuse: scope {scope:?}, id {id:?}"
             );
             assert_eq!(key.scope(), scope);
             assert_eq!(key.id(), id);
@@ -56,7 +56,7 @@ fn check_key(scope: &str, id: &str) {
         Err(Error::InvalidKey { reason }) => {
             assert!(
                 !spec_accepts(scope, id),
-                "Key::new refused a key SPEC §6 allows ({reason}): scope {scope:?}, id {id:?}"
+                "Key::new refused a key the documented rules allow ({reason}): scope {scope:?}, id {id:?}"
             );
             assert!(!reason.is_empty(), "InvalidKey without a reason");
         }

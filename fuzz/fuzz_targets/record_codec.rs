@@ -5,7 +5,7 @@
 //!   partial read (`peek_dies_at`) agrees with the full decode.
 //! * Structured records: the encoding of arbitrary field values is byte for byte the layout
 //!   documented in `src/record.rs` (built here by hand), decodes back to itself, and dies
-//!   when SPEC §3 says (completed: `expires_at`; in flight: `max(ttl_deadline,
+//!   when the state table says (completed: `expires_at`; in flight: `max(ttl_deadline,
 //!   lease_expires_at)`). Every strict prefix of it, and it with a byte appended, is refused.
 //!
 //! The first input byte picks the mode (even: raw, odd: structured).

@@ -1,8 +1,8 @@
-//! Arbitrary bytes as a store file (SPEC §4.7, §6 "the file").
+//! Arbitrary bytes as a store file: a clean refusal or a working store, never a panic.
 //!
 //! The bytes are written to a temporary file and opened with `Store::open`'s builder. The
 //! open must return `Ok` or a typed `Error`, never panic, and never hang. On `Err`, the file
-//! must be unchanged, unless it is a redb file that needs crash recovery (SPEC §4.7: such a
+//! must be unchanged, unless it is a redb file that needs crash recovery (such a
 //! file is repaired before it can be checked; redb's own read-only open tells which). On `Ok`,
 //! a `begin` / `complete` / replay / `close` round must answer with values or typed errors.
 //!

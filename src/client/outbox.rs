@@ -17,7 +17,7 @@
 //! | 58..58+n | the idempotency key, printable ASCII |
 //!
 //! Anything else (another version, a wrong length, a bad key) decodes to
-//! [`Error::Corrupt`](crate::Error::Corrupt).
+//! [`Error::Corrupt`].
 
 use std::fmt;
 use std::path::Path;

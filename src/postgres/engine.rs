@@ -1,6 +1,6 @@
 //! The PostgreSQL engine behind the committer: a batch of operations is one transaction on
 //! one connection (lock the batch's keys, load their rows, draw tokens, apply the state
-//! machine, write, commit), and reads are short read-only transactions on the pool.
+//! machine, write, commit), and a read is one statement on a connection the readers keep.
 //!
 //! A row's `record` column holds the same checksummed entry as a redb log entry (the key,
 //! the record, a CRC-32), verified on every read, so a damaged byte is [`Error::Corrupt`],
@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use postgres::{Client, Transaction};
 
 use super::error::{read_failed, write_failed};
-use super::pool::{Conn, Pool, connection, open_pool};
+use super::pool::{Conn, Kept, Pool, connection, open_pool};
 use super::schema::{Names, create_or_check};
-use super::sql::{Loaded, Statements, Upsert};
+use super::sql::{Loaded, Prepared, Statements, Upsert, clock_reading};
 use crate::clock::Clock;
 use crate::committer::{self, BatchWriter, Command, Reaped, Tables};
 use crate::config::Settings;
@@ -30,6 +30,8 @@ use crate::timeline::{Corrections, Stamp, representable};
 /// A store's database: its pool, its statements and its time.
 pub(crate) struct PgStore {
     pool: Pool,
+    /// The connections reads keep between calls (the pool's half not used by writers).
+    readers: Kept,
     statements: Statements,
     /// The clock given to the builder; `None`: the database server's clock.
     clock: Option<Arc<dyn Clock>>,
@@ -53,10 +55,19 @@ impl PgStore {
         clock: Option<Arc<dyn Clock>>,
     ) -> Result<PgStore> {
         let names = Names::new(schema)?;
+        if pool_size < 2 {
+            // The writer keeps its connection: reads need another.
+            return Err(Error::config(format!(
+                "the PostgreSQL pool size must be at least 2 (one connection carries the \
+                 writes, the others the reads), not {pool_size}"
+            )));
+        }
         let pool = open_pool(conninfo, pool_size)?;
         create_or_check(&mut *connection(&pool)?, &names)?;
+        let readers = Kept::new(usize::try_from(pool.max_size() - writers(&pool)).unwrap_or(0));
         Ok(PgStore {
             pool,
+            readers,
             statements: Statements::new(&names),
             clock,
             floor: AtomicU64::new(0),
@@ -103,28 +114,33 @@ impl PgStore {
     /// # Errors
     /// As [`PgStore::now_in`].
     pub fn now(&self) -> Result<u64> {
-        match &self.clock {
-            Some(clock) => {
-                let now = representable(clock.now())?;
-                Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
-            }
-            None => self.read(|tx| self.now_in(tx)),
-        }
+        self.time(|| {
+            let nanos = self.readers.read(
+                &self.pool,
+                "reading the PostgreSQL server's clock",
+                |client| self.statements.read_clock(client),
+            )?;
+            clock_reading(nanos)
+        })
     }
 
-    /// The record of `key` and the store's time, read together.
+    /// The record of `key` and the store's time, read together: one statement in one round
+    /// trip, the time read after the record.
     ///
     /// # Errors
     /// [`Error::Corrupt`] for a damaged row; [`Error::Storage`]; [`Error::Clock`].
     pub fn read_record(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
-        self.read(|tx| {
-            let now = self.now_in(tx)?;
-            let record = match self.statements.read_one(tx, key)? {
-                Some(bytes) => Some(decode_row(key, &bytes)?),
-                None => None,
-            };
-            Ok((record, now))
-        })
+        let (bytes, nanos) =
+            self.readers
+                .read(&self.pool, "reading a record from PostgreSQL", |client| {
+                    self.statements.read_one(client, key)
+                })?;
+        let now = self.time(|| clock_reading(nanos))?;
+        let record = match bytes {
+            Some(bytes) => Some(decode_row(key, &bytes)?),
+            None => None,
+        };
+        Ok((record, now))
     }
 
     /// Visits every record in one snapshot, in the order their keys were last claimed;
@@ -203,9 +219,10 @@ fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Record> {
 pub(crate) struct PgWriter {
     store: Arc<PgStore>,
     settings: Settings,
-    /// The connection batches run on, kept between batches (a checkout from the pool costs
-    /// a round trip); dropped after a failure, so the next batch gets a checked one.
-    conn: RefCell<Option<Conn>>,
+    /// The connection batches run on, with the batch statements prepared on it, kept
+    /// between batches (a checkout from the pool costs a round trip); dropped after a
+    /// failure, so the next batch gets a checked one.
+    conn: RefCell<Option<(Conn, Prepared)>>,
 }
 
 impl PgWriter {
@@ -217,12 +234,13 @@ impl PgWriter {
         }
     }
 
-    /// Runs `batch` as one transaction on `conn`, in two round trips: `BEGIN`, the key locks
-    /// and after them the rows, tokens and time; the writes and `COMMIT`. (The synchronous
-    /// client cannot pipeline statements; a simple query carries several.)
+    /// Runs `batch` as one transaction on `conn`: `BEGIN` and the key locks; after them the
+    /// rows, tokens and time (one prepared statement); the writes (prepared, binary
+    /// parameters) and `COMMIT`.
     fn write_on(
         &self,
         conn: &mut Conn,
+        prepared: &Prepared,
         batch: &mut [Command],
     ) -> std::result::Result<bool, Failed> {
         let client: &mut Client = conn;
@@ -230,13 +248,7 @@ impl PgWriter {
             .iter()
             .filter_map(|c| c.key().map(<[u8]>::to_vec))
             .collect();
-        let written =
-            self.write_in(client, &keys, batch)?
-                .map_or(Ok(false), |text| {
-                    client.batch_execute(&text).map(|()| true).map_err(|e| {
-                        write_failed("writing and committing a batch in PostgreSQL", e)
-                    })
-                });
+        let written = self.write_in(client, prepared, &keys, batch);
         if !matches!(written, Ok(true)) {
             // Nothing to keep (a clock the store cannot represent), or a failure before the
             // commit answered: rolled back. A connection that cannot roll back is broken,
@@ -244,39 +256,42 @@ impl PgWriter {
             let rolled_back = client
                 .batch_execute("ROLLBACK")
                 .map_err(|e| write_failed("rolling back a batch in PostgreSQL", e));
-            written.as_ref().map_err(|e| Failed::Writing(e.clone()))?;
+            let written = written?;
             rolled_back.map_err(Failed::Writing)?;
+            return Ok(written);
         }
-        written.map_err(Failed::Writing)
+        written
     }
 
     /// Starts the batch's transaction (the locks first: the rows loaded, the tokens drawn
-    /// and the time read after them reflect every batch that held one of these keys before)
-    /// and applies the batch: returns the text that writes it and commits, or `None` when
-    /// nothing is to be committed.
+    /// and the time read after them reflect every batch that held one of these keys before),
+    /// applies the batch, writes it and commits; `false` when nothing was to be committed.
     fn write_in(
         &self,
         client: &mut Client,
+        prepared: &Prepared,
         keys: &[Vec<u8>],
         batch: &mut [Command],
-    ) -> std::result::Result<Option<String>, Failed> {
+    ) -> std::result::Result<bool, Failed> {
         let sql = &self.store.statements;
         let claims = batch.iter().filter(|c| c.is_claim()).count();
         // Only locks and reads so far: a failure here wrote nothing of the batch.
         let start = sql
-            .start_batch(client, keys, claims)
+            .start_batch(client, prepared, keys, claims)
             .map_err(Failed::BeforeWriting)?;
-        self.apply(client, start, batch).map_err(Failed::Writing)
+        self.apply(client, prepared, start, batch)
+            .map_err(Failed::Writing)
     }
 
-    /// Applies the batch to the rows `start` loaded: the text that writes it and commits, or
-    /// `None` when nothing is to be committed.
+    /// Applies the batch to the rows `start` loaded, writes it and commits; `false` when
+    /// nothing is to be committed.
     fn apply(
         &self,
         client: &mut Client,
+        prepared: &Prepared,
         start: super::sql::BatchStart,
         batch: &mut [Command],
-    ) -> Result<Option<String>> {
+    ) -> Result<bool> {
         let sql = &self.store.statements;
         let server_now = start.server_now;
         let now = match self.store.time(|| server_now) {
@@ -287,7 +302,7 @@ impl PgWriter {
                 for command in batch.iter_mut() {
                     command.answer_without_writing(&e);
                 }
-                return Ok(None);
+                return Ok(false);
             }
             Err(e) => return Err(e),
         };
@@ -302,12 +317,20 @@ impl PgWriter {
         for command in batch.iter_mut() {
             committer::apply(&mut tables, command, now, &self.settings)?;
         }
-        tables.closing().map(Some)
+        tables.closing(prepared)?;
+        Ok(true)
+    }
+
+    /// A connection from the pool (checked on checkout) with the batch statements prepared.
+    fn fresh(&self) -> Result<(Conn, Prepared)> {
+        let mut conn = connection(&self.store.pool)?;
+        let prepared = self.store.statements.prepare(&mut conn)?;
+        Ok((conn, prepared))
     }
 }
 
-/// How a batch failed: before anything of it was written (its first round trip only locks
-/// and reads), or after (the outcome may be unknown).
+/// How a batch failed: before anything of it was written (its first round trips only lock
+/// and read), or after (the outcome may be unknown).
 enum Failed {
     BeforeWriting(Error),
     Writing(Error),
@@ -322,13 +345,13 @@ impl Failed {
 }
 
 impl BatchWriter for PgWriter {
-    /// Half the pool's connections carry batches, each on a committer thread of its own
-    /// that keeps its connection; the other half is for reads. So while one batch waits for
-    /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
-    /// transactions together, and the keys' locks order batches that share a key.
+    /// Half the pool's connections carry batches, each kept by a writer of its own (a
+    /// caller that finds one free commits on it; a committer thread serves each otherwise);
+    /// the other half is for reads. So while one batch waits for its commit, the next is
+    /// already sent: PostgreSQL flushes the commits of concurrent transactions together,
+    /// and the keys' locks order batches that share a key.
     fn siblings(&self) -> Vec<PgWriter> {
-        let workers = (self.store.pool.max_size() / 2).max(1);
-        (1..workers)
+        (1..writers(&self.store.pool))
             .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
             .collect()
     }
@@ -337,11 +360,11 @@ impl BatchWriter for PgWriter {
         let mut slot = self.conn.borrow_mut();
         // The connection kept since the last batch was not checked by the pool since then:
         // the server may have closed it meanwhile (a restart, an idle timeout). One the
-        // client already knows is closed is dropped; when the batch's first round trip
-        // fails on it (that one only locks and reads: nothing of the batch is written yet),
-        // the batch runs again on a connection from the pool, which checks it on checkout.
-        if let Some(mut conn) = slot.take().filter(|c| !c.is_closed()) {
-            match self.write_on(&mut conn, batch) {
+        // client already knows is closed is dropped; when the batch's first round trips
+        // fail on it (they only lock and read: nothing of the batch is written yet), the
+        // batch runs again on a connection from the pool, which checks it on checkout.
+        if let Some((mut conn, prepared)) = slot.take().filter(|(c, _)| !c.is_closed()) {
+            match self.write_on(&mut conn, &prepared, batch) {
                 Err(Failed::BeforeWriting(e)) => tracing::debug!(
                     error = %e,
                     "idemstore: the kept PostgreSQL connection failed; the batch runs on another one"
@@ -349,19 +372,27 @@ impl BatchWriter for PgWriter {
                 written => {
                     let written = written.map_err(Failed::into_error);
                     if written.is_ok() {
-                        *slot = Some(conn);
+                        *slot = Some((conn, prepared));
                     }
                     return written;
                 }
             }
         }
-        let mut conn = connection(&self.store.pool)?;
-        let written = self.write_on(&mut conn, batch).map_err(Failed::into_error);
+        let (mut conn, prepared) = self.fresh()?;
+        let written = self
+            .write_on(&mut conn, &prepared, batch)
+            .map_err(Failed::into_error);
         if written.is_ok() {
-            *slot = Some(conn);
+            *slot = Some((conn, prepared));
         }
         written
     }
+}
+
+/// How many writers (connections that carry batches) a store on `pool` has: half the pool,
+/// at least one.
+fn writers(pool: &Pool) -> u32 {
+    (pool.max_size() / 2).max(1)
 }
 
 /// A batch's view of the rows of its keys: loaded once after the locks, changed in memory,
@@ -381,9 +412,9 @@ struct PgTables<'a> {
 }
 
 impl PgTables<'_> {
-    /// The text that writes the batch's changes (every record put in one statement, every
-    /// deletion in another) and commits.
-    fn closing(self) -> Result<String> {
+    /// Writes the batch's changes (every record put in one statement, every deletion in
+    /// another) and commits.
+    fn closing(self, prepared: &Prepared) -> Result<()> {
         let mut rows = Vec::new();
         let mut deleted = Vec::new();
         for (key, row) in &self.written {
@@ -397,7 +428,7 @@ impl PgTables<'_> {
                 None => deleted.push(key.as_slice()),
             }
         }
-        self.sql.write_and_commit(&rows, &deleted)
+        self.sql.end_batch(self.tx, prepared, &rows, &deleted)
     }
 }
 

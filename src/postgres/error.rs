@@ -15,18 +15,9 @@
 //!   `COMMIT` that reached the server). The outcome is unknown, and the store must never
 //!   report `Ok` for it.
 
-use postgres::error::{Severity, SqlState};
+use postgres::error::Severity;
 
 use crate::error::Error;
-
-/// Whether the batch that failed with `e` can simply be run again from its start: a deadlock
-/// (SQLSTATE 40P01) or a serialization failure (40001). The server rolled the transaction
-/// back, so nothing of it was written.
-pub(crate) fn is_retryable(e: &postgres::Error) -> bool {
-    e.code().is_some_and(|code| {
-        *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
-    })
-}
 
 /// Whether a write transaction that failed with `e` may nevertheless have committed (see the
 /// module documentation).
@@ -96,9 +87,10 @@ mod tests {
     use super::*;
     use crate::postgres::schema::lock_key;
     use crate::postgres::testdb::TestDb;
+    use postgres::error::SqlState;
 
     #[test]
-    fn a_deadlock_is_retryable_and_wrote_nothing() {
+    fn a_deadlock_is_a_known_failure_that_wrote_nothing() {
         let Some(db) = TestDb::new() else { return };
         let (mut a, mut b) = (db.client(), db.client());
         let (one, two) = (
@@ -125,7 +117,6 @@ mod tests {
                 rb.err()
             ),
         };
-        assert!(is_retryable(&e), "{e}");
         assert!(!is_outcome_unknown(&e), "{e}");
         let mapped = write_failed("running a batch", e);
         assert!(matches!(
@@ -147,11 +138,10 @@ mod tests {
     }
 
     #[test]
-    fn a_server_error_is_a_known_failure_and_not_retryable() {
+    fn a_server_error_is_a_known_failure() {
         let Some(db) = TestDb::new() else { return };
         let mut client = db.client();
         let e = client.execute("SELEKT 1", &[]).unwrap_err();
-        assert!(!is_retryable(&e));
         assert!(!is_outcome_unknown(&e));
         let text = write_failed("writing a batch", e).to_string();
         assert_eq!(

@@ -4,12 +4,12 @@
 //! - `schema`: idemstore's tables, index and sequence, created on first open and checked
 //!   on every later one;
 //! - `sql`: the statements of a write batch (key locks, load, tokens, upsert, delete, the
-//!   server's clock) and of the reaper, each one round trip;
-//! - `pool`: the r2d2 connection pool;
+//!   server's clock), of the reads and of the reaper;
+//! - `pool`: the r2d2 connection pool, and the connections the readers keep;
+//! - `engine`: the store's side (reads, `complete_in`) and the committer's (a batch as one
+//!   transaction on a kept connection);
 //! - `error`: the client's errors as [`crate::Error`], and which of them leave a write's
 //!   outcome unknown or can be retried.
-// Wired into the store by the committer's PostgreSQL engine; until then only the tests use it.
-#![allow(dead_code)]
 
 pub(crate) mod engine;
 pub(crate) mod error;

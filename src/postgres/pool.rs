@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postgres::NoTls;
+use parking_lot::Mutex;
+use postgres::{Client, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 
-use super::error::{chain, pool_failed};
+use super::error::{chain, pool_failed, read_failed};
 use crate::error::{Error, Result};
 
 /// The pool of connections to one database.
@@ -80,6 +81,80 @@ pub(crate) fn open_pool(conninfo: &str, size: u32) -> Result<Pool> {
 pub(crate) fn connection(pool: &Pool) -> Result<Conn> {
     pool.get()
         .map_err(|e| pool_failed("getting a PostgreSQL connection from the pool", e))
+}
+
+/// Connections kept out of the pool between reads. A checkout from the pool tests its
+/// connection with a round trip first; a kept connection is used as it is, and a read that
+/// finds it broken (the server restarted or closed it meanwhile) runs again on a connection
+/// from the pool, checked on checkout. Only for statements that write nothing, so that
+/// running one twice is harmless.
+pub(crate) struct Kept {
+    conns: Mutex<Vec<Conn>>,
+    /// The most connections kept.
+    max: usize,
+}
+
+impl Kept {
+    /// Keeps up to `max` connections.
+    pub(crate) fn new(max: usize) -> Kept {
+        Kept {
+            conns: Mutex::new(Vec::with_capacity(max)),
+            max,
+        }
+    }
+
+    /// Runs `read` on a kept connection, or on one from `pool`; `context` names the read in
+    /// its error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]: no connection could be had, or the read failed on a checked one.
+    pub(crate) fn read<T>(
+        &self,
+        pool: &Pool,
+        context: &str,
+        mut read: impl FnMut(&mut Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        let kept = self.conns.lock().pop();
+        if let Some(mut conn) = kept.filter(|c| !c.is_closed()) {
+            match read(&mut conn) {
+                Err(e) if broken(&conn, &e) => tracing::debug!(
+                    error = %chain(&e),
+                    "idemstore: a kept PostgreSQL connection failed; the read runs on another one"
+                ),
+                result => {
+                    self.keep(conn);
+                    return result.map_err(|e| read_failed(context, e));
+                }
+            }
+        }
+        let mut conn = connection(pool)?;
+        let result = read(&mut conn);
+        self.keep(conn);
+        result.map_err(|e| read_failed(context, e))
+    }
+
+    /// Keeps `conn` for the next read, unless it is closed or enough are kept (then it goes
+    /// back to the pool).
+    fn keep(&self, conn: Conn) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut conns = self.conns.lock();
+        if conns.len() < self.max {
+            conns.push(conn);
+        }
+    }
+}
+
+/// Whether `error` on `conn` says the connection itself is gone (not that the statement
+/// failed): closed, or the server shutting down or terminating the session.
+fn broken(conn: &Conn, error: &postgres::Error) -> bool {
+    conn.is_closed()
+        || error.is_closed()
+        || error
+            .code()
+            .is_some_and(|code| code.code().starts_with("57P"))
 }
 
 /// Sends the pool's background connection errors to `tracing` (r2d2 would log them through

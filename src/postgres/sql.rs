@@ -1,5 +1,7 @@
-//! The statements of a write batch, each one round trip (typed parameters, no separate
-//! prepare), run by the committer inside one transaction on one pooled connection:
+//! The statements of a write batch, run by the committer inside one transaction on one
+//! kept connection. [`Statements::start_batch`] and [`Statements::end_batch`] run them as a
+//! batch does, with statements prepared once per connection; the single statements below
+//! (typed parameters, one round trip each) serve `complete_in`:
 //!
 //! 1. [`Statements::lock_keys`]: transaction advisory locks on the batch's keys, in
 //!    ascending order of their lock keys, so that batches on different replicas that share
@@ -21,7 +23,7 @@ use std::ops::ControlFlow;
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
-use postgres::{GenericClient, SimpleQueryMessage};
+use postgres::{Client, GenericClient, Statement};
 
 use super::error::{read_failed, write_failed};
 use super::schema::{Names, lock_key};
@@ -51,6 +53,13 @@ pub(crate) struct Loaded {
 /// reading, not the transaction's start (`now()`), which may lie before the waits for locks.
 const NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000000000)::int8";
 
+/// A batch's statements, prepared on one connection ([`Statements::prepare`]).
+pub(crate) struct Prepared {
+    start: Statement,
+    upsert: Statement,
+    delete: Statement,
+}
+
 /// What [`Statements::start_batch`] read after a batch's locks.
 #[derive(Debug)]
 pub(crate) struct BatchStart {
@@ -67,15 +76,14 @@ pub(crate) struct BatchStart {
 pub(crate) struct Statements {
     schema: String,
     /// The records table's qualified name, for the texts of a batch's start and end.
-    records: String,
-    /// The token sequence's name as a literal for `nextval`.
-    sequence: String,
     lock: String,
     load: String,
     tokens: String,
     upsert: String,
     delete: String,
     now: String,
+    /// A batch's reads after its locks, as one row: the clock, fresh tokens, the rows.
+    start: String,
     reap: String,
     read_one: String,
     walk: String,
@@ -93,8 +101,6 @@ impl Statements {
         let sequence = format!("E'{}'", tokens.replace('\\', "\\\\").replace('\'', "''"));
         Statements {
             schema: names.schema.clone(),
-            records: records.clone(),
-            sequence: sequence.clone(),
             // The array arrives sorted and without duplicates; a function scan of `unnest`
             // yields its elements in order, so the locks are taken in that order.
             lock: "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS u(k)".to_owned(),
@@ -110,7 +116,16 @@ impl Statements {
             ),
             delete: format!("DELETE FROM {records} WHERE key = ANY($1::bytea[])"),
             now: format!("SELECT {NOW}"),
-            read_one: format!("SELECT record FROM {records} WHERE key = $1"),
+            start: format!(
+                "SELECT {NOW}, ARRAY(SELECT nextval({sequence}) FROM generate_series(1, $2::int4)), \
+                 l.k, l.t, l.d, l.r FROM (SELECT array_agg(key) AS k, array_agg(token) AS t, \
+                 array_agg(dies_at) AS d, array_agg(record) AS r \
+                 FROM {records} WHERE key = ANY($1::bytea[])) AS l"
+            ),
+            // One statement, one snapshot: the subquery sees the snapshot taken when the
+            // statement starts, and `clock_timestamp()` is read as the row is produced, so the
+            // time is never earlier than the record read.
+            read_one: format!("SELECT {NOW}, (SELECT record FROM {records} WHERE key = $1)"),
             // Tokens rise with every claim: the order in which the keys were (last) claimed.
             walk: format!("SELECT key, record FROM {records} ORDER BY token"),
             // `is_called` is false until the first token was drawn (then none was granted).
@@ -167,109 +182,119 @@ impl Statements {
         Ok(())
     }
 
-    /// Starts a batch's transaction in one round trip (a simple query of several
-    /// statements, each run after the one before it, with a snapshot of its own): `BEGIN`;
-    /// the key locks, as [`Statements::lock_keys`]; then, after the locks, the stored rows of
-    /// those of `keys` that have one, `claims` fresh fencing tokens (see
-    /// [`Statements::next_tokens`]) and the server's clock. The keys are written as
-    /// hexadecimal text decoded by the server, the lock keys and counts as integers: nothing
-    /// in the text is quoted from outside. The transaction stays open, also after an error
-    /// (the caller rolls it back).
+    /// Prepares the statements of a batch on `client` (once per connection).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`].
+    pub(crate) fn prepare(&self, client: &mut Client) -> Result<Prepared> {
+        let prepare = |client: &mut Client, text: &str, types: &[Type]| {
+            client
+                .prepare_typed(text, types)
+                .map_err(|e| write_failed("preparing a batch's statements in PostgreSQL", e))
+        };
+        Ok(Prepared {
+            start: prepare(client, &self.start, &[Type::BYTEA_ARRAY, Type::INT4])?,
+            upsert: prepare(
+                client,
+                &self.upsert,
+                &[
+                    Type::BYTEA_ARRAY,
+                    Type::INT8_ARRAY,
+                    Type::INT8_ARRAY,
+                    Type::BYTEA_ARRAY,
+                ],
+            )?,
+            delete: prepare(client, &self.delete, &[Type::BYTEA_ARRAY])?,
+        })
+    }
+
+    /// Starts a batch's transaction in two round trips: `BEGIN` and the key locks (as
+    /// [`Statements::lock_keys`], the lock keys written as integers: nothing in the text is
+    /// quoted from outside); then, after the locks, one prepared statement reads the stored
+    /// rows of those of `keys` that have one, `claims` fresh fencing tokens (see
+    /// [`Statements::next_tokens`]) and the server's clock. The transaction stays open, also
+    /// after an error (the caller rolls it back).
     ///
     /// # Errors
     ///
     /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token or death time, or an
-    /// answer not of the statements' shape. A server clock before 1970 is not an error here
+    /// answer not of the statement's shape. A server clock before 1970 is not an error here
     /// but [`BatchStart::server_now`]'s.
     pub(crate) fn start_batch<K: AsRef<[u8]>>(
         &self,
-        tx: &mut impl GenericClient,
+        client: &mut Client,
+        prepared: &Prepared,
         keys: &[K],
         claims: usize,
     ) -> Result<BatchStart> {
-        use std::fmt::Write as _;
         let ids = self.lock_order(keys);
-        let mut text = String::from("BEGIN; ");
+        let mut text = String::from("BEGIN");
         if !ids.is_empty() {
             let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-            let _ = write!(
-                text,
-                "SELECT pg_advisory_xact_lock(k) FROM unnest('{{{}}}'::int8[]) AS u(k); \
-                 SELECT encode(key, 'hex'), token, dies_at, encode(record, 'hex') \
-                 FROM {} WHERE key IN (",
-                list.join(","),
-                self.records
-            );
-            for (i, key) in keys.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str("decode('");
-                push_hex(&mut text, key.as_ref());
-                text.push_str("', 'hex')");
-            }
-            text.push_str("); ");
+            text.push_str(&format!(
+                "; SELECT pg_advisory_xact_lock(k) FROM unnest('{{{}}}'::int8[]) AS u(k)",
+                list.join(",")
+            ));
         }
-        let _ = write!(
-            text,
-            "SELECT {NOW}, ARRAY(SELECT nextval({}) FROM generate_series(1, {claims}))::text",
-            self.sequence
-        );
-        let messages = tx
-            .simple_query(&text)
+        client
+            .batch_execute(&text)
             .map_err(|e| write_failed("starting a batch in PostgreSQL", e))?;
-        // The rows of each statement, in order: BEGIN, [locks, load,] clock and tokens.
-        let mut answers: Vec<Vec<postgres::SimpleQueryRow>> = vec![Vec::new()];
-        for message in messages {
-            match message {
-                SimpleQueryMessage::Row(row) => answers.last_mut().expect("one").push(row),
-                SimpleQueryMessage::CommandComplete(_) => answers.push(Vec::new()),
-                _ => {}
-            }
-        }
-        let expected = if ids.is_empty() { 2 } else { 4 };
+        let count = i32::try_from(claims).map_err(|_| {
+            Error::config(format!("{claims} fencing tokens asked for in one batch"))
+        })?;
+        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
+        let row = client
+            .query_one(&prepared.start, &[&keys, &count])
+            .map_err(|e| write_failed("reading a batch's rows in PostgreSQL", e))?;
         let odd = || Error::corrupt("PostgreSQL answered a batch's start in an unexpected shape");
-        if answers.len() != expected + 1 {
-            return Err(odd());
-        }
-        let mut rows = HashMap::new();
-        if !ids.is_empty() {
-            for row in &answers[2] {
-                let field = |i: usize| row.get(i).ok_or_else(odd);
-                let bigint = |i: usize, what: &str| {
-                    field(i)?
-                        .parse::<i64>()
-                        .map_err(|_| odd())
-                        .and_then(|v| from_bigint(v, what))
-                };
-                let loaded = Loaded {
-                    token: bigint(1, "token")?,
-                    dies_at: bigint(2, "dies_at")?,
-                    record: from_hex(field(3)?).ok_or_else(odd)?,
-                };
-                rows.insert(from_hex(field(0)?).ok_or_else(odd)?, loaded);
-            }
-        }
-        let last = answers[expected - 1].first().ok_or_else(odd)?;
-        let now: i64 = last.get(0).and_then(|v| v.parse().ok()).ok_or_else(odd)?;
-        let list = last.get(1).ok_or_else(odd)?;
-        let list = list
-            .strip_prefix('{')
-            .and_then(|l| l.strip_suffix('}'))
-            .ok_or_else(odd)?;
-        let mut tokens = list
-            .split(',')
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                t.parse::<i64>()
-                    .map_err(|_| odd())
-                    .and_then(|v| from_bigint(v, "fencing token"))
-            })
+        let now: i64 = row.try_get(0).map_err(|_| odd())?;
+        let mut tokens = row
+            .try_get::<_, Vec<i64>>(1)
+            .map_err(|_| odd())?
+            .into_iter()
+            .map(|t| from_bigint(t, "fencing token"))
             .collect::<Result<Vec<u64>>>()?;
         if tokens.len() != claims {
             return Err(odd());
         }
         tokens.sort_unstable();
+        let column = |i| {
+            row.try_get::<_, Option<Vec<Option<Vec<u8>>>>>(i)
+                .map_err(|_| odd())
+        };
+        let numbers = |i| {
+            row.try_get::<_, Option<Vec<Option<i64>>>>(i)
+                .map_err(|_| odd())
+        };
+        let (found, found_tokens, deaths, records) =
+            (column(2)?, numbers(3)?, numbers(4)?, column(5)?);
+        let mut rows = HashMap::new();
+        if let (Some(found), Some(found_tokens), Some(deaths), Some(records)) =
+            (found, found_tokens, deaths, records)
+        {
+            if found.len() != found_tokens.len()
+                || found.len() != deaths.len()
+                || found.len() != records.len()
+            {
+                return Err(odd());
+            }
+            for (((key, token), dies_at), record) in
+                found.into_iter().zip(found_tokens).zip(deaths).zip(records)
+            {
+                let (Some(key), Some(token), Some(dies_at), Some(record)) =
+                    (key, token, dies_at, record)
+                else {
+                    return Err(odd());
+                };
+                let loaded = Loaded {
+                    token: from_bigint(token, "token")?,
+                    dies_at: from_bigint(dies_at, "dies_at")?,
+                    record,
+                };
+                rows.insert(key, loaded);
+            }
+        }
         Ok(BatchStart {
             rows,
             tokens,
@@ -364,75 +389,40 @@ impl Statements {
         Ok(())
     }
 
-    /// Deletes the rows of `keys` in one statement; returns how many there were.
+    /// Ends a batch's transaction: writes `rows` (as [`Statements::upsert`]: a key's last
+    /// row counts) and deletes the rows of `deleted`, with the prepared statements (binary
+    /// parameters), then commits.
     ///
     /// # Errors
     ///
-    /// [`Error::Storage`].
-    pub(crate) fn delete<K: AsRef<[u8]>>(
+    /// [`Error::Storage`] (the outcome of the commit may be unknown); [`Error::Corrupt`] for a
+    /// token above `i64::MAX` (never drawn from the sequence).
+    pub(crate) fn end_batch<K: AsRef<[u8]>>(
         &self,
-        tx: &mut impl GenericClient,
-        keys: &[K],
-    ) -> Result<u64> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
-        tx.execute_typed(&self.delete, &[(&keys, Type::BYTEA_ARRAY)])
-            .map_err(|e| write_failed("deleting records from PostgreSQL", e))
-    }
-
-    /// The text that ends a batch's transaction, in one round trip (a simple query): writes
-    /// `rows` (as [`Statements::upsert`]: a key's last row counts), deletes the rows of
-    /// `deleted`, and commits. Keys and records are written as hexadecimal text decoded by
-    /// the server, tokens and times as integers: nothing in the text is quoted from outside.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Corrupt`] for a token above `i64::MAX` (never drawn from the sequence).
-    pub(crate) fn write_and_commit<K: AsRef<[u8]>>(
-        &self,
+        client: &mut Client,
+        prepared: &Prepared,
         rows: &[Upsert<'_>],
         deleted: &[K],
-    ) -> Result<String> {
-        use std::fmt::Write as _;
-        let records = &self.records;
-        let mut text = String::new();
+    ) -> Result<()> {
         let rows = last_rows(rows)?;
         if !rows.is_empty() {
-            let _ = write!(
-                text,
-                "INSERT INTO {records} (key, token, dies_at, record) VALUES "
-            );
-            for (i, (key, token, dies_at, record)) in rows.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str("(decode('");
-                push_hex(&mut text, key);
-                let _ = write!(text, "', 'hex'), {token}, {dies_at}, decode('");
-                push_hex(&mut text, record);
-                text.push_str("', 'hex'))");
-            }
-            text.push_str(
-                " ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, \
-                 dies_at = EXCLUDED.dies_at, record = EXCLUDED.record; ",
-            );
+            let keys: Vec<&[u8]> = rows.iter().map(|r| r.0).collect();
+            let tokens: Vec<i64> = rows.iter().map(|r| r.1).collect();
+            let deaths: Vec<i64> = rows.iter().map(|r| r.2).collect();
+            let records: Vec<&[u8]> = rows.iter().map(|r| r.3).collect();
+            client
+                .execute(&prepared.upsert, &[&keys, &tokens, &deaths, &records])
+                .map_err(|e| write_failed("writing records to PostgreSQL", e))?;
         }
         if !deleted.is_empty() {
-            let _ = write!(text, "DELETE FROM {records} WHERE key IN (");
-            for (i, key) in deleted.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str("decode('");
-                push_hex(&mut text, key.as_ref());
-                text.push_str("', 'hex')");
-            }
-            text.push_str("); ");
+            let keys: Vec<&[u8]> = deleted.iter().map(AsRef::as_ref).collect();
+            client
+                .execute(&prepared.delete, &[&keys])
+                .map_err(|e| write_failed("deleting records from PostgreSQL", e))?;
         }
-        text.push_str("COMMIT");
-        Ok(text)
+        client
+            .batch_execute("COMMIT")
+            .map_err(|e| write_failed("committing a batch in PostgreSQL", e))
     }
 
     /// The database server's clock, in nanoseconds since 1970 (microsecond precision):
@@ -475,20 +465,31 @@ impl Statements {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    /// The record bytes stored under `key`, if any.
+    /// The record bytes of `key` (`None`: no row) and the server's clock, read by one
+    /// statement in one round trip, outside any transaction.
     ///
     /// # Errors
     ///
-    /// [`Error::Storage`].
+    /// The client's error, for the caller to map (and retry: the statement writes nothing).
     pub(crate) fn read_one(
         &self,
-        tx: &mut impl GenericClient,
+        client: &mut impl GenericClient,
         key: &[u8],
-    ) -> Result<Option<Vec<u8>>> {
-        let rows = tx
-            .query_typed(&self.read_one, &[(&key, Type::BYTEA)])
-            .map_err(|e| read_failed("reading a record from PostgreSQL", e))?;
-        Ok(rows.first().map(|row| row.get(0)))
+    ) -> std::result::Result<(Option<Vec<u8>>, i64), postgres::Error> {
+        let row = client.query_typed_one(&self.read_one, &[(&key, Type::BYTEA)])?;
+        Ok((row.get(1), row.get(0)))
+    }
+
+    /// The server's clock, as [`Statements::read_one`] reads it (nanoseconds since 1970).
+    ///
+    /// # Errors
+    ///
+    /// The client's error, for the caller to map.
+    pub(crate) fn read_clock(
+        &self,
+        client: &mut impl GenericClient,
+    ) -> std::result::Result<i64, postgres::Error> {
+        Ok(client.query_typed_one(&self.now, &[])?.get(0))
     }
 
     /// Visits every row (key, record bytes) in token order, streaming them; `visit` says
@@ -558,30 +559,8 @@ fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<BigintRow<'a>>> {
     Ok(out)
 }
 
-/// Appends `bytes` as lowercase hexadecimal digits.
-fn push_hex(text: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    text.reserve(2 * bytes.len());
-    for b in bytes {
-        text.push(DIGITS[usize::from(b >> 4)] as char);
-        text.push(DIGITS[usize::from(b & 15)] as char);
-    }
-}
-
-/// The bytes written as hexadecimal digits in `hex` (`None`: not such digits).
-fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let hex = hex.as_bytes();
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    hex.chunks(2)
-        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
-        .collect()
-}
-
 /// The server clock's reading in nanoseconds since 1970.
-fn clock_reading(nanos: i64) -> Result<u64> {
+pub(crate) fn clock_reading(nanos: i64) -> Result<u64> {
     u64::try_from(nanos).map_err(|_| Error::Clock {
         reason: format!("the PostgreSQL server's clock reads {nanos} ns, before 1970"),
     })
@@ -680,10 +659,8 @@ mod tests {
 
         sql.upsert(&mut tx, &[row(keys[1], 5, 500, b"rec-b2")])
             .unwrap();
-        assert_eq!(
-            sql.delete(&mut tx, &[keys[0], keys[2], keys[3]]).unwrap(),
-            2
-        );
+        let doomed: Vec<&[u8]> = vec![keys[0], keys[2], keys[3]];
+        assert_eq!(tx.execute(sql.delete.as_str(), &[&doomed]).unwrap(), 2);
         tx.commit().unwrap();
 
         // Another connection sees what was committed.
@@ -698,17 +675,17 @@ mod tests {
         sql.lock_keys::<&[u8]>(&mut tx, &[]).unwrap();
         assert!(sql.load::<&[u8]>(&mut tx, &[]).unwrap().is_empty());
         sql.upsert(&mut tx, &[]).unwrap();
-        assert_eq!(sql.delete::<&[u8]>(&mut tx, &[]).unwrap(), 0);
         assert!(sql.next_tokens(&mut tx, 0).unwrap().is_empty());
     }
 
     #[test]
-    fn a_batch_starts_and_ends_in_one_round_trip_each() {
+    fn a_batch_starts_and_ends_with_its_prepared_statements() {
         let Some((db, sql)) = opened() else { return };
         let mut client = db.client();
-        // Bytes a quoted literal would have to escape: they travel as hexadecimal digits.
+        let prepared = sql.prepare(&mut client).unwrap();
+        // Bytes a quoted literal would have to escape: they travel as binary parameters.
         let keys: [&[u8]; 3] = [b"k'1\\", b"\0scope\0k-2", b"k-absent"];
-        let start = sql.start_batch(&mut client, &keys, 2).unwrap();
+        let start = sql.start_batch(&mut client, &prepared, &keys, 2).unwrap();
         let second = start.tokens[1];
         assert!(start.rows.is_empty());
         assert_eq!(start.tokens.len(), 2);
@@ -716,24 +693,24 @@ mod tests {
         assert!(*start.server_now.as_ref().unwrap() > 1_600_000_000_000_000_000);
         assert_eq!(held_locks_of(&mut client), sql.lock_order(&keys));
         let record = (0..=255u8).collect::<Vec<u8>>();
-        let text = sql
-            .write_and_commit::<&[u8]>(
-                &[
-                    row(keys[0], start.tokens[0], 100, b"first"),
-                    row(keys[1], start.tokens[1], u64::MAX, &record),
-                    // A key written twice: its last row counts.
-                    row(keys[0], start.tokens[1], 200, &record),
-                ],
-                &[keys[2]],
-            )
-            .unwrap();
-        client.batch_execute(&text).unwrap();
+        sql.end_batch::<&[u8]>(
+            &mut client,
+            &prepared,
+            &[
+                row(keys[0], start.tokens[0], 100, b"first"),
+                row(keys[1], start.tokens[1], u64::MAX, &record),
+                // A key written twice: its last row counts.
+                row(keys[0], start.tokens[1], 200, &record),
+            ],
+            &[keys[2]],
+        )
+        .unwrap();
         assert!(
             held_locks_of(&mut client).is_empty(),
             "committed: locks gone"
         );
 
-        let start = sql.start_batch(&mut client, &keys, 0).unwrap();
+        let start = sql.start_batch(&mut client, &prepared, &keys, 0).unwrap();
         assert!(start.tokens.is_empty());
         assert_eq!(start.rows.len(), 2);
         assert_eq!(start.rows[keys[0]].token, second);
@@ -741,9 +718,11 @@ mod tests {
         assert_eq!(start.rows[keys[0]].record, record);
         assert_eq!(start.rows[keys[1]].dies_at, i64::MAX as u64);
         assert_eq!(start.rows[keys[1]].record, record);
-        let text = sql.write_and_commit::<&[u8]>(&[], &[keys[0]]).unwrap();
-        client.batch_execute(&text).unwrap();
-        let start = sql.start_batch::<&[u8]>(&mut client, &[], 1).unwrap();
+        sql.end_batch::<&[u8]>(&mut client, &prepared, &[], &[keys[0]])
+            .unwrap();
+        let start = sql
+            .start_batch::<&[u8]>(&mut client, &prepared, &[], 1)
+            .unwrap();
         assert_eq!(start.tokens.len(), 1);
         client.batch_execute("ROLLBACK").unwrap();
         let mut tx = client.transaction().unwrap();

@@ -1,9 +1,9 @@
 //! The heartbeat: while a handler runs, its lease is extended so that a retry cannot take
 //! the key over, up to a limit.
 
+use std::future::Future;
 use std::time::Duration;
 
-use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, timeout};
 
 use super::blocking::HeldLease;
@@ -25,14 +25,15 @@ impl Heartbeat {
         (self.lease / 3).max(Duration::from_millis(1))
     }
 
-    /// Waits for the handler's `task`, extending `lease` every [`every`](Heartbeat::every)
+    /// Runs the handler's future `handler` to its end, extending `lease` every [`every`](Heartbeat::every)
     /// until [`limit`](Heartbeat::limit) has passed since the start. A lost lease or a store
     /// failure stops the beats (logged); the handler runs on either way.
     pub(crate) async fn run<T>(
         &self,
-        mut task: JoinHandle<T>,
+        handler: impl Future<Output = T>,
         lease: &mut HeldLease,
-    ) -> Result<T, JoinError> {
+    ) -> T {
+        let mut task = std::pin::pin!(handler);
         let started = Instant::now();
         loop {
             match timeout(self.every(), &mut task).await {

@@ -56,9 +56,10 @@
 //!
 //! # The handler runs to its end
 //!
-//! Once the store granted the request its lease, the handler runs as a task of its own, and
-//! the layer stores its response whatever happens to the client: a client that disconnects
-//! mid-handler does not cancel it, and its retry gets the replay, never a second execution.
+//! Once the store granted the request its lease, the handler runs to its end and the layer
+//! stores its response whatever happens to the client: a client that disconnects
+//! mid-handler does not cancel it (the rest of the work moves to a task of its own when the
+//! request's future is dropped), and its retry gets the replay, never a second execution.
 //! For the same reason, an answer that cannot be stored is replaced by one that can:
 //!
 //! * a response larger than the store's
@@ -138,8 +139,10 @@
 
 mod blocking;
 mod body;
+mod detach;
 mod heartbeat;
 mod layer;
+mod panic;
 mod problem;
 mod service;
 mod wait;

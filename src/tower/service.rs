@@ -1,6 +1,7 @@
-//! [`IdempotencyService`]: reads the key and the body, then hands the request to a task of
-//! its own ([`execute`]) that asks the store, runs the handler and stores its response, so
-//! that a client going away never cuts that work short.
+//! [`IdempotencyService`]: reads the key and the body, then runs the rest ([`execute`]: ask
+//! the store, run the handler, store its response) so that a client going away never cuts
+//! it short: it is polled in place, and moved to a task of its own if the request's future
+//! is dropped first ([`Detach`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,9 @@ use tower_service::Service;
 
 use super::blocking::{self, HeldLease};
 use super::body::{Body, ReadError, read_all, read_limited};
+use super::detach::Detach;
 use super::layer::Config;
+use super::panic::CatchPanic;
 use super::wait::{Turn, leader_done};
 use crate::error::Error;
 use crate::http::{StoredResponse, idempotency_key, replay, request_fingerprint};
@@ -186,16 +189,10 @@ where
     };
     let request = Request::from_parts(parts, body);
     let fp = request_fingerprint(&request, &config.headers);
-    // From here on the work is the task's: if this future is dropped (the client went
-    // away), the task still asks the store, runs the handler and stores the response.
-    let task = tokio::spawn(execute(Arc::clone(&config), inner, key, fp, request));
-    match task.await {
-        Ok(response) => response,
-        Err(e) => {
-            tracing::error!(error = %e, "the layer's request task failed");
-            Ok(answer(config.problems.server_error()))
-        }
-    }
+    // From here on the work runs to its end: polled here, and if this future is dropped
+    // (the client went away), as a task of its own that still asks the store, runs the
+    // handler and stores the response.
+    Detach::new(execute(config, inner, key, fp, request)).await
 }
 
 /// Asks the store what to do with the request and does it: runs the handler (with its
@@ -251,7 +248,7 @@ where
     }
 }
 
-/// What the handler's task ends with: its response's head and body (or the body's
+/// What the handler ends with: its response's head and body (or the body's
 /// failure), or the service's error.
 type Handled<E> = Result<(http::response::Parts, Result<Bytes, String>), E>;
 
@@ -273,7 +270,9 @@ where
     let problems = &config.problems;
     // The service was made ready by the `poll_ready` before this call.
     let future = inner.call(request.map(Body::full));
-    let handler = tokio::spawn(async move {
+    // Run here, in the request's own task (which a client going away does not cancel); a
+    // panic is caught and answered like a failed handler.
+    let handler = CatchPanic::new(async move {
         let (parts, body) = future.await?.into_parts();
         Ok::<_, S::Error>((parts, read_all(body).await))
     });
@@ -305,8 +304,8 @@ where
             store_fallback(config, lease, problems.handler_failed()).await;
             Err(service_error)
         }
-        Err(join_error) => {
-            tracing::error!(error = %join_error, "the handler panicked; answering 500");
+        Err(panicked) => {
+            tracing::error!(error = %panicked, "the handler panicked; answering 500");
             let response = problems.handler_failed();
             store_fallback(config, lease, response.clone()).await;
             Ok(answer(response))

@@ -7,11 +7,16 @@
 //! Every peer runs the same workload: a *cycle* is `begin` (claim an absent key: read it,
 //! allocate a fencing token, write an in-flight record) followed by `complete` (re-read,
 //! check the token, write the completed record with a 200-byte response), each durable
-//! before it returns.
+//! before it returns. [`SimplestRedb`] and [`Redis`] do less, as the code a user writes
+//! instead of idemstore would: a claim without a token, then the response.
+//!
+//! The redb peers commit as idemstore's default `Durability::Immediate` does (two phases)
+//! unless opened with another durability.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use idemstore::{Begin, Durability, Fingerprint, Key, Store};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -112,8 +117,37 @@ const N_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The naive baseline: the same transitions with one durable redb write transaction per
 /// operation (what you get without group commit).
+///
+/// It commits as idemstore's default does ([`NaiveRedb::open`]: two phases), or as asked
+/// ([`NaiveRedb::open_with`]).
 pub struct NaiveRedb {
     db: Database,
+    durability: Durability,
+}
+
+/// Starts a redb write transaction that commits as idemstore's `durability` does:
+/// `Immediate` in two phases (redb's `set_two_phase_commit`), `ImmediateOnePhase` with
+/// redb's default durable commit, `None` not durable.
+fn begin_write(db: &Database, durability: Durability) -> redb::WriteTransaction {
+    let mut txn = db.begin_write().expect("write");
+    match durability {
+        Durability::Immediate => txn.set_two_phase_commit(true),
+        Durability::ImmediateOnePhase => {}
+        Durability::None => txn
+            .set_durability(redb::Durability::None)
+            .expect("set durability"),
+        other => panic!("no redb commit mode for {other:?}"),
+    }
+    txn
+}
+
+/// The name of a durability as the compare tables print it.
+pub fn commit_name(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Immediate => "2-phase",
+        Durability::ImmediateOnePhase => "1-phase",
+        _ => "not durable",
+    }
 }
 
 fn naive_record(state: u8, token: u64, deadline: u64, body: &[u8]) -> Vec<u8> {
@@ -135,24 +169,32 @@ fn expiry_key(deadline: u64, key: &[u8]) -> Vec<u8> {
 }
 
 impl NaiveRedb {
+    /// Creates the baseline's file at `path`, committing in two phases as idemstore's
+    /// default `Durability::Immediate` does.
     pub fn open(path: &Path) -> NaiveRedb {
+        NaiveRedb::open_with(path, Durability::Immediate)
+    }
+
+    /// Creates the baseline's file at `path`, committing as idemstore does with
+    /// `durability` (`ImmediateOnePhase`: redb's default commit, one fsync).
+    pub fn open_with(path: &Path, durability: Durability) -> NaiveRedb {
         let db = redb::Builder::new()
             .set_cache_size(32 << 20)
             .create(path)
             .expect("create redb");
-        let txn = db.begin_write().expect("write");
+        let txn = begin_write(&db, durability);
         {
             txn.open_table(N_RECORDS).expect("table");
             txn.open_table(N_EXPIRY).expect("table");
             txn.open_table(N_META).expect("table");
         }
         txn.commit().expect("commit");
-        NaiveRedb { db }
+        NaiveRedb { db, durability }
     }
 
     /// begin: read the key, claim it with a new token; one durable commit.
     pub fn begin(&self, key: &[u8]) -> u64 {
-        let txn = self.db.begin_write().expect("write");
+        let txn = begin_write(&self.db, self.durability);
         let token;
         {
             let mut records = txn.open_table(N_RECORDS).expect("table");
@@ -175,7 +217,7 @@ impl NaiveRedb {
 
     /// complete: re-read, check the token, write the completed record; one durable commit.
     pub fn complete(&self, key: &[u8], token: u64, response: &[u8]) {
-        let txn = self.db.begin_write().expect("write");
+        let txn = begin_write(&self.db, self.durability);
         {
             let mut records = txn.open_table(N_RECORDS).expect("table");
             let mut expiry = txn.open_table(N_EXPIRY).expect("table");
@@ -215,6 +257,80 @@ impl Peer for NaiveRedb {
         let key = key_id(thread, i);
         let token = self.begin(key.as_bytes());
         self.complete(key.as_bytes(), token, &RESPONSE);
+    }
+}
+
+const S_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idempotency_keys");
+
+/// The simplest redb code a user would write instead of idemstore: one table keyed by the
+/// idempotency key, its value a state byte, the request's fingerprint and (once completed)
+/// the response. `begin` reads the key and inserts the in-flight value in one durable write
+/// transaction; `complete` inserts the completed value in another. No fencing token, no
+/// expiry, no lease: less work per operation than idemstore or [`NaiveRedb`] do.
+///
+/// It opens with redb's defaults (`Database::create`, its default cache) and commits as
+/// idemstore's default does ([`SimplestRedb::open`]: two phases), or as asked
+/// ([`SimplestRedb::open_with`]; `ImmediateOnePhase` is redb's own default commit).
+pub struct SimplestRedb {
+    db: Database,
+    durability: Durability,
+}
+
+impl SimplestRedb {
+    /// Creates the file at `path`, committing in two phases as idemstore's default does.
+    pub fn open(path: &Path) -> SimplestRedb {
+        SimplestRedb::open_with(path, Durability::Immediate)
+    }
+
+    /// Creates the file at `path`, committing as idemstore does with `durability`.
+    pub fn open_with(path: &Path, durability: Durability) -> SimplestRedb {
+        let db = Database::create(path).expect("create redb");
+        let txn = begin_write(&db, durability);
+        txn.open_table(S_KEYS).expect("table");
+        txn.commit().expect("commit");
+        SimplestRedb { db, durability }
+    }
+
+    /// `begin`: `true` if the key was absent and is now claimed (in flight), `false` if it
+    /// was there already (nothing written). One durable commit either way.
+    pub fn begin(&self, key: &[u8], fingerprint: &[u8; 32]) -> bool {
+        let txn = begin_write(&self.db, self.durability);
+        let claimed = {
+            let mut keys = txn.open_table(S_KEYS).expect("table");
+            let absent = keys.get(key).expect("get").is_none();
+            if absent {
+                let mut value = [0u8; 33];
+                value[0] = 1;
+                value[1..].copy_from_slice(fingerprint);
+                keys.insert(key, value.as_slice()).expect("insert");
+            }
+            absent
+        };
+        txn.commit().expect("commit");
+        claimed
+    }
+
+    /// `complete`: stores the response under the key; one durable commit.
+    pub fn complete(&self, key: &[u8], fingerprint: &[u8; 32], response: &[u8]) {
+        let mut value = Vec::with_capacity(33 + response.len());
+        value.push(2);
+        value.extend_from_slice(fingerprint);
+        value.extend_from_slice(response);
+        let txn = begin_write(&self.db, self.durability);
+        txn.open_table(S_KEYS)
+            .expect("table")
+            .insert(key, value.as_slice())
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+}
+
+impl Peer for SimplestRedb {
+    fn cycle(&self, thread: usize, i: u64) {
+        let key = key_id(thread, i);
+        let fp = Fingerprint::of(&key);
+        assert!(self.begin(key.as_bytes(), fp.as_bytes()), "fresh key");
+        self.complete(key.as_bytes(), fp.as_bytes(), &RESPONSE);
     }
 }
 
@@ -418,15 +534,119 @@ impl Peer for Sqlite {
     }
 }
 
+/// A Redis connection speaking RESP: commands out, one-line replies in.
+pub struct RedisConn {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl RedisConn {
+    /// Connects to `addr`, waiting at most `timeout` for the connection and for each reply.
+    ///
+    /// # Errors
+    ///
+    /// The connection's error when nothing accepts it at `addr` in time.
+    pub fn connect(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<RedisConn> {
+        let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(RedisConn {
+            stream: std::io::BufReader::new(stream),
+        })
+    }
+
+    /// Sends one command and returns its reply's first line without the line end (`+OK`,
+    /// `-ERR …`, `$-1`, `:1`, `*2`, `$5`; the lines after a bulk or array header are not read,
+    /// so use it for commands with one-line replies only).
+    ///
+    /// # Errors
+    ///
+    /// A write or read error, a timeout, or the server closing the connection.
+    pub fn command(&mut self, args: &[&[u8]]) -> std::io::Result<String> {
+        use std::io::{BufRead, Write};
+        let mut cmd = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            cmd.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            cmd.extend_from_slice(a);
+            cmd.extend_from_slice(b"\r\n");
+        }
+        self.stream.get_mut().write_all(&cmd)?;
+        let mut line = Vec::new();
+        self.stream.read_until(b'\n', &mut line)?;
+        if !line.ends_with(b"\r\n") {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "redis closed the connection mid-reply",
+            ));
+        }
+        line.truncate(line.len() - 2);
+        Ok(String::from_utf8_lossy(&line).into_owned())
+    }
+
+    /// Sends one command that must answer `+OK`.
+    fn ok(&mut self, args: &[&[u8]]) {
+        let reply = self.command(args).expect("redis command");
+        assert_eq!(
+            reply,
+            "+OK",
+            "redis refused {:?}",
+            String::from_utf8_lossy(args[0])
+        );
+    }
+}
+
+/// Redis as a user would use it for idempotency keys: `begin` is `SET key inflight NX EX
+/// 86400`, `complete` is `SET key response XX EX 86400`, one connection per caller. The
+/// server's durability is its own configuration (`compare` runs it with `appendonly yes`,
+/// `appendfsync always`: every write is in the fsync'd log before the reply).
+pub struct Redis {
+    conns: Vec<parking_lot::Mutex<RedisConn>>,
+    /// Keeps this peer's keys apart from earlier peers' on the same server.
+    prefix: String,
+}
+
+impl Redis {
+    /// Opens one connection per caller to the server at `addr`.
+    pub fn open(addr: std::net::SocketAddr, callers: usize) -> Redis {
+        static OPENED: AtomicU64 = AtomicU64::new(0);
+        let conns = (0..callers.max(1))
+            .map(|_| {
+                let conn =
+                    RedisConn::connect(addr, Duration::from_secs(30)).expect("connect to redis");
+                parking_lot::Mutex::new(conn)
+            })
+            .collect();
+        Redis {
+            conns,
+            prefix: format!(
+                "idem:{}:{}",
+                std::process::id(),
+                OPENED.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
+    }
+}
+
+impl Peer for Redis {
+    fn cycle(&self, thread: usize, i: u64) {
+        let key = format!("{}:{}", self.prefix, key_id(thread, i));
+        let mut conn = self.conns[thread % self.conns.len()].lock();
+        let key = key.as_bytes();
+        conn.ok(&[b"SET", key, b"inflight", b"NX", b"EX", b"86400"]);
+        conn.ok(&[b"SET", key, &RESPONSE, b"XX", b"EX", b"86400"]);
+    }
+}
+
 /// The ceiling: raw redb, one thread, 64 record writes per durable commit (32 begins and
-/// 32 completes of the same shape), no channel, no reads. Returns cycles done.
+/// 32 completes of the same shape), no channel, no reads, committing in two phases as
+/// idemstore's default does. Returns cycles done.
 pub fn raw_batch_ceiling(path: &Path, seconds: f64) -> (u64, f64) {
     let db = NaiveRedb::open(path);
     let start = std::time::Instant::now();
     let mut cycles = 0u64;
     let mut token = 0u64;
     while start.elapsed().as_secs_f64() < seconds {
-        let txn = db.db.begin_write().expect("write");
+        let txn = begin_write(&db.db, db.durability);
         {
             let mut records = txn.open_table(N_RECORDS).expect("table");
             let mut expiry = txn.open_table(N_EXPIRY).expect("table");
