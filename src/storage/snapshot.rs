@@ -151,10 +151,15 @@ pub(super) enum Loaded {
     Rejected(String),
     /// The index, with what the log scan would have found.
     Index {
+        /// The index: the snapshot's, less the journaled deletions, plus the tail.
         index: Index,
+        /// The next sequence number to take.
         next_seq: u64,
+        /// Above every fencing token in the log.
         highest_token: u64,
+        /// Log entries from `seq_end` on (indexed on top of the snapshot).
         tail: u64,
+        /// The snapshot's end.
         seq_end: u64,
         /// How long reading the snapshot took, and then the pass over the log.
         took: (Duration, Duration),
@@ -319,6 +324,7 @@ pub(crate) struct Saved {
     pub entries: u64,
     /// Bytes of its slots.
     pub bytes: u64,
+    /// How long writing it took (its tries included).
     pub took: Duration,
 }
 
