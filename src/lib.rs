@@ -58,6 +58,7 @@ mod postgres;
 mod reaper;
 mod record;
 mod redb_file;
+mod saver;
 mod stats;
 mod storage;
 mod store;

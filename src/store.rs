@@ -24,6 +24,7 @@ use crate::outcome::{Begin, Entry};
 use crate::postgres::engine::PgStore;
 use crate::reaper::{self, Reaper};
 use crate::record::Record;
+use crate::saver::{self, Saver};
 use crate::stats::{Stats, StatsCells, bump};
 use crate::storage::{self, Stored};
 
@@ -75,6 +76,8 @@ struct Engine {
     committer: Committer,
     submitter: Submitter,
     reaper: Option<Reaper>,
+    /// The key index's saver (a store with a file or backend).
+    saver: Option<Saver>,
 }
 
 /// What holds the records: the engine chosen at open. Writes go through the committer
@@ -198,6 +201,9 @@ impl Inner {
         if let Some(reaper) = engine.reaper.as_mut() {
             reaper.stop();
         }
+        if let Some(saver) = engine.saver.as_mut() {
+            saver.stop();
+        }
         engine.committer.shutdown();
         #[cfg_attr(
             not(feature = "postgres"),
@@ -209,6 +215,16 @@ impl Inner {
             #[cfg(feature = "postgres")]
             Records::Postgres(_) => return Ok(()),
         };
+        // Nothing writes any more: the index is the log's. Written unless the file's snapshot
+        // is of this very index, so the next open loads it instead of rebuilding the index
+        // (a small index with no snapshot in the file is rebuilt faster than it is saved).
+        let changes = stored.changes_since_snapshot();
+        if stored.persistent()
+            && changes != Some(0)
+            && (changes.is_some() || stored.index.len() >= saver::MIN_ENTRIES)
+        {
+            saver::save(&stored, crate::config::Durability::Immediate, "at close");
+        }
         match Arc::try_unwrap(stored).map(|s| s.db) {
             // Guarded: closing commits the engine's allocator state, and the engine can panic
             // on a damaged page.
@@ -559,7 +575,7 @@ impl Builder {
         let settings = self.settings()?;
         let path = path.as_ref();
         let (db, file) = storage::open_file(path, self.cache_bytes)?;
-        let mut stored = storage::initialize(db, self.clock.clone())?;
+        let mut stored = storage::initialize(db, self.clock.clone(), true)?;
         stored.file = Some(file);
         self.start_redb(stored, settings, Some(path.to_owned()))
     }
@@ -571,7 +587,7 @@ impl Builder {
     pub fn open_in_memory(self) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_memory(self.cache_bytes)?;
-        let stored = storage::initialize(db, self.clock.clone())?;
+        let stored = storage::initialize(db, self.clock.clone(), false)?;
         self.start_redb(stored, settings, None)
     }
 
@@ -590,7 +606,7 @@ impl Builder {
     pub fn open_backend(self, backend: impl redb::StorageBackend) -> Result<Store> {
         let settings = self.settings()?;
         let db = storage::open_backend(backend, self.cache_bytes)?;
-        let stored = storage::initialize(db, self.clock.clone())?;
+        let stored = storage::initialize(db, self.clock.clone(), true)?;
         self.start_redb(stored, settings, None)
     }
 
@@ -639,7 +655,7 @@ impl Builder {
             clock,
         )?);
         let writer = crate::postgres::engine::PgWriter::new(Arc::clone(&pg), settings);
-        self.start(Records::Postgres(pg), writer, settings, None)
+        self.start(Records::Postgres(pg), writer, settings, None, None)
     }
 
     /// The PostgreSQL schema holding idemstore's tables (`idemstore_version`,
@@ -672,7 +688,11 @@ impl Builder {
     ) -> Result<Store> {
         let stored = Arc::new(stored);
         let writer = storage::RedbWriter::new(Arc::clone(&stored), settings);
-        self.start(Records::Redb(stored), writer, settings, path)
+        let saver = stored
+            .persistent()
+            .then(|| Saver::spawn(Arc::clone(&stored)))
+            .transpose()?;
+        self.start(Records::Redb(stored), writer, settings, path, saver)
     }
 
     fn start(
@@ -681,6 +701,7 @@ impl Builder {
         writer: impl BatchWriter,
         settings: Settings,
         path: Option<PathBuf>,
+        saver: Option<Saver>,
     ) -> Result<Store> {
         let stats = Arc::new(StatsCells::default());
         let committer = Committer::spawn(writer, stats.clone())?;
@@ -696,6 +717,7 @@ impl Builder {
                     committer,
                     submitter,
                     reaper,
+                    saver,
                 })),
                 settings,
                 stats,

@@ -163,8 +163,8 @@ fn create_in_place(path: &Path) -> std::io::Result<()> {
             .set_cache_size(1 << 20)
             .create_with_backend(backend)
             .map_err(std::io::Error::other)?;
-        let stored =
-            initialize(db, Arc::new(crate::clock::SystemClock)).map_err(std::io::Error::other)?;
+        let stored = initialize(db, Arc::new(crate::clock::SystemClock), false)
+            .map_err(std::io::Error::other)?;
         stored.db.close().map_err(std::io::Error::other)
     })();
     let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
@@ -205,19 +205,72 @@ pub(crate) fn open_memory(cache_bytes: usize) -> Result<Database> {
 }
 
 /// Writes the meta table and creates the tables of a new store, or checks an existing one,
-/// then builds the key index from the log. Always commits durably. The store's clock reads
-/// `clock`, starting from the latest time and the clock corrections persisted in the file.
+/// then builds the key index: from its snapshot and the log written after it when the file
+/// holds one that passes its checks, else from the whole log (a snapshot that fails a check
+/// is removed first). Always commits durably. The store's clock reads `clock`, starting from
+/// the latest time and the clock corrections persisted in the file. `persistent`: the
+/// database outlives the store (a file or a backend), so the index's snapshot is written.
 ///
 /// Guarded: the engine can panic on a damaged page that the read-only check did not visit
 /// (its commit reads the system tables); the caller then gets [`Error::Corrupt`].
-pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>) -> Result<Stored> {
+pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>, persistent: bool) -> Result<Stored> {
     let built = guarded("initializing the store", || {
         let meta = initialize_unguarded(&db)?;
-        let log = build_index(&db)?;
-        Ok((meta, log))
+        let started = std::time::Instant::now();
+        let mut snapshot_ms = 0;
+        let (log, source, floor) = match snapshot::load(&db)? {
+            snapshot::Loaded::Index {
+                index,
+                next_seq,
+                highest_token,
+                tail,
+                seq_end,
+                took,
+            } => {
+                snapshot_ms = took.0.as_millis() as u64;
+                (
+                    LogScan {
+                        index,
+                        next_seq,
+                        highest_token,
+                    },
+                    IndexSource::Snapshot { tail },
+                    Some(seq_end),
+                )
+            }
+            snapshot::Loaded::Absent => (
+                build_index(&db)?,
+                IndexSource::Rebuilt { rejected: None },
+                None,
+            ),
+            snapshot::Loaded::Rejected(why) => {
+                tracing::warn!(
+                    reason = %why,
+                    "the key index's snapshot in the file failed a check: it is removed and \
+                     the index rebuilt from the whole log"
+                );
+                snapshot::remove(&db)?;
+                (
+                    build_index(&db)?,
+                    IndexSource::Rebuilt {
+                        rejected: Some(why),
+                    },
+                    None,
+                )
+            }
+        };
+        tracing::info!(
+            source = ?source,
+            entries = log.index.len(),
+            index_bytes = log.index.heap_bytes(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            snapshot_ms,
+            "key index ready"
+        );
+        Ok((meta, log, source, floor))
     });
     match built {
-        Ok((meta, log)) => Ok(Stored {
+        Ok((meta, log, index_source, floor)) => Ok(Stored {
             db,
             index: log.index,
             next_seq: AtomicU64::new(log.next_seq),
@@ -225,6 +278,10 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>) -> Result<Stored> 
             timeline: StoreClock::new(clock, meta.latest_time, meta.corrections),
             resweep_from: Mutex::new(meta.resweep_from),
             file: None,
+            persistent,
+            snapshot_floor: AtomicU64::new(floor.unwrap_or(0)),
+            snapshot_generation: Mutex::new(floor.map(|_| 0)),
+            index_source,
         }),
         Err(e) => {
             discard(db);

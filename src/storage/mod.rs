@@ -9,6 +9,15 @@
 //! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
 //! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]) |
 //! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
+//! | `idemstore_index_snapshot` | chunk number (`u64`) | the key index's slots ([`crate::index`]), 12 bytes each |
+//! | `idemstore_index_deleted` | sequence number (`u64`) | key hash (`u64`): a log entry below the snapshot's end deleted since it was written |
+//!
+//! The key index's snapshot (`snapshot`) adds to the meta table `"index_snapshot"` (its header:
+//! hash keys, size, end, entry count, token floor, CRC-32) and `"latest_time_mark"` (the latest
+//! time again, written with it). These are additions within format version 3: a file without
+//! them opens as before (its index is built from the whole log, and the first close writes a
+//! snapshot); an older build of idemstore ignores them, and an open by this build after such a
+//! build wrote the file finds the snapshot stale by its checks and rebuilds the index.
 //!
 //! # Why a log
 //!
@@ -20,8 +29,9 @@
 //! near the log's end too), so a commit of a whole batch touches a handful of pages. The
 //! log is in the order keys were claimed; a key deleted (abandoned or reaped) and
 //! claimed again gets a new entry at the end. The cost is an
-//! in-memory index from key hash to sequence number ([`crate::index`]), rebuilt by a scan of
-//! the log when the store opens.
+//! in-memory index from key hash to sequence number ([`crate::index`]), loaded from its
+//! snapshot plus the log written after it when the store opens (or rebuilt by a scan of the
+//! whole log when there is no snapshot to trust).
 //!
 //! The expiry index holds exactly one entry per log entry, keyed by the record's death time,
 //! so the reaper walks dead records in time order and never scans live ones.
@@ -32,6 +42,7 @@
 //! # Layout
 //!
 //! `format` checks, creates and opens the file and builds the key index from the log;
+//! `snapshot` writes, checks and loads the key index's snapshot;
 //! `read` is the read path (one record, or a walk of the whole log); `write` the tables of
 //! one write transaction (records, expiry entries, the token counter and the meta keys);
 //! `reap` the reaper's passes over the expiry index. The tables and the meta keys are named
@@ -41,6 +52,7 @@ mod batch;
 mod format;
 mod read;
 mod reap;
+mod snapshot;
 mod write;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -63,6 +75,7 @@ pub(crate) use format::{initialize, open_file, open_memory, open_read_only};
 pub(crate) use read::ReadOnlyFile;
 #[cfg(test)]
 use reap::ReapPass;
+pub(crate) use snapshot::IndexSource;
 pub(crate) use write::{WriteTables, begin_write};
 
 /// before it), for files that must not be taken for a store (the client outbox).
@@ -85,6 +98,10 @@ const TOKEN_KEY: &str = "last_token";
 const TIME_KEY: &str = "latest_time";
 const CORRECTIONS_KEY: &str = "clock_corrections";
 const RESWEEP_KEY: &str = "resweep_from";
+/// The key index snapshot's header ([`snapshot`]).
+const SNAPSHOT_KEY: &str = "index_snapshot";
+/// The latest time again, written with it by builds that keep the snapshot up to date.
+const TIME_MARK_KEY: &str = "latest_time_mark";
 /// The file format version this build writes and reads.
 pub(crate) const FORMAT_VERSION: u32 = 3;
 
@@ -147,6 +164,24 @@ pub(crate) struct Stored {
     pub resweep_from: Mutex<Option<u64>>,
     /// The file the database lives in, checked after each commit; `None` without a path.
     pub file: Option<FileIdentity>,
+    /// Whether the database outlives the store (a file or a backend, not memory): only then
+    /// is the key index's snapshot written.
+    persistent: bool,
+    /// The end of the snapshot in the file (0: none): deletions below it are counted.
+    snapshot_floor: AtomicU64,
+    /// The index's generation the snapshot in the file was written or loaded at.
+    snapshot_generation: Mutex<Option<u64>>,
+    /// How the key index was built at open.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub index_source: IndexSource,
+}
+
+impl Stored {
+    /// Whether the database outlives the store (a file or a backend): only then is the key
+    /// index's snapshot written.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
 }
 
 /// Decodes the record bytes of a log entry (whose checksum [`split_entry`] verified), with

@@ -129,6 +129,11 @@ impl WriteTables<'_> {
                 .map_err(|e| Error::storage("restoring an expiry entry", e))?;
         }
         let deleted = removed.len() as u64;
+        let hashed: Vec<(u64, u64)> = removed
+            .iter()
+            .map(|(seq, key)| (*seq, self.stored.index.hash(key)))
+            .collect();
+        self.journal_deletions(hashed.into_iter())?;
         for (seq, key) in removed {
             self.changes.push(Change {
                 hash: self.stored.index.hash(&key),

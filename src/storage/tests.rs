@@ -30,6 +30,7 @@ fn reaping_examines_only_dead_index_entries() {
     let stored = initialize(
         open_memory(1 << 20).unwrap(),
         Arc::new(crate::clock::SystemClock),
+        false,
     )
     .unwrap();
     fill(&stored, "dead-", 7, 0, 100);
@@ -100,6 +101,7 @@ fn a_key_is_rewritten_in_place_and_its_expiry_entry_follows_its_death_time() {
     let stored = initialize(
         open_memory(1 << 20).unwrap(),
         Arc::new(crate::clock::SystemClock),
+        false,
     )
     .unwrap();
     fill(&stored, "k", 2, 0, 100);
@@ -138,4 +140,274 @@ fn a_key_is_rewritten_in_place_and_its_expiry_entry_follows_its_death_time() {
     assert_eq!(keys, [other, key.clone()]);
     assert_eq!(deaths.len(), 2);
     assert_eq!(stored.read_record(&key).unwrap(), Some(done));
+}
+
+/// Opens (or creates) the store file at `path`, as `Builder::open` does.
+fn open_stored(path: &std::path::Path) -> Stored {
+    let (db, file) = open_file(path, 1 << 20).unwrap();
+    let mut stored = initialize(db, Arc::new(crate::clock::SystemClock), true).unwrap();
+    stored.file = Some(file);
+    stored
+}
+
+fn key_of(prefix: &str, i: usize) -> Vec<u8> {
+    crate::Key::new("s", &format!("{prefix}{i}"))
+        .unwrap()
+        .encode()
+}
+
+/// Checks that the keys `prefix0..n` are all present (`present`) or all absent.
+fn assert_keys(stored: &Stored, prefix: &str, n: usize, present: bool) {
+    for i in 0..n {
+        let found = stored.read_record(&key_of(prefix, i)).unwrap().is_some();
+        assert_eq!(found, present, "key {prefix}{i}");
+    }
+}
+
+fn saved(stored: &Stored) -> crate::storage::snapshot::Saved {
+    stored
+        .save_index(crate::config::Durability::Immediate)
+        .unwrap()
+        .expect("a file store writes a snapshot")
+}
+
+#[test]
+fn a_clean_reopen_loads_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Rebuilt { rejected: None });
+    fill(&stored, "a", 3_000, 0, 1_000);
+    assert_eq!(saved(&stored).entries, 3_000);
+    assert_eq!(stored.changes_since_snapshot(), Some(0));
+    let next = stored.next_seq.load(std::sync::atomic::Ordering::Relaxed);
+    drop(stored);
+
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Snapshot { tail: 0 });
+    assert_eq!(stored.index.len(), 3_000);
+    assert_eq!(
+        stored.next_seq.load(std::sync::atomic::Ordering::Relaxed),
+        next
+    );
+    assert_eq!(stored.changes_since_snapshot(), Some(0));
+    assert_keys(&stored, "a", 3_000, true);
+    assert_keys(&stored, "b", 10, false);
+    // The fencing tokens go on above every token granted before.
+    write(&stored, |t| assert!(t.next_token().unwrap() > 3_000));
+}
+
+/// A crash after a snapshot: the log written after it (new keys, deletions of keys in the
+/// snapshot, a key deleted and claimed again) is replayed on top of it, and the index is
+/// exactly the log's.
+#[test]
+fn after_a_crash_the_log_after_the_snapshot_is_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let stored = open_stored(&path);
+    fill(&stored, "dead", 50, 0, 100);
+    fill(&stored, "live", 2_000, 0, 1_000_000);
+    saved(&stored);
+    // After the snapshot: new keys, the 50 short-lived ones reaped, one deleted and claimed
+    // again (a new entry at the log's end).
+    fill(&stored, "new", 700, 0, 1_000_000);
+    let reaped = write(&stored, |t| {
+        assert_eq!(t.reap(500, 1_000).unwrap().deleted, 50);
+    });
+    assert_eq!(reaped, 50);
+    let again = key_of("live", 7);
+    let record = stored.read_record(&again).unwrap().unwrap();
+    write(&stored, |t| t.delete(&again).unwrap());
+    write(&stored, |t| t.put(&again, &record).unwrap());
+    let next = stored.next_seq.load(std::sync::atomic::Ordering::Relaxed);
+    // No snapshot at the end (a crash, as far as the index is concerned).
+    drop(stored);
+
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Snapshot { tail: 701 });
+    assert_eq!(
+        stored.index.len(),
+        2_700,
+        "the index holds exactly the log's entries"
+    );
+    assert_eq!(
+        stored.next_seq.load(std::sync::atomic::Ordering::Relaxed),
+        next
+    );
+    assert_keys(&stored, "live", 2_000, true);
+    assert_keys(&stored, "new", 700, true);
+    assert_keys(&stored, "dead", 50, false);
+    assert_eq!(stored.read_record(&again).unwrap(), Some(record));
+    // The next snapshot starts a new journal: another reopen loads it with no tail.
+    saved(&stored);
+    drop(stored);
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Snapshot { tail: 0 });
+    assert_eq!(stored.index.len(), 2_700);
+}
+
+/// Rewrites the first chunk of the snapshot's slots that holds an entry with `f` (a valid
+/// page of the file, with contents that do not match the snapshot's checksum or header).
+fn edit_chunk(path: &std::path::Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let def: redb::TableDefinition<u64, &[u8]> =
+            redb::TableDefinition::new("idemstore_index_snapshot");
+        let mut chunks = txn.open_table(def).unwrap();
+        let (n, mut chunk) = chunks
+            .iter()
+            .unwrap()
+            .map(|c| {
+                let (n, c) = c.unwrap();
+                (n.value(), c.value().to_vec())
+            })
+            .find(|(_, c)| c.chunks(crate::index::SLOT_BYTES).any(|s| s[..4] != [0; 4]))
+            .unwrap();
+        f(&mut chunk);
+        chunks.insert(n, chunk.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_damaged_snapshot_is_removed_and_the_index_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let stored = open_stored(&path);
+    fill(&stored, "a", 1_000, 0, 1_000_000);
+    saved(&stored);
+    drop(stored);
+    // One bit of one slot flipped: the sequence number of an entry changes, which only the
+    // checksum can tell.
+    edit_chunk(&path, |chunk| {
+        let at = chunk
+            .chunks(crate::index::SLOT_BYTES)
+            .position(|s| s[..4] != [0; 4])
+            .unwrap();
+        chunk[at * crate::index::SLOT_BYTES + 4] ^= 1;
+    });
+    let stored = open_stored(&path);
+    assert_eq!(
+        stored.index_source,
+        IndexSource::Rebuilt {
+            rejected: Some("its checksum does not match".into())
+        }
+    );
+    assert_eq!(stored.index.len(), 1_000);
+    assert_keys(&stored, "a", 1_000, true);
+    drop(stored);
+    // Removed: the next open rebuilds again, with no snapshot to check.
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Rebuilt { rejected: None });
+    saved(&stored);
+    drop(stored);
+
+    // A torn chunk (shorter than its slots): refused too.
+    edit_chunk(&path, |chunk| chunk.truncate(chunk.len() - 5));
+    let stored = open_stored(&path);
+    assert!(matches!(
+        stored.index_source,
+        IndexSource::Rebuilt { rejected: Some(_) }
+    ));
+    assert_keys(&stored, "a", 1_000, true);
+}
+
+/// A writer that does not keep the snapshot up to date (an older build) writes the latest
+/// time without its mark, or adds a log entry below the snapshot's end: either way the
+/// snapshot is not used.
+#[test]
+fn a_snapshot_the_log_moved_away_from_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let stored = open_stored(&path);
+    fill(&stored, "a", 500, 0, 1_000_000);
+    saved(&stored);
+    drop(stored);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(TIME_KEY, 77u64.to_be_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let stored = open_stored(&path);
+    assert!(matches!(
+        stored.index_source,
+        IndexSource::Rebuilt { rejected: Some(_) }
+    ));
+    assert_keys(&stored, "a", 500, true);
+    saved(&stored);
+
+    // An entry below the snapshot's end that the snapshot does not hold: the first entry's
+    // record under another key, at sequence number 0 (free: the log starts at 1).
+    let (entries, _) = contents(&stored);
+    drop(stored);
+    assert!(entries.iter().all(|&(seq, _)| seq > 0));
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut log = txn.open_table(LOG).unwrap();
+            let first = log.first().unwrap().unwrap().1.value().to_vec();
+            let (key, record) = split_entry(&first).unwrap();
+            let mut other = key.to_vec();
+            *other.last_mut().unwrap() = b'Z';
+            let mut entry = (other.len() as u16).to_be_bytes().to_vec();
+            entry.extend_from_slice(&other);
+            entry.extend_from_slice(record);
+            entry.extend_from_slice(&crc32fast::hash(&entry).to_be_bytes());
+            log.insert(0, entry.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let stored = open_stored(&path);
+    assert_eq!(
+        stored.index_source,
+        IndexSource::Rebuilt {
+            rejected: Some("the log holds another number of entries than it accounts for".into())
+        }
+    );
+    assert_eq!(stored.index.len(), 501);
+}
+
+/// A batch that committed and has not published its changes (or whose commit failed with an
+/// unknown outcome) leaves the index behind the log: no snapshot is written of it, and once
+/// the changes are published one is.
+#[test]
+fn no_snapshot_is_written_of_an_index_behind_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let stored = open_stored(&path);
+    fill(&stored, "a", 2_000, 0, 1_000_000);
+    saved(&stored);
+    for unpublished in ["add", "delete"] {
+        let txn = stored.db.begin_write().unwrap();
+        let changes = {
+            let mut t = WriteTables::open(&txn, &stored, Stamp::default()).unwrap();
+            if unpublished == "add" {
+                let key = key_of("b", 0);
+                let record = machine::claim(None, &Fingerprint::of(&key), 9_999, 0, 1_000_000, 1);
+                t.put(&key, &record.record).unwrap();
+            } else {
+                t.delete(&key_of("a", 5)).unwrap();
+            }
+            t.into_changes()
+        };
+        txn.commit().unwrap();
+        let none = stored
+            .save_index(crate::config::Durability::Immediate)
+            .unwrap();
+        assert_eq!(none, None, "{unpublished}: the index is behind the log");
+        stored.index.apply(&changes);
+        saved(&stored);
+    }
+    drop(stored);
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Snapshot { tail: 0 });
+    assert_eq!(stored.index.len(), 2_000);
+    assert!(stored.read_record(&key_of("b", 0)).unwrap().is_some());
+    assert!(stored.read_record(&key_of("a", 5)).unwrap().is_none());
 }

@@ -73,7 +73,7 @@ impl<'t> WriteTables<'t> {
         })
     }
 
-    fn meta(&mut self) -> Result<&mut Table<'t, &'static str, &'static [u8]>> {
+    pub(super) fn meta(&mut self) -> Result<&mut Table<'t, &'static str, &'static [u8]>> {
         let meta = match self.meta.take() {
             Some(meta) => meta,
             None => self.txn.open_table(META).map_err(table_error)?,
@@ -181,6 +181,8 @@ impl<'t> WriteTables<'t> {
         self.log
             .remove(old.seq)
             .map_err(|e| Error::storage("deleting a record", e))?;
+        let hash = self.stored.index.hash(key);
+        self.journal_deletions(std::iter::once((old.seq, hash)))?;
         for &at in old.distinct() {
             self.deaths
                 .remove((at, old.seq))
@@ -238,10 +240,13 @@ impl<'t> WriteTables<'t> {
 
     /// Records `now` as the latest time a write saw (the floor of the store's clock after a
     /// reopen).
+    /// Also writes it as the time mark the key index's snapshot checks.
     pub fn note_time(&mut self, now: u64) -> Result<()> {
-        self.meta()?
-            .insert(TIME_KEY, now.to_be_bytes().as_slice())
-            .map_err(|e| Error::storage("writing the latest time", e))?;
+        let meta = self.meta()?;
+        for key in [TIME_KEY, TIME_MARK_KEY] {
+            meta.insert(key, now.to_be_bytes().as_slice())
+                .map_err(|e| Error::storage("writing the latest time", e))?;
+        }
         Ok(())
     }
 

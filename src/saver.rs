@@ -1,0 +1,124 @@
+//! The key index's saver: a named thread that writes a snapshot of the key index into the
+//! store's file from time to time, so that an open after a crash replays only the log written
+//! since ([`crate::storage`] has the snapshot and its checks). A clean close writes one too
+//! (the store does it after joining this thread and the committer).
+//!
+//! Every [`CHECK_EVERY`] it looks at how much the index changed since the last snapshot, and
+//! writes one when that is at least [`MIN_CHANGES`] and an eighth of the index: a snapshot
+//! costs a write of the whole index (12 bytes a slot), so it is written about as often as
+//! the log grows by an eighth, and a replay after a crash reads at most about that much of
+//! the log (plus what [`CHECK_EVERY`] adds).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::config::Durability;
+use crate::error::{Error, Result};
+use crate::storage::Stored;
+
+/// How often the saver looks at the index.
+const CHECK_EVERY: Duration = Duration::from_secs(60);
+/// Changes of the index below which no snapshot is written: replaying that much of the log
+/// costs well under a second.
+const MIN_CHANGES: u64 = 200_000;
+
+/// Entries below which a close writes no snapshot into a file that has none: the rebuild of
+/// so small an index costs less than the commit that would save it.
+pub(crate) const MIN_ENTRIES: usize = 1024;
+
+/// Whether a snapshot is due for an index of `len` entries, changed `changes` times since the
+/// last snapshot (`None`: the file holds none).
+pub(crate) fn due(len: usize, changes: Option<u64>) -> bool {
+    let changes = changes.unwrap_or(len as u64);
+    changes >= MIN_CHANGES.max(len as u64 / 8)
+}
+
+/// Handle of the saver thread; stopping it (or dropping the handle) joins the thread.
+pub(crate) struct Saver {
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Saver {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the thread cannot be spawned.
+    pub fn spawn(stored: Arc<Stored>) -> Result<Saver> {
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let handle = std::thread::Builder::new()
+            .name("idemstore-index-saver".into())
+            .spawn(move || run(&stored, &stop_rx))
+            .map_err(|e| Error::storage("starting the key index's saver thread", e))?;
+        Ok(Saver {
+            stop: Some(stop),
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread (after the snapshot under way, if any) and joins it.
+    pub fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(stored: &Stored, stop: &Receiver<()>) {
+    loop {
+        match stop.recv_timeout(CHECK_EVERY) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if due(stored.index.len(), stored.changes_since_snapshot()) {
+            save(stored, Durability::Immediate, "from time to time");
+        }
+    }
+}
+
+/// Writes a snapshot of the key index, logging what it cost; a failure is logged (the next
+/// open rebuilds the index, or replays more of the log).
+pub(crate) fn save(stored: &Stored, durability: Durability, when: &str) {
+    match stored.save_index(durability) {
+        Ok(Some(saved)) => tracing::debug!(
+            when,
+            entries = saved.entries,
+            bytes = saved.bytes,
+            elapsed_ms = saved.took.as_millis() as u64,
+            "key index snapshot written"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            when,
+            error = %e,
+            "writing the key index's snapshot failed; the next open replays more of the log, \
+             or rebuilds the index from it"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_due_after_an_eighth_of_the_index_changed() {
+        assert!(!due(0, None));
+        assert!(!due(1_000, None));
+        assert!(due(200_000, None));
+        assert!(!due(200_000, Some(0)));
+        assert!(!due(10_000_000, Some(1_000_000)));
+        assert!(due(10_000_000, Some(1_250_000)));
+        assert!(due(1_000, Some(200_000)));
+    }
+}
