@@ -53,6 +53,7 @@ mod key;
 mod lease;
 mod machine;
 mod outcome;
+mod periodic;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod reaper;

@@ -7,13 +7,11 @@
 //! joins it.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-
 use crate::committer::Submitter;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::periodic::Periodic;
 use crate::stats::{StatsCells, bump};
 
 /// Index entries visited per reaping transaction.
@@ -48,10 +46,7 @@ pub(crate) fn reap_all(
 }
 
 /// Handle of the reaper thread; stopping it (or dropping the handle) joins the thread.
-pub(crate) struct Reaper {
-    stop: Option<Sender<()>>,
-    handle: Option<JoinHandle<()>>,
-}
+pub(crate) struct Reaper(Periodic);
 
 impl Reaper {
     /// Starts the thread.
@@ -63,42 +58,22 @@ impl Reaper {
         submitter: Submitter,
         stats: Arc<StatsCells>,
     ) -> Result<Reaper> {
-        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
-        let handle = std::thread::Builder::new()
-            .name("idemstore-reaper".into())
-            .spawn(move || run(interval, &submitter, &stats, &stop_rx))
-            .map_err(|e| Error::storage("starting the reaper thread", e))?;
-        Ok(Reaper {
-            stop: Some(stop),
-            handle: Some(handle),
-        })
+        Periodic::spawn(
+            "idemstore-reaper",
+            "the reaper thread",
+            interval,
+            move |keep_going| {
+                if let Err(e) = reap_all(&submitter, &stats, || keep_going.now()) {
+                    bump(&stats.reap_errors, 1);
+                    tracing::error!(error = %e, "reaper pass failed; it retries at the next interval");
+                }
+            },
+        )
+        .map(Reaper)
     }
 
     /// Stops the thread (within one batch) and joins it.
     pub fn stop(&mut self) {
-        drop(self.stop.take());
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn run(interval: Duration, submitter: &Submitter, stats: &StatsCells, stop: &Receiver<()>) {
-    loop {
-        match stop.recv_timeout(interval) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-        }
-        let keep_going = || matches!(stop.try_recv(), Err(TryRecvError::Empty));
-        if let Err(e) = reap_all(submitter, stats, keep_going) {
-            bump(&stats.reap_errors, 1);
-            tracing::error!(error = %e, "reaper pass failed; it retries at the next interval");
-        }
+        self.0.stop();
     }
 }

@@ -10,13 +10,11 @@
 //! the log (plus what [`CHECK_EVERY`] adds).
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-
 use crate::config::Durability;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::periodic::Periodic;
 use crate::storage::Stored;
 
 /// How often the saver looks at the index.
@@ -37,10 +35,7 @@ pub(crate) fn due(len: usize, changes: Option<u64>) -> bool {
 }
 
 /// Handle of the saver thread; stopping it (or dropping the handle) joins the thread.
-pub(crate) struct Saver {
-    stop: Option<Sender<()>>,
-    handle: Option<JoinHandle<()>>,
-}
+pub(crate) struct Saver(Periodic);
 
 impl Saver {
     /// Starts the thread.
@@ -48,41 +43,22 @@ impl Saver {
     /// # Errors
     /// [`Error::Storage`] if the thread cannot be spawned.
     pub fn spawn(stored: Arc<Stored>) -> Result<Saver> {
-        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
-        let handle = std::thread::Builder::new()
-            .name("idemstore-index-saver".into())
-            .spawn(move || run(&stored, &stop_rx))
-            .map_err(|e| Error::storage("starting the key index's saver thread", e))?;
-        Ok(Saver {
-            stop: Some(stop),
-            handle: Some(handle),
-        })
+        Periodic::spawn(
+            "idemstore-index-saver",
+            "the key index's saver thread",
+            CHECK_EVERY,
+            move |_| {
+                if due(stored.index.len(), stored.changes_since_snapshot()) {
+                    save(&stored, Durability::Immediate, "from time to time");
+                }
+            },
+        )
+        .map(Saver)
     }
 
     /// Stops the thread (after the snapshot under way, if any) and joins it.
     pub fn stop(&mut self) {
-        drop(self.stop.take());
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Saver {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn run(stored: &Stored, stop: &Receiver<()>) {
-    loop {
-        match stop.recv_timeout(CHECK_EVERY) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-        }
-        if due(stored.index.len(), stored.changes_since_snapshot()) {
-            save(stored, Durability::Immediate, "from time to time");
-        }
+        self.0.stop();
     }
 }
 
