@@ -204,14 +204,7 @@ impl Statements {
                 list.join(","),
                 self.records
             );
-            for (i, key) in keys.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str("decode('");
-                push_hex(&mut text, key.as_ref());
-                text.push_str("', 'hex')");
-            }
+            push_key_list(&mut text, keys);
             text.push_str("); ");
         }
         let _ = write!(
@@ -407,14 +400,7 @@ impl Statements {
         }
         if !deleted.is_empty() {
             let _ = write!(text, "DELETE FROM {records} WHERE key IN (");
-            for (i, key) in deleted.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str("decode('");
-                push_hex(&mut text, key.as_ref());
-                text.push_str("', 'hex')");
-            }
+            push_key_list(&mut text, deleted);
             text.push_str("); ");
         }
         text.push_str("COMMIT");
@@ -553,6 +539,19 @@ fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<BigintRow<'a>>> {
         out.push((row.key, token, to_bigint(row.dies_at), row.record));
     }
     Ok(out)
+}
+
+/// Appends `keys` as a comma-separated list of `decode('<hex>', 'hex')` literals (for
+/// `key IN (…)`): nothing in the text is quoted from outside.
+fn push_key_list<K: AsRef<[u8]>>(text: &mut String, keys: &[K]) {
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str("decode('");
+        push_hex(text, key.as_ref());
+        text.push_str("', 'hex')");
+    }
 }
 
 /// Appends `bytes` as lowercase hexadecimal digits.
