@@ -548,20 +548,7 @@ fn a_killed_holder_is_taken_over_with_its_checkpoint_and_a_paused_one_is_fenced(
 
 /// The cluster's folder, or `None` after saying loudly that the test is skipped.
 fn cluster_dir() -> Option<String> {
-    match std::env::var("IDEMSTORE_PG_DIR") {
-        Ok(dir) if !dir.is_empty() => Some(dir),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "IDEMSTORE_PG_DIR is not set but CI=true: run the tests under .ci/pg run --"
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: IDEMSTORE_PG_DIR not set (run under .ci/pg run --): the server cannot be restarted"
-            );
-            None
-        }
-    }
+    idemstore_testkit::pg::cluster_env("IDEMSTORE_PG_DIR", "the server cannot be restarted")
 }
 
 /// What one replica under load reported.
