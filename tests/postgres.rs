@@ -241,6 +241,28 @@ fn a_pool_of_one_connection_is_refused() {
     );
 }
 
+/// The smallest pool: one connection is the writer's own, the other serves the reads, and a
+/// walk (the summary) still finds it free after the reads kept nothing.
+#[test]
+fn a_pool_of_two_serves_writes_reads_and_a_walk() {
+    let Some(db) = Db::new() else { return };
+    let store = db.open(db.builder().postgres_pool_size(2));
+    let fp = Fingerprint::of(b"p");
+    let Begin::Started(lease) = store.begin(&key("two"), &fp).unwrap() else {
+        panic!()
+    };
+    lease.complete(b"done").unwrap();
+    assert!(store.get(&key("two")).unwrap().is_some());
+    let started = std::time::Instant::now();
+    let summary = store.summary().unwrap();
+    assert_eq!(summary.completed, 1, "{summary:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the walk waited for a connection"
+    );
+    store.close().unwrap();
+}
+
 /// Connections the store keeps between calls (the readers' and the writers') are used without
 /// the pool's check: when the server ends them meanwhile, the next read and the next batch
 /// notice, run on a checked connection, and answer as if nothing happened.

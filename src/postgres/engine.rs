@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use postgres::{Client, Transaction};
+use postgres::Transaction;
 
-use super::error::{read_failed, write_failed};
-use super::pool::{Conn, Kept, Pool, connection, open_pool};
+use super::error::read_failed;
+use super::pipeline::Wire;
+use super::pool::{Kept, Pool, connection, open_pool, parse_conninfo};
 use super::schema::{Names, create_or_check};
-use super::sql::{Loaded, Statements, Upsert, clock_reading};
+use super::sql::{BatchStart, Loaded, Statements, Upsert, clock_reading};
 use crate::clock::Clock;
 use crate::committer::{self, BatchWriter, Command, Reaped, Tables};
 use crate::config::Settings;
@@ -27,10 +28,16 @@ use crate::record::{Record, entry_len, split_entry, write_entry};
 use crate::store::Visit;
 use crate::timeline::{Corrections, Stamp, representable};
 
-/// A store's database: its pool, its statements and its time.
+/// A store's database: its pool, its writers' connection settings, its statements and its
+/// time.
 pub(crate) struct PgStore {
+    /// The connections of the reads (and of the walk and the schema check at open).
     pool: Pool,
-    /// The connections reads keep between calls (the pool's half not used by writers).
+    /// How each writer connects (its own connection, outside the pool).
+    config: tokio_postgres::Config,
+    /// How many writers carry batches.
+    writers: u32,
+    /// The connections reads keep between calls.
     readers: Kept,
     statements: Statements,
     /// The clock given to the builder; `None`: the database server's clock.
@@ -62,11 +69,18 @@ impl PgStore {
                  writes, the others the reads), not {pool_size}"
             )));
         }
-        let pool = open_pool(conninfo, pool_size)?;
+        let config = parse_conninfo(conninfo)?;
+        // Half the connections (at least one) are the writers' own; the pool has the rest.
+        let writers = (pool_size / 2).max(1);
+        let pool = open_pool(&config, pool_size - writers)?;
         create_or_check(&mut *connection(&pool)?, &names)?;
-        let readers = Kept::new(usize::try_from(pool.max_size() - writers(&pool)).unwrap_or(0));
+        // The readers keep all but one of the pool's connections: a walk (which cannot run
+        // twice, so never on a kept connection) always finds one in the pool.
+        let readers = Kept::new(usize::try_from(pool.max_size() - 1).unwrap_or(0));
         Ok(PgStore {
             pool,
+            config,
+            writers,
             readers,
             statements: Statements::new(&names),
             clock,
@@ -219,9 +233,9 @@ fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Record> {
 pub(crate) struct PgWriter {
     store: Arc<PgStore>,
     settings: Settings,
-    /// The connection batches run on, kept between batches (a checkout from the pool costs
-    /// a round trip); dropped after a failure, so the next batch gets a checked one.
-    conn: RefCell<Option<Conn>>,
+    /// The writer's own connection, kept between batches; dropped after a failure, so the
+    /// next batch connects afresh.
+    conn: RefCell<Option<Wire>>,
 }
 
 impl PgWriter {
@@ -233,33 +247,23 @@ impl PgWriter {
         }
     }
 
-    /// Runs `batch` as one transaction on `conn`, in two round trips: `BEGIN`, the key locks
-    /// and after them the rows, tokens and time; the writes and `COMMIT`. (The synchronous
-    /// client cannot pipeline statements; a simple query carries several.)
+    /// Runs `batch` as one transaction on `wire`, in two round trips (see
+    /// [`Wire::start`] and [`Wire::finish`]).
     fn write_on(
         &self,
-        conn: &mut Conn,
+        wire: &mut Wire,
         batch: &mut [Command],
     ) -> std::result::Result<bool, Failed> {
-        let client: &mut Client = conn;
         let keys: Vec<Vec<u8>> = batch
             .iter()
             .filter_map(|c| c.key().map(<[u8]>::to_vec))
             .collect();
-        let written =
-            self.write_in(client, &keys, batch)?
-                .map_or(Ok(false), |text| {
-                    client.batch_execute(&text).map(|()| true).map_err(|e| {
-                        write_failed("writing and committing a batch in PostgreSQL", e)
-                    })
-                });
+        let written = self.write_in(wire, &keys, batch)?;
         if !matches!(written, Ok(true)) {
             // Nothing to keep (a clock the store cannot represent), or a failure before the
             // commit answered: rolled back. A connection that cannot roll back is broken,
-            // and the pool discards it.
-            let rolled_back = client
-                .batch_execute("ROLLBACK")
-                .map_err(|e| write_failed("rolling back a batch in PostgreSQL", e));
+            // and is dropped.
+            let rolled_back = wire.rollback();
             written.as_ref().map_err(|e| Failed::Writing(e.clone()))?;
             rolled_back.map_err(Failed::Writing)?;
         }
@@ -267,33 +271,31 @@ impl PgWriter {
     }
 
     /// Starts the batch's transaction (the locks first: the rows loaded, the tokens drawn
-    /// and the time read after them reflect every batch that held one of these keys before)
-    /// and applies the batch: returns the text that writes it and commits, or `None` when
-    /// nothing is to be committed.
+    /// and the time read after them reflect every batch that held one of these keys before),
+    /// applies the batch, and writes and commits it: `Ok(Ok(false))` when nothing was to be
+    /// committed, `Ok(Err(_))` for a failure after the start (the transaction is still open).
     fn write_in(
         &self,
-        client: &mut Client,
+        wire: &mut Wire,
         keys: &[Vec<u8>],
         batch: &mut [Command],
-    ) -> std::result::Result<Option<String>, Failed> {
-        let sql = &self.store.statements;
+    ) -> std::result::Result<Result<bool>, Failed> {
         let claims = batch.iter().filter(|c| c.is_claim()).count();
+        let ids = self.store.statements.lock_order(keys);
         // Only locks and reads so far: a failure here wrote nothing of the batch.
-        let start = sql
-            .start_batch(client, keys, claims)
-            .map_err(Failed::BeforeWriting)?;
-        self.apply(client, start, batch).map_err(Failed::Writing)
+        let start = match wire.start(keys, &ids, claims) {
+            Ok(start) => start,
+            Err(e) => {
+                let _ = wire.rollback();
+                return Err(Failed::BeforeWriting(e));
+            }
+        };
+        Ok(self.apply(wire, start, batch))
     }
 
-    /// Applies the batch to the rows `start` loaded: the text that writes it and commits, or
-    /// `None` when nothing is to be committed.
-    fn apply(
-        &self,
-        client: &mut Client,
-        start: super::sql::BatchStart,
-        batch: &mut [Command],
-    ) -> Result<Option<String>> {
-        let sql = &self.store.statements;
+    /// Applies the batch to the rows `start` loaded and writes and commits it; `false` when
+    /// nothing was to be committed.
+    fn apply(&self, wire: &mut Wire, start: BatchStart, batch: &mut [Command]) -> Result<bool> {
         let server_now = start.server_now;
         let now = match self.store.time(|| server_now) {
             Ok(now) => now,
@@ -303,13 +305,12 @@ impl PgWriter {
                 for command in batch.iter_mut() {
                     command.answer_without_writing(&e);
                 }
-                return Ok(None);
+                return Ok(false);
             }
             Err(e) => return Err(e),
         };
         let mut tables = PgTables {
-            tx: client,
-            sql,
+            wire,
             loaded: start.rows,
             tokens: start.tokens.into_iter(),
             written: HashMap::new(),
@@ -318,14 +319,9 @@ impl PgWriter {
         for command in batch.iter_mut() {
             committer::apply(&mut tables, command, now, &self.settings)?;
         }
-        tables.closing().map(Some)
+        tables.close()?;
+        Ok(true)
     }
-}
-
-/// How many writers (connections that carry batches) a store on `pool` has: half the pool,
-/// at least one.
-fn writers(pool: &Pool) -> u32 {
-    (pool.max_size() / 2).max(1)
 }
 
 /// How a batch failed: before anything of it was written (its first round trip only locks
@@ -344,53 +340,52 @@ impl Failed {
 }
 
 impl BatchWriter for PgWriter {
-    /// Half the pool's connections carry batches, each kept by a writer of its own (a
+    /// Half the store's connections carry batches, each the own connection of a writer (a
     /// caller that finds one free commits on it; a committer thread serves each otherwise);
-    /// the other half is for reads. So while one batch waits for
+    /// the other half is the readers' pool. So while one batch waits for
     /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
     /// transactions together, and the keys' locks order batches that share a key.
     fn siblings(&self) -> Vec<PgWriter> {
-        (1..writers(&self.store.pool))
+        (1..self.store.writers)
             .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
             .collect()
     }
 
     fn write(&self, batch: &mut [Command]) -> Result<bool> {
         let mut slot = self.conn.borrow_mut();
-        // The connection kept since the last batch was not checked by the pool since then:
-        // the server may have closed it meanwhile (a restart, an idle timeout). One the
-        // client already knows is closed is dropped; when the batch's first round trip
-        // fails on it (that one only locks and reads: nothing of the batch is written yet),
-        // the batch runs again on a connection from the pool, which checks it on checkout.
-        if let Some(mut conn) = slot.take().filter(|c| !c.is_closed()) {
-            match self.write_on(&mut conn, batch) {
+        // The connection kept since the last batch was not checked since then: the server
+        // may have closed it meanwhile (a restart, an idle timeout). One the client already
+        // knows is closed is dropped; when the batch's first round trip fails on it (that one
+        // only locks and reads: nothing of the batch is written yet), the batch runs again on
+        // a new connection.
+        if let Some(mut wire) = slot.take().filter(|w| !w.is_closed()) {
+            match self.write_on(&mut wire, batch) {
                 Err(Failed::BeforeWriting(e)) => tracing::debug!(
                     error = %e,
-                    "idemstore: the kept PostgreSQL connection failed; the batch runs on another one"
+                    "idemstore: the kept PostgreSQL connection failed; the batch runs on a new one"
                 ),
                 written => {
                     let written = written.map_err(Failed::into_error);
                     if written.is_ok() {
-                        *slot = Some(conn);
+                        *slot = Some(wire);
                     }
                     return written;
                 }
             }
         }
-        let mut conn = connection(&self.store.pool)?;
-        let written = self.write_on(&mut conn, batch).map_err(Failed::into_error);
+        let mut wire = Wire::connect(&self.store.config, &self.store.statements)?;
+        let written = self.write_on(&mut wire, batch).map_err(Failed::into_error);
         if written.is_ok() {
-            *slot = Some(conn);
+            *slot = Some(wire);
         }
         written
     }
 }
 
 /// A batch's view of the rows of its keys: loaded once after the locks, changed in memory,
-/// written back in two statements before the commit.
+/// written back before the commit.
 struct PgTables<'a> {
-    tx: &'a mut Client,
-    sql: &'a Statements,
+    wire: &'a mut Wire,
     /// The rows of the batch's keys as loaded (keys without a row are absent).
     loaded: HashMap<Vec<u8>, Loaded>,
     /// Tokens drawn for this batch (one per claim; more are drawn if ever needed).
@@ -403,9 +398,9 @@ struct PgTables<'a> {
 }
 
 impl PgTables<'_> {
-    /// The text that writes the batch's changes (every record put in one statement, every
-    /// deletion in another) and commits.
-    fn closing(self) -> Result<String> {
+    /// Writes the batch's changes (every record put in one statement, every deletion in
+    /// another) and commits.
+    fn close(self) -> Result<()> {
         let mut rows = Vec::new();
         let mut deleted = Vec::new();
         for (key, row) in &self.written {
@@ -419,7 +414,7 @@ impl PgTables<'_> {
                 None => deleted.push(key.as_slice()),
             }
         }
-        self.sql.write_and_commit(&rows, &deleted)
+        self.wire.finish(&rows, &deleted)
     }
 }
 
@@ -451,7 +446,7 @@ impl Tables for PgTables<'_> {
         match self.tokens.next() {
             Some(token) => Ok(token),
             None => {
-                let more = self.sql.next_tokens(self.tx, 1)?;
+                let more = self.wire.next_tokens(1)?;
                 more.first().copied().ok_or_else(|| {
                     Error::storage(
                         "drawing a fencing token from PostgreSQL",
@@ -465,7 +460,7 @@ impl Tables for PgTables<'_> {
     /// Deletes dead rows at once, in this batch's transaction. A key this batch also writes
     /// is written after the deletion (its new record stands).
     fn reap(&mut self, now: u64, limit: usize) -> Result<Reaped> {
-        let deleted = self.sql.reap(self.tx, now, limit)?;
+        let deleted = self.wire.reap(now, limit)?;
         for key in &deleted {
             self.loaded.remove(key);
         }

@@ -6,13 +6,16 @@
 //! - `sql`: the statements of a write batch (key locks, load, tokens, upsert, delete, the
 //!   server's clock), of the reads and of the reaper;
 //! - `pool`: the r2d2 connection pool, and the connections the readers keep;
+//! - `pipeline`: a writer's own connection, on which a batch's statements are sent together
+//!   (two round trips per batch);
 //! - `engine`: the store's side (reads, `complete_in`) and the committer's (a batch as one
-//!   transaction on a kept connection);
+//!   transaction on a writer's connection);
 //! - `error`: the client's errors as [`crate::Error`], and which of them leave a write's
 //!   outcome unknown or can be retried.
 
 pub(crate) mod engine;
 pub(crate) mod error;
+pub(crate) mod pipeline;
 pub(crate) mod pool;
 pub(crate) mod schema;
 pub(crate) mod sql;

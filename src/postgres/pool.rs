@@ -32,24 +32,17 @@ pub(crate) fn default_pool_size() -> u32 {
         .clamp(2, MAX_DEFAULT_POOL_SIZE)
 }
 
-/// Opens a pool of `size` connections to the database named by `conninfo` (a libpq-style
-/// `key=value` string or a `postgresql://` URL) and waits until all of them are connected.
-///
-/// Unless `conninfo` says otherwise, connecting times out after [`CONNECTION_TIMEOUT`] and the
-/// connections are named `idemstore` in `pg_stat_activity`. Each connection is checked with an
-/// empty query when it is checked out, so one the server closed while it sat idle (a restart,
-/// `pg_terminate_backend`) is replaced before a caller sees it; one that broke during a call is
-/// discarded when it is returned.
+/// The connection settings of `conninfo` (a libpq-style `key=value` string or a
+/// `postgresql://` URL), with idemstore's defaults where it says nothing: connecting times out
+/// after [`CONNECTION_TIMEOUT`], and the connections are named `idemstore` in
+/// `pg_stat_activity`.
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] for a malformed `conninfo` or a `size` of 0; [`Error::Storage`] when
-/// the connections cannot be opened in time (the server is unreachable, or refuses the user).
-pub(crate) fn open_pool(conninfo: &str, size: u32) -> Result<Pool> {
-    if size == 0 {
-        return Err(Error::config("the PostgreSQL pool size must be at least 1"));
-    }
-    let mut config: postgres::Config = conninfo.parse().map_err(|e| {
+/// [`Error::InvalidConfig`] for a malformed `conninfo` (the message names the bad part, never
+/// a password).
+pub(crate) fn parse_conninfo(conninfo: &str) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = conninfo.parse().map_err(|e| {
         // The parse error names the bad part; the string itself may hold a password.
         Error::config(format!(
             "the PostgreSQL connection string is malformed: {}",
@@ -62,7 +55,25 @@ pub(crate) fn open_pool(conninfo: &str, size: u32) -> Result<Pool> {
     if config.get_application_name().is_none() {
         config.application_name("idemstore");
     }
-    let manager = PostgresConnectionManager::new(config, NoTls);
+    Ok(config)
+}
+
+/// Opens a pool of `size` connections to the database of `config` and waits until all of
+/// them are connected.
+///
+/// Each connection is checked with an empty query when it is checked out, so one the server
+/// closed while it sat idle (a restart, `pg_terminate_backend`) is replaced before a caller
+/// sees it; one that broke during a call is discarded when it is returned.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] for a `size` of 0; [`Error::Storage`] when the connections cannot
+/// be opened in time (the server is unreachable, or refuses the user).
+pub(crate) fn open_pool(config: &tokio_postgres::Config, size: u32) -> Result<Pool> {
+    if size == 0 {
+        return Err(Error::config("the PostgreSQL pool size must be at least 1"));
+    }
+    let manager = PostgresConnectionManager::new(postgres::Config::from(config.clone()), NoTls);
     r2d2::Pool::builder()
         .max_size(size)
         .connection_timeout(CONNECTION_TIMEOUT)
@@ -223,24 +234,36 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_before_connecting() {
         assert!(matches!(
-            open_pool("host=127.0.0.1", 0),
+            open_pool(&parse_conninfo("host=127.0.0.1").unwrap(), 0),
             Err(Error::InvalidConfig { .. })
         ));
-        let e = open_pool("host=127.0.0.1 port=not-a-port password=hunter2", 1).unwrap_err();
+        let e = parse_conninfo("host=127.0.0.1 port=not-a-port password=hunter2").unwrap_err();
         assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
         assert!(e.to_string().contains("port"), "{e}");
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(matches!(
-            open_pool("postgresql://[bad", 1),
+            parse_conninfo("postgresql://[bad"),
             Err(Error::InvalidConfig { .. })
         ));
+    }
+
+    #[test]
+    fn idemstore_defaults_fill_what_the_conninfo_leaves_out() {
+        let config = parse_conninfo("host=127.0.0.1").unwrap();
+        assert_eq!(config.get_connect_timeout(), Some(&CONNECTION_TIMEOUT));
+        assert_eq!(config.get_application_name(), Some("idemstore"));
+        let config =
+            parse_conninfo("host=127.0.0.1 connect_timeout=3 application_name=shop").unwrap();
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(config.get_application_name(), Some("shop"));
     }
 
     #[test]
     fn an_unreachable_server_fails_the_open_in_bounded_time() {
         // Port 1 on loopback: nothing listens there, the connection is refused.
         let started = Instant::now();
-        let e = open_pool("host=127.0.0.1 port=1 user=nobody dbname=none", 1).unwrap_err();
+        let config = parse_conninfo("host=127.0.0.1 port=1 user=nobody dbname=none").unwrap();
+        let e = open_pool(&config, 1).unwrap_err();
         assert!(
             matches!(
                 e,

@@ -1,19 +1,17 @@
-//! The statements of a write batch, inside one transaction on one connection. The
-//! committer sends a batch as two simple queries ([`Statements::start_batch`], then
-//! [`Statements::write_and_commit`]: measured faster for a lone caller than prepared
-//! statements in four round trips); the single statements (typed parameters, one round trip
-//! each) serve `complete_in`:
+//! The texts of idemstore's statements for one schema, and the single statements (typed
+//! parameters, one round trip each) that serve `complete_in` and the tests. The committer's
+//! batches run the same texts as prepared statements, pipelined (see `pipeline`):
 //!
 //! 1. [`Statements::lock_keys`]: transaction advisory locks on the batch's keys, in
 //!    ascending order of their lock keys, so that batches on different replicas that share
 //!    keys wait for one another instead of deadlocking;
 //! 2. [`Statements::load`]: the keys' rows, read after the locks (a separate statement, so
 //!    its snapshot shows what the previous holder of each lock committed);
-//! 3. [`Statements::server_now`] and [`Statements::next_tokens`], also after the locks;
+//! 3. [`Statements::server_now`] and fresh fencing tokens, also after the locks;
 //! 4. [`Statements::upsert`] (and a deletion): the batch's writes;
 //! 5. `COMMIT`.
 //!
-//! The reaper runs [`Statements::reap`] in transactions of its own. Times and tokens are
+//! The reaper runs [`Statements::reap`] inside a batch. Times and tokens are
 //! `u64` on idemstore's side and `bigint` in the database: a token is at most `i64::MAX`
 //! (the sequence is a bigint), a time from the clock is below it (year 2262), and a death
 //! time beyond it (a record that never dies in practice) is stored as `i64::MAX`.
@@ -22,9 +20,9 @@ use std::collections::HashMap;
 
 use std::ops::ControlFlow;
 
+use postgres::GenericClient;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
-use postgres::{GenericClient, SimpleQueryMessage};
 
 use super::error::{read_failed, write_failed};
 use super::schema::{Names, lock_key};
@@ -54,7 +52,7 @@ pub(crate) struct Loaded {
 /// reading, not the transaction's start (`now()`), which may lie before the waits for locks.
 const NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000000000)::int8";
 
-/// What [`Statements::start_batch`] read after a batch's locks.
+/// What a batch's first round trip read after its locks.
 #[derive(Debug)]
 pub(crate) struct BatchStart {
     /// The rows of the batch's keys that have one.
@@ -69,16 +67,30 @@ pub(crate) struct BatchStart {
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
     schema: String,
-    /// The records table's qualified name, for the texts of a batch's start and end.
-    records: String,
-    /// The token sequence's name as a literal for `nextval`.
-    sequence: String,
-    lock: String,
-    load: String,
-    tokens: String,
-    upsert: String,
+    /// Locks on the lock keys `$1` (`int8[]`, sorted), in their order.
+    pub(crate) lock: String,
+    /// A lock on the one lock key `$1` (`int8`).
+    pub(crate) lock_one: String,
+    /// The rows (key, token, death time, record) of the keys `$1` (`bytea[]`) that have one.
+    pub(crate) load: String,
+    /// One row: the server's clock, a fresh fencing token when `$2` (`bool`) is true (else
+    /// NULL), and the token, death time and record of the key `$1` (`bytea`), NULL when it
+    /// has no row.
+    pub(crate) load_one: String,
+    /// `$1` (`int4`) fresh fencing tokens, one per row.
+    pub(crate) tokens: String,
+    /// One row: the server's clock and `$1` (`int4`) fresh fencing tokens as an `int8[]`.
+    pub(crate) clock_and_tokens: String,
+    /// Inserts or replaces the rows of the arrays `$1` (keys), `$2` (tokens), `$3` (death
+    /// times), `$4` (records); a key appears once.
+    pub(crate) upsert: String,
+    /// Inserts or replaces the row `$1` (key), `$2` (token), `$3` (death time), `$4` (record).
+    pub(crate) upsert_one: String,
+    /// Deletes the rows of the keys `$1` (`bytea[]`).
+    pub(crate) delete: String,
     now: String,
-    reap: String,
+    /// Deletes up to `$2` rows dead at `$1`, oldest first; returns their keys.
+    pub(crate) reap: String,
     read_one: String,
     walk: String,
     last_token: String,
@@ -93,23 +105,37 @@ impl Statements {
         // The sequence's name as an escape-string literal for `nextval` (backslashes and
         // single quotes doubled; read the same whatever `standard_conforming_strings` says).
         let sequence = format!("E'{}'", tokens.replace('\\', "\\\\").replace('\'', "''"));
+        const ON_CONFLICT: &str = "ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, \
+             dies_at = EXCLUDED.dies_at, record = EXCLUDED.record";
         Statements {
             schema: names.schema.clone(),
-            records: records.clone(),
-            sequence: sequence.clone(),
             // The array arrives sorted and without duplicates; a function scan of `unnest`
             // yields its elements in order, so the locks are taken in that order.
             lock: "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS u(k)".to_owned(),
+            lock_one: "SELECT pg_advisory_xact_lock($1::int8)".to_owned(),
             load: format!(
                 "SELECT key, token, dies_at, record FROM {records} WHERE key = ANY($1::bytea[])"
             ),
+            // `nextval` only runs when the CASE reaches it: a token is drawn only for a claim.
+            load_one: format!(
+                "SELECT {NOW}, CASE WHEN $2::bool THEN nextval({sequence}) END, \
+                 r.token, r.dies_at, r.record \
+                 FROM (SELECT $1::bytea AS key) AS one LEFT JOIN {records} AS r ON r.key = one.key"
+            ),
             tokens: format!("SELECT nextval({sequence}) FROM generate_series(1, $1::int4)"),
+            clock_and_tokens: format!(
+                "SELECT {NOW}, ARRAY(SELECT nextval({sequence}) FROM generate_series(1, $1::int4))"
+            ),
             upsert: format!(
                 "INSERT INTO {records} (key, token, dies_at, record) \
                  SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[]) \
-                 ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, \
-                 dies_at = EXCLUDED.dies_at, record = EXCLUDED.record"
+                 {ON_CONFLICT}"
             ),
+            upsert_one: format!(
+                "INSERT INTO {records} (key, token, dies_at, record) \
+                 VALUES ($1::bytea, $2::int8, $3::int8, $4::bytea) {ON_CONFLICT}"
+            ),
+            delete: format!("DELETE FROM {records} WHERE key = ANY($1::bytea[])"),
             now: format!("SELECT {NOW}"),
             // One statement, one snapshot: the subquery sees the snapshot taken when the
             // statement starts, and `clock_timestamp()` is read as the row is produced, so the
@@ -171,109 +197,6 @@ impl Statements {
         Ok(())
     }
 
-    /// Starts a batch's transaction in one round trip (a simple query of several
-    /// statements, each run after the one before it, with a snapshot of its own): `BEGIN`;
-    /// the key locks, as [`Statements::lock_keys`]; then, after the locks, the stored rows of
-    /// those of `keys` that have one, `claims` fresh fencing tokens (see
-    /// [`Statements::next_tokens`]) and the server's clock. The keys are written as
-    /// hexadecimal text decoded by the server, the lock keys and counts as integers: nothing
-    /// in the text is quoted from outside. The transaction stays open, also after an error
-    /// (the caller rolls it back).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token or death time, or an
-    /// answer not of the statements' shape. A server clock before 1970 is not an error here
-    /// but [`BatchStart::server_now`]'s.
-    pub(crate) fn start_batch<K: AsRef<[u8]>>(
-        &self,
-        tx: &mut impl GenericClient,
-        keys: &[K],
-        claims: usize,
-    ) -> Result<BatchStart> {
-        use std::fmt::Write as _;
-        let ids = self.lock_order(keys);
-        let mut text = String::from("BEGIN; ");
-        if !ids.is_empty() {
-            let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-            let _ = write!(
-                text,
-                "SELECT pg_advisory_xact_lock(k) FROM unnest('{{{}}}'::int8[]) AS u(k); \
-                 SELECT encode(key, 'hex'), token, dies_at, encode(record, 'hex') \
-                 FROM {} WHERE key IN (",
-                list.join(","),
-                self.records
-            );
-            push_key_list(&mut text, keys);
-            text.push_str("); ");
-        }
-        let _ = write!(
-            text,
-            "SELECT {NOW}, ARRAY(SELECT nextval({}) FROM generate_series(1, {claims}))::text",
-            self.sequence
-        );
-        let messages = tx
-            .simple_query(&text)
-            .map_err(|e| write_failed("starting a batch in PostgreSQL", e))?;
-        // The rows of each statement, in order: BEGIN, [locks, load,] clock and tokens.
-        let mut answers: Vec<Vec<postgres::SimpleQueryRow>> = vec![Vec::new()];
-        for message in messages {
-            match message {
-                SimpleQueryMessage::Row(row) => answers.last_mut().expect("one").push(row),
-                SimpleQueryMessage::CommandComplete(_) => answers.push(Vec::new()),
-                _ => {}
-            }
-        }
-        let expected = if ids.is_empty() { 2 } else { 4 };
-        let odd = || Error::corrupt("PostgreSQL answered a batch's start in an unexpected shape");
-        if answers.len() != expected + 1 {
-            return Err(odd());
-        }
-        let mut rows = HashMap::new();
-        if !ids.is_empty() {
-            for row in &answers[2] {
-                let field = |i: usize| row.get(i).ok_or_else(odd);
-                let bigint = |i: usize, what: &str| {
-                    field(i)?
-                        .parse::<i64>()
-                        .map_err(|_| odd())
-                        .and_then(|v| from_bigint(v, what))
-                };
-                let loaded = Loaded {
-                    token: bigint(1, "token")?,
-                    dies_at: bigint(2, "dies_at")?,
-                    record: from_hex(field(3)?).ok_or_else(odd)?,
-                };
-                rows.insert(from_hex(field(0)?).ok_or_else(odd)?, loaded);
-            }
-        }
-        let last = answers[expected - 1].first().ok_or_else(odd)?;
-        let now: i64 = last.get(0).and_then(|v| v.parse().ok()).ok_or_else(odd)?;
-        let list = last.get(1).ok_or_else(odd)?;
-        let list = list
-            .strip_prefix('{')
-            .and_then(|l| l.strip_suffix('}'))
-            .ok_or_else(odd)?;
-        let mut tokens = list
-            .split(',')
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                t.parse::<i64>()
-                    .map_err(|_| odd())
-                    .and_then(|v| from_bigint(v, "fencing token"))
-            })
-            .collect::<Result<Vec<u64>>>()?;
-        if tokens.len() != claims {
-            return Err(odd());
-        }
-        tokens.sort_unstable();
-        Ok(BatchStart {
-            rows,
-            tokens,
-            server_now: clock_reading(now),
-        })
-    }
-
     /// The stored rows of those of `keys` that have one, in one statement.
     ///
     /// # Errors
@@ -304,6 +227,9 @@ impl Statements {
             .collect()
     }
 
+    // The committer runs this text prepared on its writer's connection (`pipeline`);
+    // the tests run it here.
+    #[cfg(test)]
     /// `n` fresh fencing tokens from the sequence, ascending, in one statement.
     ///
     /// Call it after [`Statements::lock_keys`]: tokens must rise for every key. A token taken
@@ -361,52 +287,6 @@ impl Statements {
         Ok(())
     }
 
-    /// The text that ends a batch's transaction, in one round trip (a simple query): writes
-    /// `rows` (as [`Statements::upsert`]: a key's last row counts), deletes the rows of
-    /// `deleted`, and commits. Keys and records are written as hexadecimal text decoded by
-    /// the server, tokens and times as integers: nothing in the text is quoted from outside.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Corrupt`] for a token above `i64::MAX` (never drawn from the sequence).
-    pub(crate) fn write_and_commit<K: AsRef<[u8]>>(
-        &self,
-        rows: &[Upsert<'_>],
-        deleted: &[K],
-    ) -> Result<String> {
-        use std::fmt::Write as _;
-        let records = &self.records;
-        let mut text = String::new();
-        let rows = last_rows(rows)?;
-        if !rows.is_empty() {
-            let _ = write!(
-                text,
-                "INSERT INTO {records} (key, token, dies_at, record) VALUES "
-            );
-            for (i, (key, token, dies_at, record)) in rows.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str("(decode('");
-                push_hex(&mut text, key);
-                let _ = write!(text, "', 'hex'), {token}, {dies_at}, decode('");
-                push_hex(&mut text, record);
-                text.push_str("', 'hex'))");
-            }
-            text.push_str(
-                " ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, \
-                 dies_at = EXCLUDED.dies_at, record = EXCLUDED.record; ",
-            );
-        }
-        if !deleted.is_empty() {
-            let _ = write!(text, "DELETE FROM {records} WHERE key IN (");
-            push_key_list(&mut text, deleted);
-            text.push_str("); ");
-        }
-        text.push_str("COMMIT");
-        Ok(text)
-    }
-
     /// The database server's clock, in nanoseconds since 1970 (microsecond precision):
     /// `clock_timestamp()`, the time of this call, not the transaction's start (`now()`),
     /// which may lie before the waits for the locks.
@@ -421,6 +301,9 @@ impl Statements {
         clock_reading(row.get(0))
     }
 
+    // The committer runs this text prepared on its writer's connection (`pipeline`);
+    // the tests run it here.
+    #[cfg(test)]
     /// Deletes up to `limit` rows whose death time is at or before `now`, oldest first, and
     /// returns their keys. Safe on every replica at once: rows locked by another reaper or a
     /// batch are skipped, and a row no longer dead when it is locked is kept.
@@ -512,7 +395,7 @@ impl Statements {
 }
 
 /// A row to write with its numbers as bigints: key, token, death time, record.
-type BigintRow<'a> = (&'a [u8], i64, i64, &'a [u8]);
+pub(crate) type BigintRow<'a> = (&'a [u8], i64, i64, &'a [u8]);
 
 /// Each key's last row of `rows` (`ON CONFLICT DO UPDATE` refuses to touch a row twice), as
 /// key, token, death time and record, the numbers as bigints.
@@ -520,7 +403,7 @@ type BigintRow<'a> = (&'a [u8], i64, i64, &'a [u8]);
 /// # Errors
 ///
 /// [`Error::Corrupt`] for a token above `i64::MAX`.
-fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<BigintRow<'a>>> {
+pub(crate) fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<BigintRow<'a>>> {
     let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         last.insert(row.key, i);
@@ -541,41 +424,6 @@ fn last_rows<'a>(rows: &[Upsert<'a>]) -> Result<Vec<BigintRow<'a>>> {
     Ok(out)
 }
 
-/// Appends `keys` as a comma-separated list of `decode('<hex>', 'hex')` literals (for
-/// `key IN (…)`): nothing in the text is quoted from outside.
-fn push_key_list<K: AsRef<[u8]>>(text: &mut String, keys: &[K]) {
-    for (i, key) in keys.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        text.push_str("decode('");
-        push_hex(text, key.as_ref());
-        text.push_str("', 'hex')");
-    }
-}
-
-/// Appends `bytes` as lowercase hexadecimal digits.
-fn push_hex(text: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    text.reserve(2 * bytes.len());
-    for b in bytes {
-        text.push(DIGITS[usize::from(b >> 4)] as char);
-        text.push(DIGITS[usize::from(b & 15)] as char);
-    }
-}
-
-/// The bytes written as hexadecimal digits in `hex` (`None`: not such digits).
-fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let hex = hex.as_bytes();
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    hex.chunks(2)
-        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
-        .collect()
-}
-
 /// The server clock's reading in nanoseconds since 1970.
 pub(crate) fn clock_reading(nanos: i64) -> Result<u64> {
     u64::try_from(nanos).map_err(|_| Error::Clock {
@@ -584,11 +432,16 @@ pub(crate) fn clock_reading(nanos: i64) -> Result<u64> {
 }
 
 /// A time as a bigint: beyond `i64::MAX` (year 2262) stored as `i64::MAX`.
-fn to_bigint(nanos: u64) -> i64 {
+pub(crate) fn to_bigint(nanos: u64) -> i64 {
     i64::try_from(nanos).unwrap_or(i64::MAX)
 }
 
-fn from_bigint(value: i64, what: &str) -> Result<u64> {
+/// A stored bigint as a `u64`.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] for a negative value, named `what`.
+pub(crate) fn from_bigint(value: i64, what: &str) -> Result<u64> {
     u64::try_from(value)
         .map_err(|_| Error::corrupt(format!("a stored {what} is negative ({value})")))
 }
@@ -677,8 +530,7 @@ mod tests {
         sql.upsert(&mut tx, &[row(keys[1], 5, 500, b"rec-b2")])
             .unwrap();
         let doomed: Vec<&[u8]> = vec![keys[0], keys[2], keys[3]];
-        let delete = format!("DELETE FROM {} WHERE key = ANY($1::bytea[])", sql.records);
-        assert_eq!(tx.execute(delete.as_str(), &[&doomed]).unwrap(), 2);
+        assert_eq!(tx.execute(sql.delete.as_str(), &[&doomed]).unwrap(), 2);
         tx.commit().unwrap();
 
         // Another connection sees what was committed.
@@ -694,71 +546,6 @@ mod tests {
         assert!(sql.load::<&[u8]>(&mut tx, &[]).unwrap().is_empty());
         sql.upsert(&mut tx, &[]).unwrap();
         assert!(sql.next_tokens(&mut tx, 0).unwrap().is_empty());
-    }
-
-    #[test]
-    fn a_batch_starts_and_ends_in_one_round_trip_each() {
-        let Some((db, sql)) = opened() else { return };
-        let mut client = db.client();
-        // Bytes a quoted literal would have to escape: they travel as hexadecimal digits.
-        let keys: [&[u8]; 3] = [b"k'1\\", b"\0scope\0k-2", b"k-absent"];
-        let start = sql.start_batch(&mut client, &keys, 2).unwrap();
-        let second = start.tokens[1];
-        assert!(start.rows.is_empty());
-        assert_eq!(start.tokens.len(), 2);
-        assert!(start.tokens[0] < start.tokens[1]);
-        assert!(*start.server_now.as_ref().unwrap() > 1_600_000_000_000_000_000);
-        assert_eq!(held_locks_of(&mut client), sql.lock_order(&keys));
-        let record = (0..=255u8).collect::<Vec<u8>>();
-        let text = sql
-            .write_and_commit::<&[u8]>(
-                &[
-                    row(keys[0], start.tokens[0], 100, b"first"),
-                    row(keys[1], start.tokens[1], u64::MAX, &record),
-                    // A key written twice: its last row counts.
-                    row(keys[0], start.tokens[1], 200, &record),
-                ],
-                &[keys[2]],
-            )
-            .unwrap();
-        client.batch_execute(&text).unwrap();
-        assert!(
-            held_locks_of(&mut client).is_empty(),
-            "committed: locks gone"
-        );
-
-        let start = sql.start_batch(&mut client, &keys, 0).unwrap();
-        assert!(start.tokens.is_empty());
-        assert_eq!(start.rows.len(), 2);
-        assert_eq!(start.rows[keys[0]].token, second);
-        assert_eq!(start.rows[keys[0]].dies_at, 200);
-        assert_eq!(start.rows[keys[0]].record, record);
-        assert_eq!(start.rows[keys[1]].dies_at, i64::MAX as u64);
-        assert_eq!(start.rows[keys[1]].record, record);
-        let text = sql.write_and_commit::<&[u8]>(&[], &[keys[0]]).unwrap();
-        client.batch_execute(&text).unwrap();
-        let start = sql.start_batch::<&[u8]>(&mut client, &[], 1).unwrap();
-        assert_eq!(start.tokens.len(), 1);
-        client.batch_execute("ROLLBACK").unwrap();
-        let mut tx = client.transaction().unwrap();
-        let loaded = sql.load(&mut tx, &keys).unwrap();
-        assert_eq!(loaded.len(), 1, "keys[0] deleted, keys[1] kept");
-        assert!(loaded.contains_key(keys[1]));
-    }
-
-    /// The advisory locks `client`'s session holds (inside or outside its transaction).
-    fn held_locks_of(client: &mut postgres::Client) -> Vec<i64> {
-        client
-            .query(
-                "SELECT ((classid::int8 << 32) | objid::int8) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND objsubid = 1 AND granted \
-                 AND pid = pg_backend_pid() ORDER BY 1",
-                &[],
-            )
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
     }
 
     #[test]

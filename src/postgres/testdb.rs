@@ -7,7 +7,7 @@ use std::io::Write;
 
 use postgres::{Client, NoTls};
 
-use super::pool::{Pool, open_pool};
+use super::pool::{Pool, open_pool, parse_conninfo};
 use super::schema::{Names, quote_identifier};
 
 /// The cluster's conninfo, or `None` (after saying so loudly) when the tests must skip.
@@ -64,7 +64,11 @@ impl TestDb {
 
     /// A pool of `size` connections.
     pub(crate) fn pool(&self, size: u32) -> Pool {
-        open_pool(&self.conninfo, size).expect("open the pool")
+        open_pool(
+            &parse_conninfo(&self.conninfo).expect("a good conninfo"),
+            size,
+        )
+        .expect("open the pool")
     }
 
     /// The connection that drops the schema at the end, for checks and set-ups.

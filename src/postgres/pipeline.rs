@@ -1,0 +1,601 @@
+//! A writer's connection: the statements of a batch sent together (pipelined), so that a
+//! batch takes two round trips whatever it holds.
+//!
+//! The synchronous `postgres` client waits for each statement's answer before it sends the
+//! next, and a simple query of several statements is parsed and planned by the server on
+//! every call. A writer therefore talks through `tokio-postgres` on a current-thread runtime
+//! of its own, driven only while the writer's thread waits in [`Wire`]'s calls (never from
+//! inside another runtime: the committer's threads and the callers that lead a batch are
+//! plain threads or tokio's blocking pool). Its statements are prepared once per
+//! connection; the server plans them once and runs them with binary parameters.
+//!
+//! A batch's first round trip is `BEGIN`, the key locks, and after the locks the keys' rows,
+//! the fencing tokens for its claims and the server's clock. Nothing of the batch is written
+//! in it. Its second round trip is the writes and `COMMIT`. A batch of one key (the lone
+//! caller's) runs statements for one key, which the server runs faster than the array forms.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::future::{try_join, try_join3, try_join4};
+use postgres::types::{ToSql, Type};
+use tokio::runtime::Runtime;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::error::write_failed;
+use super::sql::{BatchStart, Loaded, Statements, Upsert, clock_reading, from_bigint, last_rows};
+use crate::error::{Error, Result};
+
+/// A parameter of a statement.
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// How long closing a writer's connection waits for the server to see it go.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A writer's own connection, with its runtime and its prepared statements.
+pub(crate) struct Wire {
+    runtime: Runtime,
+    client: Option<Client>,
+    /// The task that drives the connection (it ends when the client is dropped).
+    driver: tokio::task::JoinHandle<()>,
+    prepared: Prepared,
+}
+
+/// The statements a writer runs, prepared on its connection.
+struct Prepared {
+    begin: Statement,
+    commit: Statement,
+    rollback: Statement,
+    lock: Statement,
+    lock_one: Statement,
+    load: Statement,
+    load_one: Statement,
+    tokens: Statement,
+    clock_and_tokens: Statement,
+    upsert: Statement,
+    upsert_one: Statement,
+    delete: Statement,
+    reap: Statement,
+}
+
+impl Wire {
+    /// Connects to the database of `config` and prepares the statements of `sql`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] (nothing was written) when the server cannot be reached in the
+    /// config's connect timeout, or refuses the connection or a statement.
+    pub(crate) fn connect(config: &tokio_postgres::Config, sql: &Statements) -> Result<Wire> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| {
+                Error::storage("starting the runtime of a PostgreSQL writer connection", e)
+            })?;
+        let fail = |e| connect_failed("connecting a writer to PostgreSQL", e);
+        let (client, connection) = runtime.block_on(config.connect(NoTls)).map_err(fail)?;
+        let driver = runtime.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "idemstore: a PostgreSQL writer connection ended");
+            }
+        });
+        let prepared = runtime
+            .block_on(async {
+                // Every statement of a batch finds its rows through an index (the key's, or the
+                // death time's for the reaper). A plan the server caches for a prepared
+                // statement while the table is small would scan it whole instead (cheaper
+                // then), and keep doing so as the table grows until the next ANALYZE: measured,
+                // that cut 64 callers' throughput to a third in some runs.
+                client.batch_execute("SET enable_seqscan = off").await?;
+                Prepared::new(&client, sql).await
+            })
+            .map_err(|e| connect_failed("preparing a writer's statements in PostgreSQL", e))?;
+        Ok(Wire {
+            runtime,
+            client: Some(client),
+            driver,
+            prepared,
+        })
+    }
+
+    fn client(&self) -> &Client {
+        self.client.as_ref().expect("the client lives until drop")
+    }
+
+    /// Whether the connection is known to be closed (the server ended it, or a call broke).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client().is_closed()
+    }
+
+    /// A batch's first round trip: `BEGIN`, the locks on `keys` (`lock_ids` as
+    /// [`Statements::lock_order`] gives them), then the keys' rows, `claims` fresh tokens and
+    /// the server's clock. The transaction stays open, also after an error (the caller rolls
+    /// it back).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] (nothing of the batch was written); [`Error::Corrupt`] for a negative
+    /// token or death time.
+    pub(crate) fn start(
+        &mut self,
+        keys: &[Vec<u8>],
+        lock_ids: &[i64],
+        claims: usize,
+    ) -> Result<BatchStart> {
+        let one_key = keys.first().filter(|k| keys.iter().all(|o| o == *k));
+        match one_key {
+            Some(key) if claims <= 1 && lock_ids.len() == 1 => {
+                self.start_one(key, lock_ids[0], claims == 1)
+            }
+            _ => self.start_many(keys, lock_ids, claims),
+        }
+    }
+
+    fn start_one(&mut self, key: &[u8], lock_id: i64, claim: bool) -> Result<BatchStart> {
+        let (c, p) = (self.client(), &self.prepared);
+        let lock: [Param<'_>; 1] = [&lock_id];
+        let load: [Param<'_>; 2] = [&key, &claim];
+        let (_, _, row) = self
+            .runtime
+            .block_on(try_join3(
+                c.execute(&p.begin, &[]),
+                c.execute(&p.lock_one, &lock),
+                c.query_one(&p.load_one, &load),
+            ))
+            .map_err(|e| write_failed("starting a batch in PostgreSQL", e))?;
+        let now: i64 = row.get(0);
+        let token: Option<i64> = row.get(1);
+        let tokens = token
+            .map(|t| from_bigint(t, "fencing token"))
+            .into_iter()
+            .collect::<Result<Vec<u64>>>()?;
+        let mut rows = HashMap::new();
+        let stored: (Option<i64>, Option<i64>, Option<Vec<u8>>) =
+            (row.get(2), row.get(3), row.get(4));
+        match stored {
+            (Some(token), Some(dies_at), Some(record)) => {
+                let loaded = Loaded {
+                    token: from_bigint(token, "token")?,
+                    dies_at: from_bigint(dies_at, "dies_at")?,
+                    record,
+                };
+                rows.insert(key.to_vec(), loaded);
+            }
+            (None, None, None) => {}
+            _ => {
+                return Err(Error::corrupt(
+                    "PostgreSQL answered a batch's start in an unexpected shape",
+                ));
+            }
+        }
+        check_tokens(&tokens, usize::from(claim))?;
+        Ok(BatchStart {
+            rows,
+            tokens,
+            server_now: clock_reading(now),
+        })
+    }
+
+    fn start_many(
+        &mut self,
+        keys: &[Vec<u8>],
+        lock_ids: &[i64],
+        claims: usize,
+    ) -> Result<BatchStart> {
+        let (c, p) = (self.client(), &self.prepared);
+        let count = i32::try_from(claims).map_err(|_| {
+            Error::config(format!("{claims} fencing tokens asked for in one batch"))
+        })?;
+        let key_list: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let lock: [Param<'_>; 1] = [&lock_ids];
+        let load: [Param<'_>; 1] = [&key_list];
+        let clock: [Param<'_>; 1] = [&count];
+        let fail = |e| write_failed("starting a batch in PostgreSQL", e);
+        let (loaded, clock) = if keys.is_empty() {
+            let (_, clock) = self
+                .runtime
+                .block_on(try_join(
+                    c.execute(&p.begin, &[]),
+                    c.query_one(&p.clock_and_tokens, &clock),
+                ))
+                .map_err(fail)?;
+            (Vec::new(), clock)
+        } else {
+            let (_, _, loaded, clock) = self
+                .runtime
+                .block_on(try_join4(
+                    c.execute(&p.begin, &[]),
+                    c.execute(&p.lock, &lock),
+                    c.query(&p.load, &load),
+                    c.query_one(&p.clock_and_tokens, &clock),
+                ))
+                .map_err(fail)?;
+            (loaded, clock)
+        };
+        let mut rows = HashMap::with_capacity(loaded.len());
+        for row in &loaded {
+            let loaded = Loaded {
+                token: from_bigint(row.get(1), "token")?,
+                dies_at: from_bigint(row.get(2), "dies_at")?,
+                record: row.get(3),
+            };
+            rows.insert(row.get::<_, Vec<u8>>(0), loaded);
+        }
+        let now: i64 = clock.get(0);
+        let mut tokens = clock
+            .get::<_, Vec<i64>>(1)
+            .into_iter()
+            .map(|t| from_bigint(t, "fencing token"))
+            .collect::<Result<Vec<u64>>>()?;
+        tokens.sort_unstable();
+        check_tokens(&tokens, claims)?;
+        Ok(BatchStart {
+            rows,
+            tokens,
+            server_now: clock_reading(now),
+        })
+    }
+
+    /// A batch's second round trip: writes `rows` (a key's last row counts), deletes the
+    /// rows of `deleted`, and commits.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`], its outcome unknown unless the server's answer shows nothing was
+    /// committed; [`Error::Corrupt`] for a token above `i64::MAX` (never drawn from the
+    /// sequence).
+    pub(crate) fn finish(&mut self, rows: &[Upsert<'_>], deleted: &[&[u8]]) -> Result<()> {
+        let rows = last_rows(rows)?;
+        let (c, p) = (self.client(), &self.prepared);
+        let fail = |e| write_failed("writing and committing a batch in PostgreSQL", e);
+        if let ([(key, token, dies_at, record)], []) = (rows.as_slice(), deleted) {
+            let row: [Param<'_>; 4] = [key, token, dies_at, record];
+            self.runtime
+                .block_on(try_join(
+                    c.execute(&p.upsert_one, &row),
+                    c.execute(&p.commit, &[]),
+                ))
+                .map_err(fail)?;
+            return Ok(());
+        }
+        let keys: Vec<&[u8]> = rows.iter().map(|r| r.0).collect();
+        let tokens: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let deaths: Vec<i64> = rows.iter().map(|r| r.2).collect();
+        let records: Vec<&[u8]> = rows.iter().map(|r| r.3).collect();
+        let upsert: [Param<'_>; 4] = [&keys, &tokens, &deaths, &records];
+        let delete: [Param<'_>; 1] = [&deleted];
+        let write = async {
+            if !rows.is_empty() {
+                c.execute(&p.upsert, &upsert).await?;
+            }
+            Ok::<_, postgres::Error>(())
+        };
+        let remove = async {
+            if !deleted.is_empty() {
+                c.execute(&p.delete, &delete).await?;
+            }
+            Ok::<_, postgres::Error>(())
+        };
+        // Joined, the three are sent together, in this order.
+        self.runtime
+            .block_on(try_join3(write, remove, c.execute(&p.commit, &[])))
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    /// Ends the open transaction without committing it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]: the connection is broken (the server rolls the transaction back
+    /// when the session ends).
+    pub(crate) fn rollback(&mut self) -> Result<()> {
+        let (c, p) = (self.client(), &self.prepared);
+        self.runtime
+            .block_on(c.execute(&p.rollback, &[]))
+            .map_err(|e| write_failed("rolling back a batch in PostgreSQL", e))?;
+        Ok(())
+    }
+
+    /// `n` more fresh fencing tokens, ascending, inside the open transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token.
+    pub(crate) fn next_tokens(&mut self, n: usize) -> Result<Vec<u64>> {
+        let count = i32::try_from(n)
+            .map_err(|_| Error::config(format!("{n} fencing tokens asked for in one batch")))?;
+        let (c, p) = (self.client(), &self.prepared);
+        let params: [Param<'_>; 1] = [&count];
+        let rows = self
+            .runtime
+            .block_on(c.query(&p.tokens, &params))
+            .map_err(|e| write_failed("drawing fencing tokens from PostgreSQL", e))?;
+        let mut tokens = rows
+            .iter()
+            .map(|row| from_bigint(row.get(0), "fencing token"))
+            .collect::<Result<Vec<u64>>>()?;
+        tokens.sort_unstable();
+        check_tokens(&tokens, n)?;
+        Ok(tokens)
+    }
+
+    /// Deletes up to `limit` rows dead at `now`, oldest first, inside the open transaction,
+    /// and returns their keys (as [`Statements::reap`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`].
+    pub(crate) fn reap(&mut self, now: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = super::sql::to_bigint(now);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (c, p) = (self.client(), &self.prepared);
+        let params: [Param<'_>; 2] = [&now, &limit];
+        let rows = self
+            .runtime
+            .block_on(c.query(&p.reap, &params))
+            .map_err(|e| write_failed("reaping dead records in PostgreSQL", e))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+impl Drop for Wire {
+    /// Closes the connection: the client's end makes the driver tell the server and finish,
+    /// waited for at most [`CLOSE_TIMEOUT`].
+    fn drop(&mut self) {
+        drop(self.client.take());
+        let driver = &mut self.driver;
+        let _ = self
+            .runtime
+            .block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, driver).await });
+    }
+}
+
+impl Prepared {
+    async fn new(c: &Client, sql: &Statements) -> std::result::Result<Prepared, postgres::Error> {
+        use Type as T;
+        Ok(Prepared {
+            begin: c.prepare("BEGIN").await?,
+            commit: c.prepare("COMMIT").await?,
+            rollback: c.prepare("ROLLBACK").await?,
+            lock: c.prepare_typed(&sql.lock, &[T::INT8_ARRAY]).await?,
+            lock_one: c.prepare_typed(&sql.lock_one, &[T::INT8]).await?,
+            load: c.prepare_typed(&sql.load, &[T::BYTEA_ARRAY]).await?,
+            load_one: c.prepare_typed(&sql.load_one, &[T::BYTEA, T::BOOL]).await?,
+            tokens: c.prepare_typed(&sql.tokens, &[T::INT4]).await?,
+            clock_and_tokens: c.prepare_typed(&sql.clock_and_tokens, &[T::INT4]).await?,
+            upsert: c
+                .prepare_typed(
+                    &sql.upsert,
+                    &[T::BYTEA_ARRAY, T::INT8_ARRAY, T::INT8_ARRAY, T::BYTEA_ARRAY],
+                )
+                .await?,
+            upsert_one: c
+                .prepare_typed(&sql.upsert_one, &[T::BYTEA, T::INT8, T::INT8, T::BYTEA])
+                .await?,
+            delete: c.prepare_typed(&sql.delete, &[T::BYTEA_ARRAY]).await?,
+            reap: c.prepare_typed(&sql.reap, &[T::INT8, T::INT8]).await?,
+        })
+    }
+}
+
+/// A failure to open a writer's connection: nothing was written, whatever the error says.
+fn connect_failed(context: &str, e: postgres::Error) -> Error {
+    super::error::read_failed(context, e)
+}
+
+/// `tokens` must be `wanted` many.
+fn check_tokens(tokens: &[u64], wanted: usize) -> Result<()> {
+    if tokens.len() == wanted {
+        Ok(())
+    } else {
+        Err(Error::corrupt(format!(
+            "PostgreSQL handed out {} fencing tokens where {wanted} were asked for",
+            tokens.len()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::postgres::pool::parse_conninfo;
+    use crate::postgres::schema::create_or_check;
+    use crate::postgres::testdb::TestDb;
+
+    /// A test schema with idemstore's objects, its statements and a writer's connection
+    /// named `name` in `pg_stat_activity`.
+    fn opened(name: &str) -> Option<(TestDb, Statements, Wire)> {
+        let db = TestDb::new()?;
+        create_or_check(&mut db.client(), &db.names).unwrap();
+        let sql = Statements::new(&db.names);
+        let config = parse_conninfo(&format!("{} application_name={name}", db.conninfo)).unwrap();
+        let wire = Wire::connect(&config, &sql).unwrap();
+        Some((db, sql, wire))
+    }
+
+    fn row<'a>(key: &'a [u8], token: u64, dies_at: u64, record: &'a [u8]) -> Upsert<'a> {
+        Upsert {
+            key,
+            token,
+            dies_at,
+            record,
+        }
+    }
+
+    fn start(wire: &mut Wire, sql: &Statements, keys: &[&[u8]], claims: usize) -> BatchStart {
+        let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        wire.start(&keys, &sql.lock_order(&keys), claims).unwrap()
+    }
+
+    /// Whether another session can take the lock of `key` (it then lets it go at once).
+    fn lock_is_free(db: &TestDb, sql: &Statements, key: &[u8]) -> bool {
+        let id = sql.lock_order(&[key])[0];
+        let mut other = db.client();
+        let free: bool = other
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&id])
+            .unwrap()
+            .get(0);
+        if free {
+            other
+                .execute("SELECT pg_advisory_unlock($1)", &[&id])
+                .unwrap();
+        }
+        free
+    }
+
+    /// The committed rows of `keys`, read on another connection.
+    fn committed(db: &TestDb, sql: &Statements, keys: &[&[u8]]) -> HashMap<Vec<u8>, Loaded> {
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        sql.load(&mut tx, keys).unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_one_key_locks_loads_claims_writes_and_commits() {
+        let Some((db, sql, mut wire)) = opened("wire_one") else {
+            return;
+        };
+        let key: &[u8] = b"\0scope\0k'1\\";
+        let first = start(&mut wire, &sql, &[key], 1);
+        assert!(first.rows.is_empty());
+        assert_eq!(first.tokens.len(), 1);
+        assert!(*first.server_now.as_ref().unwrap() > 1_600_000_000_000_000_000);
+        assert!(
+            !lock_is_free(&db, &sql, key),
+            "the batch holds the key's lock"
+        );
+        let record: Vec<u8> = (0..=255u8).collect();
+        wire.finish(&[row(key, first.tokens[0], 100, &record)], &[])
+            .unwrap();
+        assert!(lock_is_free(&db, &sql, key), "committed: the lock is gone");
+        let rows = committed(&db, &sql, &[key]);
+        assert_eq!(rows[key].token, first.tokens[0]);
+        assert_eq!(rows[key].record, record);
+
+        // Without a claim no token is drawn; the row is loaded.
+        let second = start(&mut wire, &sql, &[key, key], 0);
+        assert!(second.tokens.is_empty());
+        assert_eq!(second.rows[key].dies_at, 100);
+        assert_eq!(second.rows[key].record, record);
+        wire.finish(&[], &[key]).unwrap();
+        assert!(committed(&db, &sql, &[key]).is_empty(), "deleted");
+        // A claim after that gets a larger token.
+        let third = start(&mut wire, &sql, &[key], 1);
+        assert!(third.tokens[0] > first.tokens[0]);
+        wire.rollback().unwrap();
+        assert!(
+            lock_is_free(&db, &sql, key),
+            "rolled back: the lock is gone"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_many_keys_writes_each_keys_last_row_and_deletes() {
+        let Some((db, sql, mut wire)) = opened("wire_many") else {
+            return;
+        };
+        let keys: [&[u8]; 3] = [b"k-a", b"k-b", b"k-c"];
+        let start1 = start(&mut wire, &sql, &keys, 2);
+        assert_eq!(start1.tokens.len(), 2);
+        assert!(start1.tokens[0] < start1.tokens[1]);
+        for key in keys {
+            assert!(!lock_is_free(&db, &sql, key));
+        }
+        wire.finish(
+            &[
+                row(keys[0], start1.tokens[0], 10, b"a1"),
+                row(keys[1], start1.tokens[1], u64::MAX, b"b"),
+                row(keys[2], start1.tokens[1], 30, b"c"),
+                // A key written twice: its last row counts.
+                row(keys[0], start1.tokens[1], 20, b"a2"),
+            ],
+            &[],
+        )
+        .unwrap();
+        let rows = committed(&db, &sql, &keys);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[keys[0]].record, b"a2");
+        assert_eq!(rows[keys[0]].dies_at, 20);
+        // A death time past year 2262 is kept as bigint's largest.
+        assert_eq!(rows[keys[1]].dies_at, i64::MAX as u64);
+
+        let start2 = start(&mut wire, &sql, &keys, 0);
+        assert_eq!(start2.rows.len(), 3);
+        assert!(start2.tokens.is_empty());
+        wire.finish(&[row(keys[1], 9, 90, b"b2")], &[keys[0], keys[2]])
+            .unwrap();
+        let rows = committed(&db, &sql, &keys);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[keys[1]].record, b"b2");
+
+        // A batch without keys (the reaper's) draws tokens and reads the clock only.
+        let start3 = start(&mut wire, &sql, &[], 1);
+        assert!(start3.rows.is_empty());
+        assert_eq!(start3.tokens.len(), 1);
+        assert_eq!(wire.next_tokens(2).unwrap().len(), 2);
+        assert_eq!(wire.reap(100, 10).unwrap(), vec![keys[1].to_vec()]);
+        wire.finish(&[], &[]).unwrap();
+        assert!(committed(&db, &sql, &keys).is_empty(), "reaped");
+    }
+
+    #[test]
+    fn a_failed_batch_rolls_back_and_the_connection_goes_on() {
+        let Some((db, sql, mut wire)) = opened("wire_failed") else {
+            return;
+        };
+        let key: &[u8] = b"k";
+        start(&mut wire, &sql, &[key], 1);
+        // A token that does not fit a bigint is refused before anything is sent.
+        let e = wire
+            .finish(&[row(key, u64::MAX, 1, b"r")], &[])
+            .unwrap_err();
+        assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+        wire.rollback().unwrap();
+        assert!(committed(&db, &sql, &[key]).is_empty());
+        let started = start(&mut wire, &sql, &[key], 1);
+        wire.finish(&[row(key, started.tokens[0], 1, b"r")], &[])
+            .unwrap();
+        assert_eq!(committed(&db, &sql, &[key])[key].record, b"r");
+    }
+
+    #[test]
+    fn a_connection_the_server_ended_fails_the_next_call() {
+        let Some((mut db, sql, mut wire)) = opened("wire_ended") else {
+            return;
+        };
+        assert!(!wire.is_closed());
+        let ended: i64 = db
+            .admin()
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = 'wire_ended'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(ended, 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let keys = vec![b"k".to_vec()];
+        loop {
+            match wire.start(&keys, &sql.lock_order(&keys), 1) {
+                Err(e) => {
+                    assert!(matches!(e, Error::Storage { .. }), "{e:?}");
+                    return;
+                }
+                Ok(_) => {
+                    // The server had not ended the session yet.
+                    wire.rollback().unwrap();
+                    assert!(Instant::now() < deadline, "the session was not ended");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
