@@ -34,7 +34,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A writer's own connection, with its runtime and its prepared statements.
 pub(crate) struct Wire {
-    runtime: Runtime,
+    /// Taken only by `drop`.
+    runtime: Option<Runtime>,
     client: Option<Client>,
     /// The task that drives the connection (it ends when the client is dropped).
     driver: tokio::task::JoinHandle<()>,
@@ -92,11 +93,15 @@ impl Wire {
             })
             .map_err(|e| connect_failed("preparing a writer's statements in PostgreSQL", e))?;
         Ok(Wire {
-            runtime,
+            runtime: Some(runtime),
             client: Some(client),
             driver,
             prepared,
         })
+    }
+
+    fn runtime(&self) -> &Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
     }
 
     fn client(&self) -> &Client {
@@ -137,7 +142,7 @@ impl Wire {
         let lock: [Param<'_>; 1] = [&lock_id];
         let load: [Param<'_>; 2] = [&key, &claim];
         let (_, _, row) = self
-            .runtime
+            .runtime()
             .block_on(try_join3(
                 c.execute(&p.begin, &[]),
                 c.execute(&p.lock_one, &lock),
@@ -194,7 +199,7 @@ impl Wire {
         let fail = |e| write_failed("starting a batch in PostgreSQL", e);
         let (loaded, clock) = if keys.is_empty() {
             let (_, clock) = self
-                .runtime
+                .runtime()
                 .block_on(try_join(
                     c.execute(&p.begin, &[]),
                     c.query_one(&p.clock_and_tokens, &clock),
@@ -203,7 +208,7 @@ impl Wire {
             (Vec::new(), clock)
         } else {
             let (_, _, loaded, clock) = self
-                .runtime
+                .runtime()
                 .block_on(try_join4(
                     c.execute(&p.begin, &[]),
                     c.execute(&p.lock, &lock),
@@ -251,7 +256,7 @@ impl Wire {
         let fail = |e| write_failed("writing and committing a batch in PostgreSQL", e);
         if let ([(key, token, dies_at, record)], []) = (rows.as_slice(), deleted) {
             let row: [Param<'_>; 4] = [key, token, dies_at, record];
-            self.runtime
+            self.runtime()
                 .block_on(try_join(
                     c.execute(&p.upsert_one, &row),
                     c.execute(&p.commit, &[]),
@@ -278,7 +283,7 @@ impl Wire {
             Ok::<_, postgres::Error>(())
         };
         // Joined, the three are sent together, in this order.
-        self.runtime
+        self.runtime()
             .block_on(try_join3(write, remove, c.execute(&p.commit, &[])))
             .map_err(fail)?;
         Ok(())
@@ -292,7 +297,7 @@ impl Wire {
     /// when the session ends).
     pub(crate) fn rollback(&mut self) -> Result<()> {
         let (c, p) = (self.client(), &self.prepared);
-        self.runtime
+        self.runtime()
             .block_on(c.execute(&p.rollback, &[]))
             .map_err(|e| write_failed("rolling back a batch in PostgreSQL", e))?;
         Ok(())
@@ -309,7 +314,7 @@ impl Wire {
         let (c, p) = (self.client(), &self.prepared);
         let params: [Param<'_>; 1] = [&count];
         let rows = self
-            .runtime
+            .runtime()
             .block_on(c.query(&p.tokens, &params))
             .map_err(|e| write_failed("drawing fencing tokens from PostgreSQL", e))?;
         let mut tokens = rows
@@ -336,7 +341,7 @@ impl Wire {
         let (c, p) = (self.client(), &self.prepared);
         let params: [Param<'_>; 2] = [&now, &limit];
         let rows = self
-            .runtime
+            .runtime()
             .block_on(c.query(&p.reap, &params))
             .map_err(|e| write_failed("reaping dead records in PostgreSQL", e))?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
@@ -345,13 +350,20 @@ impl Wire {
 
 impl Drop for Wire {
     /// Closes the connection: the client's end makes the driver tell the server and finish,
-    /// waited for at most [`CLOSE_TIMEOUT`].
+    /// waited for at most [`CLOSE_TIMEOUT`]. Inside another runtime's task (a store dropped
+    /// by async code) nothing may block: the runtime is shut down without waiting, and the
+    /// server sees the connection end when its socket closes.
     fn drop(&mut self) {
         drop(self.client.take());
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            runtime.shutdown_background();
+            return;
+        }
         let driver = &mut self.driver;
-        let _ = self
-            .runtime
-            .block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, driver).await });
+        let _ = runtime.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, driver).await });
     }
 }
 
@@ -596,6 +608,35 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_connection_dropped_by_async_code_closes_without_blocking() {
+        let Some((mut db, _sql, wire)) = opened("wire_async_drop") else {
+            return;
+        };
+        let outer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Blocking inside a task panics; the drop must not block.
+        outer.block_on(async move { drop(wire) });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: i64 = db
+                .admin()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'wire_async_drop'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the session was not closed");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
