@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use postgres::Transaction;
 
+use super::error::pool_failed;
 use super::error::read_failed;
-use super::pipeline::Wire;
+use super::pipeline::{Wire, WireManager, WirePool};
 use super::pool::{Kept, Pool, connection, open_pool, parse_conninfo};
 use super::schema::{Names, create_or_check};
 use super::sql::{BatchStart, Loaded, Statements, Upsert, clock_reading};
@@ -33,10 +34,8 @@ use crate::timeline::{Corrections, Stamp, representable};
 pub(crate) struct PgStore {
     /// The connections of the reads (and of the walk and the schema check at open).
     pool: Pool,
-    /// How each writer connects (its own connection, outside the pool).
-    config: tokio_postgres::Config,
-    /// How many writers carry batches.
-    writers: u32,
+    /// The writers' connections, one per writer.
+    writers: WirePool,
     /// The connections reads keep between calls.
     readers: Kept,
     statements: Statements,
@@ -74,15 +73,22 @@ impl PgStore {
         let writers = (pool_size / 2).max(1);
         let pool = open_pool(&config, pool_size - writers)?;
         create_or_check(&mut *connection(&pool)?, &names)?;
+        let statements = Statements::new(&names);
+        let writers = super::pool::build(
+            WireManager {
+                config,
+                statements: statements.clone(),
+            },
+            writers,
+        )?;
         // The readers keep all but one of the pool's connections: a walk (which cannot run
         // twice, so never on a kept connection) always finds one in the pool.
         let readers = Kept::new(usize::try_from(pool.max_size() - 1).unwrap_or(0));
         Ok(PgStore {
             pool,
-            config,
             writers,
             readers,
-            statements: Statements::new(&names),
+            statements,
             clock,
             floor: AtomicU64::new(0),
         })
@@ -233,9 +239,9 @@ fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Record> {
 pub(crate) struct PgWriter {
     store: Arc<PgStore>,
     settings: Settings,
-    /// The writer's own connection, kept between batches; dropped after a failure, so the
-    /// next batch connects afresh.
-    conn: RefCell<Option<Wire>>,
+    /// The writer's connection, checked out of the writers' pool and kept between batches;
+    /// given back after a failure (the pool discards it), so the next batch gets another.
+    conn: RefCell<Option<r2d2::PooledConnection<WireManager>>>,
 }
 
 impl PgWriter {
@@ -346,7 +352,7 @@ impl BatchWriter for PgWriter {
     /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
     /// transactions together, and the keys' locks order batches that share a key.
     fn siblings(&self) -> Vec<PgWriter> {
-        (1..self.store.writers)
+        (1..self.store.writers.max_size())
             .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
             .collect()
     }
@@ -358,7 +364,7 @@ impl BatchWriter for PgWriter {
         // knows is closed is dropped; when the batch's first round trip fails on it (that one
         // only locks and reads: nothing of the batch is written yet), the batch runs again on
         // a new connection.
-        if let Some(mut wire) = slot.take().filter(|w| !w.is_closed()) {
+        if let Some(mut wire) = slot.take().filter(|w| !w.is_broken()) {
             match self.write_on(&mut wire, batch) {
                 Err(Failed::BeforeWriting(e)) => tracing::debug!(
                     error = %e,
@@ -373,7 +379,10 @@ impl BatchWriter for PgWriter {
                 }
             }
         }
-        let mut wire = Wire::connect(&self.store.config, &self.store.statements)?;
+        let mut wire =
+            self.store.writers.get().map_err(|e| {
+                pool_failed("getting a PostgreSQL writer connection from the pool", e)
+            })?;
         let written = self.write_on(&mut wire, batch).map_err(Failed::into_error);
         if written.is_ok() {
             *slot = Some(wire);

@@ -6,8 +6,8 @@
 //! - `sql`: the statements of a write batch (key locks, load, tokens, upsert, delete, the
 //!   server's clock), of the reads and of the reaper;
 //! - `pool`: the r2d2 connection pool, and the connections the readers keep;
-//! - `pipeline`: a writer's own connection, on which a batch's statements are sent together
-//!   (two round trips per batch);
+//! - `pipeline`: a writer's connection (from an r2d2 pool of the writers' own), on which a
+//!   batch's statements are sent together (two round trips per batch);
 //! - `engine`: the store's side (reads, `complete_in`) and the committer's (a batch as one
 //!   transaction on a writer's connection);
 //! - `error`: the client's errors as [`crate::Error`], and which of them leave a write's

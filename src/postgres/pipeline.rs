@@ -37,6 +37,9 @@ pub(crate) struct Wire {
     /// Taken only by `drop`.
     runtime: Option<Runtime>,
     client: Option<Client>,
+    /// Set when a call failed: the session's state is unknown (a transaction may be open),
+    /// so the pool discards the connection instead of handing it out again.
+    failed: bool,
     /// The task that drives the connection (it ends when the client is dropped).
     driver: tokio::task::JoinHandle<()>,
     prepared: Prepared,
@@ -95,6 +98,7 @@ impl Wire {
         Ok(Wire {
             runtime: Some(runtime),
             client: Some(client),
+            failed: false,
             driver,
             prepared,
         })
@@ -129,12 +133,38 @@ impl Wire {
         claims: usize,
     ) -> Result<BatchStart> {
         let one_key = keys.first().filter(|k| keys.iter().all(|o| o == *k));
-        match one_key {
+        let started = match one_key {
             Some(key) if claims <= 1 && lock_ids.len() == 1 => {
                 self.start_one(key, lock_ids[0], claims == 1)
             }
             _ => self.start_many(keys, lock_ids, claims),
-        }
+        };
+        self.noted(started)
+    }
+
+    /// `result`, noting a failure (see [`Wire::failed`]).
+    fn noted<T>(&mut self, result: Result<T>) -> Result<T> {
+        self.failed |= result.is_err();
+        result
+    }
+
+    /// Whether the connection is known to be closed, or a call on it failed.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.failed || self.is_closed()
+    }
+
+    /// One round trip that changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] when the connection does not answer.
+    fn check(&mut self) -> Result<()> {
+        let checked = self
+            .runtime()
+            .block_on(self.client().simple_query(""))
+            .map(|_| ())
+            .map_err(|e| connect_failed("checking a PostgreSQL writer connection", e));
+        self.noted(checked)
     }
 
     fn start_one(&mut self, key: &[u8], lock_id: i64, claim: bool) -> Result<BatchStart> {
@@ -251,6 +281,11 @@ impl Wire {
     /// committed; [`Error::Corrupt`] for a token above `i64::MAX` (never drawn from the
     /// sequence).
     pub(crate) fn finish(&mut self, rows: &[Upsert<'_>], deleted: &[&[u8]]) -> Result<()> {
+        let result = self.finish_once(rows, deleted);
+        self.noted(result)
+    }
+
+    fn finish_once(&mut self, rows: &[Upsert<'_>], deleted: &[&[u8]]) -> Result<()> {
         let rows = last_rows(rows)?;
         let (c, p) = (self.client(), &self.prepared);
         let fail = |e| write_failed("writing and committing a batch in PostgreSQL", e);
@@ -296,6 +331,11 @@ impl Wire {
     /// [`Error::Storage`]: the connection is broken (the server rolls the transaction back
     /// when the session ends).
     pub(crate) fn rollback(&mut self) -> Result<()> {
+        let result = self.rollback_once();
+        self.noted(result)
+    }
+
+    fn rollback_once(&mut self) -> Result<()> {
         let (c, p) = (self.client(), &self.prepared);
         self.runtime()
             .block_on(c.execute(&p.rollback, &[]))
@@ -309,6 +349,11 @@ impl Wire {
     ///
     /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token.
     pub(crate) fn next_tokens(&mut self, n: usize) -> Result<Vec<u64>> {
+        let result = self.next_tokens_once(n);
+        self.noted(result)
+    }
+
+    fn next_tokens_once(&mut self, n: usize) -> Result<Vec<u64>> {
         let count = i32::try_from(n)
             .map_err(|_| Error::config(format!("{n} fencing tokens asked for in one batch")))?;
         let (c, p) = (self.client(), &self.prepared);
@@ -333,6 +378,11 @@ impl Wire {
     ///
     /// [`Error::Storage`].
     pub(crate) fn reap(&mut self, now: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
+        let result = self.reap_once(now, limit);
+        self.noted(result)
+    }
+
+    fn reap_once(&mut self, now: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -345,6 +395,33 @@ impl Wire {
             .block_on(c.query(&p.reap, &params))
             .map_err(|e| write_failed("reaping dead records in PostgreSQL", e))?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+/// The writers' connections in an r2d2 pool of their own: each writer checks one out and keeps
+/// it from batch to batch; a connection that failed is discarded when it goes back.
+pub(crate) struct WireManager {
+    pub(crate) config: tokio_postgres::Config,
+    pub(crate) statements: Statements,
+}
+
+/// A pool of writers' connections.
+pub(crate) type WirePool = r2d2::Pool<WireManager>;
+
+impl r2d2::ManageConnection for WireManager {
+    type Connection = Wire;
+    type Error = Error;
+
+    fn connect(&self) -> Result<Wire> {
+        Wire::connect(&self.config, &self.statements)
+    }
+
+    fn is_valid(&self, wire: &mut Wire) -> Result<()> {
+        wire.check()
+    }
+
+    fn has_broken(&self, wire: &mut Wire) -> bool {
+        wire.is_broken()
     }
 }
 
@@ -638,5 +715,31 @@ mod tests {
             assert!(Instant::now() < deadline, "the session was not closed");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn the_pool_discards_a_connection_whose_call_failed() {
+        let Some((db, sql, _)) = opened("wire_pool") else {
+            return;
+        };
+        let manager = WireManager {
+            config: parse_conninfo(&db.conninfo).unwrap(),
+            statements: sql.clone(),
+        };
+        let pool = crate::postgres::pool::build(manager, 1).unwrap();
+        let mut wire = pool.get().unwrap();
+        start(&mut wire, &sql, &[b"k"], 1);
+        // Refused before anything is sent, but the transaction is left open: the session's
+        // state is not one to hand out again.
+        assert!(wire.finish(&[row(b"k", u64::MAX, 1, b"r")], &[]).is_err());
+        assert!(wire.is_broken());
+        drop(wire);
+        let mut fresh = pool.get().unwrap();
+        assert!(!fresh.is_broken(), "a new connection, not the failed one");
+        let started = start(&mut fresh, &sql, &[b"k"], 1);
+        fresh
+            .finish(&[row(b"k", started.tokens[0], 1, b"r")], &[])
+            .unwrap();
+        assert_eq!(committed(&db, &sql, &[b"k"])[b"k".as_slice()].record, b"r");
     }
 }

@@ -74,6 +74,22 @@ pub(crate) fn open_pool(config: &tokio_postgres::Config, size: u32) -> Result<Po
         return Err(Error::config("the PostgreSQL pool size must be at least 1"));
     }
     let manager = PostgresConnectionManager::new(postgres::Config::from(config.clone()), NoTls);
+    build(manager, size)
+}
+
+/// Builds a pool of `size` connections of `manager`, with idemstore's settings: a connection
+/// is checked when it is checked out, waiting for one times out after
+/// [`CONNECTION_TIMEOUT`], and the pool's background errors go to `tracing`. Waits until
+/// every connection is open.
+///
+/// # Errors
+///
+/// [`Error::Storage`] when the connections cannot be opened in time.
+pub(crate) fn build<M>(manager: M, size: u32) -> Result<r2d2::Pool<M>>
+where
+    M: r2d2::ManageConnection,
+    M::Error: std::error::Error,
+{
     r2d2::Pool::builder()
         .max_size(size)
         .connection_timeout(CONNECTION_TIMEOUT)
@@ -173,8 +189,8 @@ fn broken(conn: &Conn, error: &postgres::Error) -> bool {
 #[derive(Debug)]
 struct TraceErrors;
 
-impl r2d2::HandleError<postgres::Error> for TraceErrors {
-    fn handle_error(&self, error: postgres::Error) {
+impl<E: std::error::Error> r2d2::HandleError<E> for TraceErrors {
+    fn handle_error(&self, error: E) {
         tracing::warn!(
             error = %chain(&error),
             "idemstore: a PostgreSQL connection of the pool failed"
