@@ -7,7 +7,8 @@
 //! of its own, driven only while the writer's thread waits in [`Wire`]'s calls (never from
 //! inside another runtime: the committer's threads and the callers that lead a batch are
 //! plain threads or tokio's blocking pool). Its statements are prepared once per
-//! connection; the server plans them once and runs them with binary parameters.
+//! connection; the server plans them once and runs them with binary parameters. The writers'
+//! connections live in an r2d2 pool of their own ([`WirePool`]).
 //!
 //! A batch's first round trip is `BEGIN`, the key locks, and after the locks the keys' rows,
 //! the fencing tokens for its claims and the server's clock. Nothing of the batch is written
