@@ -54,9 +54,6 @@ pub struct Summary {
     /// Bytes of stored responses in live completed records.
     pub response_bytes: u64,
     /// The last fencing token granted (0 when none was): the next lease gets a larger one.
-    /// Of a store file read with [`StoreFile`] after a crash (not a clean close), an upper
-    /// bound: the file's counter runs up to 1023 tokens ahead of the last one granted while
-    /// a store runs, and the next open goes on above it.
     pub last_token: u64,
     /// The file's format version (the store opened, so it is the one this build reads).
     pub format_version: u32,

@@ -68,7 +68,7 @@ impl RedbWriter {
             if note_time(&saved) {
                 tables.note_time(now)?;
             }
-            (tables.into_committed(), saved)
+            (tables.into_changes(), saved)
         };
         if let Err(e) = txn.commit() {
             self.poison();
@@ -82,7 +82,7 @@ impl RedbWriter {
             return Err(Error::write_failed("committing a write", e));
         }
         // Published only now: readers never see an entry that is not committed.
-        self.stored.publish(&changes);
+        self.stored.index.apply(&changes);
         // The commit went into the file the store opened: unless its path still names that
         // file, no one will open this write again.
         if let Some(file) = &self.stored.file
@@ -149,9 +149,8 @@ impl BatchWriter for RedbWriter {
     }
 
     /// On a clean close: one last durable commit that records the latest time seen (so a
-    /// reopened store's clock starts there) and the exact last token granted (so its tokens
-    /// go on without a gap) and, under `Durability::None`, makes everything committed before
-    /// durable.
+    /// reopened store's clock starts there) and, under `Durability::None`, makes everything
+    /// committed before durable.
     fn close(&self) {
         if self.poisoned.load(Ordering::Acquire) {
             return;
@@ -167,7 +166,6 @@ impl BatchWriter for RedbWriter {
             let noted = WriteTables::open(&txn, &self.stored, stamp).and_then(|mut t| {
                 let saved = self.save_corrections(&mut t)?;
                 t.note_time(stamp.at)?;
-                t.settle_tokens()?;
                 Ok(saved)
             });
             if let Ok(saved) = noted

@@ -275,7 +275,6 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>, persistent: bool) 
             index: log.index,
             next_seq: AtomicU64::new(log.next_seq),
             tokens_above: log.highest_token,
-            tokens: tokens::TokenCounter::new(meta.last_token.max(log.highest_token)),
             timeline: StoreClock::new(clock, meta.latest_time, meta.corrections),
             resweep_from: Mutex::new(meta.resweep_from),
             file: None,
@@ -297,18 +296,16 @@ fn discard(db: Database) {
     let _ = catch_unwind(AssertUnwindSafe(move || drop(db)));
 }
 
-/// What the meta table of an opened store holds about time, and its token counter.
+/// What the meta table of an opened store holds about time.
 struct Meta {
-    last_token: u64,
     latest_time: u64,
     corrections: Corrections,
     resweep_from: Option<u64>,
 }
 
-/// Reads what the meta table of a checked store holds about time, and its token counter.
+/// Reads what the meta table of a checked store holds about time.
 fn read_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Meta> {
     Ok(Meta {
-        last_token: read_u64(meta, TOKEN_KEY)?.unwrap_or(0),
         latest_time: read_u64(meta, TIME_KEY)?.unwrap_or(0),
         resweep_from: read_u64(meta, RESWEEP_KEY)?,
         corrections: match meta
@@ -380,7 +377,6 @@ pub(crate) fn open_read_only(path: &Path) -> Result<ReadOnlyFile> {
 
 fn initialize_unguarded(db: &Database) -> Result<Meta> {
     let mut found = Meta {
-        last_token: 0,
         latest_time: 0,
         corrections: Corrections::default(),
         resweep_from: None,

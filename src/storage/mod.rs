@@ -6,7 +6,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE (no token above it was granted: written up to 1023 ahead while the store runs, exact after a clean close; see `tokens`), `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
+//! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
 //! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]) |
 //! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
 //! | `idemstore_index_snapshot` | chunk number (`u64`) | the key index's slots ([`crate::index`]), 12 bytes each |
@@ -45,15 +45,14 @@
 //! `snapshot` writes, checks and loads the key index's snapshot;
 //! `read` is the read path (one record, or a walk of the whole log); `write` the tables of
 //! one write transaction (records, expiry entries, the token counter and the meta keys);
-//! `reap` the reaper's passes over the expiry index; `tokens` the fencing-token counter as the
-//! running store keeps it. The tables and the meta keys are named here, once.
+//! `reap` the reaper's passes over the expiry index. The tables and the meta keys are named
+//! here, once.
 
 mod batch;
 mod format;
 mod read;
 mod reap;
 mod snapshot;
-mod tokens;
 mod write;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -158,8 +157,6 @@ pub(crate) struct Stored {
     /// The highest fencing token found in the log at open: the next token is above it,
     /// whatever the persisted counter says (a counter lowered by a crafted file).
     tokens_above: u64,
-    /// The last token granted and the file's counter as committed ([`tokens`]).
-    tokens: tokens::TokenCounter,
     /// The store's time ([`crate::timeline`]); records are read with its corrections.
     pub timeline: StoreClock,
     /// The death time from which the reaper has to re-file records moved back by a clock

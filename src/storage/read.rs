@@ -109,7 +109,6 @@ impl Stored {
     }
 
     /// Visits every record in one read transaction: [`walk_log`] on the store's database.
-    /// Returns the last fencing token granted (the file's counter may be ahead of it).
     ///
     /// # Errors
     /// As [`walk_log`].
@@ -117,8 +116,7 @@ impl Stored {
         &self,
         visit: impl FnMut(&[u8], Record) -> Result<ControlFlow<()>>,
     ) -> Result<u64> {
-        walk_log(&self.db, &self.timeline.corrections(), visit)?;
-        Ok(self.tokens.granted().max(self.tokens_above))
+        walk_log(&self.db, &self.timeline.corrections(), visit)
     }
 
     /// The fencing token above which new tokens are granted: at least the highest token of

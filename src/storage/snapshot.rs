@@ -377,9 +377,7 @@ impl Stored {
                 let log = txn.open_table(LOG).map_err(table_error)?;
                 let mut meta = txn.open_table(META).map_err(table_error)?;
                 let mut chunks = txn.open_table(CHUNKS).map_err(table_error)?;
-                // The highest token the log can hold: the last one granted (the file's counter
-                // may be a reservation ahead of it).
-                let granted = self.tokens.granted();
+                let counter = read_u64(&meta, TOKEN_KEY)?.unwrap_or(0);
                 let time = read_u64(&meta, TIME_KEY)?;
                 let written = self.index.with_snapshot(|shape, view| {
                     // Under the index's read lock: no batch changes it meanwhile, and none
@@ -396,7 +394,7 @@ impl Stored {
                     let mut header = Header {
                         shape,
                         below,
-                        token_floor: self.tokens_above.max(granted),
+                        token_floor: self.tokens_above.max(counter),
                         chunks: view.segments() as u64,
                         crc: 0,
                     };

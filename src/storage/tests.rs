@@ -19,10 +19,10 @@ fn fill(stored: &Stored, prefix: &str, n: usize, now: u64, ttl: u64) {
             let record = machine::claim(None, &fp, token, now, ttl, 1).record;
             t.put(&key, &record).unwrap();
         }
-        t.into_committed()
+        t.into_changes()
     };
     txn.commit().unwrap();
-    stored.publish(&changes);
+    stored.index.apply(&changes);
 }
 
 #[test]
@@ -89,10 +89,10 @@ fn write(stored: &Stored, f: impl FnOnce(&mut WriteTables<'_>)) -> usize {
     let changes = {
         let mut t = WriteTables::open(&txn, stored, Stamp::default()).unwrap();
         f(&mut t);
-        t.into_committed()
+        t.into_changes()
     };
     txn.commit().unwrap();
-    stored.publish(&changes);
+    stored.index.apply(&changes);
     changes.len()
 }
 
@@ -394,14 +394,14 @@ fn no_snapshot_is_written_of_an_index_behind_the_log() {
             } else {
                 t.delete(&key_of("a", 5)).unwrap();
             }
-            t.into_committed()
+            t.into_changes()
         };
         txn.commit().unwrap();
         let none = stored
             .save_index(crate::config::Durability::Immediate)
             .unwrap();
         assert_eq!(none, None, "{unpublished}: the index is behind the log");
-        stored.publish(&changes);
+        stored.index.apply(&changes);
         saved(&stored);
     }
     drop(stored);
@@ -410,91 +410,4 @@ fn no_snapshot_is_written_of_an_index_behind_the_log() {
     assert_eq!(stored.index.len(), 2_000);
     assert!(stored.read_record(&key_of("b", 0)).unwrap().is_some());
     assert!(stored.read_record(&key_of("a", 5)).unwrap().is_none());
-}
-
-/// The file's token counter as committed.
-fn file_counter(stored: &Stored) -> u64 {
-    let txn = stored.db.begin_read().unwrap();
-    let meta = txn.open_table(META).unwrap();
-    read_u64(&meta, TOKEN_KEY).unwrap().unwrap()
-}
-
-#[test]
-fn the_token_counter_is_written_once_per_block_of_claims() {
-    use super::tokens::RESERVED_AHEAD;
-    let stored = initialize(
-        open_memory(1 << 20).unwrap(),
-        Arc::new(crate::clock::SystemClock),
-        false,
-    )
-    .unwrap();
-    let mut tokens = Vec::new();
-    // One claim per transaction, as a lone caller commits them.
-    for _ in 0..RESERVED_AHEAD + 2 {
-        let mut wrote_meta = false;
-        write(&stored, |t| {
-            tokens.push(t.next_token().unwrap());
-            wrote_meta = t.meta.is_some();
-        });
-        let n = tokens.len() as u64;
-        // Only the first claim of each block opens the meta table at all.
-        assert_eq!(wrote_meta, n % RESERVED_AHEAD == 1, "claim {n}");
-        let counter = file_counter(&stored);
-        assert!(
-            counter >= n && counter < n + RESERVED_AHEAD,
-            "{counter} after {n}"
-        );
-    }
-    let expected: Vec<u64> = (1..=RESERVED_AHEAD + 2).collect();
-    assert_eq!(tokens, expected, "tokens go on one by one");
-    assert_eq!(file_counter(&stored), 2 * RESERVED_AHEAD);
-    // Several claims in one transaction: the counter is written once.
-    write(&stored, |t| {
-        for _ in 0..3 {
-            t.next_token().unwrap();
-        }
-    });
-    assert_eq!(stored.tokens.granted(), RESERVED_AHEAD + 5);
-}
-
-#[test]
-fn tokens_go_on_without_a_gap_after_a_clean_close_and_above_every_grant_after_a_crash() {
-    use super::tokens::RESERVED_AHEAD;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    let stored = Arc::new(open_stored(&path));
-    let settings = crate::config::Settings {
-        ttl: 1_000_000_000,
-        lease: 1_000_000_000,
-        max_response_bytes: 1024,
-        durability: crate::config::Durability::Immediate,
-    };
-    let writer = RedbWriter::new(Arc::clone(&stored), settings);
-    for _ in 0..5 {
-        write(&stored, |t| {
-            t.next_token().unwrap();
-        });
-    }
-    assert_eq!(file_counter(&stored), RESERVED_AHEAD, "a reservation");
-    crate::committer::BatchWriter::close(&writer);
-    assert_eq!(
-        file_counter(&stored),
-        5,
-        "a clean close writes the exact last token"
-    );
-    drop(writer);
-    drop(Arc::try_unwrap(stored).ok().unwrap());
-
-    let stored = open_stored(&path);
-    write(&stored, |t| {
-        assert_eq!(t.next_token().unwrap(), 6, "no gap")
-    });
-    write(&stored, |t| assert_eq!(t.next_token().unwrap(), 7));
-    // A crash: the process ends without the close's commit.
-    drop(stored);
-    let stored = open_stored(&path);
-    write(&stored, |t| {
-        let token = t.next_token().unwrap();
-        assert!(token > 7 && token <= 6 + RESERVED_AHEAD, "{token}");
-    });
 }

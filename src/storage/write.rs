@@ -14,8 +14,6 @@ use crate::index::Change;
 use crate::record::{entry_len, write_entry};
 use crate::timeline::Stamp;
 
-use super::tokens::{Drawn, reservation};
-
 /// Starts a write transaction. A durable one commits in two phases (the new commit slot is
 /// written and fsync'd, then the header byte that makes it the newest one, then fsync'd
 /// again), so after a crash the newest commit is never mistaken for a torn write: with one
@@ -48,10 +46,7 @@ pub(crate) struct WriteTables<'t> {
     /// When this transaction writes (every record it writes is stamped with it).
     pub(super) stamp: Stamp,
     pub(super) corrections: Arc<Corrections>,
-    /// The last token this transaction granted.
     pub(super) last_token: Option<u64>,
-    /// The file's counter as this transaction wrote it (`None`: not written).
-    pub(super) reserved: Option<u64>,
     /// Where each key touched by this transaction lives now (`None`: absent).
     pub(super) located: HashMap<Vec<u8>, Option<Located>>,
     pub(super) changes: Vec<Change>,
@@ -73,7 +68,6 @@ impl<'t> WriteTables<'t> {
             stamp,
             corrections: stored.timeline.corrections(),
             last_token: None,
-            reserved: None,
             located: HashMap::new(),
             changes: Vec::new(),
         })
@@ -87,16 +81,9 @@ impl<'t> WriteTables<'t> {
         Ok(self.meta.insert(meta))
     }
 
-    /// What this transaction changed in memory, to publish once it committed
-    /// ([`Stored::publish`]).
-    pub fn into_committed(self) -> Committed {
-        Committed {
-            changes: self.changes,
-            drawn: self.last_token.map(|last| Drawn {
-                last,
-                reserved: self.reserved,
-            }),
-        }
+    /// The index changes of this transaction, to publish once it committed.
+    pub fn into_changes(self) -> Vec<Change> {
+        self.changes
     }
 
     /// The log entry of `key` as of this transaction, and its record.
@@ -223,46 +210,32 @@ impl<'t> WriteTables<'t> {
         self.located.insert(key.to_vec(), new);
     }
 
-    /// Allocates the next fencing token: one above the last granted, and above every token
-    /// found in the log at open, so a counter that a damaged or crafted file lowered never
-    /// makes a token be granted twice. The file's counter is written only when the token
-    /// passes it, [`RESERVED_AHEAD`](super::tokens::RESERVED_AHEAD) tokens ahead
-    /// ([`super::tokens`]).
+    /// Allocates the next fencing token: the persisted counter, bumped in this transaction.
+    /// It is also above every token found in the log at open, so a counter that a damaged or
+    /// crafted file lowered never makes a token be granted twice.
     pub fn next_token(&mut self) -> Result<u64> {
-        let last = self
-            .last_token
-            .unwrap_or_else(|| self.stored.tokens.granted())
-            .max(self.stored.token_floor());
+        let last = match self.last_token {
+            Some(t) => t,
+            None => {
+                let v = self
+                    .meta()?
+                    .get(TOKEN_KEY)
+                    .map_err(|e| Error::storage("reading the token counter", e))?
+                    .ok_or_else(|| Error::corrupt("the fencing-token counter is missing"))?;
+                let bytes = <[u8; 8]>::try_from(v.value())
+                    .map_err(|_| Error::corrupt("the fencing-token counter is malformed"))?;
+                u64::from_be_bytes(bytes)
+            }
+        }
+        .max(self.stored.token_floor());
         let next = last
             .checked_add(1)
             .ok_or_else(|| Error::corrupt("the fencing-token counter is exhausted"))?;
-        let reserved = self
-            .reserved
-            .unwrap_or_else(|| self.stored.tokens.reserved());
-        if let Some(ahead) = reservation(next, reserved) {
-            self.write_counter(ahead)?;
-        }
+        self.meta()?
+            .insert(TOKEN_KEY, next.to_be_bytes().as_slice())
+            .map_err(|e| Error::storage("writing the token counter", e))?;
         self.last_token = Some(next);
         Ok(next)
-    }
-
-    /// Writes the file's counter as `value`.
-    fn write_counter(&mut self, value: u64) -> Result<()> {
-        self.meta()?
-            .insert(TOKEN_KEY, value.to_be_bytes().as_slice())
-            .map_err(|e| Error::storage("writing the token counter", e))?;
-        self.reserved = Some(value);
-        Ok(())
-    }
-
-    /// Writes the exact last token granted as the file's counter, when a reservation is
-    /// ahead of it (at a clean close: the next open goes on without a gap).
-    pub fn settle_tokens(&mut self) -> Result<()> {
-        let granted = self.stored.tokens.granted().max(self.stored.token_floor());
-        if self.stored.tokens.reserved() > granted {
-            self.write_counter(granted)?;
-        }
-        Ok(())
     }
 
     /// Records `now` as the latest time a write saw (the floor of the store's clock after a
@@ -299,31 +272,5 @@ impl<'t> WriteTables<'t> {
             None => meta.remove(RESWEEP_KEY).map(|_| ()),
         }
         .map_err(|e| Error::storage("writing the re-filing position", e))
-    }
-}
-
-/// What a committed transaction changed that lives in memory: the key index's changes, and
-/// the tokens it drew.
-pub(crate) struct Committed {
-    changes: Vec<Change>,
-    drawn: Option<Drawn>,
-}
-
-impl Committed {
-    /// How many index changes.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.changes.len()
-    }
-}
-
-impl Stored {
-    /// Publishes what a transaction changed, once it committed: readers never see an entry
-    /// that is not committed, and the next transaction draws tokens above these.
-    pub(crate) fn publish(&self, committed: &Committed) {
-        self.index.apply(&committed.changes);
-        if let Some(drawn) = committed.drawn {
-            self.tokens.committed(drawn);
-        }
     }
 }
