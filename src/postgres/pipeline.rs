@@ -497,7 +497,7 @@ mod tests {
     use super::*;
     use crate::postgres::pool::parse_conninfo;
     use crate::postgres::schema::create_or_check;
-    use crate::postgres::testdb::TestDb;
+    use crate::postgres::testdb::{TestDb, row};
 
     /// A test schema with idemstore's objects, its statements and a writer's connection
     /// named `name` in `pg_stat_activity`.
@@ -508,15 +508,6 @@ mod tests {
         let config = parse_conninfo(&format!("{} application_name={name}", db.conninfo)).unwrap();
         let wire = Wire::connect(&config, &sql).unwrap();
         Some((db, sql, wire))
-    }
-
-    fn row<'a>(key: &'a [u8], token: u64, dies_at: u64, record: &'a [u8]) -> Upsert<'a> {
-        Upsert {
-            key,
-            token,
-            dies_at,
-            record,
-        }
     }
 
     fn start(wire: &mut Wire, sql: &Statements, keys: &[&[u8]], claims: usize) -> BatchStart {
@@ -699,23 +690,11 @@ mod tests {
             .unwrap();
         // Blocking inside a task panics; the drop must not block.
         outer.block_on(async move { drop(wire) });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left: i64 = db
-                .admin()
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE application_name = 'wire_async_drop'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            if left == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the session was not closed");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        db.wait_until_gone(
+            "application_name = 'wire_async_drop'",
+            &[],
+            "the dropped connection's session",
+        );
     }
 
     #[test]

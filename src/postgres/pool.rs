@@ -224,21 +224,7 @@ mod tests {
                 .get(0);
             assert!(ended, "backend {pid} was not there to end");
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-                    &[&pids],
-                )
-                .unwrap()
-                .get(0);
-            if left == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "backends {pids:?} did not end");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        db.wait_until_gone("pid = ANY($1)", &[&pids], &format!("backends {pids:?}"));
     }
 
     #[test]

@@ -227,37 +227,6 @@ impl Statements {
             .collect()
     }
 
-    // The committer runs this text prepared on its writer's connection (`pipeline`);
-    // the tests run it here.
-    #[cfg(test)]
-    /// `n` fresh fencing tokens from the sequence, ascending, in one statement.
-    ///
-    /// Call it after [`Statements::lock_keys`]: tokens must rise for every key. A token taken
-    /// before waiting for a key's lock could be smaller than the one the lock's holder writes
-    /// and commits meanwhile, and the key would then go from the larger token back to the
-    /// smaller one. Taken after the lock, every token already written to the key was drawn
-    /// before that writer committed, so before ours.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Storage`]; [`Error::Corrupt`] when the sequence hands out a negative value.
-    pub(crate) fn next_tokens(&self, tx: &mut impl GenericClient, n: usize) -> Result<Vec<u64>> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let count = i32::try_from(n)
-            .map_err(|_| Error::config(format!("{n} fencing tokens asked for in one batch")))?;
-        let rows = tx
-            .query_typed(&self.tokens, &[(&count, Type::INT4)])
-            .map_err(|e| write_failed("drawing fencing tokens from PostgreSQL", e))?;
-        let mut tokens = rows
-            .iter()
-            .map(|row| from_bigint(row.get(0), "fencing token"))
-            .collect::<Result<Vec<u64>>>()?;
-        tokens.sort_unstable();
-        Ok(tokens)
-    }
-
     /// Writes `rows` (inserting or replacing each key's row) in one statement. A key may
     /// appear more than once: its last row is written.
     ///
@@ -299,35 +268,6 @@ impl Statements {
             .query_typed_one(&self.now, &[])
             .map_err(|e| write_failed("reading the PostgreSQL server's clock", e))?;
         clock_reading(row.get(0))
-    }
-
-    // The committer runs this text prepared on its writer's connection (`pipeline`);
-    // the tests run it here.
-    #[cfg(test)]
-    /// Deletes up to `limit` rows whose death time is at or before `now`, oldest first, and
-    /// returns their keys. Safe on every replica at once: rows locked by another reaper or a
-    /// batch are skipped, and a row no longer dead when it is locked is kept.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Storage`].
-    pub(crate) fn reap(
-        &self,
-        tx: &mut impl GenericClient,
-        now: u64,
-        limit: usize,
-    ) -> Result<Vec<Vec<u8>>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = tx
-            .query_typed(
-                &self.reap,
-                &[(&to_bigint(now), Type::INT8), (&limit, Type::INT8)],
-            )
-            .map_err(|e| write_failed("reaping dead records in PostgreSQL", e))?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     /// The record bytes of `key` (`None`: no row) and the server's clock, read by one
@@ -454,8 +394,10 @@ mod tests {
     use std::sync::{Arc, Barrier};
 
     use super::*;
+    use crate::postgres::pipeline::Wire;
+    use crate::postgres::pool::parse_conninfo;
     use crate::postgres::schema::create_or_check;
-    use crate::postgres::testdb::TestDb;
+    use crate::postgres::testdb::{TestDb, row};
 
     /// A test schema with idemstore's objects, and its statements.
     fn opened() -> Option<(TestDb, Statements)> {
@@ -465,13 +407,18 @@ mod tests {
         Some((db, statements))
     }
 
-    fn row<'a>(key: &'a [u8], token: u64, dies_at: u64, record: &'a [u8]) -> Upsert<'a> {
-        Upsert {
-            key,
-            token,
-            dies_at,
-            record,
-        }
+    /// A writer's connection to the test cluster, running `sql`.
+    fn wire(db: &TestDb, sql: &Statements) -> Wire {
+        Wire::connect(&parse_conninfo(&db.conninfo).unwrap(), sql).unwrap()
+    }
+
+    /// Reaps up to `limit` rows dead at `now` in a batch of its own on `wire`, as the
+    /// reaper's batches do.
+    fn reap(wire: &mut Wire, now: u64, limit: usize) -> Vec<Vec<u8>> {
+        wire.start(&[], &[], 0).unwrap();
+        let reaped = wire.reap(now, limit).unwrap();
+        wire.finish(&[], &[]).unwrap();
+        reaped
     }
 
     /// The 64-bit advisory locks this session holds (PostgreSQL shows a bigint lock key as
@@ -545,7 +492,6 @@ mod tests {
         sql.lock_keys::<&[u8]>(&mut tx, &[]).unwrap();
         assert!(sql.load::<&[u8]>(&mut tx, &[]).unwrap().is_empty());
         sql.upsert(&mut tx, &[]).unwrap();
-        assert!(sql.next_tokens(&mut tx, 0).unwrap().is_empty());
     }
 
     #[test]
@@ -603,7 +549,7 @@ mod tests {
         let drawn: Vec<Vec<u64>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..2)
                 .map(|worker: usize| {
-                    let mut client = db.client();
+                    let mut wire = wire(&db, &sql);
                     let (sql, keys, barrier) = (&sql, &keys, Arc::clone(&barrier));
                     scope.spawn(move || {
                         barrier.wait();
@@ -611,19 +557,22 @@ mod tests {
                         for round in 0..100usize {
                             // Batches of one to four keys, overlapping the other worker's.
                             let start = (round + worker) % keys.len();
-                            let batch: Vec<&[u8]> = (0..1 + round % keys.len())
-                                .map(|i| keys[(start + i) % keys.len()].as_slice())
+                            let batch: Vec<Vec<u8>> = (0..1 + round % keys.len())
+                                .map(|i| keys[(start + i) % keys.len()].clone())
                                 .collect();
-                            let mut tx = client.transaction().unwrap();
-                            sql.lock_keys(&mut tx, &batch).unwrap();
-                            let loaded = sql.load(&mut tx, &batch).unwrap();
-                            let tokens = sql.next_tokens(&mut tx, batch.len()).unwrap();
+                            // The committer's batch: locks, rows and tokens, then the writes.
+                            let start = wire.start(&batch, &sql.lock_order(&batch), batch.len());
+                            let BatchStart {
+                                rows: loaded,
+                                tokens,
+                                ..
+                            } = start.unwrap();
                             assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
                             let rows: Vec<Upsert<'_>> = batch
                                 .iter()
                                 .zip(&tokens)
                                 .map(|(key, &token)| {
-                                    if let Some(old) = loaded.get(*key) {
+                                    if let Some(old) = loaded.get(key) {
                                         assert!(
                                             token > old.token,
                                             "token {token} after {} for {key:?}",
@@ -633,8 +582,7 @@ mod tests {
                                     row(key, token, 1, b"r")
                                 })
                                 .collect();
-                            sql.upsert(&mut tx, &rows).unwrap();
-                            tx.commit().unwrap();
+                            wire.finish(&rows, &[]).unwrap();
                             drawn.extend(tokens);
                         }
                         drawn
@@ -701,10 +649,7 @@ mod tests {
         const NOW: u64 = 1_000_000;
         let (dead, alive) = fill(&db, &sql, 300, 200);
 
-        let mut client = db.client();
-        let mut tx = client.transaction().unwrap();
-        let first = sql.reap(&mut tx, NOW, 50).unwrap();
-        tx.commit().unwrap();
+        let first = reap(&mut wire(&db, &sql), NOW, 50);
         let first: HashSet<Vec<u8>> = first.into_iter().collect();
         assert_eq!(first, dead[..50].iter().cloned().collect(), "the 50 oldest");
 
@@ -712,16 +657,14 @@ mod tests {
         let reaped: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..2)
                 .map(|_| {
-                    let mut client = db.client();
-                    let (sql, barrier) = (&sql, &barrier);
+                    let mut wire = wire(&db, &sql);
+                    let barrier = &barrier;
                     scope.spawn(move || {
                         barrier.wait();
                         let mut mine = Vec::new();
                         loop {
-                            let mut tx = client.transaction().unwrap();
-                            let batch = sql.reap(&mut tx, NOW, 17).unwrap();
+                            let batch = reap(&mut wire, NOW, 17);
                             assert!(batch.len() <= 17);
-                            tx.commit().unwrap();
                             if batch.is_empty() {
                                 return mine;
                             }
@@ -737,6 +680,7 @@ mod tests {
         assert_eq!(unique.len(), all.len(), "a row was reaped twice");
         assert_eq!(unique, dead[50..].iter().cloned().collect());
 
+        let mut client = db.client();
         let mut tx = client.transaction().unwrap();
         let left = sql.load(&mut tx, &alive).unwrap();
         assert_eq!(left.len(), alive.len(), "an alive row was reaped");
@@ -768,9 +712,10 @@ mod tests {
         let Some(mut db) = TestDb::new() else { return };
         let odd = Names::new(&format!("{} it's a \\ name", db.names.schema)).unwrap();
         let result = create_or_check(&mut db.client(), &odd).and_then(|()| {
-            let mut client = db.client();
-            let mut tx = client.transaction().unwrap();
-            Statements::new(&odd).next_tokens(&mut tx, 3)
+            let mut wire = wire(&db, &Statements::new(&odd));
+            let tokens = wire.start(&[], &[], 3).map(|start| start.tokens);
+            wire.rollback()?;
+            tokens
         });
         db.admin()
             .batch_execute(&format!(
@@ -786,7 +731,7 @@ mod tests {
         let Some((db, sql)) = opened() else { return };
         const NOW: u64 = 1_000_000;
         let (dead, _) = fill(&db, &sql, 3, 0);
-        let (mut batch_client, mut reaper_client) = (db.client(), db.client());
+        let (mut batch_client, mut reaper) = (db.client(), wire(&db, &sql));
 
         // A batch takes over dead-1 (a new lease, alive again) and has not committed yet.
         let mut batch = batch_client.transaction().unwrap();
@@ -794,14 +739,13 @@ mod tests {
         sql.upsert(&mut batch, &[row(&dead[0], 99, NOW + 500, b"revived")])
             .unwrap();
         // The reaper skips the row the batch holds, and takes the others.
-        let mut tx = reaper_client.transaction().unwrap();
-        let reaped: HashSet<Vec<u8>> = sql.reap(&mut tx, NOW, 10).unwrap().into_iter().collect();
-        tx.commit().unwrap();
+        let reaped: HashSet<Vec<u8>> = reap(&mut reaper, NOW, 10).into_iter().collect();
         assert_eq!(reaped, dead[1..].iter().cloned().collect());
         batch.commit().unwrap();
         // Committed, it is alive: not reaped.
-        let mut tx = reaper_client.transaction().unwrap();
-        assert!(sql.reap(&mut tx, NOW, 10).unwrap().is_empty());
+        assert!(reap(&mut reaper, NOW, 10).is_empty());
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
         let loaded = sql.load(&mut tx, &dead[..1]).unwrap();
         assert_eq!(loaded[&dead[0]].record, b"revived");
     }

@@ -9,6 +9,7 @@ use postgres::{Client, NoTls};
 
 use super::pool::{Pool, open_pool, parse_conninfo};
 use super::schema::{Names, quote_identifier};
+use super::sql::Upsert;
 
 /// The cluster's conninfo, or `None` (after saying so loudly) when the tests must skip.
 ///
@@ -74,6 +75,38 @@ impl TestDb {
     /// The connection that drops the schema at the end, for checks and set-ups.
     pub(crate) fn admin(&mut self) -> &mut Client {
         &mut self.admin
+    }
+}
+
+impl TestDb {
+    /// Waits (at most 10 s) until no server session matches the SQL condition `sessions` on
+    /// `pg_stat_activity`, with `params`; panics naming `what` otherwise.
+    pub(crate) fn wait_until_gone(
+        &mut self,
+        sessions: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+        what: &str,
+    ) {
+        let query = format!("SELECT count(*) FROM pg_stat_activity WHERE {sessions}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left: i64 = self.admin.query_one(&query, params).unwrap().get(0);
+            if left == 0 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what} did not end");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// A row to write, for the tests of the statements.
+pub(crate) fn row<'a>(key: &'a [u8], token: u64, dies_at: u64, record: &'a [u8]) -> Upsert<'a> {
+    Upsert {
+        key,
+        token,
+        dies_at,
+        record,
     }
 }
 
