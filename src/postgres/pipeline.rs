@@ -1,5 +1,6 @@
 //! A writer's connection: the statements of a batch sent together (pipelined), so that a
-//! batch takes two round trips whatever it holds.
+//! batch takes two round trips however many operations it holds (a reaper's pass inside it
+//! adds one).
 //!
 //! The synchronous `postgres` client waits for each statement's answer before it sends the
 //! next, and a simple query of several statements is parsed and planned by the server on
@@ -33,7 +34,8 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 /// How long closing a writer's connection waits for the server to see it go.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A writer's own connection, with its runtime and its prepared statements.
+/// A writer's connection (from the writers' pool), with its runtime and its prepared
+/// statements.
 pub(crate) struct Wire {
     /// Taken only by `drop`.
     runtime: Option<Runtime>,
