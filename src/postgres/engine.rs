@@ -16,7 +16,7 @@ use postgres::Transaction;
 use super::error::pool_failed;
 use super::error::read_failed;
 use super::pipeline::{Wire, WireManager, WirePool};
-use super::pool::{Kept, Pool, connection, open_pool, parse_conninfo};
+use super::pool::{Kept, Pool, connection, open_pool, parse_conninfo, workers};
 use super::schema::{Names, create_or_check};
 use super::sql::{BatchStart, Loaded, Statements, Upsert, clock_reading};
 use crate::clock::Clock;
@@ -29,8 +29,7 @@ use crate::record::{Record, entry_len, split_entry, write_entry};
 use crate::store::Visit;
 use crate::timeline::{Corrections, Stamp, representable};
 
-/// A store's database: its pool, its writers' connection settings, its statements and its
-/// time.
+/// A store's database: its readers' pool, its writers' pool, its statements and its time.
 pub(crate) struct PgStore {
     /// The connections of the reads (and of the walk and the schema check at open).
     pool: Pool,
@@ -62,16 +61,18 @@ impl PgStore {
     ) -> Result<PgStore> {
         let names = Names::new(schema)?;
         if pool_size < 2 {
-            // The writer keeps its connection: reads need another.
+            // The writers keep their connections: reads need another.
             return Err(Error::config(format!(
-                "the PostgreSQL pool size must be at least 2 (one connection carries the \
-                 writes, the others the reads), not {pool_size}"
+                "the PostgreSQL pool size must be at least 2 (half the connections, at least \
+                 one, carry the writes, the rest the reads), not {pool_size}; set \
+                 `postgres_pool_size` to 2 or more"
             )));
         }
         let config = parse_conninfo(conninfo)?;
         // Half the connections (at least one) are the writers' own; the pool has the rest.
         let writers = (pool_size / 2).max(1);
-        let pool = open_pool(&config, pool_size - writers)?;
+        let workers = workers();
+        let pool = open_pool(&config, pool_size - writers, &workers)?;
         create_or_check(&mut *connection(&pool)?, &names)?;
         let statements = Statements::new(&names);
         let writers = super::pool::build(
@@ -80,10 +81,10 @@ impl PgStore {
                 statements: statements.clone(),
             },
             writers,
+            &workers,
         )?;
-        // The readers keep all but one of the pool's connections: a walk (which cannot run
-        // twice, so never on a kept connection) always finds one in the pool.
-        let readers = Kept::new(usize::try_from(pool.max_size() - 1).unwrap_or(0));
+        // The readers may keep every connection of their pool: a walk takes a kept one too.
+        let readers = Kept::new(usize::try_from(pool.max_size()).unwrap_or(usize::MAX));
         Ok(PgStore {
             pool,
             writers,
@@ -114,9 +115,10 @@ impl PgStore {
         Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
     }
 
-    /// Runs `f` in a read-only transaction on a pooled connection.
+    /// Runs `f` in a read-only transaction on a reader's connection, once (a failure is
+    /// returned, not retried on another connection).
     fn read<T>(&self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = connection(&self.pool)?;
+        let mut conn = self.readers.checkout(&self.pool)?;
         let mut tx = conn
             .build_transaction()
             .read_only(true)
@@ -126,6 +128,7 @@ impl PgStore {
         let value = f(&mut tx)?;
         tx.commit()
             .map_err(|e| read_failed("ending a PostgreSQL read", e))?;
+        self.readers.keep(conn);
         Ok(value)
     }
 
@@ -245,6 +248,8 @@ pub(crate) struct PgWriter {
 }
 
 impl PgWriter {
+    /// A writer of `store`'s batches with `settings`; it checks its connection out of the
+    /// writers' pool at its first batch.
     pub fn new(store: Arc<PgStore>, settings: Settings) -> PgWriter {
         PgWriter {
             store,

@@ -25,7 +25,10 @@ use tokio::runtime::Runtime;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::error::write_failed;
-use super::sql::{BatchStart, Loaded, Statements, Upsert, clock_reading, from_bigint, last_rows};
+use super::sql::{
+    BatchStart, Columns, Loaded, Statements, Upsert, clock_reading, drawn_tokens, last_rows,
+    token_count,
+};
 use crate::error::{Error, Result};
 
 /// A parameter of a statement.
@@ -184,21 +187,13 @@ impl Wire {
             .map_err(|e| write_failed("starting a batch in PostgreSQL", e))?;
         let now: i64 = row.get(0);
         let token: Option<i64> = row.get(1);
-        let tokens = token
-            .map(|t| from_bigint(t, "fencing token"))
-            .into_iter()
-            .collect::<Result<Vec<u64>>>()?;
+        let tokens = drawn_tokens(token, usize::from(claim))?;
         let mut rows = HashMap::new();
         let stored: (Option<i64>, Option<i64>, Option<Vec<u8>>) =
             (row.get(2), row.get(3), row.get(4));
         match stored {
             (Some(token), Some(dies_at), Some(record)) => {
-                let loaded = Loaded {
-                    token: from_bigint(token, "token")?,
-                    dies_at: from_bigint(dies_at, "dies_at")?,
-                    record,
-                };
-                rows.insert(key.to_vec(), loaded);
+                rows.insert(key.to_vec(), Loaded::new(token, dies_at, record)?);
             }
             (None, None, None) => {}
             _ => {
@@ -207,7 +202,6 @@ impl Wire {
                 ));
             }
         }
-        check_tokens(&tokens, usize::from(claim))?;
         Ok(BatchStart {
             rows,
             tokens,
@@ -222,12 +216,9 @@ impl Wire {
         claims: usize,
     ) -> Result<BatchStart> {
         let (c, p) = (self.client(), &self.prepared);
-        let count = i32::try_from(claims).map_err(|_| {
-            Error::config(format!("{claims} fencing tokens asked for in one batch"))
-        })?;
-        let key_list: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let count = token_count(claims)?;
         let lock: [Param<'_>; 1] = [&lock_ids];
-        let load: [Param<'_>; 1] = [&key_list];
+        let load: [Param<'_>; 1] = [&keys];
         let clock: [Param<'_>; 1] = [&count];
         let fail = |e| write_failed("starting a batch in PostgreSQL", e);
         let (loaded, clock) = if keys.is_empty() {
@@ -251,23 +242,12 @@ impl Wire {
                 .map_err(fail)?;
             (loaded, clock)
         };
-        let mut rows = HashMap::with_capacity(loaded.len());
-        for row in &loaded {
-            let loaded = Loaded {
-                token: from_bigint(row.get(1), "token")?,
-                dies_at: from_bigint(row.get(2), "dies_at")?,
-                record: row.get(3),
-            };
-            rows.insert(row.get::<_, Vec<u8>>(0), loaded);
-        }
+        let rows = loaded
+            .iter()
+            .map(Loaded::keyed)
+            .collect::<Result<HashMap<_, _>>>()?;
         let now: i64 = clock.get(0);
-        let mut tokens = clock
-            .get::<_, Vec<i64>>(1)
-            .into_iter()
-            .map(|t| from_bigint(t, "fencing token"))
-            .collect::<Result<Vec<u64>>>()?;
-        tokens.sort_unstable();
-        check_tokens(&tokens, claims)?;
+        let tokens = drawn_tokens(clock.get::<_, Vec<i64>>(1), claims)?;
         Ok(BatchStart {
             rows,
             tokens,
@@ -302,11 +282,13 @@ impl Wire {
                 .map_err(fail)?;
             return Ok(());
         }
-        let keys: Vec<&[u8]> = rows.iter().map(|r| r.0).collect();
-        let tokens: Vec<i64> = rows.iter().map(|r| r.1).collect();
-        let deaths: Vec<i64> = rows.iter().map(|r| r.2).collect();
-        let records: Vec<&[u8]> = rows.iter().map(|r| r.3).collect();
-        let upsert: [Param<'_>; 4] = [&keys, &tokens, &deaths, &records];
+        let columns = Columns::of(&rows);
+        let upsert: [Param<'_>; 4] = [
+            &columns.keys,
+            &columns.tokens,
+            &columns.deaths,
+            &columns.records,
+        ];
         let delete: [Param<'_>; 1] = [&deleted];
         let write = async {
             if !rows.is_empty() {
@@ -357,21 +339,14 @@ impl Wire {
     }
 
     fn next_tokens_once(&mut self, n: usize) -> Result<Vec<u64>> {
-        let count = i32::try_from(n)
-            .map_err(|_| Error::config(format!("{n} fencing tokens asked for in one batch")))?;
+        let count = token_count(n)?;
         let (c, p) = (self.client(), &self.prepared);
         let params: [Param<'_>; 1] = [&count];
         let rows = self
             .runtime()
             .block_on(c.query(&p.tokens, &params))
             .map_err(|e| write_failed("drawing fencing tokens from PostgreSQL", e))?;
-        let mut tokens = rows
-            .iter()
-            .map(|row| from_bigint(row.get(0), "fencing token"))
-            .collect::<Result<Vec<u64>>>()?;
-        tokens.sort_unstable();
-        check_tokens(&tokens, n)?;
-        Ok(tokens)
+        drawn_tokens(rows.iter().map(|row| row.get(0)), n)
     }
 
     /// Deletes up to `limit` rows dead at `now`, oldest first, inside the open transaction,
@@ -430,9 +405,12 @@ impl r2d2::ManageConnection for WireManager {
 
 impl Drop for Wire {
     /// Closes the connection: the client's end makes the driver tell the server and finish,
-    /// waited for at most [`CLOSE_TIMEOUT`]. Inside another runtime's task (a store dropped
-    /// by async code) nothing may block: the runtime is shut down without waiting, and the
-    /// server sees the connection end when its socket closes.
+    /// waited for at most [`CLOSE_TIMEOUT`]. Where another tokio runtime is current (a store
+    /// dropped by async code) nothing may block, and tokio offers no way to tell a runtime's
+    /// task from one of its blocking threads, where blocking would be allowed: in both, the
+    /// runtime is shut down without waiting, and the server sees the connection end when its
+    /// socket closes. (The readers' connections, of the synchronous client, still block when
+    /// dropped: a store is opened and closed outside a runtime's tasks.)
     fn drop(&mut self) {
         drop(self.client.take());
         let Some(runtime) = self.runtime.take() else {
@@ -478,18 +456,6 @@ impl Prepared {
 /// A failure to open a writer's connection: nothing was written, whatever the error says.
 fn connect_failed(context: &str, e: postgres::Error) -> Error {
     super::error::read_failed(context, e)
-}
-
-/// `tokens` must be `wanted` many.
-fn check_tokens(tokens: &[u64], wanted: usize) -> Result<()> {
-    if tokens.len() == wanted {
-        Ok(())
-    } else {
-        Err(Error::corrupt(format!(
-            "PostgreSQL handed out {} fencing tokens where {wanted} were asked for",
-            tokens.len()
-        )))
-    }
 }
 
 #[cfg(test)]
@@ -708,7 +674,8 @@ mod tests {
             config: parse_conninfo(&db.conninfo).unwrap(),
             statements: sql.clone(),
         };
-        let pool = crate::postgres::pool::build(manager, 1).unwrap();
+        let pool =
+            crate::postgres::pool::build(manager, 1, &crate::postgres::pool::workers()).unwrap();
         let mut wire = pool.get().unwrap();
         start(&mut wire, &sql, &[b"k"], 1);
         // Refused before anything is sent, but the transaction is left open: the session's

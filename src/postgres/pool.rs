@@ -1,10 +1,12 @@
 //! The connection pool: r2d2 over the `postgres` client, without TLS.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use postgres::{Client, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
+use scheduled_thread_pool::ScheduledThreadPool;
 
 use super::error::{chain, pool_failed, read_failed};
 use crate::error::{Error, Result};
@@ -22,9 +24,9 @@ const MAX_DEFAULT_POOL_SIZE: u32 = 16;
 /// How long opening a connection, or waiting for a free one, may take before the call fails.
 pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The default pool size: two connections per core (one for the committer's batch in flight
-/// and room for the readers beside it), at least 2 and at most 16, so that several replicas
-/// of a service stay well under PostgreSQL's default `max_connections` of 100.
+/// The default pool size: two connections per core (half of them the writers', each with a
+/// batch in flight, the other half the readers'), at least 2 and at most 16, so that several
+/// replicas of a service stay well under PostgreSQL's default `max_connections` of 100.
 pub(crate) fn default_pool_size() -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     u32::try_from(cores.saturating_mul(2))
@@ -69,23 +71,45 @@ pub(crate) fn parse_conninfo(conninfo: &str) -> Result<tokio_postgres::Config> {
 ///
 /// [`Error::InvalidConfig`] for a `size` of 0; [`Error::Storage`] when the connections cannot
 /// be opened in time (the server is unreachable, or refuses the user).
-pub(crate) fn open_pool(config: &tokio_postgres::Config, size: u32) -> Result<Pool> {
+pub(crate) fn open_pool(
+    config: &tokio_postgres::Config,
+    size: u32,
+    workers: &Workers,
+) -> Result<Pool> {
     if size == 0 {
         return Err(Error::config("the PostgreSQL pool size must be at least 1"));
     }
     let manager = PostgresConnectionManager::new(postgres::Config::from(config.clone()), NoTls);
-    build(manager, size)
+    build(manager, size, workers)
+}
+
+/// The threads on which a store's pools open connections (in the background, to replace one
+/// that was discarded) and close idle ones: one set for all of a store's pools.
+///
+/// They are r2d2's own: they end when the last pool using them is dropped, without being
+/// joined, so a connection being opened at that moment finishes (or times out, after
+/// [`CONNECTION_TIMEOUT`]) after the store has closed, and is then dropped.
+pub(crate) type Workers = Arc<ScheduledThreadPool>;
+
+/// Threads for a store's pools ([`Workers`]).
+pub(crate) fn workers() -> Workers {
+    Arc::new(
+        ScheduledThreadPool::builder()
+            .num_threads(2)
+            .thread_name_pattern("idemstore-pg-{}")
+            .build(),
+    )
 }
 
 /// Builds a pool of `size` connections of `manager`, with idemstore's settings: a connection
 /// is checked when it is checked out, waiting for one times out after
-/// [`CONNECTION_TIMEOUT`], and the pool's background errors go to `tracing`. Waits until
-/// every connection is open.
+/// [`CONNECTION_TIMEOUT`], and the pool's background errors go to `tracing`; its background
+/// work runs on `workers`. Waits until every connection is open.
 ///
 /// # Errors
 ///
 /// [`Error::Storage`] when the connections cannot be opened in time.
-pub(crate) fn build<M>(manager: M, size: u32) -> Result<r2d2::Pool<M>>
+pub(crate) fn build<M>(manager: M, size: u32, workers: &Workers) -> Result<r2d2::Pool<M>>
 where
     M: r2d2::ManageConnection,
     M::Error: std::error::Error,
@@ -95,6 +119,7 @@ where
         .connection_timeout(CONNECTION_TIMEOUT)
         .test_on_check_out(true)
         .error_handler(Box::new(TraceErrors))
+        .thread_pool(Arc::clone(workers))
         .build(manager)
         .map_err(|e| pool_failed("connecting to PostgreSQL", e))
 }
@@ -113,8 +138,9 @@ pub(crate) fn connection(pool: &Pool) -> Result<Conn> {
 /// Connections kept out of the pool between reads. A checkout from the pool tests its
 /// connection with a round trip first; a kept connection is used as it is, and a read that
 /// finds it broken (the server restarted or closed it meanwhile) runs again on a connection
-/// from the pool, checked on checkout. Only for statements that write nothing, so that
-/// running one twice is harmless.
+/// from the pool, checked on checkout ([`Kept::read`]: only for statements that write
+/// nothing, so that running one twice is harmless). A read that must not run twice takes a
+/// connection with [`Kept::checkout`] and gives it back with [`Kept::keep`].
 pub(crate) struct Kept {
     conns: Mutex<Vec<Conn>>,
     /// The most connections kept.
@@ -161,9 +187,23 @@ impl Kept {
         result.map_err(|e| read_failed(context, e))
     }
 
+    /// A kept connection that is not known to be closed, or else one from `pool` (checked on
+    /// checkout), for a read that is not run again when it fails.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] (nothing was sent) when no connection could be had in time.
+    pub(crate) fn checkout(&self, pool: &Pool) -> Result<Conn> {
+        let kept = self.conns.lock().pop();
+        match kept.filter(|c| !c.is_closed()) {
+            Some(conn) => Ok(conn),
+            None => connection(pool),
+        }
+    }
+
     /// Keeps `conn` for the next read, unless it is closed or enough are kept (then it goes
     /// back to the pool).
-    fn keep(&self, conn: Conn) {
+    pub(crate) fn keep(&self, conn: Conn) {
         if conn.is_closed() {
             return;
         }
@@ -236,7 +276,7 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_before_connecting() {
         assert!(matches!(
-            open_pool(&parse_conninfo("host=127.0.0.1").unwrap(), 0),
+            open_pool(&parse_conninfo("host=127.0.0.1").unwrap(), 0, &workers()),
             Err(Error::InvalidConfig { .. })
         ));
         let e = parse_conninfo("host=127.0.0.1 port=not-a-port password=hunter2").unwrap_err();
@@ -265,7 +305,7 @@ mod tests {
         // Port 1 on loopback: nothing listens there, the connection is refused.
         let started = Instant::now();
         let config = parse_conninfo("host=127.0.0.1 port=1 user=nobody dbname=none").unwrap();
-        let e = open_pool(&config, 1).unwrap_err();
+        let e = open_pool(&config, 1, &workers()).unwrap_err();
         assert!(
             matches!(
                 e,

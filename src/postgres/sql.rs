@@ -1,17 +1,19 @@
 //! The texts of idemstore's statements for one schema, and the single statements (typed
 //! parameters, one round trip each) that serve `complete_in` and the tests. The committer's
-//! batches run the same texts as prepared statements, pipelined (see `pipeline`):
+//! batches run the same texts as prepared statements, pipelined in two round trips (see
+//! `pipeline`):
 //!
-//! 1. [`Statements::lock_keys`]: transaction advisory locks on the batch's keys, in
-//!    ascending order of their lock keys, so that batches on different replicas that share
-//!    keys wait for one another instead of deadlocking;
-//! 2. [`Statements::load`]: the keys' rows, read after the locks (a separate statement, so
-//!    its snapshot shows what the previous holder of each lock committed);
-//! 3. [`Statements::server_now`] and fresh fencing tokens, also after the locks;
-//! 4. [`Statements::upsert`] (and a deletion): the batch's writes;
-//! 5. `COMMIT`.
+//! 1. `BEGIN`; transaction advisory locks on the batch's keys (`lock`, or `lock_one` for a
+//!    single key), in ascending order of their lock keys, so that batches on different
+//!    replicas that share keys wait for one another instead of deadlocking;
+//! 2. the keys' rows (`load`, `load_one`), read after the locks (separate statements, so
+//!    their snapshot shows what the previous holder of each lock committed), and the server's
+//!    clock with fresh fencing tokens (`clock_and_tokens`), also after the locks;
+//! 3. the batch's writes (`upsert`, `upsert_one`, and a deletion) and `COMMIT`.
 //!
-//! The reaper runs [`Statements::reap`] inside a batch. Times and tokens are
+//! `complete_in` runs the same steps as single statements inside the caller's transaction:
+//! [`Statements::lock_keys`], [`Statements::load`], [`Statements::server_now`],
+//! [`Statements::upsert`]. The reaper runs `reap` inside a batch. Times and tokens are
 //! `u64` on idemstore's side and `bigint` in the database: a token is at most `i64::MAX`
 //! (the sequence is a bigint), a time from the clock is below it (year 2262), and a death
 //! time beyond it (a record that never dies in practice) is stored as `i64::MAX`.
@@ -46,6 +48,30 @@ pub(crate) struct Loaded {
     pub token: u64,
     pub dies_at: u64,
     pub record: Vec<u8>,
+}
+
+impl Loaded {
+    /// A row's stored token, death time and record.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] for a negative token or death time.
+    pub(crate) fn new(token: i64, dies_at: i64, record: Vec<u8>) -> Result<Loaded> {
+        Ok(Loaded {
+            token: from_bigint(token, "token")?,
+            dies_at: from_bigint(dies_at, "dies_at")?,
+            record,
+        })
+    }
+
+    /// A row of `load`: the key, then as [`Loaded::new`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Loaded::new`].
+    pub(crate) fn keyed(row: &postgres::Row) -> Result<(Vec<u8>, Loaded)> {
+        Ok((row.get(0), Loaded::new(row.get(1), row.get(2), row.get(3))?))
+    }
 }
 
 /// The server's clock in nanoseconds since 1970: `clock_timestamp()`, the time of the
@@ -214,17 +240,7 @@ impl Statements {
         let rows = tx
             .query_typed(&self.load, &[(&keys, Type::BYTEA_ARRAY)])
             .map_err(|e| write_failed("reading records from PostgreSQL", e))?;
-        rows.iter()
-            .map(|row| {
-                let key: Vec<u8> = row.get(0);
-                let loaded = Loaded {
-                    token: from_bigint(row.get(1), "token")?,
-                    dies_at: from_bigint(row.get(2), "dies_at")?,
-                    record: row.get(3),
-                };
-                Ok((key, loaded))
-            })
-            .collect()
+        rows.iter().map(Loaded::keyed).collect()
     }
 
     /// Writes `rows` (inserting or replacing each key's row) in one statement. A key may
@@ -238,18 +254,14 @@ impl Statements {
         if rows.is_empty() {
             return Ok(());
         }
-        let rows = last_rows(rows)?;
-        let keys: Vec<&[u8]> = rows.iter().map(|r| r.0).collect();
-        let tokens: Vec<i64> = rows.iter().map(|r| r.1).collect();
-        let deaths: Vec<i64> = rows.iter().map(|r| r.2).collect();
-        let records: Vec<&[u8]> = rows.iter().map(|r| r.3).collect();
+        let c = Columns::of(&last_rows(rows)?);
         tx.query_typed(
             &self.upsert,
             &[
-                (&keys, Type::BYTEA_ARRAY),
-                (&tokens, Type::INT8_ARRAY),
-                (&deaths, Type::INT8_ARRAY),
-                (&records, Type::BYTEA_ARRAY),
+                (&c.keys, Type::BYTEA_ARRAY),
+                (&c.tokens, Type::INT8_ARRAY),
+                (&c.deaths, Type::INT8_ARRAY),
+                (&c.records, Type::BYTEA_ARRAY),
             ],
         )
         .map_err(|e| write_failed("writing records to PostgreSQL", e))?;
@@ -336,6 +348,60 @@ impl Statements {
 
 /// A row to write with its numbers as bigints: key, token, death time, record.
 pub(crate) type BigintRow<'a> = (&'a [u8], i64, i64, &'a [u8]);
+
+/// Rows to write as the four arrays of the `upsert` statement's parameters.
+pub(crate) struct Columns<'a> {
+    pub keys: Vec<&'a [u8]>,
+    pub tokens: Vec<i64>,
+    pub deaths: Vec<i64>,
+    pub records: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    /// The columns of `rows`, in their order.
+    pub(crate) fn of(rows: &[BigintRow<'a>]) -> Columns<'a> {
+        Columns {
+            keys: rows.iter().map(|r| r.0).collect(),
+            tokens: rows.iter().map(|r| r.1).collect(),
+            deaths: rows.iter().map(|r| r.2).collect(),
+            records: rows.iter().map(|r| r.3).collect(),
+        }
+    }
+}
+
+/// The `int4` count of `n` fencing tokens to draw.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] for more than `i32::MAX` (a batch is far smaller).
+pub(crate) fn token_count(n: usize) -> Result<i32> {
+    i32::try_from(n)
+        .map_err(|_| Error::config(format!("{n} fencing tokens asked for in one batch")))
+}
+
+/// The fencing tokens drawn for `wanted` claims, in ascending order.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] for a negative token, or for as many tokens as were not asked for.
+pub(crate) fn drawn_tokens(
+    drawn: impl IntoIterator<Item = i64>,
+    wanted: usize,
+) -> Result<Vec<u64>> {
+    let mut tokens = drawn
+        .into_iter()
+        .map(|t| from_bigint(t, "fencing token"))
+        .collect::<Result<Vec<u64>>>()?;
+    tokens.sort_unstable();
+    if tokens.len() == wanted {
+        Ok(tokens)
+    } else {
+        Err(Error::corrupt(format!(
+            "PostgreSQL handed out {} fencing tokens where {wanted} were asked for",
+            tokens.len()
+        )))
+    }
+}
 
 /// Each key's last row of `rows` (`ON CONFLICT DO UPDATE` refuses to touch a row twice), as
 /// key, token, death time and record, the numbers as bigints.

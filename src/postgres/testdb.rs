@@ -68,6 +68,7 @@ impl TestDb {
         open_pool(
             &parse_conninfo(&self.conninfo).expect("a good conninfo"),
             size,
+            &super::pool::workers(),
         )
         .expect("open the pool")
     }
