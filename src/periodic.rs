@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 pub(crate) struct KeepGoing<'a>(&'a Receiver<()>);
 
 impl KeepGoing<'_> {
+    /// `true` while no stop was asked.
     pub fn now(&self) -> bool {
         matches!(self.0.try_recv(), Err(TryRecvError::Empty))
     }

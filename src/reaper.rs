@@ -52,7 +52,7 @@ impl Reaper {
     /// Starts the thread.
     ///
     /// # Errors
-    /// [`Error::Storage`] if the thread cannot be spawned.
+    /// [`Error::Storage`](crate::Error::Storage) if the thread cannot be spawned.
     pub fn spawn(
         interval: Duration,
         submitter: Submitter,

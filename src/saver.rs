@@ -41,7 +41,7 @@ impl Saver {
     /// Starts the thread.
     ///
     /// # Errors
-    /// [`Error::Storage`] if the thread cannot be spawned.
+    /// [`Error::Storage`](crate::Error::Storage) if the thread cannot be spawned.
     pub fn spawn(stored: Arc<Stored>) -> Result<Saver> {
         Periodic::spawn(
             "idemstore-index-saver",

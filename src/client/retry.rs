@@ -539,7 +539,7 @@ impl RetryPolicy {
 }
 
 /// Parses a `Retry-After` value: delay-seconds (`"120"`) or an HTTP-date (relative to
-/// `now`; a date in the past is zero), in any of the three forms RFC 9110 §5.6.7 asks
+/// `now`; a date in the past is zero), in any of the three forms that RFC 9110 (section 5.6.7) asks
 /// recipients to accept: IMF-fixdate (`"Sun, 06 Nov 1994 08:49:37 GMT"`), the obsolete
 /// RFC 850 form (`"Sunday, 06-Nov-94 08:49:37 GMT"`, its two-digit year read as the latest
 /// year with those digits that is not more than 50 years after `now`) and asctime
@@ -567,7 +567,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// An HTTP-date in any of its three forms (RFC 9110 §5.6.7), read by `httpdate`, which also
+/// An HTTP-date in any of its three forms (RFC 9110, section 5.6.7), read by `httpdate`, which also
 /// checks that the date exists and that its day name is the right one. An RFC 850 date is
 /// first rewritten as an IMF-fixdate with its two-digit year placed relative to `now` (the
 /// latest year with those digits not more than 50 years after `now`), as RFC 9110 asks;

@@ -22,7 +22,7 @@ fn malformed(reason: impl Into<String>) -> Error {
 /// # Accepted forms
 ///
 /// The IETF draft (`draft-ietf-httpapi-idempotency-key-header`) defines the header as a
-/// structured-field *Item* whose value is a *String* (RFC 8941 §3.3.3):
+/// structured-field *Item* whose value is a *String* (RFC 8941, section 3.3.3):
 ///
 /// * **Quoted (the standard form)**: `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`.
 ///   Inside the quotes: printable ASCII (0x20–0x7E), with `\"` and `\\` as the only escapes.

@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 /// The first four bytes of an encoded response: `"IDR"` and format version 1.
 const MAGIC: [u8; 4] = *b"IDR\x01";
 
-/// Headers never stored (RFC 9110 §7.6.1 hop-by-hop headers, their legacy relatives, and
-/// `Set-Cookie`).
+/// Headers never stored: the hop-by-hop headers of RFC 9110, section 7.6.1, their legacy
+/// relatives, and `Set-Cookie`.
 const DROPPED: [&str; 10] = [
     "connection",
     "keep-alive",
@@ -36,7 +36,7 @@ const DROPPED: [&str; 10] = [
 /// * the hop-by-hop headers, which describe one connection and not the response:
 ///   `Connection`, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, `TE`,
 ///   `Trailer`, `Proxy-Authenticate`, `Proxy-Authorization`, and every header that the
-///   response's `Connection` header names (RFC 9110 §7.6.1);
+///   response's `Connection` header names (RFC 9110, section 7.6.1);
 /// * `Set-Cookie`: a session or CSRF cookie belongs to the first client that got it, and
 ///   replaying it could hand it to whoever retries with the key;
 /// * `Idempotent-Replayed`, which [`into_replay`](StoredResponse::into_replay) adds itself.
