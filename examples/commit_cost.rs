@@ -3,20 +3,24 @@
 //! begin + complete cycle after another (two commits per cycle).
 //!
 //! ```text
-//! cargo run --release --example commit_cost -- [--cycles N] [--rounds R]
+//! cargo run --release --example commit_cost -- [--cycles N] [--rounds R] [--dir FOLDER]
 //! ```
 //!
 //! - **µs per commit**: the median over the rounds of the run's time / commits.
 //! - **KiB written per commit**: what the process wrote to the disk meanwhile
 //!   (`write_bytes` of `/proc/self/io`, Linux only), / commits. The fsync's time grows with it.
-//! - **µs per commit, no fsync**: the same peer at `Durability::None` (redb peers only): the
-//!   CPU of a commit, without waiting for the disk.
+//! - **no fsync**: a redb peer's row at `Durability::None`: the CPU of a commit, without
+//!   waiting for the disk (its bytes reach the disk later, so none are counted).
 //!
 //! The peers are those of `compare`: idemstore, the full-state-machine redb baseline (one
 //! transaction per operation), the simplest redb code (one table), and SQLite in WAL mode with
 //! `synchronous=FULL`, each redb peer at two-phase (the default) and one-phase commits.
+//!
+//! The files are made in a temporary folder inside `--dir` (default: the system's temporary
+//! folder). Where that is a tmpfs, as `/tmp` is on some systems, fsync costs nothing and
+//! nothing is written to a disk: the program says so, and the figures mean little.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use idemstore::Durability;
@@ -26,17 +30,19 @@ use idemstore_testkit::peers::{Idem, NaiveRedb, Peer, SimplestRedb, Sqlite};
 struct Entry {
     name: &'static str,
     open: fn(&Path, Durability) -> Box<dyn Peer>,
-    /// Whether it has a `Durability::None` run (redb peers).
+    /// Whether it is a redb peer (one row per commit mode).
     redb: bool,
 }
 
 const WARM_UP: u64 = 200;
 
 fn main() {
-    let (cycles, rounds) = match args() {
+    let args = match args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("commit_cost: {e}\nusage: commit_cost [--cycles N] [--rounds R]");
+            eprintln!(
+                "commit_cost: {e}\nusage: commit_cost [--cycles N] [--rounds R] [--dir FOLDER]"
+            );
             std::process::exit(2);
         }
     };
@@ -62,49 +68,52 @@ fn main() {
             redb: false,
         },
     ];
-    let durabilities = [
+    let modes = [
         ("2-phase", Durability::Immediate),
         ("1-phase", Durability::ImmediateOnePhase),
+        ("no fsync", Durability::None),
     ];
-    println!("{cycles} cycles per round, {rounds} round(s), one caller; medians over rounds");
-    println!();
+    if on_tmpfs(&args.dir) {
+        eprintln!(
+            "commit_cost: {} is on a tmpfs: fsync costs nothing there, so the figures say \
+             little about a disk; pass --dir with a folder on one",
+            args.dir.display()
+        );
+    }
     println!(
-        "| peer | commit | µs per commit | KiB written per commit | µs per commit, no fsync |"
+        "{} cycles per round, {} round(s), one caller, files in {}; medians over rounds",
+        args.cycles,
+        args.rounds,
+        args.dir.display()
     );
-    println!("|---|---|---|---|---|");
+    println!();
+    println!("| peer | commit | µs per commit | KiB written per commit |");
+    println!("|---|---|---|---|");
     for peer in &peers {
-        let modes: &[(&str, Durability)] = if peer.redb {
-            &durabilities
-        } else {
-            &durabilities[..1]
-        };
+        let modes: &[(&str, Durability)] = if peer.redb { &modes } else { &modes[..1] };
         for &(label, durability) in modes {
             let label = if peer.redb { label } else { "1 fsync" };
             let mut micros = Vec::new();
             let mut kib = Vec::new();
-            let mut cpu = Vec::new();
-            for round in 0..rounds {
-                eprint!("\r{} {label}: round {}/{rounds}   ", peer.name, round + 1);
-                let (m, k) = measure(peer, durability, cycles);
+            for round in 0..args.rounds {
+                eprint!(
+                    "\r{} {label}: round {}/{}   ",
+                    peer.name,
+                    round + 1,
+                    args.rounds
+                );
+                let (m, k) = measure(peer, durability, &args);
                 micros.push(m);
                 kib.extend(k);
-                if peer.redb {
-                    cpu.push(measure(peer, Durability::None, cycles).0);
-                }
             }
-            eprint!("\r{:70}\r", "");
-            let kib = if kib.is_empty() {
+            eprint!("\r{:100}\r", "");
+            let kib = if kib.is_empty() || durability == Durability::None {
                 "n/a".to_owned()
             } else {
                 format!("{:.1}", median(&mut kib))
             };
-            let cpu = if cpu.is_empty() {
-                "n/a".to_owned()
-            } else {
-                format!("{:.1}", median(&mut cpu))
-            };
             println!(
-                "| {} | {label} | {:.1} | {kib} | {cpu} |",
+                "| {} | {label} | {:.1} | {kib} |",
                 peer.name,
                 median(&mut micros)
             );
@@ -112,10 +121,32 @@ fn main() {
     }
 }
 
+/// Whether `dir` is on a tmpfs (Linux: the longest matching mount point of
+/// `/proc/self/mounts`); `false` where that cannot be told.
+fn on_tmpfs(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (point, kind) = (fields.nth(1)?, fields.next()?);
+            dir.starts_with(point)
+                .then_some((point.len(), kind == "tmpfs"))
+        })
+        .max()
+        .is_some_and(|(_, tmpfs)| tmpfs)
+}
+
 /// One round on a fresh file: µs per commit, and KiB written per commit where the kernel
 /// says.
-fn measure(peer: &Entry, durability: Durability, cycles: u64) -> (f64, Option<f64>) {
-    let dir = tempfile::tempdir().expect("a temporary folder");
+fn measure(peer: &Entry, durability: Durability, args: &Args) -> (f64, Option<f64>) {
+    let cycles = args.cycles;
+    let dir = tempfile::tempdir_in(&args.dir).expect("a temporary folder in --dir");
     let p = (peer.open)(dir.path(), durability);
     for i in 0..WARM_UP {
         p.cycle(0, (1 << 39) + i);
@@ -148,19 +179,34 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn args() -> Result<(u64, usize), lexopt::Error> {
+/// The command line.
+struct Args {
+    cycles: u64,
+    rounds: usize,
+    dir: PathBuf,
+}
+
+fn args() -> Result<Args, lexopt::Error> {
     use lexopt::prelude::*;
-    let (mut cycles, mut rounds) = (3000u64, 3usize);
+    let mut args = Args {
+        cycles: 3000,
+        rounds: 3,
+        dir: std::env::temp_dir(),
+    };
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
-            Long("cycles") => cycles = parser.value()?.parse()?,
-            Long("rounds") => rounds = parser.value()?.parse()?,
+            Long("cycles") => args.cycles = parser.value()?.parse()?,
+            Long("rounds") => args.rounds = parser.value()?.parse()?,
+            Long("dir") => args.dir = parser.value()?.into(),
             _ => return Err(arg.unexpected()),
         }
     }
-    if cycles == 0 || rounds == 0 {
+    if args.cycles == 0 || args.rounds == 0 {
         return Err("--cycles and --rounds must be above 0".into());
     }
-    Ok((cycles, rounds))
+    if !args.dir.is_dir() {
+        return Err(format!("--dir {}: not a folder", args.dir.display()).into());
+    }
+    Ok(args)
 }
