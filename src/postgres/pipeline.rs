@@ -498,46 +498,19 @@ mod tests {
 
     use super::*;
     use crate::postgres::pool::parse_conninfo;
-    use crate::postgres::schema::create_or_check;
     use crate::postgres::testdb::{TestDb, row};
 
     /// A test schema with idemstore's objects, its statements and a writer's connection
     /// named `name` in `pg_stat_activity`.
     fn opened(name: &str) -> Option<(TestDb, Statements, Wire)> {
-        let db = TestDb::new()?;
-        create_or_check(&mut db.client(), &db.names).unwrap();
-        let sql = Statements::new(&db.names);
-        let config = parse_conninfo(&format!("{} application_name={name}", db.conninfo)).unwrap();
-        let wire = Wire::connect(&config, &sql).unwrap();
+        let (db, sql) = TestDb::with_schema()?;
+        let wire = db.wire(&sql, name);
         Some((db, sql, wire))
     }
 
     fn start(wire: &mut Wire, sql: &Statements, keys: &[&[u8]], claims: usize) -> BatchStart {
         let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
         wire.start(&keys, &sql.lock_order(&keys), claims).unwrap()
-    }
-
-    /// Whether another session can take the lock of `key` (it then lets it go at once).
-    fn lock_is_free(db: &TestDb, sql: &Statements, key: &[u8]) -> bool {
-        let id = sql.lock_order(&[key])[0];
-        let mut other = db.client();
-        let free: bool = other
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&id])
-            .unwrap()
-            .get(0);
-        if free {
-            other
-                .execute("SELECT pg_advisory_unlock($1)", &[&id])
-                .unwrap();
-        }
-        free
-    }
-
-    /// The committed rows of `keys`, read on another connection.
-    fn committed(db: &TestDb, sql: &Statements, keys: &[&[u8]]) -> HashMap<Vec<u8>, Loaded> {
-        let mut client = db.client();
-        let mut tx = client.transaction().unwrap();
-        sql.load(&mut tx, keys).unwrap()
     }
 
     #[test]
@@ -551,14 +524,14 @@ mod tests {
         assert_eq!(first.tokens.len(), 1);
         assert!(*first.server_now.as_ref().unwrap() > 1_600_000_000_000_000_000);
         assert!(
-            !lock_is_free(&db, &sql, key),
+            !db.lock_is_free(&sql, key),
             "the batch holds the key's lock"
         );
         let record: Vec<u8> = (0..=255u8).collect();
         wire.finish(&[row(key, first.tokens[0], 100, &record)], &[])
             .unwrap();
-        assert!(lock_is_free(&db, &sql, key), "committed: the lock is gone");
-        let rows = committed(&db, &sql, &[key]);
+        assert!(db.lock_is_free(&sql, key), "committed: the lock is gone");
+        let rows = db.committed(&sql, &[key]);
         assert_eq!(rows[key].token, first.tokens[0]);
         assert_eq!(rows[key].record, record);
 
@@ -568,15 +541,12 @@ mod tests {
         assert_eq!(second.rows[key].dies_at, 100);
         assert_eq!(second.rows[key].record, record);
         wire.finish(&[], &[key]).unwrap();
-        assert!(committed(&db, &sql, &[key]).is_empty(), "deleted");
+        assert!(db.committed(&sql, &[key]).is_empty(), "deleted");
         // A claim after that gets a larger token.
         let third = start(&mut wire, &sql, &[key], 1);
         assert!(third.tokens[0] > first.tokens[0]);
         wire.rollback().unwrap();
-        assert!(
-            lock_is_free(&db, &sql, key),
-            "rolled back: the lock is gone"
-        );
+        assert!(db.lock_is_free(&sql, key), "rolled back: the lock is gone");
     }
 
     #[test]
@@ -589,7 +559,7 @@ mod tests {
         assert_eq!(start1.tokens.len(), 2);
         assert!(start1.tokens[0] < start1.tokens[1]);
         for key in keys {
-            assert!(!lock_is_free(&db, &sql, key));
+            assert!(!db.lock_is_free(&sql, key));
         }
         wire.finish(
             &[
@@ -602,7 +572,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let rows = committed(&db, &sql, &keys);
+        let rows = db.committed(&sql, &keys);
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[keys[0]].record, b"a2");
         assert_eq!(rows[keys[0]].dies_at, 20);
@@ -614,7 +584,7 @@ mod tests {
         assert!(start2.tokens.is_empty());
         wire.finish(&[row(keys[1], 9, 90, b"b2")], &[keys[0], keys[2]])
             .unwrap();
-        let rows = committed(&db, &sql, &keys);
+        let rows = db.committed(&sql, &keys);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[keys[1]].record, b"b2");
 
@@ -625,7 +595,7 @@ mod tests {
         assert_eq!(wire.next_tokens(2).unwrap().len(), 2);
         assert_eq!(wire.reap(100, 10).unwrap(), vec![keys[1].to_vec()]);
         wire.finish(&[], &[]).unwrap();
-        assert!(committed(&db, &sql, &keys).is_empty(), "reaped");
+        assert!(db.committed(&sql, &keys).is_empty(), "reaped");
     }
 
     #[test]
@@ -641,11 +611,11 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
         wire.rollback().unwrap();
-        assert!(committed(&db, &sql, &[key]).is_empty());
+        assert!(db.committed(&sql, &[key]).is_empty());
         let started = start(&mut wire, &sql, &[key], 1);
         wire.finish(&[row(key, started.tokens[0], 1, b"r")], &[])
             .unwrap();
-        assert_eq!(committed(&db, &sql, &[key])[key].record, b"r");
+        assert_eq!(db.committed(&sql, &[key])[key].record, b"r");
     }
 
     #[test]
@@ -705,7 +675,7 @@ mod tests {
             return;
         };
         let manager = WireManager {
-            config: parse_conninfo(&db.conninfo).unwrap(),
+            config: parse_conninfo(db.conninfo()).unwrap(),
             statements: sql.clone(),
         };
         let pool = crate::postgres::pool::build(manager, 1).unwrap();
@@ -722,6 +692,6 @@ mod tests {
         fresh
             .finish(&[row(b"k", started.tokens[0], 1, b"r")], &[])
             .unwrap();
-        assert_eq!(committed(&db, &sql, &[b"k"])[b"k".as_slice()].record, b"r");
+        assert_eq!(db.committed(&sql, &[b"k"])[b"k".as_slice()].record, b"r");
     }
 }
