@@ -599,19 +599,27 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_batch_rolls_back_and_the_connection_goes_on() {
+    fn a_refused_batch_marks_the_connection_broken_and_rolls_back() {
         let Some((db, sql, mut wire)) = opened("wire_failed") else {
             return;
         };
         let key: &[u8] = b"k";
         start(&mut wire, &sql, &[key], 1);
+        assert!(!wire.is_broken());
         // A token that does not fit a bigint is refused before anything is sent.
         let e = wire
             .finish(&[row(key, u64::MAX, 1, b"r")], &[])
             .unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+        // The pool discards a marked connection when it goes back (see
+        // `the_pool_discards_a_connection_whose_call_failed`), also after a rollback that
+        // worked: the mark stays.
+        assert!(wire.is_broken(), "a failed call marks the connection");
         wire.rollback().unwrap();
+        assert!(wire.is_broken(), "the mark outlives the rollback");
         assert!(db.committed(&sql, &[key]).is_empty());
+        // Nothing was sent, so the session itself is sound: a batch on it still commits (the
+        // pool would not hand it out again; this checks the refusal left no half-sent batch).
         let started = start(&mut wire, &sql, &[key], 1);
         wire.finish(&[row(key, started.tokens[0], 1, b"r")], &[])
             .unwrap();
