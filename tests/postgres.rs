@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use idemstore::{Begin, Builder, Error, Fingerprint, Key, ManualClock, Store};
 use idemstore_testkit::engine::{Engine, Place, pg};
+use idemstore_testkit::pg as testkit_pg;
 
 /// A schema of the test's own on the test cluster (dropped at the end), or `None` after the
 /// loud skip.
@@ -32,8 +33,12 @@ impl Db {
         self.place.postgres().expect("a PostgreSQL place").1
     }
 
+    fn conninfo(&self) -> &str {
+        self.place.postgres().expect("a PostgreSQL place").0
+    }
+
     fn client(&self) -> postgres::Client {
-        pg::connect(self.place.postgres().expect("a PostgreSQL place").0)
+        pg::connect(self.conninfo())
     }
 }
 
@@ -269,7 +274,18 @@ fn a_pool_of_two_serves_writes_reads_and_a_walk() {
 #[test]
 fn kept_connections_the_server_ended_are_replaced_without_an_error() {
     let Some(db) = Db::new() else { return };
-    let store = db.open(db.builder());
+    // Its connections under a name of their own (the schema's, unique), so that ending them
+    // ends no other test's: the store's default name is `idemstore` for every store.
+    let name = db.schema().to_owned();
+    let store = db
+        .builder()
+        .postgres_schema(db.schema())
+        .open_postgres(&testkit_pg::with_param(
+            db.conninfo(),
+            "application_name",
+            &name,
+        ))
+        .expect("open on PostgreSQL");
     let fp = Fingerprint::of(b"p");
     let Begin::Started(lease) = store.begin(&key("kept"), &fp).unwrap() else {
         panic!()
@@ -278,16 +294,26 @@ fn kept_connections_the_server_ended_are_replaced_without_an_error() {
     // Reads and writes have each kept a connection by now.
     assert!(store.get(&key("kept")).unwrap().is_some());
     let mut client = db.client();
-    let ended: i64 = client
-        .query_one(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'idemstore' AND pid <> pg_backend_pid()) AS t",
-            &[],
+    let ended: Vec<i32> = client
+        .query(
+            "SELECT pid FROM (SELECT pid, pg_terminate_backend(pid) AS ended \
+             FROM pg_stat_activity WHERE application_name = $1) AS t WHERE ended",
+            &[&name],
         )
         .unwrap()
-        .get(0);
-    assert!(ended >= 2, "the store's connections were ended ({ended})");
-    std::thread::sleep(Duration::from_millis(100));
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        ended.len() >= 2,
+        "the store's connections were ended ({ended:?})"
+    );
+    testkit_pg::wait_until_gone(
+        &mut client,
+        "pid = ANY($1)",
+        &[&ended],
+        "the store's ended sessions",
+    );
     let entry = store.get(&key("kept")).unwrap();
     assert!(
         entry.is_some(),

@@ -464,46 +464,19 @@ mod tests {
 
     use super::*;
     use crate::postgres::pool::parse_conninfo;
-    use crate::postgres::schema::create_or_check;
     use crate::postgres::testdb::{TestDb, row};
 
     /// A test schema with idemstore's objects, its statements and a writer's connection
     /// named `name` in `pg_stat_activity`.
     fn opened(name: &str) -> Option<(TestDb, Statements, Wire)> {
-        let db = TestDb::new()?;
-        create_or_check(&mut db.client(), &db.names).unwrap();
-        let sql = Statements::new(&db.names);
-        let config = parse_conninfo(&format!("{} application_name={name}", db.conninfo)).unwrap();
-        let wire = Wire::connect(&config, &sql).unwrap();
+        let (db, sql) = TestDb::with_schema()?;
+        let wire = db.wire(&sql, name);
         Some((db, sql, wire))
     }
 
     fn start(wire: &mut Wire, sql: &Statements, keys: &[&[u8]], claims: usize) -> BatchStart {
         let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
         wire.start(&keys, &sql.lock_order(&keys), claims).unwrap()
-    }
-
-    /// Whether another session can take the lock of `key` (it then lets it go at once).
-    fn lock_is_free(db: &TestDb, sql: &Statements, key: &[u8]) -> bool {
-        let id = sql.lock_order(&[key])[0];
-        let mut other = db.client();
-        let free: bool = other
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&id])
-            .unwrap()
-            .get(0);
-        if free {
-            other
-                .execute("SELECT pg_advisory_unlock($1)", &[&id])
-                .unwrap();
-        }
-        free
-    }
-
-    /// The committed rows of `keys`, read on another connection.
-    fn committed(db: &TestDb, sql: &Statements, keys: &[&[u8]]) -> HashMap<Vec<u8>, Loaded> {
-        let mut client = db.client();
-        let mut tx = client.transaction().unwrap();
-        sql.load(&mut tx, keys).unwrap()
     }
 
     #[test]
@@ -517,14 +490,14 @@ mod tests {
         assert_eq!(first.tokens.len(), 1);
         assert!(*first.server_now.as_ref().unwrap() > 1_600_000_000_000_000_000);
         assert!(
-            !lock_is_free(&db, &sql, key),
+            !db.lock_is_free(&sql, key),
             "the batch holds the key's lock"
         );
         let record: Vec<u8> = (0..=255u8).collect();
         wire.finish(&[row(key, first.tokens[0], 100, &record)], &[])
             .unwrap();
-        assert!(lock_is_free(&db, &sql, key), "committed: the lock is gone");
-        let rows = committed(&db, &sql, &[key]);
+        assert!(db.lock_is_free(&sql, key), "committed: the lock is gone");
+        let rows = db.committed(&sql, &[key]);
         assert_eq!(rows[key].token, first.tokens[0]);
         assert_eq!(rows[key].record, record);
 
@@ -534,15 +507,12 @@ mod tests {
         assert_eq!(second.rows[key].dies_at, 100);
         assert_eq!(second.rows[key].record, record);
         wire.finish(&[], &[key]).unwrap();
-        assert!(committed(&db, &sql, &[key]).is_empty(), "deleted");
+        assert!(db.committed(&sql, &[key]).is_empty(), "deleted");
         // A claim after that gets a larger token.
         let third = start(&mut wire, &sql, &[key], 1);
         assert!(third.tokens[0] > first.tokens[0]);
         wire.rollback().unwrap();
-        assert!(
-            lock_is_free(&db, &sql, key),
-            "rolled back: the lock is gone"
-        );
+        assert!(db.lock_is_free(&sql, key), "rolled back: the lock is gone");
     }
 
     #[test]
@@ -555,7 +525,7 @@ mod tests {
         assert_eq!(start1.tokens.len(), 2);
         assert!(start1.tokens[0] < start1.tokens[1]);
         for key in keys {
-            assert!(!lock_is_free(&db, &sql, key));
+            assert!(!db.lock_is_free(&sql, key));
         }
         wire.finish(
             &[
@@ -568,7 +538,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let rows = committed(&db, &sql, &keys);
+        let rows = db.committed(&sql, &keys);
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[keys[0]].record, b"a2");
         assert_eq!(rows[keys[0]].dies_at, 20);
@@ -580,7 +550,7 @@ mod tests {
         assert!(start2.tokens.is_empty());
         wire.finish(&[row(keys[1], 9, 90, b"b2")], &[keys[0], keys[2]])
             .unwrap();
-        let rows = committed(&db, &sql, &keys);
+        let rows = db.committed(&sql, &keys);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[keys[1]].record, b"b2");
 
@@ -591,27 +561,35 @@ mod tests {
         assert_eq!(wire.next_tokens(2).unwrap().len(), 2);
         assert_eq!(wire.reap(100, 10).unwrap(), vec![keys[1].to_vec()]);
         wire.finish(&[], &[]).unwrap();
-        assert!(committed(&db, &sql, &keys).is_empty(), "reaped");
+        assert!(db.committed(&sql, &keys).is_empty(), "reaped");
     }
 
     #[test]
-    fn a_failed_batch_rolls_back_and_the_connection_goes_on() {
+    fn a_refused_batch_marks_the_connection_broken_and_rolls_back() {
         let Some((db, sql, mut wire)) = opened("wire_failed") else {
             return;
         };
         let key: &[u8] = b"k";
         start(&mut wire, &sql, &[key], 1);
+        assert!(!wire.is_broken());
         // A token that does not fit a bigint is refused before anything is sent.
         let e = wire
             .finish(&[row(key, u64::MAX, 1, b"r")], &[])
             .unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+        // The pool discards a marked connection when it goes back (see
+        // `the_pool_discards_a_connection_whose_call_failed`), also after a rollback that
+        // worked: the mark stays.
+        assert!(wire.is_broken(), "a failed call marks the connection");
         wire.rollback().unwrap();
-        assert!(committed(&db, &sql, &[key]).is_empty());
+        assert!(wire.is_broken(), "the mark outlives the rollback");
+        assert!(db.committed(&sql, &[key]).is_empty());
+        // Nothing was sent, so the session itself is sound: a batch on it still commits (the
+        // pool would not hand it out again; this checks the refusal left no half-sent batch).
         let started = start(&mut wire, &sql, &[key], 1);
         wire.finish(&[row(key, started.tokens[0], 1, b"r")], &[])
             .unwrap();
-        assert_eq!(committed(&db, &sql, &[key])[key].record, b"r");
+        assert_eq!(db.committed(&sql, &[key])[key].record, b"r");
     }
 
     #[test]
@@ -671,7 +649,7 @@ mod tests {
             return;
         };
         let manager = WireManager {
-            config: parse_conninfo(&db.conninfo).unwrap(),
+            config: parse_conninfo(db.conninfo()).unwrap(),
             statements: sql.clone(),
         };
         let pool =
@@ -689,6 +667,6 @@ mod tests {
         fresh
             .finish(&[row(b"k", started.tokens[0], 1, b"r")], &[])
             .unwrap();
-        assert_eq!(committed(&db, &sql, &[b"k"])[b"k".as_slice()].record, b"r");
+        assert_eq!(db.committed(&sql, &[b"k"])[b"k".as_slice()].record, b"r");
     }
 }

@@ -461,22 +461,8 @@ mod tests {
 
     use super::*;
     use crate::postgres::pipeline::Wire;
-    use crate::postgres::pool::parse_conninfo;
     use crate::postgres::schema::create_or_check;
     use crate::postgres::testdb::{TestDb, row};
-
-    /// A test schema with idemstore's objects, and its statements.
-    fn opened() -> Option<(TestDb, Statements)> {
-        let db = TestDb::new()?;
-        create_or_check(&mut db.client(), &db.names).unwrap();
-        let statements = Statements::new(&db.names);
-        Some((db, statements))
-    }
-
-    /// A writer's connection to the test cluster, running `sql`.
-    fn wire(db: &TestDb, sql: &Statements) -> Wire {
-        Wire::connect(&parse_conninfo(&db.conninfo).unwrap(), sql).unwrap()
-    }
 
     /// Reaps up to `limit` rows dead at `now` in a batch of its own on `wire`, as the
     /// reaper's batches do.
@@ -504,7 +490,9 @@ mod tests {
 
     #[test]
     fn lock_load_upsert_delete_round_trip() {
-        let Some((db, sql)) = opened() else { return };
+        let Some((db, sql)) = TestDb::with_schema() else {
+            return;
+        };
         let mut client = db.client();
         let keys: [&[u8]; 4] = [b"k-a", b"k-b", b"\0scope\0k-c", b"k-missing"];
         let mut tx = client.transaction().unwrap();
@@ -547,12 +535,11 @@ mod tests {
         tx.commit().unwrap();
 
         // Another connection sees what was committed.
-        let mut other = db.client();
-        let mut tx = other.transaction().unwrap();
-        let loaded = sql.load(&mut tx, &keys).unwrap();
+        let loaded = db.committed(&sql, &keys);
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[keys[1]], expect(5, 500, b"rec-b2"));
-        // The locks ended with the transaction that took them.
+        // The locks ended with the transaction that took them: the session holds none.
+        let mut tx = client.transaction().unwrap();
         assert!(held_locks(&mut tx).is_empty());
         // Empty calls send nothing and succeed.
         sql.lock_keys::<&[u8]>(&mut tx, &[]).unwrap();
@@ -562,26 +549,28 @@ mod tests {
 
     #[test]
     fn a_locked_key_makes_another_session_wait() {
-        let Some((db, sql)) = opened() else { return };
-        let (mut a, mut b) = (db.client(), db.client());
-        let id = sql.lock_order(&[b"shared"])[0];
-        let mut tx = a.transaction().unwrap();
-        sql.lock_keys(&mut tx, &[b"shared"]).unwrap();
-        let try_lock = |client: &mut postgres::Client| -> bool {
-            client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&id])
-                .unwrap()
-                .get(0)
+        let Some((db, sql)) = TestDb::with_schema() else {
+            return;
         };
-        assert!(!try_lock(&mut b), "the lock is held by the batch");
+        let mut client = db.client();
+        let mut tx = client.transaction().unwrap();
+        sql.lock_keys(&mut tx, &[b"shared"]).unwrap();
+        assert!(
+            !db.lock_is_free(&sql, b"shared"),
+            "the lock is held by the batch"
+        );
         tx.commit().unwrap();
-        assert!(try_lock(&mut b), "the lock ends with the batch");
-        b.execute("SELECT pg_advisory_unlock($1)", &[&id]).unwrap();
+        assert!(
+            db.lock_is_free(&sql, b"shared"),
+            "the lock ends with the batch"
+        );
     }
 
     #[test]
     fn batches_locking_keys_in_opposite_orders_never_deadlock() {
-        let Some((db, sql)) = opened() else { return };
+        let Some((db, sql)) = TestDb::with_schema() else {
+            return;
+        };
         let keys: Vec<Vec<u8>> = (0..40).map(|i| format!("key-{i}").into_bytes()).collect();
         let barrier = Barrier::new(2);
         std::thread::scope(|scope| {
@@ -609,13 +598,15 @@ mod tests {
 
     #[test]
     fn tokens_rise_for_every_key_across_connections() {
-        let Some((db, sql)) = opened() else { return };
+        let Some((db, sql)) = TestDb::with_schema() else {
+            return;
+        };
         let keys: Vec<Vec<u8>> = (0..4).map(|i| vec![b'k', i]).collect();
         let barrier = Arc::new(Barrier::new(2));
         let drawn: Vec<Vec<u64>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..2)
                 .map(|worker: usize| {
-                    let mut wire = wire(&db, &sql);
+                    let mut wire = db.wire(&sql, "sql_tokens");
                     let (sql, keys, barrier) = (&sql, &keys, Arc::clone(&barrier));
                     scope.spawn(move || {
                         barrier.wait();
@@ -664,7 +655,9 @@ mod tests {
 
     #[test]
     fn the_server_clock_is_read_in_nanoseconds() {
-        let Some((db, sql)) = opened() else { return };
+        let Some((db, sql)) = TestDb::with_schema() else {
+            return;
+        };
         let mut client = db.client();
         let mut tx = client.transaction().unwrap();
         let first = sql.server_now(&mut tx).unwrap();
@@ -711,11 +704,13 @@ mod tests {
 
     #[test]
     fn reaping_is_bounded_oldest_first_and_safe_on_two_connections() {
-        let Some((db, sql)) = opened() else { return };
+        let Some((db, sql)) = TestDb::with_schema() else {
+            return;
+        };
         const NOW: u64 = 1_000_000;
         let (dead, alive) = fill(&db, &sql, 300, 200);
 
-        let first = reap(&mut wire(&db, &sql), NOW, 50);
+        let first = reap(&mut db.wire(&sql, "sql_reap_first"), NOW, 50);
         let first: HashSet<Vec<u8>> = first.into_iter().collect();
         assert_eq!(first, dead[..50].iter().cloned().collect(), "the 50 oldest");
 
@@ -723,7 +718,7 @@ mod tests {
         let reaped: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..2)
                 .map(|_| {
-                    let mut wire = wire(&db, &sql);
+                    let mut wire = db.wire(&sql, "sql_reap_two");
                     let barrier = &barrier;
                     scope.spawn(move || {
                         barrier.wait();
@@ -746,16 +741,14 @@ mod tests {
         assert_eq!(unique.len(), all.len(), "a row was reaped twice");
         assert_eq!(unique, dead[50..].iter().cloned().collect());
 
-        let mut client = db.client();
-        let mut tx = client.transaction().unwrap();
-        let left = sql.load(&mut tx, &alive).unwrap();
+        let left = db.committed(&sql, &alive);
         assert_eq!(left.len(), alive.len(), "an alive row was reaped");
-        assert!(sql.load(&mut tx, &dead).unwrap().is_empty());
+        assert!(db.committed(&sql, &dead).is_empty());
     }
 
     #[test]
     fn the_reaper_finds_the_dead_through_the_dies_at_index() {
-        let Some((mut db, sql)) = opened() else {
+        let Some((mut db, sql)) = TestDb::with_schema() else {
             return;
         };
         fill(&db, &sql, 10, 20_000);
@@ -778,7 +771,7 @@ mod tests {
         let Some(mut db) = TestDb::new() else { return };
         let odd = Names::new(&format!("{} it's a \\ name", db.names.schema)).unwrap();
         let result = create_or_check(&mut db.client(), &odd).and_then(|()| {
-            let mut wire = wire(&db, &Statements::new(&odd));
+            let mut wire = db.wire(&Statements::new(&odd), "sql_odd_name");
             let tokens = wire.start(&[], &[], 3).map(|start| start.tokens);
             wire.rollback()?;
             tokens
@@ -794,10 +787,12 @@ mod tests {
 
     #[test]
     fn a_record_revived_by_a_batch_is_not_reaped() {
-        let Some((db, sql)) = opened() else { return };
+        let Some((db, sql)) = TestDb::with_schema() else {
+            return;
+        };
         const NOW: u64 = 1_000_000;
         let (dead, _) = fill(&db, &sql, 3, 0);
-        let (mut batch_client, mut reaper) = (db.client(), wire(&db, &sql));
+        let (mut batch_client, mut reaper) = (db.client(), db.wire(&sql, "sql_revived"));
 
         // A batch takes over dead-1 (a new lease, alive again) and has not committed yet.
         let mut batch = batch_client.transaction().unwrap();
@@ -810,9 +805,6 @@ mod tests {
         batch.commit().unwrap();
         // Committed, it is alive: not reaped.
         assert!(reap(&mut reaper, NOW, 10).is_empty());
-        let mut client = db.client();
-        let mut tx = client.transaction().unwrap();
-        let loaded = sql.load(&mut tx, &dead[..1]).unwrap();
-        assert_eq!(loaded[&dead[0]].record, b"revived");
+        assert_eq!(db.committed(&sql, &dead[..1])[&dead[0]].record, b"revived");
     }
 }

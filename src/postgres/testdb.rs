@@ -1,103 +1,117 @@
 //! The throwaway database of the PostgreSQL tests: the cluster named by `IDEMSTORE_PG`
 //! (`.ci/pg run -- cargo test ...` sets it), one schema of a random name per test, dropped
 //! at the end of the test.
+//!
+//! The skip-or-fail rule, the schema's name and its drop are the testkit's
+//! ([`idemstore_testkit::engine::pg::Schema`]), shared with the integration tests. The testkit
+//! links a copy of idemstore of its own, so only strings and `postgres` clients (one crate,
+//! unified by Cargo) come from it; what needs this crate's own types is here.
 
-use std::hash::{BuildHasher, Hasher};
-use std::io::Write;
+use std::collections::HashMap;
 
-use postgres::{Client, NoTls};
+use idemstore_testkit::engine::pg::{Schema, connect};
+use postgres::Client;
 
+use super::pipeline::Wire;
 use super::pool::{Pool, open_pool, parse_conninfo};
-use super::schema::{Names, quote_identifier};
-use super::sql::Upsert;
-
-/// The cluster's conninfo, or `None` (after saying so loudly) when the tests must skip.
-///
-/// # Panics
-///
-/// With `CI=true` and no `IDEMSTORE_PG`: CI must run these tests, never pass them unrun.
-pub(crate) fn conninfo() -> Option<String> {
-    match std::env::var("IDEMSTORE_PG") {
-        Ok(conninfo) if !conninfo.is_empty() => Some(conninfo),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "IDEMSTORE_PG is not set but CI=true: run the tests under .ci/pg run --"
-            );
-            // Straight to the process's stderr: the test harness would capture `eprintln!`.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: IDEMSTORE_PG not set (run under .ci/pg run --)"
-            );
-            None
-        }
-    }
-}
+use super::schema::{Names, create_or_check};
+use super::sql::{Loaded, Statements, Upsert};
 
 /// A schema of its own for one test, dropped (with everything in it) when this is dropped.
 pub(crate) struct TestDb {
-    pub conninfo: String,
     pub names: Names,
-    admin: Client,
+    schema: Schema,
 }
 
 impl TestDb {
     /// A fresh schema name on the test cluster (the schema itself is not created), or `None`
-    /// when the tests skip.
+    /// when the tests skip (after saying so; with `CI=true` it panics instead).
     pub(crate) fn new() -> Option<TestDb> {
-        let conninfo = conninfo()?;
-        let admin = Client::connect(&conninfo, NoTls).expect("connect to IDEMSTORE_PG");
-        let suffix = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let names = Names::new(&format!("idemstore_test_{suffix:016x}")).expect("schema name");
-        Some(TestDb {
-            conninfo,
-            names,
-            admin,
-        })
+        let schema = Schema::new()?;
+        let names = Names::new(&schema.name).expect("schema name");
+        Some(TestDb { names, schema })
+    }
+
+    /// [`TestDb::new`] with idemstore's objects created in the schema, and its statements.
+    pub(crate) fn with_schema() -> Option<(TestDb, Statements)> {
+        let db = TestDb::new()?;
+        create_or_check(&mut db.client(), &db.names).expect("create idemstore's objects");
+        let sql = Statements::new(&db.names);
+        Some((db, sql))
+    }
+
+    /// The test cluster's conninfo.
+    pub(crate) fn conninfo(&self) -> &str {
+        &self.schema.conninfo
     }
 
     /// A new connection of its own.
     pub(crate) fn client(&self) -> Client {
-        Client::connect(&self.conninfo, NoTls).expect("connect to IDEMSTORE_PG")
+        connect(self.conninfo())
     }
 
     /// A pool of `size` connections.
     pub(crate) fn pool(&self, size: u32) -> Pool {
         open_pool(
-            &parse_conninfo(&self.conninfo).expect("a good conninfo"),
+            &parse_conninfo(self.conninfo()).expect("a good conninfo"),
             size,
             &super::pool::workers(),
         )
         .expect("open the pool")
     }
 
+    /// A writer's connection running `sql`, named `application_name` in `pg_stat_activity`.
+    pub(crate) fn wire(&self, sql: &Statements, application_name: &str) -> Wire {
+        let conninfo = idemstore_testkit::pg::with_param(
+            self.conninfo(),
+            "application_name",
+            application_name,
+        );
+        Wire::connect(&parse_conninfo(&conninfo).expect("a good conninfo"), sql)
+            .expect("connect a writer")
+    }
+
+    /// The committed rows of `keys`, read on a connection of its own.
+    pub(crate) fn committed<K: AsRef<[u8]>>(
+        &self,
+        sql: &Statements,
+        keys: &[K],
+    ) -> HashMap<Vec<u8>, Loaded> {
+        let mut client = self.client();
+        let mut tx = client.transaction().unwrap();
+        sql.load(&mut tx, keys).unwrap()
+    }
+
+    /// Whether another session can take the lock of `key` (it then lets it go at once).
+    pub(crate) fn lock_is_free(&self, sql: &Statements, key: &[u8]) -> bool {
+        let id = sql.lock_order(&[key])[0];
+        let mut other = self.client();
+        let free: bool = other
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&id])
+            .unwrap()
+            .get(0);
+        if free {
+            other
+                .execute("SELECT pg_advisory_unlock($1)", &[&id])
+                .unwrap();
+        }
+        free
+    }
+
     /// The connection that drops the schema at the end, for checks and set-ups.
     pub(crate) fn admin(&mut self) -> &mut Client {
-        &mut self.admin
+        self.schema.admin()
     }
-}
 
-impl TestDb {
-    /// Waits (at most 10 s) until no server session matches the SQL condition `sessions` on
-    /// `pg_stat_activity`, with `params`; panics naming `what` otherwise.
+    /// Waits until no server session matches `sessions` (see
+    /// [`idemstore_testkit::pg::wait_until_gone`]), asking on [`TestDb::admin`].
     pub(crate) fn wait_until_gone(
         &mut self,
         sessions: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
         what: &str,
     ) {
-        let query = format!("SELECT count(*) FROM pg_stat_activity WHERE {sessions}");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let left: i64 = self.admin.query_one(&query, params).unwrap().get(0);
-            if left == 0 {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "{what} did not end");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        idemstore_testkit::pg::wait_until_gone(self.admin(), sessions, params, what);
     }
 }
 
@@ -108,17 +122,5 @@ pub(crate) fn row<'a>(key: &'a [u8], token: u64, dies_at: u64, record: &'a [u8])
         token,
         dies_at,
         record,
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let sql = format!(
-            "DROP SCHEMA IF EXISTS {} CASCADE",
-            quote_identifier(&self.names.schema)
-        );
-        if let Err(e) = self.admin.batch_execute(&sql) {
-            eprintln!("could not drop test schema {}: {e}", self.names.schema);
-        }
     }
 }

@@ -212,6 +212,11 @@ pub mod pg {
                 .expect("read pg_namespace");
             row.get::<_, i64>(0) > 0
         }
+
+        /// The connection that drops the schema at the end, for a test's checks and set-ups.
+        pub fn admin(&mut self) -> &mut postgres::Client {
+            &mut self.admin
+        }
     }
 
     impl Drop for Schema {
