@@ -168,8 +168,7 @@ impl Kept {
         context: &str,
         mut read: impl FnMut(&mut Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        let kept = self.conns.lock().pop();
-        if let Some(mut conn) = kept.filter(|c| !c.is_closed()) {
+        if let Some(mut conn) = self.live() {
             match read(&mut conn) {
                 Err(e) if broken(&conn, &e) => tracing::debug!(
                     error = %chain(&e),
@@ -194,11 +193,12 @@ impl Kept {
     ///
     /// [`Error::Storage`] (nothing was sent) when no connection could be had in time.
     pub(crate) fn checkout(&self, pool: &Pool) -> Result<Conn> {
-        let kept = self.conns.lock().pop();
-        match kept.filter(|c| !c.is_closed()) {
-            Some(conn) => Ok(conn),
-            None => connection(pool),
-        }
+        self.live().map_or_else(|| connection(pool), Ok)
+    }
+
+    /// A kept connection not known to be closed (one that is goes back to the pool).
+    fn live(&self) -> Option<Conn> {
+        self.conns.lock().pop().filter(|c| !c.is_closed())
     }
 
     /// Keeps `conn` for the next read, unless it is closed or enough are kept (then it goes
