@@ -1,5 +1,6 @@
 //! The `tracing` events idemstore emits: takeovers, lost leases, reaper passes, failed
-//! commits (poisoning), and that no key leaks above debug level.
+//! commits (poisoning), the steps of an open (the page check, the key index), and that no
+//! key leaks above debug level.
 //!
 //! A tiny `tracing::Subscriber` installed as the process-wide default captures every event
 //! with its level and fields (the committer emits from its own thread, so a thread-local
@@ -410,9 +411,81 @@ fn a_reopen_loads_the_key_index_snapshot_and_a_crash_replays_the_log_after_it() 
     child.expect(Duration::from_secs(60), "written");
     child.kill();
 
+    capture.events.lock().unwrap().clear();
     let store = Store::builder().reap_interval(None).open(&path).unwrap();
     assert_eq!(index_source(capture), "Snapshot { tail: 50 }");
+    let check = page_check_events(capture);
+    assert_eq!(
+        check[0].field("recovering"),
+        Some("true"),
+        "a file the crash left open is repaired first: {check:#?}"
+    );
     assert_replayed(&store, 0..SNAPSHOTTED + 50);
     store.close().unwrap();
     assert_no_key_above_debug(&events(capture));
+}
+
+/// The two events of the page check at open (its start, its end), in order.
+fn page_check_events(capture: &Capture) -> Vec<Captured> {
+    let all = events(capture);
+    let check: Vec<_> = all
+        .iter()
+        .filter(|e| e.message().contains("every page of the file"))
+        .cloned()
+        .collect();
+    assert_eq!(check.len(), 2, "a start and an end: {all:#?}");
+    assert!(
+        check[0].message().contains("checking every page"),
+        "{check:#?}"
+    );
+    assert!(
+        check[1]
+            .message()
+            .contains("every page of the file checked"),
+        "{check:#?}"
+    );
+    check
+}
+
+#[test]
+fn an_open_reports_the_check_of_every_page_with_the_files_size_and_its_time() {
+    let (capture, _serial) = capture();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checked.redb");
+    let store = Store::builder().reap_interval(None).open(&path).unwrap();
+    if let Begin::Started(lease) = store.begin(&key(), &Fingerprint::of(b"p")).unwrap() {
+        lease.complete(b"done").unwrap();
+    }
+    store.close().unwrap();
+    let bytes = std::fs::metadata(&path).unwrap().len();
+
+    capture.events.lock().unwrap().clear();
+    let store = Store::builder().reap_interval(None).open(&path).unwrap();
+    store.close().unwrap();
+    let all = events(capture);
+    let check = page_check_events(capture);
+    for e in &check {
+        assert_eq!(e.level, Level::INFO, "{e:?}");
+        assert_eq!(e.field("bytes"), Some(bytes.to_string().as_str()), "{e:?}");
+    }
+    assert_eq!(check[0].field("recovering"), Some("false"), "{check:?}");
+    assert!(
+        check[0]
+            .field("path")
+            .is_some_and(|p| p.ends_with("checked.redb")),
+        "{check:?}"
+    );
+    let took: u64 = check[1]
+        .field("elapsed_ms")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("the end says how long it took: {:?}", check[1]));
+    assert!(took < 60_000, "{took} ms for a file of {bytes} bytes");
+    // The check comes before the key index is built from the file it checked.
+    let position = |message: &str| {
+        all.iter()
+            .position(|e| e.message().contains(message))
+            .unwrap_or_else(|| panic!("no {message:?} event: {all:#?}"))
+    };
+    assert!(position("every page of the file checked") < position("key index ready"));
+    assert_no_key_above_debug(&all);
 }

@@ -10,6 +10,7 @@ use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
 };
 
+use super::progress::{LogPass, PageCheck};
 use super::*;
 use crate::clock::Clock;
 use crate::config::Durability;
@@ -121,6 +122,7 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<(Database, Fi
         .map_err(|e| io_err("opening", e))?;
     let identity = FileIdentity::of(path, &file)?;
     let backend = redb::backends::FileBackend::new(file).map_err(|e| open_error(path, e))?;
+    let check = (existing_len > 0).then(|| PageCheck::start(path, existing_len, repaired));
     let db = guarded("opening the file", || {
         redb::Builder::new()
             .set_cache_size(cache_bytes)
@@ -131,6 +133,9 @@ pub(crate) fn open_file(path: &Path, cache_bytes: usize) -> Result<(Database, Fi
             .create_with_backend(backend)
             .map_err(|e| open_error(path, e))
     })?;
+    if let Some(check) = check {
+        check.done();
+    }
     if repaired {
         // Recovery had to modify the file before it could be checked.
         if let Err(e) = guarded("checking the recovered file", || check_read(&db)) {
@@ -433,8 +438,10 @@ fn build_index(db: &Database) -> Result<LogScan> {
     let mut changes = Vec::with_capacity(4096);
     let mut last = 0;
     let mut highest_token = 0;
+    let mut pass = LogPass::new("rebuilding the key index", len);
     for item in log.iter().map_err(read_error)? {
         let (seq, entry) = item.map_err(read_error)?;
+        pass.step();
         last = seq.value();
         let at = |e: Error| e.at_log_entry(last);
         let (key, record) = split_entry(entry.value()).map_err(at)?;

@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
+use super::progress::LogPass;
 use super::*;
 use crate::config::Durability;
 use crate::index::{Change, Loader, SLOT_BYTES, Shape};
@@ -241,8 +242,13 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
     let mut highest_token = header.token_floor;
     let mut below = 0u64;
     let mut tail_keys = Vec::new();
+    let mut pass = LogPass::new(
+        "checking the log against the key index's snapshot",
+        log.len().map_err(log_error)?,
+    );
     for item in log.iter().map_err(log_error)? {
         let (seq, entry) = item.map_err(log_error)?;
+        pass.step();
         let seq = seq.value();
         let at = |e: Error| e.at_log_entry(seq);
         let (key, record) = split_entry(entry.value()).map_err(at)?;
