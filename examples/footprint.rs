@@ -89,14 +89,17 @@ mod capture {
     use tracing::span::{Attributes, Id, Record};
     use tracing::{Event, Metadata, Subscriber};
 
+    /// An event's fields: (name, value).
+    type Fields = Vec<(String, String)>;
+
     /// (message, fields) of every event captured.
-    static EVENTS: Mutex<Vec<(String, Vec<(String, String)>)>> = Mutex::new(Vec::new());
+    static EVENTS: Mutex<Vec<(String, Fields)>> = Mutex::new(Vec::new());
 
     pub struct Capture;
 
-    struct Fields(Vec<(String, String)>);
+    struct Visitor(Fields);
 
-    impl Visit for Fields {
+    impl Visit for Visitor {
         fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
             self.0.push((field.name().to_owned(), format!("{value:?}")));
         }
@@ -112,7 +115,7 @@ mod capture {
         fn record(&self, _: &Id, _: &Record<'_>) {}
         fn record_follows_from(&self, _: &Id, _: &Id) {}
         fn event(&self, event: &Event<'_>) {
-            let mut fields = Fields(Vec::new());
+            let mut fields = Visitor(Vec::new());
             event.record(&mut fields);
             let message = fields
                 .0
