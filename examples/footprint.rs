@@ -26,6 +26,10 @@
 //! 4. a full rebuild: the snapshot's header is removed from the file first, so the open reads
 //!    the whole log, as every open did before there were snapshots.
 //!
+//! For the store's opens (2 to 4) the table splits the time into the check of every page
+//! and the key index step (the snapshot, then the pass over the log), from the store's own
+//! `tracing` events ("every page of the file checked", "key index ready").
+//!
 //! With `IDEMSTORE_COLD=1` (as root), the page cache is dropped before each open
 //! (`/proc/sys/vm/drop_caches`), so the opens read the file from the disk.
 
