@@ -84,67 +84,14 @@ fn write(store: &Store, range: std::ops::Range<u64>, threads: u64) {
     });
 }
 
-/// Captures the fields of the store's open events: the page check's end ("every page of the
-/// file checked": how long it took) and "key index ready" (how long building the index took,
-/// and from what).
-mod capture {
-    use std::sync::Mutex;
-    use tracing::field::{Field, Visit};
-    use tracing::span::{Attributes, Id, Record};
-    use tracing::{Event, Metadata, Subscriber};
-
-    /// An event's fields: (name, value).
-    type Fields = Vec<(String, String)>;
-
-    /// (message, fields) of every event captured.
-    static EVENTS: Mutex<Vec<(String, Fields)>> = Mutex::new(Vec::new());
-
-    pub struct Capture;
-
-    struct Visitor(Fields);
-
-    impl Visit for Visitor {
-        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-            self.0.push((field.name().to_owned(), format!("{value:?}")));
-        }
-    }
-
-    impl Subscriber for Capture {
-        fn enabled(&self, m: &Metadata<'_>) -> bool {
-            m.target().starts_with("idemstore")
-        }
-        fn new_span(&self, _: &Attributes<'_>) -> Id {
-            Id::from_u64(1)
-        }
-        fn record(&self, _: &Id, _: &Record<'_>) {}
-        fn record_follows_from(&self, _: &Id, _: &Id) {}
-        fn event(&self, event: &Event<'_>) {
-            let mut fields = Visitor(Vec::new());
-            event.record(&mut fields);
-            let message = fields
-                .0
-                .iter()
-                .find(|(k, _)| k == "message")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            EVENTS.lock().unwrap().push((message, fields.0));
-        }
-        fn enter(&self, _: &Id) {}
-        fn exit(&self, _: &Id) {}
-    }
-
-    /// Field `name` of the latest event whose message contains `event`.
-    pub fn field(event: &str, name: &str) -> String {
-        EVENTS
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|(message, _)| message.contains(event))
-            .and_then(|(_, fields)| fields.iter().find(|(k, _)| k == name))
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| "?".into())
-    }
+/// Field `name` of the latest captured event whose message contains `event` (`?` if none):
+/// the page check's end ("every page of the file checked": how long it took) and "key index
+/// ready" (how long building the index took, and from what).
+fn field(event: &str, name: &str) -> String {
+    idemstore_testkit::events::installed()
+        .latest(event)
+        .and_then(|e| e.field(name).map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn drop_caches_if_cold() {
@@ -158,7 +105,7 @@ fn drop_caches_if_cold() {
 
 /// A step run in a child process: prints `key=value` lines on stdout.
 fn child(step: &str, path: &Path, n: u64) -> Result<(), idemstore::Error> {
-    let _ = tracing::subscriber::set_global_default(capture::Capture);
+    idemstore_testkit::events::installed();
     drop_caches_if_cold();
     let started = Instant::now();
     match step {
@@ -187,12 +134,12 @@ fn child(step: &str, path: &Path, n: u64) -> Result<(), idemstore::Error> {
             println!("open_ms={}", started.elapsed().as_millis());
             const CHECKED: &str = "every page of the file checked";
             const READY: &str = "key index ready";
-            println!("check_ms={}", capture::field(CHECKED, "elapsed_ms"));
-            println!("index_ms={}", capture::field(READY, "elapsed_ms"));
-            println!("snapshot_ms={}", capture::field(READY, "snapshot_ms"));
-            println!("index_source={}", capture::field(READY, "source"));
-            println!("index_bytes={}", capture::field(READY, "index_bytes"));
-            println!("entries={}", capture::field(READY, "entries"));
+            println!("check_ms={}", field(CHECKED, "elapsed_ms"));
+            println!("index_ms={}", field(READY, "elapsed_ms"));
+            println!("snapshot_ms={}", field(READY, "snapshot_ms"));
+            println!("index_source={}", field(READY, "source"));
+            println!("index_bytes={}", field(READY, "index_bytes"));
+            println!("entries={}", field(READY, "entries"));
             let replayed = Instant::now();
             for i in (0..n).step_by(100) {
                 let k = key(i);

@@ -2,114 +2,15 @@
 //! commits (poisoning), the steps of an open (the page check, the key index), and that no
 //! key leaks above debug level.
 //!
-//! A tiny `tracing::Subscriber` installed as the process-wide default captures every event
-//! with its level and fields (the committer emits from its own thread, so a thread-local
-//! default would miss it). The tests share it and run one at a time.
+//! The testkit's process-wide capture (`idemstore_testkit::events`) holds every event with
+//! its level and fields; the tests share it and run one at a time.
 
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use idemstore::{Begin, Durability, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore_testkit::events::{Capture, Captured, serial};
 use idemstore_testkit::fault::{Fault, FaultyBackend};
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Level, Metadata, Subscriber};
-
-/// One captured event.
-#[derive(Clone, Debug)]
-struct Captured {
-    level: Level,
-    target: String,
-    fields: Vec<(String, String)>,
-}
-
-impl Captured {
-    fn field(&self, name: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn message(&self) -> &str {
-        self.field("message").unwrap_or("")
-    }
-
-    /// Every field value, message included, as one string.
-    fn text(&self) -> String {
-        self.fields
-            .iter()
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-struct Fields<'a>(&'a mut Vec<(String, String)>);
-
-impl Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.push((field.name().to_owned(), format!("{value:?}")));
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.push((field.name().to_owned(), value.to_owned()));
-    }
-}
-
-#[derive(Default)]
-struct Capture {
-    events: Mutex<Vec<Captured>>,
-    next_span: AtomicU64,
-}
-
-impl Subscriber for &'static Capture {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(self.next_span.fetch_add(1, SeqCst) + 1)
-    }
-
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-
-    fn event(&self, event: &Event<'_>) {
-        let mut fields = Vec::new();
-        event.record(&mut Fields(&mut fields));
-        self.events.lock().unwrap().push(Captured {
-            level: *event.metadata().level(),
-            target: event.metadata().target().to_owned(),
-            fields,
-        });
-    }
-
-    fn enter(&self, _: &Id) {}
-
-    fn exit(&self, _: &Id) {}
-}
-
-/// The process-wide capture, installed once; the guard serializes the tests.
-fn capture() -> (&'static Capture, MutexGuard<'static, ()>) {
-    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let capture = *CAPTURE.get_or_init(|| {
-        let capture: &'static Capture = Box::leak(Box::default());
-        tracing::subscriber::set_global_default(capture).expect("no other global subscriber");
-        capture
-    });
-    capture.events.lock().unwrap().clear();
-    (capture, guard)
-}
-
-fn events(capture: &Capture) -> Vec<Captured> {
-    capture.events.lock().unwrap().clone()
-}
+use tracing::Level;
 
 const ID: &str = "0f8c1e8e-1c59-4c36-9d51-5c0d4b1a8f11";
 const SCOPE: &str = "tenant-secret-42";
@@ -136,7 +37,7 @@ fn assert_no_key_above_debug(events: &[Captured]) {
 
 #[test]
 fn takeover_is_an_info_event_with_tokens_and_no_key() {
-    let (capture, _serial) = capture();
+    let (capture, _serial) = serial();
     let clock = clock();
     let store = Store::builder()
         .lease(Duration::from_secs(10))
@@ -155,7 +56,7 @@ fn takeover_is_an_info_event_with_tokens_and_no_key() {
     };
     assert_eq!(second.recovered().unwrap().attempt(), 2);
 
-    let all = events(capture);
+    let all = capture.events();
     let takeover: Vec<_> = all
         .iter()
         .filter(|e| e.message().contains("taken over") && e.level == Level::INFO)
@@ -186,7 +87,7 @@ fn takeover_is_an_info_event_with_tokens_and_no_key() {
         first.complete(b"late"),
         Err(Error::LeaseLost { .. })
     ));
-    let all = events(capture);
+    let all = capture.events();
     let lost: Vec<_> = all
         .iter()
         .filter(|e| e.message().starts_with("lease lost"))
@@ -203,7 +104,7 @@ fn takeover_is_an_info_event_with_tokens_and_no_key() {
 
 #[test]
 fn reaper_pass_reports_its_count() {
-    let (capture, _serial) = capture();
+    let (capture, _serial) = serial();
     let clock = clock();
     let store = Store::builder()
         .ttl(Duration::from_secs(60))
@@ -222,7 +123,7 @@ fn reaper_pass_reports_its_count() {
     clock.advance(Duration::from_secs(61));
     assert_eq!(store.reap().unwrap(), 3);
 
-    let all = events(capture);
+    let all = capture.events();
     let passes: Vec<_> = all
         .iter()
         .filter(|e| e.message() == "reaper pass")
@@ -246,7 +147,7 @@ fn reaper_pass_reports_its_count() {
 
 #[test]
 fn failed_commit_is_an_error_event_and_poisons() {
-    let (capture, _serial) = capture();
+    let (capture, _serial) = serial();
     let (backend, faults) = FaultyBackend::in_memory(&[]);
     let store = Store::builder()
         .reap_interval(None)
@@ -269,7 +170,7 @@ fn failed_commit_is_an_error_event_and_poisons() {
         Err(Error::Poisoned)
     ));
 
-    let all = events(capture);
+    let all = capture.events();
     let errors: Vec<_> = all.iter().filter(|e| e.level == Level::ERROR).collect();
     assert!(
         errors.iter().any(|e| e.message().contains("poisoned")),
@@ -286,7 +187,7 @@ fn failed_commit_is_an_error_event_and_poisons() {
 #[cfg(unix)]
 #[test]
 fn a_store_file_removed_while_open_is_an_error_event_that_says_reopen() {
-    let (capture, _serial) = capture();
+    let (capture, _serial) = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lost.redb");
     let store = Store::builder()
@@ -298,7 +199,7 @@ fn a_store_file_removed_while_open_is_an_error_event_that_says_reopen() {
     let err = store.begin(&key(), &Fingerprint::of(b"x")).unwrap_err();
     assert!(matches!(err, Error::Storage { .. }), "{err:?}");
 
-    let all = events(capture);
+    let all = capture.events();
     let lost: Vec<_> = all
         .iter()
         .filter(|e| e.level == Level::ERROR && e.message().contains("removed"))
@@ -322,7 +223,7 @@ fn a_store_file_removed_while_open_is_an_error_event_that_says_reopen() {
 
 /// The `source` of the latest "key index ready" event.
 fn index_source(capture: &Capture) -> String {
-    let all = events(capture);
+    let all = capture.events();
     let ready: Vec<_> = all
         .iter()
         .filter(|e| e.message() == "key index ready")
@@ -386,7 +287,7 @@ fn snapshot_crash_child() {
 #[cfg(unix)]
 #[test]
 fn a_reopen_loads_the_key_index_snapshot_and_a_crash_replays_the_log_after_it() {
-    let (capture, _serial) = capture();
+    let (capture, _serial) = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap.redb");
     let store = Store::builder()
@@ -411,7 +312,7 @@ fn a_reopen_loads_the_key_index_snapshot_and_a_crash_replays_the_log_after_it() 
     child.expect(Duration::from_secs(60), "written");
     child.kill();
 
-    capture.events.lock().unwrap().clear();
+    capture.clear();
     let store = Store::builder().reap_interval(None).open(&path).unwrap();
     assert_eq!(index_source(capture), "Snapshot { tail: 50 }");
     let check = page_check_events(capture);
@@ -422,12 +323,12 @@ fn a_reopen_loads_the_key_index_snapshot_and_a_crash_replays_the_log_after_it() 
     );
     assert_replayed(&store, 0..SNAPSHOTTED + 50);
     store.close().unwrap();
-    assert_no_key_above_debug(&events(capture));
+    assert_no_key_above_debug(&capture.events());
 }
 
 /// The two events of the page check at open (its start, its end), in order.
 fn page_check_events(capture: &Capture) -> Vec<Captured> {
-    let all = events(capture);
+    let all = capture.events();
     let check: Vec<_> = all
         .iter()
         .filter(|e| e.message().contains("every page of the file"))
@@ -449,7 +350,7 @@ fn page_check_events(capture: &Capture) -> Vec<Captured> {
 
 #[test]
 fn an_open_reports_the_check_of_every_page_with_the_files_size_and_its_time() {
-    let (capture, _serial) = capture();
+    let (capture, _serial) = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("checked.redb");
     let store = Store::builder().reap_interval(None).open(&path).unwrap();
@@ -459,10 +360,10 @@ fn an_open_reports_the_check_of_every_page_with_the_files_size_and_its_time() {
     store.close().unwrap();
     let bytes = std::fs::metadata(&path).unwrap().len();
 
-    capture.events.lock().unwrap().clear();
+    capture.clear();
     let store = Store::builder().reap_interval(None).open(&path).unwrap();
     store.close().unwrap();
-    let all = events(capture);
+    let all = capture.events();
     let check = page_check_events(capture);
     for e in &check {
         assert_eq!(e.level, Level::INFO, "{e:?}");

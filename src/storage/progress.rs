@@ -1,6 +1,6 @@
 //! Progress of the long steps of an open, as `tracing` events at info level: the check of
 //! every page of the file, and the pass over the log that verifies every entry's checksum.
-//! Both read the whole file, so on a large store they take seconds (about 12 s for ten
+//! Both read the whole file, so on a large store they take seconds (about 11 s for ten
 //! million records); the events say what the open is doing meanwhile and what each step
 //! cost.
 

@@ -9,6 +9,7 @@
 //!   checker that runs both side by side (the proptest model test and a fuzz target);
 //! * [`fault`]: the fault-injecting redb storage backend and the crash images it keeps;
 //! * [`crash`]: the check that a crash image opens as a store holding what was acknowledged;
+//! * [`events`]: a process-wide capture of the `tracing` events idemstore emits;
 //! * [`rng`]: the seeded random generator;
 //! * [`http`]: raw HTTP on the loopback;
 //! * [`programs`]: where the built example programs are, for tests that run them;
@@ -18,6 +19,7 @@
 pub mod child;
 pub mod crash;
 pub mod engine;
+pub mod events;
 pub mod fault;
 pub mod http;
 pub mod model;
