@@ -8,13 +8,17 @@ use crate::error::Result;
 use crate::record::{Record, State};
 use crate::timeline::Stamp;
 
-/// Decodes `bytes` as a record and encodes the result again: `Ok(encode(decode(bytes)))`,
-/// or the decoding error (always [`Error::Corrupt`](crate::Error::Corrupt)).
+/// Decodes `bytes` as a record and encodes the result again, with the room that followed it:
+/// `Ok(encode(decode(bytes)))`, or the decoding error (always
+/// [`Error::Corrupt`](crate::Error::Corrupt)).
 ///
 /// # Errors
 /// As the codec's decoding.
 pub fn record_roundtrip(bytes: &[u8]) -> Result<Vec<u8>> {
-    Record::decode(bytes).map(|(r, stamp)| r.encode(stamp))
+    Record::decode(bytes).map(|(r, stamp)| {
+        let room = bytes.len() - r.encoded_len();
+        r.encode_with_room(stamp, room)
+    })
 }
 
 /// Whether the reaper's partial read of a record agrees with a full decode: when `bytes`
@@ -32,7 +36,7 @@ pub fn record_dies_at(bytes: &[u8]) -> Option<u64> {
 }
 
 /// Encodes an in-flight record with these fields, written at `written_at` in clock epoch
-/// `epoch`.
+/// `epoch`, followed by `room` bytes of room for its response.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_in_flight(
     fingerprint: [u8; 32],
@@ -43,6 +47,7 @@ pub fn encode_in_flight(
     lease_expires_at: u64,
     attempt: u32,
     checkpoint: Option<&[u8]>,
+    room: usize,
 ) -> Vec<u8> {
     Record {
         fingerprint,
@@ -55,10 +60,13 @@ pub fn encode_in_flight(
             checkpoint: checkpoint.map(<[u8]>::to_vec),
         },
     }
-    .encode(Stamp {
-        at: written_at,
-        epoch,
-    })
+    .encode_with_room(
+        Stamp {
+            at: written_at,
+            epoch,
+        },
+        room,
+    )
 }
 
 /// Encodes a completed record with these fields, written at `written_at` in clock epoch

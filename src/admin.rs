@@ -55,7 +55,7 @@ pub struct Summary {
     pub response_bytes: u64,
     /// The last fencing token granted (0 when none was): the next lease gets a larger one.
     pub last_token: u64,
-    /// The file's format version (the store opened, so it is the one this build reads).
+    /// The file's format version (the store opened, so it is one this build reads).
     pub format_version: u32,
     /// The size of the store file in bytes; `None` for a store in memory or on a custom
     /// backend.
@@ -100,6 +100,8 @@ trait Records {
     fn record(&self, key: &[u8]) -> Result<Option<Record>>;
     /// The file, if the records are in one.
     fn file(&self) -> Option<&Path>;
+    /// The format version of the file the records are in.
+    fn format_version(&self) -> u32;
 }
 
 impl Records for Store {
@@ -117,6 +119,11 @@ impl Records for Store {
 
     fn file(&self) -> Option<&Path> {
         self.path()
+    }
+
+    /// The version this build writes: a read-write open marks an older file with it.
+    fn format_version(&self) -> u32 {
+        storage::FORMAT_VERSION
     }
 }
 
@@ -156,7 +163,7 @@ fn inspect(from: &impl Records, key: &Key) -> Result<Option<RecordView>> {
 fn summary(from: &impl Records) -> Result<Summary> {
     let now = from.now()?;
     let mut summary = Summary {
-        format_version: storage::FORMAT_VERSION,
+        format_version: from.format_version(),
         ..Summary::default()
     };
     summary.last_token = from.walk(&mut |_, record| {
@@ -360,6 +367,11 @@ impl Records for StoreFile {
 
     fn file(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+
+    /// As found in the file: a read-only open leaves an older version as it is.
+    fn format_version(&self) -> u32 {
+        self.file.format_version
     }
 }
 

@@ -1,12 +1,12 @@
 //! The stored record of one key, and its versioned binary codec.
 //!
-//! # Record format, version 2
+//! # Record format, versions 2 and 3
 //!
 //! Every integer is big-endian. Times are nanoseconds since the Unix epoch (`u64`).
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 1 | codec version, `2` |
+//! | 0 | 1 | codec version: `2`, or `3` for an in-flight record followed by room (below) |
 //! | 1 | 1 | state: `1` in-flight, `2` completed |
 //! | 2 | 32 | request fingerprint (SHA-256) |
 //! | 34 | 8 | fencing token |
@@ -34,8 +34,13 @@
 //! | 70 | 4 | response length `n` |
 //! | 74 | n | response bytes |
 //!
-//! A record ends exactly after its last field; anything else (short, long, unknown version or
-//! state, a flag other than 0/1) decodes to [`Error::Corrupt`]. Decoding never panics.
+//! A record of version 2 ends exactly after its last field. Version 3 is only ever an
+//! in-flight record, followed by one or more zero bytes: **room** reserved for its response,
+//! so that completing the request rewrites its log entry without growing it (an entry that
+//! grows splits its B-tree leaf into two half-empty ones; see [`room_for`](Record::room_for)).
+//! Anything else (short, long, unknown version or state, a flag other than 0/1, a completed
+//! record of version 3, a room byte other than zero) decodes to [`Error::Corrupt`]. Decoding
+//! never panics. Each record and room has exactly one encoding.
 //!
 //! # Log entry
 //!
@@ -55,20 +60,22 @@ use crate::error::{Error, Result};
 use crate::timeline::Stamp;
 use std::sync::Arc;
 
-/// The length of the log entry of `key` and `record`.
-pub(crate) fn entry_len(key: &[u8], record: &Record) -> usize {
-    2 + key.len() + record.encoded_len() + 4
+/// The length of the log entry of `key` and `record`, with `room` bytes reserved after an
+/// in-flight record (ignored for a completed one).
+pub(crate) fn entry_len(key: &[u8], record: &Record, room: usize) -> usize {
+    2 + key.len() + record.encoded_len() + record.room(room) + 4
 }
 
 /// Writes the log entry of `key` (an encoded [`crate::Key`]) and `record`, written at
-/// `stamp`, into `out`, which is exactly [`entry_len`] bytes long (a buffer the storage engine
-/// reserved: a large response is copied once, straight into the page that stores it).
-pub(crate) fn write_entry(key: &[u8], record: &Record, stamp: Stamp, out: &mut [u8]) {
+/// `stamp`, with `room` bytes reserved after an in-flight record, into `out`, which is
+/// exactly [`entry_len`] bytes long (a buffer the storage engine reserved: a large response is
+/// copied once, straight into the page that stores it).
+pub(crate) fn write_entry(key: &[u8], record: &Record, stamp: Stamp, room: usize, out: &mut [u8]) {
     let mut w = Writer { out, pos: 0 };
     // Encoded keys are at most 511 bytes (two parts of at most 255 and a length byte).
     w.put(&(key.len() as u16).to_be_bytes());
     w.put(key);
-    record.encode_to(stamp, &mut w);
+    record.encode_to(stamp, record.room(room), &mut w);
     let end = w.pos;
     let crc = crc32fast::hash(&w.out[..end]);
     w.put(&crc.to_be_bytes());
@@ -76,9 +83,9 @@ pub(crate) fn write_entry(key: &[u8], record: &Record, stamp: Stamp, out: &mut [
 
 /// [`write_entry`] into a new vector.
 #[cfg(test)]
-pub(crate) fn encode_entry(key: &[u8], record: &Record, stamp: Stamp) -> Vec<u8> {
-    let mut out = vec![0; entry_len(key, record)];
-    write_entry(key, record, stamp, &mut out);
+pub(crate) fn encode_entry(key: &[u8], record: &Record, stamp: Stamp, room: usize) -> Vec<u8> {
+    let mut out = vec![0; entry_len(key, record, room)];
+    write_entry(key, record, stamp, room, &mut out);
     out
 }
 
@@ -105,8 +112,10 @@ pub(crate) fn split_entry(entry: &[u8]) -> Result<(&[u8], &[u8])> {
     Ok(rest.split_at(len))
 }
 
-/// Codec version written by this build.
+/// Codec version of a record without room.
 pub(crate) const RECORD_VERSION: u8 = 2;
+/// Codec version of an in-flight record followed by room for its response.
+const ROOMY_VERSION: u8 = 3;
 const STATE_IN_FLIGHT: u8 = 1;
 const STATE_COMPLETED: u8 = 2;
 const HEADER_LEN: usize = 54;
@@ -186,7 +195,7 @@ impl Record {
     /// fields (the reaper's check, without copying the response).
     pub fn peek(bytes: &[u8]) -> Result<(u64, Stamp)> {
         let mut r = Reader { bytes, pos: 0 };
-        if r.u8()? != RECORD_VERSION {
+        if !matches!(r.u8()?, RECORD_VERSION | ROOMY_VERSION) {
             return Err(Error::corrupt("record codec version"));
         }
         let tag = r.u8()?;
@@ -212,14 +221,35 @@ impl Record {
     /// The fencing token of an encoded record, reading only its header.
     pub fn peek_token(bytes: &[u8]) -> Result<u64> {
         let mut r = Reader { bytes, pos: 0 };
-        if r.u8()? != RECORD_VERSION {
+        if !matches!(r.u8()?, RECORD_VERSION | ROOMY_VERSION) {
             return Err(Error::corrupt("record codec version"));
         }
         r.take(33)?;
         r.u64()
     }
 
-    /// The length of the encoding.
+    /// The room this record takes when `room` is asked for: `room` for an in-flight record,
+    /// none for a completed one (it does not grow again).
+    fn room(&self, room: usize) -> usize {
+        match self.state {
+            State::InFlight { .. } => room,
+            State::Completed { .. } => 0,
+        }
+    }
+
+    /// The room an in-flight record needs so that its completed form, with a response of
+    /// `response_len` bytes, is no longer than it and its room: the completed record's length
+    /// less this one's (0 for a completed record, or when the completed form is not longer).
+    pub fn room_for(&self, response_len: usize) -> usize {
+        match self.state {
+            State::InFlight { .. } => {
+                (HEADER_LEN + 20 + response_len).saturating_sub(self.encoded_len())
+            }
+            State::Completed { .. } => 0,
+        }
+    }
+
+    /// The length of the encoding, without room.
     pub fn encoded_len(&self) -> usize {
         HEADER_LEN
             + match &self.state {
@@ -233,9 +263,18 @@ impl Record {
     /// Encodes the record (format above), written at `stamp`.
     #[cfg(any(test, fuzzing))]
     pub fn encode(&self, stamp: Stamp) -> Vec<u8> {
-        let mut out = vec![0; self.encoded_len()];
+        self.encode_with_room(stamp, 0)
+    }
+
+    /// Encodes the record (format above), written at `stamp`, followed by `room` bytes of
+    /// room if it is in flight.
+    #[cfg(any(test, fuzzing))]
+    pub fn encode_with_room(&self, stamp: Stamp, room: usize) -> Vec<u8> {
+        let room = self.room(room);
+        let mut out = vec![0; self.encoded_len() + room];
         self.encode_to(
             stamp,
+            room,
             &mut Writer {
                 out: &mut out,
                 pos: 0,
@@ -244,9 +283,15 @@ impl Record {
         out
     }
 
-    fn encode_to(&self, stamp: Stamp, out: &mut Writer<'_>) {
+    /// Encodes the record into `out`, followed by `room` zero bytes (an in-flight record
+    /// only: `room` is 0 for a completed one).
+    fn encode_to(&self, stamp: Stamp, room: usize, out: &mut Writer<'_>) {
         out.put(&[
-            RECORD_VERSION,
+            if room > 0 {
+                ROOMY_VERSION
+            } else {
+                RECORD_VERSION
+            },
             match self.state {
                 State::InFlight { .. } => STATE_IN_FLIGHT,
                 State::Completed { .. } => STATE_COMPLETED,
@@ -288,6 +333,8 @@ impl Record {
                 out.put(response.as_slice());
             }
         }
+        // The buffer may be one the storage engine reserved: its bytes are not zeroed.
+        out.zeros(room);
     }
 
     /// Decodes a record and the stamp it was written at; bad bytes give [`Error::Corrupt`],
@@ -295,12 +342,18 @@ impl Record {
     pub fn decode(bytes: &[u8]) -> Result<(Record, Stamp)> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.u8()?;
-        if version != RECORD_VERSION {
+        if !matches!(version, RECORD_VERSION | ROOMY_VERSION) {
             return Err(Error::corrupt(format!(
-                "record codec version {version}, this build reads version {RECORD_VERSION}"
+                "record codec version {version}, this build reads versions {RECORD_VERSION} \
+                 and {ROOMY_VERSION}"
             )));
         }
         let tag = r.u8()?;
+        if version == ROOMY_VERSION && tag != STATE_IN_FLIGHT {
+            return Err(Error::corrupt(format!(
+                "a record of codec version {ROOMY_VERSION} in state {tag}, not in flight"
+            )));
+        }
         let fingerprint: [u8; 32] = r
             .take(32)?
             .try_into()
@@ -346,11 +399,20 @@ impl Record {
             }
             other => return Err(Error::corrupt(format!("record state tag {other}"))),
         };
-        if r.pos != bytes.len() {
-            return Err(Error::corrupt(format!(
-                "{} trailing bytes after the record",
-                bytes.len() - r.pos
-            )));
+        let rest = &bytes[r.pos..];
+        match version {
+            RECORD_VERSION if !rest.is_empty() => {
+                return Err(Error::corrupt(format!(
+                    "{} trailing bytes after the record",
+                    rest.len()
+                )));
+            }
+            ROOMY_VERSION if rest.is_empty() || rest.iter().any(|&b| b != 0) => {
+                return Err(Error::corrupt(
+                    "the room after an in-flight record is missing or not zeros",
+                ));
+            }
+            _ => {}
         }
         Ok((
             Record {
@@ -373,6 +435,11 @@ impl Writer<'_> {
     fn put(&mut self, bytes: &[u8]) {
         self.out[self.pos..self.pos + bytes.len()].copy_from_slice(bytes);
         self.pos += bytes.len();
+    }
+
+    fn zeros(&mut self, n: usize) {
+        self.out[self.pos..self.pos + n].fill(0);
+        self.pos += n;
     }
 }
 
@@ -476,9 +543,89 @@ mod tests {
     }
 
     #[test]
+    fn an_in_flight_record_with_room_round_trips_and_its_room_must_be_zeros() {
+        let stamp = Stamp { at: 77, epoch: 3 };
+        for r in [in_flight(None), in_flight(Some(b"step 2".to_vec()))] {
+            for room in [1, 191, 1024] {
+                let bytes = r.encode_with_room(stamp, room);
+                assert_eq!(bytes[0], ROOMY_VERSION);
+                assert_eq!(bytes.len(), r.encoded_len() + room);
+                assert_eq!(Record::decode(&bytes).unwrap(), (r.clone(), stamp));
+                assert_eq!(Record::peek(&bytes).unwrap(), (r.dies_at(), stamp));
+                assert_eq!(Record::peek_token(&bytes).unwrap(), r.token);
+                // Cut short of the room's first byte: refused (version 3 without room too).
+                for cut in 0..=r.encoded_len() {
+                    assert!(matches!(
+                        Record::decode(&bytes[..cut]),
+                        Err(Error::Corrupt { .. })
+                    ));
+                }
+                // Cut inside the room: the same record, with less room.
+                for cut in r.encoded_len() + 1..bytes.len() {
+                    assert_eq!(Record::decode(&bytes[..cut]).unwrap(), (r.clone(), stamp));
+                }
+                for at in r.encoded_len()..bytes.len() {
+                    let mut bad = bytes.clone();
+                    bad[at] = 1;
+                    assert!(matches!(Record::decode(&bad), Err(Error::Corrupt { .. })));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_completed_record_takes_no_room_and_version_3_of_it_is_refused() {
+        let done = Record {
+            fingerprint: [1; 32],
+            token: 9,
+            state: State::Completed {
+                completed_at: 5,
+                expires_at: 50,
+                response: Arc::new(b"hello".to_vec()),
+            },
+        };
+        let stamp = Stamp { at: 77, epoch: 3 };
+        assert_eq!(done.encode_with_room(stamp, 100), done.encode(stamp));
+        assert_eq!(done.room_for(1000), 0);
+        let mut bytes = done.encode(stamp);
+        bytes[0] = ROOMY_VERSION;
+        assert!(matches!(Record::decode(&bytes), Err(Error::Corrupt { .. })));
+        bytes.push(0);
+        assert!(matches!(Record::decode(&bytes), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn room_for_a_response_makes_the_completed_entry_fit_exactly() {
+        let done = |response: Vec<u8>| Record {
+            fingerprint: [7; 32],
+            token: 42,
+            state: State::Completed {
+                completed_at: 2,
+                expires_at: 3,
+                response: Arc::new(response),
+            },
+        };
+        for (claim, response) in [
+            (in_flight(None), 200),
+            (in_flight(None), 9),
+            (in_flight(Some(vec![5; 40])), 300),
+        ] {
+            let room = claim.room_for(response);
+            assert_eq!(
+                entry_len(b"k", &claim, room),
+                entry_len(b"k", &done(vec![0; response]), 0),
+                "room {room} for a {response}-byte response"
+            );
+        }
+        // A completed form shorter than the claim needs no room.
+        assert_eq!(in_flight(Some(vec![5; 40])).room_for(0), 0);
+        assert_eq!(in_flight(None).room_for(3), 0);
+    }
+
+    #[test]
     fn entries_carry_a_checksum_that_catches_any_flipped_byte() {
         let r = in_flight(Some(b"step 2".to_vec()));
-        let entry = encode_entry(b"key", &r, Stamp { at: 5, epoch: 1 });
+        let entry = encode_entry(b"key", &r, Stamp { at: 5, epoch: 1 }, 0);
         let (key, record) = split_entry(&entry).unwrap();
         assert_eq!((key, Record::decode(record).unwrap().0), (&b"key"[..], r));
         for i in 0..entry.len() {

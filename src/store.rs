@@ -576,9 +576,11 @@ impl Builder {
     /// # Errors
     /// * [`Error::InvalidConfig`] for a bad setting.
     /// * [`Error::AlreadyOpen`] when the file is open in this or another process.
-    /// * [`Error::IncompatibleFormat`] for a file that is not an idemstore store of this
-    ///   format version (a foreign redb file, another kind of file, a newer format): the file
-    ///   is checked read-only first and not modified.
+    /// * [`Error::IncompatibleFormat`] for a file that is not an idemstore store of a format
+    ///   version this build reads (a foreign redb file, another kind of file, a newer format):
+    ///   the file is checked read-only first and not modified. A store of the previous format
+    ///   version (3) is read as it is and marked as the current one (4) by this open, after
+    ///   which older builds of idemstore refuse it.
     /// * [`Error::Corrupt`] for a damaged file.
     /// * [`Error::Storage`] for a directory, a missing parent directory, missing permissions
     ///   or another I/O failure.

@@ -101,7 +101,7 @@ fn stats_counts_records_by_state() {
     let o = idemstore(&["stats", path_str(&path)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("format version  3"), "{out}");
+    assert!(out.contains("format version  4"), "{out}");
     assert!(out.contains("last token      5"), "{out}");
     assert!(out.contains("records         5 (4 live, 1 dead)"), "{out}");
     assert!(

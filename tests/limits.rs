@@ -11,7 +11,7 @@ use idemstore::{Begin, Durability, Error, Key, Store};
 use idemstore_testkit::rng::noise;
 use idemstore_testkit::store::*;
 // `::redb`: the crate, not the test module of that name.
-use ::redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use ::redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use idemstore_testkit::engine::Place;
 
 const NS: Duration = Duration::from_nanos(1);
@@ -477,6 +477,11 @@ fn store_with_format_version(path: &Path, version: u32) {
     let store = builder(&clock()).open(path).unwrap();
     use_store(&store);
     store.close().unwrap();
+    set_format_version(path, version);
+}
+
+/// Overwrites the format version of the (closed) store file at `path` with `version`.
+fn set_format_version(path: &Path, version: u32) {
     let db = ::redb::Database::create(path).unwrap();
     let txn = db.begin_write().unwrap();
     {
@@ -490,8 +495,8 @@ fn store_with_format_version(path: &Path, version: u32) {
             .to_vec();
         assert_eq!(
             old,
-            3u32.to_be_bytes(),
-            "this build writes format version 3"
+            4u32.to_be_bytes(),
+            "this build writes format version 4"
         );
         meta.insert("format_version", &version.to_be_bytes()[..])
             .unwrap();
@@ -504,7 +509,7 @@ fn store_with_format_version(path: &Path, version: u32) {
 fn a_store_of_another_format_version_is_incompatible_and_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let newer = dir.path().join("newer.redb");
-    store_with_format_version(&newer, 4);
+    store_with_format_version(&newer, 5);
     assert_refused_unchanged(&newer);
 
     // Older versions are refused like any other, never migrated.
@@ -514,15 +519,122 @@ fn a_store_of_another_format_version_is_incompatible_and_unchanged() {
         assert_refused_unchanged(&older);
     }
 
-    // Control: the same steps with version 3 give a file we open.
+    // Control: the same steps with version 4 give a file we open.
     let same = dir.path().join("same.redb");
-    store_with_format_version(&same, 3);
+    store_with_format_version(&same, 4);
     let store = builder(&clock()).open(&same).unwrap();
     assert_eq!(
         replay(&store, &key("probe"), &fp("probe")).response(),
         b"probe"
     );
     store.close().unwrap();
+}
+
+/// The format version in the meta table of the store file at `path`.
+fn format_version_of(path: &Path) -> u32 {
+    let db = ::redb::ReadOnlyDatabase::open(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let def: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore_meta");
+    let meta = txn.open_table(def).unwrap();
+    let v = meta.get("format_version").unwrap().unwrap();
+    u32::from_be_bytes(v.value().try_into().unwrap())
+}
+
+// redb only: the file format check. Version 3 had no room after in-flight records; this
+// build reads its records as they are.
+#[test]
+fn a_version_3_store_is_read_as_it_is_and_raised_to_version_4_by_a_read_write_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v3.redb");
+    let clock = clock();
+    // A version 3 file: one completed record, and one in flight written without room (as a
+    // build of version 3 wrote them: the room of the first claim is 0, nothing completed
+    // before it).
+    {
+        let store = builder(&clock).open(&path).unwrap();
+        std::mem::forget(started(&store, &key("pending"), &fp("pending")));
+        use_store(&store);
+        store.close().unwrap();
+    }
+    set_format_version(&path, 3);
+
+    // A read-only open reads it and leaves it as it is.
+    let before = std::fs::read(&path).unwrap();
+    let file = idemstore::admin::StoreFile::open(&path).unwrap();
+    let summary = file.summary().unwrap();
+    // (Dead by the system clock: they were written at the test clock's start.)
+    assert_eq!((summary.format_version, summary.records()), (3, 2));
+    drop(file);
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "a read-only open wrote"
+    );
+
+    // A read-write open reads the same records and marks the file version 4.
+    let store = builder(&clock).open(&path).unwrap();
+    assert_eq!(format_version_of_open(&store), 4);
+    assert_eq!(
+        replay(&store, &key("probe"), &fp("probe")).response(),
+        b"probe"
+    );
+    // The in-flight record without room is taken over and completed (rewritten with none).
+    in_flight(&store, &key("pending"), &fp("pending"));
+    clock.advance(LEASE);
+    let lease = started(&store, &key("pending"), &fp("pending"));
+    assert_eq!(lease.recovered().map(|r| r.attempt()), Some(2));
+    lease.complete(b"at last").unwrap();
+    // A new claim gets room (for a 5-byte response: the completions so far).
+    started(&store, &key("new"), &fp("new"))
+        .complete(b"done")
+        .unwrap();
+    store.close().unwrap();
+    assert_eq!(format_version_of(&path), 4);
+    let store = builder(&clock).open(&path).unwrap();
+    assert_eq!(replay(&store, &key("new"), &fp("new")).response(), b"done");
+    assert_eq!(
+        replay(&store, &key("pending"), &fp("pending")).response(),
+        b"at last"
+    );
+    store.close().unwrap();
+}
+
+// redb only: the log's layout. A claim's entry grows when the request completes; unless the
+// claim reserved room for the response, the grown entry splits its B-tree leaf into two
+// half-full ones, which nothing fills again (new entries go to the log's last leaf): a lone
+// caller's log ended up half empty, pages that every open's checks read.
+#[test]
+fn a_lone_callers_log_stays_packed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("packed.redb");
+    let store = builder(&clock())
+        .durability(Durability::None)
+        .open(&path)
+        .unwrap();
+    let response = [7u8; 200];
+    for i in 0..3000 {
+        let k = key(&format!("k{i}"));
+        started(&store, &k, &fp("body"))
+            .complete(&response)
+            .unwrap();
+    }
+    store.close().unwrap();
+    let db = ::redb::ReadOnlyDatabase::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let def: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_log");
+    let stats = txn.open_table(def).unwrap().stats().unwrap();
+    let fill = stats.stored_bytes() as f64 / (stats.leaf_pages() * 4096) as f64;
+    assert!(
+        fill > 0.85,
+        "the log's leaves are {:.0} % full ({} bytes of entries in {} leaves)",
+        fill * 100.0,
+        stats.stored_bytes(),
+        stats.leaf_pages()
+    );
+}
+
+/// The format version a running store reports.
+fn format_version_of_open(store: &Store) -> u32 {
+    store.summary().unwrap().format_version
 }
 
 /// A record in format version 1's record codec (documented in `src/record.rs`).

@@ -222,8 +222,9 @@ impl PgStore {
 
 /// A row's record column: the checksummed entry of `key` and `record`.
 fn encode_row(key: &[u8], record: &Record, now: u64) -> Vec<u8> {
-    let mut out = vec![0; entry_len(key, record)];
-    write_entry(key, record, Stamp { at: now, epoch: 0 }, &mut out);
+    // No room reserved: a row is rewritten whole, it has no page to split.
+    let mut out = vec![0; entry_len(key, record, 0)];
+    write_entry(key, record, Stamp { at: now, epoch: 0 }, 0, &mut out);
     out
 }
 

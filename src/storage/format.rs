@@ -20,14 +20,14 @@ use crate::redb_file::{self, FileIdentity, io_error, open_error, private_file_op
 /// What the format check found.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
-    /// A store of ours, of this format version.
-    Ours,
+    /// A store of ours, of a format version this build reads.
+    Ours { version: u32 },
     /// A redb file without any table: a new store (or one whose creation was interrupted).
     Empty,
 }
 
-/// Checks a meta table's marker and version.
-fn check_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Found> {
+/// Checks a meta table's marker and version; returns the version.
+fn check_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u32> {
     let read = |k: &str| -> Result<Option<Vec<u8>>> {
         Ok(meta
             .get(k)
@@ -43,11 +43,11 @@ fn check_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<
         .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
         .map(u32::from_be_bytes)
         .ok_or_else(|| Error::corrupt("the format version is missing from the meta table"))?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(Error::IncompatibleFormat {
             reason: format!(
-                "the file has format version {version}, this build of idemstore reads version \
-                 {FORMAT_VERSION}{}",
+                "the file has format version {version}, this build of idemstore reads versions \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}{}",
                 if version > FORMAT_VERSION {
                     " (upgrade idemstore)"
                 } else {
@@ -56,7 +56,7 @@ fn check_meta(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<
             ),
         });
     }
-    Ok(Found::Ours)
+    Ok(version)
 }
 
 /// Checks a read-only snapshot: ours, empty, or an error.
@@ -74,10 +74,10 @@ fn check_read(db: &impl ReadableDatabase) -> Result<Found> {
         return Ok(Found::Empty);
     }
     let meta = txn.open_table(META).map_err(table_error)?;
-    let found = check_meta(&meta)?;
+    let version = check_meta(&meta)?;
     txn.open_table(LOG).map_err(table_error)?;
     txn.open_table(DEATHS).map_err(table_error)?;
-    Ok(found)
+    Ok(Found::Ours { version })
 }
 
 /// Opens (or creates) the store file at `path`.
@@ -287,6 +287,7 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>, persistent: bool) 
             snapshot_floor: AtomicU64::new(floor.unwrap_or(0)),
             snapshot_generation: Mutex::new(floor.map(|_| 0)),
             index_source,
+            response_hint: ResponseHint::default(),
         }),
         Err(e) => {
             discard(db);
@@ -359,11 +360,11 @@ pub(crate) fn open_read_only(path: &Path) -> Result<ReadOnlyFile> {
             }
             Err(e) => return Err(open_error(path, e)),
         };
-        if check_read(&db)? == Found::Empty {
+        let Found::Ours { version } = check_read(&db)? else {
             return Err(Error::IncompatibleFormat {
                 reason: "a redb file without tables: not a store yet".into(),
             });
-        }
+        };
         let meta = {
             let txn = db.begin_read().map_err(engine("starting a read"))?;
             let table = txn.open_table(META).map_err(table_error)?;
@@ -376,6 +377,7 @@ pub(crate) fn open_read_only(path: &Path) -> Result<ReadOnlyFile> {
                 meta.latest_time,
                 meta.corrections,
             ),
+            format_version: version,
         })
     })
 }
@@ -386,6 +388,7 @@ fn initialize_unguarded(db: &Database) -> Result<Meta> {
         corrections: Corrections::default(),
         resweep_from: None,
     };
+    let mut raised = None;
     let txn = begin_write(db, Durability::Immediate)?;
     {
         let mut meta = txn.open_table(META).map_err(table_error)?;
@@ -407,14 +410,26 @@ fn initialize_unguarded(db: &Database) -> Result<Meta> {
             put(&mut meta, VERSION_KEY, &FORMAT_VERSION.to_be_bytes())?;
             put(&mut meta, TOKEN_KEY, &0u64.to_be_bytes())?;
         } else {
-            check_meta(&meta)?;
+            let version = check_meta(&meta)?;
             found = read_meta(&meta)?;
+            if version < FORMAT_VERSION {
+                // Before this build writes a record an older build could not read.
+                put(&mut meta, VERSION_KEY, &FORMAT_VERSION.to_be_bytes())?;
+                raised = Some(version);
+            }
         }
         txn.open_table(LOG).map_err(table_error)?;
         txn.open_table(DEATHS).map_err(table_error)?;
     }
     txn.commit()
         .map_err(|e| Error::storage("creating the store's tables", e))?;
+    if let Some(from) = raised {
+        tracing::info!(
+            from,
+            to = FORMAT_VERSION,
+            "the file's format version was raised (older builds of idemstore no longer open it)"
+        );
+    }
     Ok(found)
 }
 

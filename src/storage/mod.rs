@@ -2,19 +2,19 @@
 //! and writes of records with their expiry index. Decisions are made by [`crate::machine`];
 //! this module only moves records in and out of redb.
 //!
-//! # Tables (format version 3)
+//! # Tables (format version 4)
 //!
 //! | table | key | value |
 //! |---|---|---|
 //! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
-//! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]) |
+//! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]; an in-flight one followed by room for its response, [`ResponseHint`]), CRC-32 |
 //! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
 //! | `idemstore_index_snapshot` | chunk number (`u64`) | the key index's slots ([`crate::index`]), 12 bytes each |
 //! | `idemstore_index_deleted` | sequence number (`u64`) | key hash (`u64`): a log entry below the snapshot's end deleted since it was written |
 //!
 //! The key index's snapshot (`snapshot`) adds to the meta table `"index_snapshot"` (its header:
 //! hash keys, size, end, entry count, token floor, CRC-32) and `"latest_time_mark"` (the latest
-//! time again, written with it). These are additions within format version 3: a file without
+//! time again, written with it). These were added within format version 3: a file without
 //! them opens as before (its index is built from the whole log, and the first close writes a
 //! snapshot); an older build of idemstore ignores them, and an open by this build after such a
 //! build wrote the file finds the snapshot stale by its checks and rebuilds the index.
@@ -36,8 +36,11 @@
 //! The expiry index holds exactly one entry per log entry, keyed by the record's death time,
 //! so the reaper walks dead records in time order and never scans live ones.
 //!
-//! Other format versions (1 and 2 were development formats) are refused with
-//! [`Error::IncompatibleFormat`], never migrated.
+//! Format version 4 is version 3 with room after in-flight records (record codec version 3,
+//! [`crate::record`]; [`ResponseHint`]): a read-write open of a version 3 file marks it
+//! version 4 in its first transaction (an older build then refuses it, as it could not read
+//! those records), a read-only open reads it as it is. Other format versions (1 and 2 were
+//! development formats) are refused with [`Error::IncompatibleFormat`], never migrated.
 //!
 //! # Layout
 //!
@@ -57,7 +60,7 @@ mod snapshot;
 mod write;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -103,8 +106,13 @@ const RESWEEP_KEY: &str = "resweep_from";
 const SNAPSHOT_KEY: &str = "index_snapshot";
 /// The latest time again, written with it by builds that keep the snapshot up to date.
 const TIME_MARK_KEY: &str = "latest_time_mark";
-/// The file format version this build writes and reads.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+/// The file format version this build writes.
+pub(crate) const FORMAT_VERSION: u32 = 4;
+/// The oldest format version this build opens. Version 3 differs from 4 only in that its
+/// in-flight records have no room after them (record codec version 3 is new in format 4); a
+/// read-write open marks a version 3 file as version 4 before it writes anything else, a
+/// read-only open leaves it as it is.
+pub(crate) const OLDEST_FORMAT_VERSION: u32 = 3;
 
 fn engine<E: std::error::Error + Send + Sync + 'static>(
     context: &str,
@@ -175,6 +183,9 @@ pub(crate) struct Stored {
     /// How the key index was built at open.
     #[cfg_attr(not(test), allow(dead_code))]
     pub index_source: IndexSource,
+    /// The response length an in-flight record reserves room for ([`WriteTables::put`]).
+    /// Only the committer changes it.
+    response_hint: ResponseHint,
 }
 
 impl Stored {
@@ -182,6 +193,41 @@ impl Stored {
     /// index's snapshot written.
     pub fn persistent(&self) -> bool {
         self.persistent
+    }
+}
+
+/// The length of the responses completed lately, as room for the next in-flight records.
+///
+/// A claim's log entry is written first without a response and rewritten in place when the
+/// request completes. If it grew then, and its B-tree leaf had no space left, the storage
+/// engine would split the leaf into two half-full ones; and the leaves left of the log's
+/// newest never receive another entry, so the log would end up about half empty (pages the
+/// open's checks read and the file keeps). Reserving room for the response at the claim
+/// keeps the entry's size, and the leaves full.
+///
+/// The hint is a slowly decaying maximum of the completed responses' lengths: it rises at
+/// once to a longer response (room too short splits a leaf; room too long only leaves a gap
+/// in it) and falls by 1/64 (at least a byte) per shorter one. Room is capped at
+/// [`ResponseHint::MAX_ROOM`]: a larger response would fill most of a page anyway.
+#[derive(Debug, Default)]
+pub(crate) struct ResponseHint(AtomicUsize);
+
+impl ResponseHint {
+    /// The most room an in-flight record reserves (bytes).
+    pub const MAX_ROOM: usize = 1024;
+
+    /// The room for `record` (0 unless it is in flight).
+    pub fn room(&self, record: &Record) -> usize {
+        record
+            .room_for(self.0.load(Ordering::Relaxed))
+            .min(Self::MAX_ROOM)
+    }
+
+    /// Notes a completed response of `len` bytes.
+    pub fn completed(&self, len: usize) {
+        let hint = self.0.load(Ordering::Relaxed);
+        self.0
+            .store(len.max(hint - hint.div_ceil(64)), Ordering::Relaxed);
     }
 }
 

@@ -47,6 +47,8 @@ pub(crate) struct ReadOnlyFile {
     pub(super) db: redb::ReadOnlyDatabase,
     /// The store's time as a read-write open would start it (never persisted from here).
     pub timeline: StoreClock,
+    /// The file's format version, as found (a read-only open never upgrades it).
+    pub format_version: u32,
 }
 
 impl ReadOnlyFile {

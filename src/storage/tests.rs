@@ -411,3 +411,26 @@ fn no_snapshot_is_written_of_an_index_behind_the_log() {
     assert!(stored.read_record(&key_of("b", 0)).unwrap().is_some());
     assert!(stored.read_record(&key_of("a", 5)).unwrap().is_none());
 }
+
+#[test]
+fn the_response_hint_rises_at_once_decays_slowly_and_caps_the_room() {
+    let claim = machine::claim(None, &Fingerprint::of(b"x"), 1, 0, 100, 1).record;
+    let hint = ResponseHint::default();
+    assert_eq!(hint.room(&claim), 0, "nothing completed yet: no room");
+    hint.completed(300);
+    let room = hint.room(&claim);
+    assert_eq!(room, claim.room_for(300));
+    assert!(room > 0);
+    // A shorter response lowers it by 1/64 only; a longer one raises it at once.
+    hint.completed(10);
+    assert_eq!(hint.room(&claim), claim.room_for(300 - 5));
+    hint.completed(400);
+    assert_eq!(hint.room(&claim), claim.room_for(400));
+    // Shorter responses from then on bring it down to theirs, at least a byte at a time.
+    for _ in 0..2_000 {
+        hint.completed(10);
+    }
+    assert_eq!(hint.room(&claim), claim.room_for(10));
+    hint.completed(1 << 20);
+    assert_eq!(hint.room(&claim), ResponseHint::MAX_ROOM);
+}

@@ -11,7 +11,7 @@ use super::read::{Located, lookup_located};
 use super::*;
 use crate::config::Durability;
 use crate::index::Change;
-use crate::record::{entry_len, write_entry};
+use crate::record::{State, entry_len, write_entry};
 use crate::timeline::Stamp;
 
 /// Starts a write transaction. A durable one commits in two phases (the new commit slot is
@@ -126,7 +126,8 @@ impl<'t> WriteTables<'t> {
 
     /// Writes `record` as the record of `key`. A key that has an entry gets it rewritten in
     /// place (one change to the log, none to the key index; its expiry entry moves only if
-    /// the death time changed); a new key gets an entry appended at the log's end.
+    /// the death time changed); a new key gets an entry appended at the log's end. An
+    /// in-flight record is followed by room for its response ([`ResponseHint`]).
     ///
     /// In place rather than appended again: the key's old entry has to be touched anyway (to
     /// delete it), so rewriting it dirties no more pages, and saves the append. The entry is
@@ -139,12 +140,16 @@ impl<'t> WriteTables<'t> {
             |l| l.seq,
         );
         let dies_at = record.dies_at();
+        let room = self.stored.response_hint.room(record);
+        if let State::Completed { response, .. } = &record.state {
+            self.stored.response_hint.completed(response.len());
+        }
         {
             let mut space = self
                 .log
-                .insert_reserve(seq, entry_len(key, record))
+                .insert_reserve(seq, entry_len(key, record, room))
                 .map_err(|e| Error::storage("writing a record", e))?;
-            write_entry(key, record, self.stamp, space.as_mut());
+            write_entry(key, record, self.stamp, room, space.as_mut());
         }
         match located {
             Some(old) if old.filed == [dies_at, dies_at] => {}
