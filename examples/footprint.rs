@@ -17,7 +17,9 @@
 //! open's own:
 //!
 //! 1. redb alone: the file opened by redb without, then with its integrity check on open (as
-//!    the store opens it), and closed;
+//!    the store opens it), and closed; the first of these also reads redb's statistics of the
+//!    log and the expiry index, for how full their B-tree leaves are (both are read whole by
+//!    every open);
 //! 2. a clean reopen: the store loads the key index's snapshot written at the close; then
 //!    every 100th record is replayed, so the peak includes a working read path;
 //! 3. a reopen after a crash: a process opens the store, completes 10,000 new records and
@@ -116,6 +118,23 @@ fn child(step: &str, path: &Path, n: u64) -> Result<(), idemstore::Error> {
                 .open(path)
                 .expect("redb open");
             println!("open_ms={}", started.elapsed().as_millis());
+            if step == "plain" {
+                // How full the B-tree leaves of the two tables every open reads are.
+                use redb::{ReadableDatabase, ReadableTableMetadata};
+                let txn = db.begin_read().expect("read");
+                let log: redb::TableDefinition<u64, &[u8]> =
+                    redb::TableDefinition::new("idemstore_log");
+                let deaths: redb::TableDefinition<(u64, u64), ()> =
+                    redb::TableDefinition::new("idemstore_log_expiry");
+                for (name, stats) in [
+                    ("log", txn.open_table(log).expect("log").stats()),
+                    ("expiry", txn.open_table(deaths).expect("expiry").stats()),
+                ] {
+                    let stats = stats.expect("table stats");
+                    println!("{name}_leaf_pages={}", stats.leaf_pages());
+                    println!("{name}_stored_bytes={}", stats.stored_bytes());
+                }
+            }
             drop(db);
         }
         "crash" => {
@@ -269,6 +288,16 @@ fn main() -> Result<(), idemstore::Error> {
         bytes as f64 / (1 << 20) as f64,
         bytes as f64 / n as f64
     );
+    for (table, what) in [("log", "the log"), ("expiry", "the expiry index")] {
+        let pages = get(&plain, &format!("{table}_leaf_pages"));
+        let number = |k: &str| get(&plain, k).parse::<f64>().unwrap_or(f64::NAN);
+        let full = number(&format!("{table}_stored_bytes"))
+            / (number(&format!("{table}_leaf_pages")) * 4096.0);
+        println!(
+            "| {what}'s B-tree leaves | {pages} pages of 4 KiB, {:.0} % full |",
+            100.0 * full
+        );
+    }
     println!("| close after writing (writes the key index's snapshot) | {close_time:.2?} |");
     if let Some(kib) = writer_peak {
         println!(

@@ -37,7 +37,8 @@
 //! A record of version 2 ends exactly after its last field. Version 3 is only ever an
 //! in-flight record, followed by one or more zero bytes: **room** reserved for its response,
 //! so that completing the request rewrites its log entry without growing it (an entry that
-//! grows splits its B-tree leaf into two half-empty ones; see [`room_for`](Record::room_for)).
+//! grows in a full B-tree leaf splits the leaf into two half-full ones; see
+//! [`room_for`](Record::room_for)).
 //! Anything else (short, long, unknown version or state, a flag other than 0/1, a completed
 //! record of version 3, a room byte other than zero) decodes to [`Error::Corrupt`]. Decoding
 //! never panics. Each record and room has exactly one encoding.
