@@ -223,6 +223,17 @@ fn secs(ms: &str) -> String {
 
 /// Removes the key index snapshot's header, so that the next open rebuilds the index from the
 /// whole log (the open removes the rest).
+/// The file's length, and the bytes the file system allocated for it (Unix): redb grows a
+/// file by whole regions, whose unwritten tail takes no space on disk.
+fn file_size(path: &Path) -> (u64, Option<u64>) {
+    let meta = std::fs::metadata(path).expect("metadata");
+    #[cfg(unix)]
+    let on_disk = Some(std::os::unix::fs::MetadataExt::blocks(&meta) * 512);
+    #[cfg(not(unix))]
+    let on_disk = None;
+    (meta.len(), on_disk)
+}
+
 fn remove_snapshot(path: &Path) {
     let db = redb::Database::create(path).expect("redb open");
     let txn = db.begin_write().expect("write");
@@ -268,7 +279,7 @@ fn main() -> Result<(), idemstore::Error> {
     }
     let written = start.elapsed();
     let writer_peak = peak_rss_kib();
-    let bytes = std::fs::metadata(&path).expect("metadata").len();
+    let (bytes, on_disk) = file_size(&path);
 
     eprintln!("  measuring the opens…");
     let plain = run_child("plain", &path, n);
@@ -278,15 +289,22 @@ fn main() -> Result<(), idemstore::Error> {
     let crashed = run_child("reopen", &path, n + CRASH_RECORDS);
     remove_snapshot(&path);
     let rebuild = run_child("rebuild", &path, n + CRASH_RECORDS);
+    let (bytes_after, on_disk_after) = file_size(&path);
 
     let cold = std::env::var("IDEMSTORE_COLD").as_deref() == Ok("1");
     println!("| measure | value |");
     println!("|---|---|");
     println!("| records | {n} (200-byte responses, written in {written:.1?}) |");
+    let mebibytes = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "| file size | {:.1} MiB = {:.0} bytes per record |",
-        bytes as f64 / (1 << 20) as f64,
-        bytes as f64 / n as f64
+        "| file size | {:.1} MiB = {:.0} bytes per record; on disk {} |",
+        mebibytes(bytes),
+        bytes as f64 / n as f64,
+        on_disk.map_or("?".into(), |d| format!(
+            "{:.1} MiB = {:.0} bytes per record",
+            mebibytes(d),
+            d as f64 / n as f64
+        ))
     );
     for (table, what) in [("log", "the log"), ("expiry", "the expiry index")] {
         let pages = get(&plain, &format!("{table}_leaf_pages"));
@@ -348,6 +366,11 @@ fn main() -> Result<(), idemstore::Error> {
         "| replay of every 100th record / close, after the clean reopen | {} / {} |",
         secs(get(&reopen, "replay_ms")),
         secs(get(&reopen, "close_ms"))
+    );
+    println!(
+        "| file size after these opens (a crash, its recovery, a rebuild) | {:.1} MiB; on disk {} |",
+        mebibytes(bytes_after),
+        on_disk_after.map_or("?".into(), |d| format!("{:.1} MiB", mebibytes(d)))
     );
     Ok(())
 }
