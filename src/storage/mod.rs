@@ -9,7 +9,7 @@
 //! | `idemstore_meta` | `"magic"`, `"format_version"`, `"last_token"`, `"latest_time"`, `"clock_corrections"`, `"resweep_from"` | `b"idemstore"`, `u32` BE, `u64` BE, `u64` BE nanoseconds (the latest time a write saw), the clock corrections ([`crate::timeline`]: 12 bytes each), `u64` BE (the death time from which the reaper still has to re-file records moved back by a correction) |
 //! | `idemstore_log` | sequence number (`u64`) | a log entry: key length (`u16` BE), encoded [`Key`](crate::Key) (scope length byte, scope, id), [`Record`] ([`crate::record`]; an in-flight one followed by room for its response, [`ResponseHint`]), CRC-32 |
 //! | `idemstore_log_expiry` | (death time in nanoseconds, sequence number), both `u64` | `()` |
-//! | `idemstore_index_snapshot` | chunk number (`u64`) | the key index's slots ([`crate::index`]), 12 bytes each |
+//! | `idemstore_index_snapshot` | segment number << 32 \| piece number (`u64`) | a piece of one segment of the key index's slots ([`crate::index`]), 12 bytes each, at most 16 KiB |
 //! | `idemstore_index_deleted` | sequence number (`u64`) | key hash (`u64`): a log entry below the snapshot's end deleted since it was written |
 //!
 //! The key index's snapshot (`snapshot`) adds to the meta table `"index_snapshot"` (its header:

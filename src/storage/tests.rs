@@ -270,6 +270,105 @@ fn edit_chunk(path: &std::path::Path, f: impl FnOnce(&mut Vec<u8>)) {
     txn.commit().unwrap();
 }
 
+/// The snapshot's slots table of the store file at `path`, key → value.
+fn slot_values(path: &std::path::Path) -> Vec<(u64, Vec<u8>)> {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let def: redb::TableDefinition<u64, &[u8]> =
+        redb::TableDefinition::new("idemstore_index_snapshot");
+    let chunks = txn.open_table(def).unwrap();
+    chunks
+        .iter()
+        .unwrap()
+        .map(|c| {
+            let (n, c) = c.unwrap();
+            (n.value(), c.value().to_vec())
+        })
+        .collect()
+}
+
+/// Replaces the snapshot's slots table with `values`, and its header's layout and value
+/// count, with the checksum of the new header fields and values (it covers neither the keys
+/// nor the layout).
+fn rewrite_slots(path: &std::path::Path, values: &[(u64, Vec<u8>)], layout: u32) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let def: redb::TableDefinition<u64, &[u8]> =
+            redb::TableDefinition::new("idemstore_index_snapshot");
+        txn.delete_table(def).unwrap();
+        let mut chunks = txn.open_table(def).unwrap();
+        for (n, v) in values {
+            chunks.insert(n, v.as_slice()).unwrap();
+        }
+        let mut meta = txn.open_table(META).unwrap();
+        let mut header = meta.get(SNAPSHOT_KEY).unwrap().unwrap().value().to_vec();
+        header[..4].copy_from_slice(&layout.to_be_bytes());
+        // The value count is the header's eighth field.
+        header[4 + 7 * 8..4 + 8 * 8].copy_from_slice(&(values.len() as u64).to_be_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[4..4 + 9 * 8]);
+        for (_, v) in values {
+            crc.update(v);
+        }
+        let end = header.len();
+        header[end - 4..].copy_from_slice(&crc.finalize().to_be_bytes());
+        meta.insert(SNAPSHOT_KEY, header.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_snapshot_stores_each_segment_in_pieces_and_reads_whole_segments_of_earlier_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let stored = open_stored(&path);
+    fill(&stored, "a", 3_000, 0, 1_000_000);
+    saved(&stored);
+    drop(stored);
+    let pieces = slot_values(&path);
+    // Every segment is in pieces of at most `PIECE_BYTES` (two slots in these tests), keyed
+    // by segment and piece.
+    assert!(pieces.iter().all(|(_, v)| v.len() <= snapshot::PIECE_BYTES));
+    assert!(pieces.iter().any(|&(n, _)| n & 0xffff_ffff > 0));
+    assert_eq!(pieces.last().unwrap().0 >> 32, 1023);
+
+    // The same slots as earlier builds wrote them: one value per segment.
+    let mut whole: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (n, v) in &pieces {
+        match whole.last_mut() {
+            Some((s, w)) if *s == n >> 32 => w.extend_from_slice(v),
+            _ => whole.push((n >> 32, v.clone())),
+        }
+    }
+    assert_eq!(whole.len(), 1024);
+    rewrite_slots(&path, &whole, 1);
+    let stored = open_stored(&path);
+    assert_eq!(stored.index_source, IndexSource::Snapshot { tail: 0 });
+    assert_keys(&stored, "a", 3_000, true);
+    drop(stored);
+
+    // A piece out of its place (renumbered past a gap) is refused, and the index rebuilt.
+    let stored = open_stored(&path);
+    saved(&stored);
+    drop(stored);
+    let mut pieces = slot_values(&path);
+    // The last piece of a segment, piece 1 of it.
+    let moved = (0..pieces.len() - 1)
+        .find(|&i| pieces[i].0 & 0xffff_ffff == 1 && pieces[i + 1].0 >> 32 != pieces[i].0 >> 32)
+        .unwrap();
+    pieces[moved].0 += 1;
+    rewrite_slots(&path, &pieces, 2);
+    let stored = open_stored(&path);
+    assert_eq!(
+        stored.index_source,
+        IndexSource::Rebuilt {
+            rejected: Some("its slots do not match its header".into())
+        }
+    );
+    assert_keys(&stored, "a", 3_000, true);
+}
+
 #[test]
 fn a_damaged_snapshot_is_removed_and_the_index_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
