@@ -253,6 +253,11 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
         }
         at = Some((s, piece));
         segment.extend_from_slice(chunk.value());
+        // No segment is larger than the whole table (the loader checks it as well; this
+        // bounds what a damaged or crafted snapshot makes the open hold).
+        if segment.len() as u64 > header.shape.capacity.saturating_mul(SLOT_BYTES as u64) {
+            return reject("its slots do not match its header");
+        }
     }
     if at.is_some() && !loader.push(&segment) {
         return reject("its slots do not match its header");
