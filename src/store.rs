@@ -558,7 +558,8 @@ impl Builder {
     /// Opening an existing file reads all of it, so its time grows with the file: the
     /// storage engine first verifies every page's checksum (a damaged file is then
     /// [`Error::Corrupt`], never a crash later), and the key index is then loaded from the
-    /// snapshot a clean close wrote, while every log entry's checksum is verified. A store of
+    /// snapshot a clean close wrote, while every log entry's checksum is verified (by a thread
+    /// for each core, up to eight, each reading a part of the log). A store of
     /// ten million records with 200-byte responses (a 4 GiB file) opened in 6.8 s on a
     /// 2-vCPU machine, one of a million in 0.7 s. Each step is reported as a `tracing` event at info level, with
     /// its time: "checking every page of the file" and its end, a progress event every

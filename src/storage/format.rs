@@ -11,6 +11,7 @@ use redb::{
 };
 
 use super::progress::{LogPass, PageCheck};
+use super::scan;
 use super::*;
 use crate::clock::Clock;
 use crate::config::Durability;
@@ -450,28 +451,35 @@ fn build_index(db: &Database) -> Result<LogScan> {
     let log = txn.open_table(LOG).map_err(table_error)?;
     let len = log.len().map_err(read_error)?;
     let index = Index::with_capacity(usize::try_from(len).unwrap_or(usize::MAX));
-    let mut changes = Vec::with_capacity(4096);
-    let mut last = 0;
-    let mut highest_token = 0;
-    let mut pass = LogPass::new("rebuilding the key index", len);
-    for item in log.iter().map_err(read_error)? {
-        let (seq, entry) = item.map_err(read_error)?;
-        pass.step();
-        last = seq.value();
-        let at = |e: Error| e.at_log_entry(last);
-        let (key, record) = split_entry(entry.value()).map_err(at)?;
-        highest_token = highest_token.max(Record::peek_token(record).map_err(at)?);
-        changes.push(Change {
-            hash: index.hash(key),
-            old: None,
-            new: Some(last),
-        });
-        if changes.len() == changes.capacity() {
-            index.apply(&changes);
-            changes.clear();
+    let pass = LogPass::new("rebuilding the key index", len);
+    // Each thread adds its entries to the index in batches (the index takes a lock for each).
+    let highest_tokens = scan::over_log(&log, &pass, read_error, |range, tally| {
+        let mut changes = Vec::with_capacity(4096);
+        let mut highest_token = 0;
+        for item in scan::entries(&log, range, read_error)? {
+            let (seq, entry) = item?;
+            tally.step();
+            let at = |e: Error| e.at_log_entry(seq);
+            let (key, record) = split_entry(entry.value()).map_err(at)?;
+            highest_token = highest_token.max(Record::peek_token(record).map_err(at)?);
+            changes.push(Change {
+                hash: index.hash(key),
+                old: None,
+                new: Some(seq),
+            });
+            if changes.len() == changes.capacity() {
+                index.apply(&changes);
+                changes.clear();
+            }
         }
-    }
-    index.apply(&changes);
+        index.apply(&changes);
+        Ok(highest_token)
+    })?;
+    let highest_token = highest_tokens.into_iter().max().unwrap_or(0);
+    let last = log
+        .last()
+        .map_err(read_error)?
+        .map_or(0, |(seq, _)| seq.value());
     // Entries of one key share a hash: compare the keys of every shared hash.
     for seqs in index.shared() {
         let mut keys: Vec<(Vec<u8>, u64)> = Vec::with_capacity(seqs.len());

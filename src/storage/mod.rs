@@ -48,14 +48,15 @@
 //! `snapshot` writes, checks and loads the key index's snapshot;
 //! `read` is the read path (one record, or a walk of the whole log); `write` the tables of
 //! one write transaction (records, expiry entries, the token counter and the meta keys);
-//! `reap` the reaper's passes over the expiry index; `progress` the events that report the
-//! long steps of an open. The tables and the meta keys are named here, once.
+//! `reap` the reaper's passes over the expiry index; `scan` splits the passes over the
+//! whole log at open across threads; `progress` the events that report the long steps of an open. The tables and the meta keys are named here, once.
 
 mod batch;
 mod format;
 mod progress;
 mod read;
 mod reap;
+mod scan;
 mod snapshot;
 mod write;
 

@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
 use super::progress::LogPass;
+use super::scan;
 use super::*;
 use crate::config::Durability;
 use crate::index::{Change, Loader, SLOT_BYTES, Shape};
@@ -194,6 +195,17 @@ pub(super) enum Loaded {
     },
 }
 
+/// What one thread's part of the pass over the log at open found.
+#[derive(Default)]
+struct Part {
+    /// The highest fencing token in its entries.
+    highest_token: u64,
+    /// Its entries below the snapshot's end.
+    below: u64,
+    /// Its entries from the snapshot's end on: sequence number, key hash, key.
+    tail: Vec<(u64, u64, Vec<u8>)>,
+}
+
 /// Loads the snapshot and the log entries after it, checking both marks and the checksum.
 /// A damaged log entry after the snapshot is [`Error::Corrupt`], as in a rebuild.
 pub(super) fn load(db: &Database) -> Result<Loaded> {
@@ -292,30 +304,41 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
     let deleted = changes.len() as u64;
     // Every entry's checksum is verified, as a rebuild does: a damaged entry is reported at
     // open with its position. Only the entries from `seq_end` on are hashed and indexed.
-    let mut highest_token = header.token_floor;
-    let mut below = 0u64;
-    let mut tail_keys = Vec::new();
-    let mut pass = LogPass::new(
+    let pass = LogPass::new(
         "checking the log against the key index's snapshot",
         log.len().map_err(log_error)?,
     );
-    for item in log.iter().map_err(log_error)? {
-        let (seq, entry) = item.map_err(log_error)?;
-        pass.step();
-        let seq = seq.value();
-        let at = |e: Error| e.at_log_entry(seq);
-        let (key, record) = split_entry(entry.value()).map_err(at)?;
-        highest_token = highest_token.max(Record::peek_token(record).map_err(at)?);
-        if seq < seq_end {
-            below += 1;
-            continue;
+    let parts = scan::over_log(&log, &pass, log_error, |range, tally| {
+        let mut part = Part::default();
+        for item in scan::entries(&log, range, log_error)? {
+            let (seq, entry) = item?;
+            tally.step();
+            let at = |e: Error| e.at_log_entry(seq);
+            let (key, record) = split_entry(entry.value()).map_err(at)?;
+            part.highest_token = part
+                .highest_token
+                .max(Record::peek_token(record).map_err(at)?);
+            if seq < seq_end {
+                part.below += 1;
+            } else {
+                part.tail.push((seq, index.hash(key), key.to_vec()));
+            }
         }
+        Ok(part)
+    })?;
+    let highest_token = parts
+        .iter()
+        .map(|p| p.highest_token)
+        .fold(header.token_floor, u64::max);
+    let below: u64 = parts.iter().map(|p| p.below).sum();
+    let mut tail_keys = Vec::new();
+    for (seq, hash, key) in parts.into_iter().flat_map(|p| p.tail) {
         changes.push(Change {
-            hash: index.hash(key),
+            hash,
             old: None,
             new: Some(seq),
         });
-        tail_keys.push(key.to_vec());
+        tail_keys.push(key);
     }
     let tail = tail_keys.len() as u64;
     if header.below.checked_sub(deleted) != Some(below) {
