@@ -221,8 +221,6 @@ fn secs(ms: &str) -> String {
         .map_or("?".into(), |m| format!("{:.2} s", m / 1000.0))
 }
 
-/// Removes the key index snapshot's header, so that the next open rebuilds the index from the
-/// whole log (the open removes the rest).
 /// The file's length, and the bytes the file system allocated for it (Unix): redb grows a
 /// file by whole regions, whose unwritten tail takes no space on disk.
 fn file_size(path: &Path) -> (u64, Option<u64>) {
@@ -234,6 +232,8 @@ fn file_size(path: &Path) -> (u64, Option<u64>) {
     (meta.len(), on_disk)
 }
 
+/// Removes the key index snapshot's header, so that the next open rebuilds the index from the
+/// whole log (the open removes the rest).
 fn remove_snapshot(path: &Path) {
     let db = redb::Database::create(path).expect("redb open");
     let txn = db.begin_write().expect("write");
