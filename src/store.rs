@@ -561,7 +561,7 @@ impl Builder {
     /// snapshot a clean close wrote, while every log entry's checksum is verified (by a thread
     /// for each core, up to eight, each reading a part of the log). A store of ten million
     /// records with 200-byte responses (a 4 GiB file) opened in 7.6–8.9 s on a 2-vCPU
-    /// machine, 5–6 s of it the page check; one of a million in 1.0 s. Each step is
+    /// machine, 4.9–5.8 s of it the page check; one of a million in 1.0 s. Each step is
     /// reported as a `tracing` event at info level, with its time: "checking every page of
     /// the file" and its end, a progress event every million log entries, and "key index
     /// ready".
