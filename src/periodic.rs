@@ -1,11 +1,14 @@
 //! A named background thread that runs one job every interval until it is stopped: the
 //! reaper and the key index's saver are both one. Stopping (or dropping the handle) wakes the
 //! thread at once, waits for the run under way, if any, and joins it: no thread outlives it.
+//! A stop may hand the thread one last job to run before it ends ([`Periodic::stop_after`]).
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -20,9 +23,14 @@ impl KeepGoing<'_> {
     }
 }
 
+/// A job the thread runs once, when it is stopped.
+type LastJob = Box<dyn FnOnce() + Send>;
+
 /// Handle of a periodic thread; stopping it (or dropping the handle) joins the thread.
 pub(crate) struct Periodic {
     stop: Option<Sender<()>>,
+    /// Set by [`Periodic::stop_after`] before the stop; taken and run by the thread.
+    last: Arc<Mutex<Option<LastJob>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -39,20 +47,28 @@ impl Periodic {
         mut job: impl FnMut(&KeepGoing<'_>) + Send + 'static,
     ) -> Result<Periodic> {
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let last: Arc<Mutex<Option<LastJob>>> = Arc::default();
+        let last_job = Arc::clone(&last);
         let handle = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
                 loop {
                     match stop_rx.recv_timeout(every) {
                         Err(RecvTimeoutError::Timeout) => {}
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
                     }
                     job(&KeepGoing(&stop_rx));
+                }
+                // Taken before it runs, so the handle's copy never holds it afterwards.
+                let last = last_job.lock().take();
+                if let Some(last) = last {
+                    last();
                 }
             })
             .map_err(|e| Error::storage(format!("starting {what}"), e))?;
         Ok(Periodic {
             stop: Some(stop),
+            last,
             handle: Some(handle),
         })
     }
@@ -63,6 +79,16 @@ impl Periodic {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+
+    /// Stops the thread as [`Periodic::stop`] does, but has it run `last` on its way out
+    /// (after the run under way, if any), and joins it. Returns `last` unrun when the thread
+    /// could not run it: it was stopped before, or a job of it panicked.
+    pub fn stop_after<F: FnOnce() + Send + 'static>(&mut self, last: F) -> Option<LastJob> {
+        *self.last.lock() = Some(Box::new(last));
+        self.stop();
+        // Still here: the thread had ended (stopped before, or a panic) and never took it.
+        self.last.lock().take()
     }
 }
 
@@ -116,5 +142,43 @@ mod tests {
         let after = runs.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(runs.load(Ordering::SeqCst), after, "no run after the stop");
+    }
+
+    #[test]
+    fn a_last_job_runs_on_the_thread_before_it_is_joined() {
+        let mut thread = Periodic::spawn(
+            "test-last",
+            "a test thread",
+            Duration::from_secs(3600),
+            |_| {},
+        )
+        .unwrap();
+        let ran_on = Arc::new(Mutex::new(None));
+        let record = Arc::clone(&ran_on);
+        let unrun = thread.stop_after(move || {
+            *record.lock() = std::thread::current().name().map(str::to_owned);
+        });
+        assert!(unrun.is_none(), "the thread ran the job");
+        assert_eq!(ran_on.lock().as_deref(), Some("test-last"));
+        // Once stopped, a last job is handed back instead.
+        assert!(thread.stop_after(|| {}).is_some());
+    }
+
+    #[test]
+    fn a_last_job_is_handed_back_when_the_thread_died() {
+        let mut thread = Periodic::spawn(
+            "test-dies",
+            "a test thread",
+            Duration::from_millis(1),
+            |_| panic!("a job that fails"),
+        )
+        .unwrap();
+        let start = Instant::now();
+        while !thread.handle.as_ref().unwrap().is_finished() {
+            assert!(start.elapsed() < Duration::from_secs(10), "never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let last = thread.stop_after(|| {}).expect("handed back");
+        last();
     }
 }
