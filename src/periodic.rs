@@ -52,11 +52,8 @@ impl Periodic {
         let handle = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                loop {
-                    match stop_rx.recv_timeout(every) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                    }
+                // A message or a dropped sender is the stop.
+                while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(every) {
                     job(&KeepGoing(&stop_rx));
                 }
                 // Taken before it runs, so the handle's copy never holds it afterwards.
