@@ -263,6 +263,7 @@ fn main() -> Result<(), idemstore::Error> {
     let path = keep.unwrap_or_else(|| dir.path().join("footprint.redb"));
     let start = Instant::now();
     let close_time: Duration;
+    let peak_before_close: Option<u64>;
     {
         let durability = match std::env::var("IDEMSTORE_DURABILITY").as_deref() {
             Ok("immediate") => Durability::Immediate,
@@ -273,6 +274,7 @@ fn main() -> Result<(), idemstore::Error> {
             .reap_interval(None)
             .open(&path)?;
         write(&store, 0..n, 64);
+        peak_before_close = peak_rss_kib();
         let closing = Instant::now();
         store.close()?;
         close_time = closing.elapsed();
@@ -319,8 +321,9 @@ fn main() -> Result<(), idemstore::Error> {
     println!("| close after writing (writes the key index's snapshot) | {close_time:.2?} |");
     if let Some(kib) = writer_peak {
         println!(
-            "| peak RSS of the writing process (64 threads) | {:.1} MiB |",
-            kib as f64 / 1024.0
+            "| peak RSS of the writing process (64 threads) | {:.1} MiB ({} before its close) |",
+            kib as f64 / 1024.0,
+            peak_before_close.map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1024.0))
         );
     }
     println!(
