@@ -103,6 +103,11 @@ mod tests {
 
     use super::*;
 
+    /// A thread named `name` whose job would run only after an hour.
+    fn idle(name: &str) -> Periodic {
+        Periodic::spawn(name, "a test thread", Duration::from_secs(3600), |_| {}).unwrap()
+    }
+
     #[test]
     fn runs_every_interval_and_stops_at_once() {
         let runs = Arc::new(AtomicUsize::new(0));
@@ -125,13 +130,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         // A long interval: the stop still ends the thread at once.
-        let mut idle = Periodic::spawn(
-            "test-idle",
-            "a test thread",
-            Duration::from_secs(3600),
-            |_| {},
-        )
-        .unwrap();
+        let mut idle = idle("test-idle");
         let start = Instant::now();
         idle.stop();
         thread.stop();
@@ -143,13 +142,7 @@ mod tests {
 
     #[test]
     fn a_last_job_runs_on_the_thread_before_it_is_joined() {
-        let mut thread = Periodic::spawn(
-            "test-last",
-            "a test thread",
-            Duration::from_secs(3600),
-            |_| {},
-        )
-        .unwrap();
+        let mut thread = idle("test-last");
         let ran_on = Arc::new(Mutex::new(None));
         let record = Arc::clone(&ran_on);
         let unrun = thread.stop_after(move || {
