@@ -32,7 +32,7 @@ const MIN_CHANGES: u64 = 200_000;
 
 /// Entries below which a close writes no snapshot into a file that has none: the rebuild of
 /// so small an index costs less than the commit that would save it.
-pub(crate) const MIN_ENTRIES: usize = 1024;
+const MIN_ENTRIES: usize = 1024;
 
 /// Whether a snapshot is due for an index of `len` entries, changed `changes` times since the
 /// last snapshot (`None`: the file holds none).
@@ -63,14 +63,27 @@ impl Saver {
         .map(Saver)
     }
 
-    /// Stops the thread after it ran `last` (after the snapshot under way, if any), and joins
-    /// it. Returns `last` unrun when the thread had ended before (its job panicked): the
-    /// caller runs it then.
-    pub fn finish<F: FnOnce() + Send + 'static>(
-        &mut self,
-        last: F,
-    ) -> Option<Box<dyn FnOnce() + Send>> {
-        self.0.stop_after(last)
+    /// At a clean close, once nothing writes any more: has the thread write the close's
+    /// snapshot ([`save_at_close`]) after the snapshot under way, if any, and joins it. If the
+    /// thread had ended before (its job panicked), the snapshot is written on this thread.
+    pub fn finish(&mut self, stored: &Arc<Stored>) {
+        let on_thread = Arc::clone(stored);
+        if let Some(unrun) = self.0.stop_after(move || save_at_close(&on_thread)) {
+            unrun();
+        }
+    }
+}
+
+/// The snapshot a clean close writes, once nothing writes any more: unless the file's
+/// snapshot is of this very index, so the next open loads it instead of rebuilding the index
+/// (a small index with no snapshot in the file is rebuilt faster than it is saved).
+pub(crate) fn save_at_close(stored: &Stored) {
+    let changes = stored.changes_since_snapshot();
+    if stored.persistent()
+        && changes != Some(0)
+        && (changes.is_some() || stored.index.len() >= MIN_ENTRIES)
+    {
+        save(stored, Durability::Immediate, "at close");
     }
 }
 

@@ -212,19 +212,10 @@ impl Inner {
             #[cfg(feature = "postgres")]
             Records::Postgres(_) => return Ok(()),
         };
-        // Nothing writes any more: the index is the log's. Saved by the saver thread as its
-        // last job (see `saver` for why there), or here if it has none or it died.
-        let last = {
-            let stored = Arc::clone(&stored);
-            move || save_at_close(&stored)
-        };
+        // Nothing writes any more: the index is the log's.
         match engine.saver.as_mut() {
-            Some(saver) => {
-                if let Some(last) = saver.finish(last) {
-                    last();
-                }
-            }
-            None => last(),
+            Some(saver) => saver.finish(&stored),
+            None => saver::save_at_close(&stored),
         }
         match Arc::try_unwrap(stored).map(|s| s.db) {
             // Guarded: closing commits the engine's allocator state, and the engine can panic
@@ -238,19 +229,6 @@ impl Inner {
             // Unreachable: readers hold the lock, the committer was joined.
             Err(_) => Ok(()),
         }
-    }
-}
-
-/// The snapshot a clean close writes, once nothing writes any more: unless the file's
-/// snapshot is of this very index, so the next open loads it instead of rebuilding the index
-/// (a small index with no snapshot in the file is rebuilt faster than it is saved).
-fn save_at_close(stored: &Stored) {
-    let changes = stored.changes_since_snapshot();
-    if stored.persistent()
-        && changes != Some(0)
-        && (changes.is_some() || stored.index.len() >= saver::MIN_ENTRIES)
-    {
-        saver::save(stored, crate::config::Durability::Immediate, "at close");
     }
 }
 
@@ -401,8 +379,8 @@ impl Store {
     /// Stops and joins the reaper and the committer, writes a snapshot of the key index into
     /// the file (on the thread that writes it from time to time, unless the file's snapshot
     /// is already of this index) so that the next open loads it, and releases the file: a
-    /// new `open` of it succeeds once this returns. Every clone of this store, and every lease, then gets
-    /// [`Error::Closed`]. Dropping the last clone does the same, silently.
+    /// new `open` of it succeeds once this returns. Every clone of this store, and every
+    /// lease, then gets [`Error::Closed`]. Dropping the last clone does the same, silently.
     ///
     /// # Errors
     /// [`Error::Storage`] if the storage engine failed to close the file cleanly.
