@@ -578,6 +578,52 @@ async fn a_panicking_handler_is_never_run_again() {
     assert_eq!(count.load(SeqCst), 1);
 }
 
+/// A service (or a middleware under the layer) that does its work in `call` itself, before
+/// it returns a future, and panics there: the retry gets the stored problem, and the work
+/// is not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_panics_in_call_is_never_run_again() {
+    use tower::ServiceExt;
+    let store = Store::builder().open_in_memory().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    let inner = tower::service_fn(
+        move |_request: Request<idemstore::tower::Body<Full<Bytes>>>| {
+            if counter.fetch_add(1, SeqCst) < 10 {
+                panic!("the work done in call failed midway (test)");
+            }
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"charged")))) }
+        },
+    );
+    let service = IdempotencyLayer::new(store).layer(inner);
+    let request = || {
+        Request::post("/payments")
+            .header("idempotency-key", "\"sync-panic\"")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let response = service.clone().oneshot(request()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        answers.push(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        });
+    }
+    let (first, retry) = (&answers[0], &answers[1]);
+    assert_eq!(first.status, 500);
+    assert_eq!(
+        first.problem_type(),
+        ProblemKind::HandlerFailed.default_type_uri()
+    );
+    assert_eq!(retry.status, 500, "{retry:?}");
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(count.load(SeqCst), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Clients that go away, restarts, long handlers
 

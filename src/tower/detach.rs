@@ -33,14 +33,20 @@ impl<T: Send + 'static> Detach<T> {
 impl<T: Send + 'static> Future for Detach<T> {
     type Output = T;
 
+    /// The work is taken out while it is polled: if polling it panics, it is dropped with
+    /// the unwinding stack, never handed to a task of its own and polled again.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let work = self
+        let mut work = self
             .work
-            .as_mut()
+            .take()
             .expect("a Detach is not polled after it finished");
-        let output = std::task::ready!(work.as_mut().poll(cx));
-        self.work = None;
-        Poll::Ready(output)
+        match work.as_mut().poll(cx) {
+            Poll::Ready(output) => Poll::Ready(output),
+            Poll::Pending => {
+                self.work = Some(work);
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -92,5 +98,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the detached work never finished");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn work_that_panicked_is_never_polled_again() {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut work = {
+            let polls = Arc::clone(&polls);
+            Box::pin(Detach::new(std::future::poll_fn(move |_| {
+                polls.fetch_add(1, Ordering::SeqCst);
+                panic!("the work failed (test)");
+                #[allow(unreachable_code)]
+                Poll::<()>::Pending
+            })))
+        };
+        let waker = std::task::Waker::noop();
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            work.as_mut().poll(&mut Context::from_waker(waker))
+        }));
+        assert!(polled.is_err());
+        // Dropped after the panic: nothing is left to hand to a task.
+        drop(work);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
     }
 }

@@ -268,12 +268,12 @@ where
     ResBody::Error: std::fmt::Display,
 {
     let problems = &config.problems;
-    // The service was made ready by the `poll_ready` before this call.
-    let future = inner.call(request.map(Body::full));
     // Run here, in the request's own task (which a client going away does not cancel); a
-    // panic is caught and answered like a failed handler.
+    // panic is caught and answered like a failed handler, a panic of `call` itself included
+    // (a service or middleware that does its work before it returns a future): `call` runs
+    // inside the caught future. The service was made ready by the `poll_ready` before.
     let handler = CatchPanic::new(async move {
-        let (parts, body) = future.await?.into_parts();
+        let (parts, body) = inner.call(request.map(Body::full)).await?.into_parts();
         Ok::<_, S::Error>((parts, read_all(body).await))
     });
     let handled: Result<Handled<S::Error>, _> = config.heartbeat.run(handler, &mut lease).await;
