@@ -861,6 +861,53 @@ fn slow_store(max_response_bytes: usize) -> (Store, Faults) {
     (store, faults)
 }
 
+/// While the heartbeat's extension waits on a slow store (every sync takes 1 s), the
+/// handler is still polled: its own timers fire on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_never_stalls_the_handler() {
+    use tower::ServiceExt;
+    let (backend, faults) = FaultyBackend::new(InMemoryBackend::new());
+    // A beat every 100 ms.
+    let store = Store::builder()
+        .lease(Duration::from_millis(300))
+        .open_backend(backend)
+        .unwrap();
+    let longest_gap = Arc::new(parking_lot::Mutex::new(Duration::ZERO));
+    let inner = tower::service_fn({
+        let (faults, longest_gap) = (faults.clone(), longest_gap.clone());
+        move |_request: Request<idemstore::tower::Body<Full<Bytes>>>| {
+            let (faults, longest_gap) = (faults.clone(), longest_gap.clone());
+            async move {
+                faults.set_sync_delay(Duration::from_secs(1));
+                let mut last = Instant::now();
+                for _ in 0..12 {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    let gap = last.elapsed();
+                    let mut longest = longest_gap.lock();
+                    *longest = (*longest).max(gap);
+                    last = Instant::now();
+                }
+                faults.set_sync_delay(Duration::ZERO);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+            }
+        }
+    });
+    let service = IdempotencyLayer::new(store).layer(inner);
+    let request = Request::post("/payments")
+        .header("idempotency-key", "\"beat\"")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let longest = *longest_gap.lock();
+    // 30 ms sleeps; an extension awaited in place of the handler would make a gap of a
+    // whole commit (two syncs: 2 s).
+    assert!(
+        longest < Duration::from_millis(600),
+        "the handler stalled for {longest:?} while its lease was extended"
+    );
+}
+
 /// On a `current_thread` runtime (one thread for everything), with every sync of the store
 /// taking 400 ms: while guarded requests wait on their begin and complete, and while a lease
 /// that cannot be completed is released, a pinger on another route never waits long between
