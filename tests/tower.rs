@@ -578,6 +578,111 @@ async fn a_panicking_handler_is_never_run_again() {
     assert_eq!(count.load(SeqCst), 1);
 }
 
+/// A response body larger than the store holds is not read whole before the head is sent:
+/// the first client gets it as it comes (here the handler's body waits on the client's
+/// first bytes), trailers included, and a retry gets the stored problem. A body small enough
+/// is stored, and its first client gets its trailers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_passes_through_and_small_ones_keep_their_trailers() {
+    use http_body_util::channel::Channel;
+    use tower::ServiceExt;
+    let store = Store::builder()
+        .max_response_bytes(4096)
+        .open_in_memory()
+        .unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    // The handler's body: what the test sends through `senders`.
+    let senders = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let inner = tower::service_fn({
+        let (count, senders) = (count.clone(), senders.clone());
+        move |_request: Request<idemstore::tower::Body<Full<Bytes>>>| {
+            count.fetch_add(1, SeqCst);
+            let (tx, body) = Channel::<Bytes, Infallible>::new(4);
+            senders.lock().push(tx);
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }
+    });
+    let service = IdempotencyLayer::new(store).layer(inner);
+    let request = |key: &str| {
+        Request::post("/payments")
+            .header("idempotency-key", format!("\"{key}\""))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    let trailers = || {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        trailers
+    };
+
+    // Larger than the store holds: 8 KiB sent, then the body waits until the head arrived.
+    let first = tokio::spawn(service.clone().oneshot(request("stream")));
+    let mut tx = loop {
+        if let Some(tx) = senders.lock().pop() {
+            break tx;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    for _ in 0..2 {
+        tx.send_data(Bytes::from(vec![b'z'; 4096])).await.unwrap();
+    }
+    let response = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the head waited for the whole body")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    tx.send_data(Bytes::from(vec![b'z'; 4096])).await.unwrap();
+    tx.send_trailers(trailers()).await.unwrap();
+    drop(tx);
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers(), Some(&trailers()));
+    assert_eq!(collected.to_bytes(), vec![b'z'; 3 * 4096]);
+    let retry = service.clone().oneshot(request("stream")).await.unwrap();
+    let (parts, body) = retry.into_parts();
+    let retry = Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    };
+    assert_eq!(retry.status, 500);
+    assert!(retry.replayed());
+    assert_eq!(
+        retry.problem_type(),
+        ProblemKind::ResponseNotStored.default_type_uri()
+    );
+    assert_eq!(count.load(SeqCst), 1);
+
+    // Small enough: stored; the first client gets the trailers, the replay the body.
+    let first = tokio::spawn(service.clone().oneshot(request("small")));
+    let mut tx = loop {
+        if let Some(tx) = senders.lock().pop() {
+            break tx;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tx.send_data(Bytes::from_static(b"small")).await.unwrap();
+    tx.send_trailers(trailers()).await.unwrap();
+    drop(tx);
+    let collected = first
+        .await
+        .unwrap()
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(collected.trailers(), Some(&trailers()));
+    assert_eq!(collected.to_bytes(), "small");
+    let replay = service.clone().oneshot(request("small")).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        replay.into_body().collect().await.unwrap().to_bytes(),
+        "small"
+    );
+    assert_eq!(count.load(SeqCst), 2);
+}
+
 /// A service (or a middleware under the layer) that does its work in `call` itself, before
 /// it returns a future, and panics there: the retry gets the stored problem, and the work
 /// is not run again.

@@ -51,8 +51,14 @@
 //! [`fingerprint_headers`](IdempotencyLayer::fingerprint_headers), as
 //! [`request_fingerprint`](crate::http::request_fingerprint) computes it. A response is
 //! stored whole, as a [`StoredResponse`](crate::http::StoredResponse): status, headers (the
-//! hop-by-hop ones and `Set-Cookie` dropped) and body. The first client gets the handler's
-//! response as it was.
+//! hop-by-hop ones and `Set-Cookie` dropped) and body; a replay has no trailers. The first
+//! client gets the handler's response as it was, trailers included.
+//!
+//! To store a response, the layer reads its body before it sends the head, up to the store's
+//! [`max_response_bytes`](crate::Builder::max_response_bytes). A body that turns out larger
+//! (or announces a larger `Content-Length`) is not read further: the first client gets it
+//! as it comes, what was read and then the rest, so a long download or a stream of events
+//! is never held in memory whole.
 //!
 //! # The handler runs to its end
 //!
@@ -63,8 +69,9 @@
 //! For the same reason, an answer that cannot be stored is replaced by one that can:
 //!
 //! * a response larger than the store's
-//!   [`max_response_bytes`](crate::Builder::max_response_bytes) is sent to the first client,
-//!   and retries get a 500 problem, [response not stored](#request-executed-response-not-stored);
+//!   [`max_response_bytes`](crate::Builder::max_response_bytes) is sent to the first client
+//!   (streamed, once the problem below is stored), and retries get a 500 problem,
+//!   [response not stored](#request-executed-response-not-stored);
 //! * a response whose body fails while it is read: the first client and the retries get that
 //!   problem;
 //! * a handler that panics, or a service that returns an error: retries get a 500 problem,

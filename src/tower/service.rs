@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::blocking::{self, HeldLease};
-use super::body::{Body, ReadError, read_all, read_limited};
+use super::body::{Body, ReadBody, ReadError, read_limited, read_response};
 use super::detach::Detach;
 use super::layer::Config;
 use super::panic::CatchPanic;
@@ -248,9 +248,9 @@ where
     }
 }
 
-/// What the handler ends with: its response's head and body (or the body's
-/// failure), or the service's error.
-type Handled<E> = Result<(http::response::Parts, Result<Bytes, String>), E>;
+/// What the handler ends with: its response's head and as much of its body as the store
+/// could hold (or the body's failure), or the service's error.
+type Handled<E, B> = Result<(http::response::Parts, ReadBody<B>), E>;
 
 /// Runs the handler under `lease` and stores what it answered.
 async fn run<S, ReqBody, ResBody>(
@@ -268,32 +268,38 @@ where
     ResBody::Error: std::fmt::Display,
 {
     let problems = &config.problems;
+    let max = config.max_response_bytes();
     // Run here, in the request's own task (which a client going away does not cancel); a
     // panic is caught and answered like a failed handler, a panic of `call` itself included
     // (a service or middleware that does its work before it returns a future): `call` runs
     // inside the caught future. The service was made ready by the `poll_ready` before.
     let handler = CatchPanic::new(async move {
         let (parts, body) = inner.call(request.map(Body::full)).await?.into_parts();
-        Ok::<_, S::Error>((parts, read_all(body).await))
+        Ok::<_, S::Error>((parts, read_response(body, max).await))
     });
-    let handled: Result<Handled<S::Error>, _> = config.heartbeat.run(handler, &mut lease).await;
+    let handled: Result<Handled<S::Error, ResBody>, _> =
+        config.heartbeat.run(handler, &mut lease).await;
     match handled {
-        Ok(Ok((parts, Ok(body)))) => {
-            let stored = StoredResponse::new(parts.status, &parts.headers, body.to_vec()).encode();
-            if stored.len() > config.max_response_bytes() {
-                tracing::error!(
-                    len = stored.len(),
-                    max = config.max_response_bytes(),
-                    "a response is larger than the store holds; retries of its key get a 500 \
-                     problem saying the request was executed"
-                );
+        Ok(Ok((parts, ReadBody::Whole { bytes, trailers }))) => {
+            let stored = StoredResponse::new(parts.status, &parts.headers, bytes.to_vec()).encode();
+            if stored.len() > max {
+                too_large(stored.len(), max);
                 store_fallback(config, lease, problems.response_not_stored()).await;
             } else {
                 finish(lease, stored).await;
             }
-            Ok(Response::from_parts(parts, Body::full(body)))
+            Ok(Response::from_parts(
+                parts,
+                Body::read_whole(bytes, trailers),
+            ))
         }
-        Ok(Ok((_, Err(e)))) => {
+        Ok(Ok((parts, ReadBody::Over { read, rest }))) => {
+            too_large(read.len(), max);
+            store_fallback(config, lease, problems.response_not_stored()).await;
+            // The rest of the body is passed on as it comes.
+            Ok(Response::from_parts(parts, Body::prefixed(read, rest)))
+        }
+        Ok(Ok((_, ReadBody::Failed(e)))) => {
             tracing::error!(error = %e, "a response body failed while it was read; answering 500");
             let response = problems.response_not_stored();
             store_fallback(config, lease, response.clone()).await;
@@ -311,6 +317,16 @@ where
             Ok(answer(response))
         }
     }
+}
+
+/// Logs that a response of at least `len` bytes is larger than the store holds (`max`).
+fn too_large(len: usize, max: usize) {
+    tracing::error!(
+        len,
+        max,
+        "a response is larger than the store holds; retries of its key get a 500 problem \
+         saying the request was executed"
+    );
 }
 
 /// Completes the lease with `stored`; a failure is logged (the client still gets the
