@@ -908,6 +908,45 @@ async fn route_layer_guards_only_its_routes() {
     assert_eq!(count.load(SeqCst), 1);
 }
 
+/// Under `Router::nest`: a layer on the outer router sees the whole path (one key sent to
+/// two nested routes is 422 the second time); layers inside nested routers see the path
+/// without the prefix, so each gets its own scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_routers_fingerprint_the_whole_path_from_outside() {
+    let routes = || {
+        (
+            Router::new().route("/payments", post(|| async { "v1 charged" })),
+            Router::new().route("/payments", post(|| async { "v2 refunded" })),
+        )
+    };
+    let (v1, v2) = routes();
+    let outside = Router::new()
+        .nest("/v1", v1)
+        .nest("/v2", v2)
+        .layer(IdempotencyLayer::new(
+            Store::builder().open_in_memory().unwrap(),
+        ));
+    let store = Store::builder().open_in_memory().unwrap();
+    let (v1, v2) = routes();
+    let scoped =
+        |name: &'static str| IdempotencyLayer::new(store.clone()).scope(move |_| name.to_owned());
+    let inside = Router::new()
+        .nest("/v1", v1.layer(scoped("v1")))
+        .nest("/v2", v2.layer(scoped("v2")));
+    let http = client();
+    for (app, second) in [(outside, 422), (inside, 200)] {
+        let addr = serve(app).await;
+        let one = send(&http, addr, Method::POST, "/v1/payments", Some("same"), "x").await;
+        assert_eq!(
+            (one.status, one.text().as_str()),
+            (StatusCode::OK, "v1 charged")
+        );
+        let two = send(&http, addr, Method::POST, "/v2/payments", Some("same"), "x").await;
+        assert_eq!(two.status, second, "{two:?}");
+        assert!(!two.replayed());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_hyper_service() {
     let store = Store::builder().open_in_memory().unwrap();

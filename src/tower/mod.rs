@@ -29,6 +29,12 @@
 //! `hyper_util::service::TowerToHyperService`). The service under it gets requests whose
 //! body is a [`Body`].
 //!
+//! **Under axum's `Router::nest`**, put the layer on the outer router. A router nested at
+//! `/v1` hands its layers the path without `/v1`, so one layer inside two nested routers
+//! would see `/v1/payments` and `/v2/payments` as the same request: a key sent to both
+//! would get the first one's response replayed instead of 422. Inside a nested router, give
+//! each its own layer with its own [`scope`](IdempotencyLayer::scope) instead.
+//!
 //! # What it answers
 //!
 //! Requests of methods it does not guard (by default all but POST and PATCH) pass through
