@@ -61,7 +61,7 @@ pub enum Error {
     ///
     /// When `outcome_unknown` is set, this failed a write whose outcome is unknown: the
     /// change may or may not be durable. A redb store then refuses further writes until it
-    /// is reopened: with [`Error::Poisoned`] after a failed commit, or with this error again
+    /// is reopened: with [`Error::Poisoned`] after a failed commit, or with a storage error
     /// when the storage engine itself latched an I/O failure. A PostgreSQL store goes on
     /// (later calls get fresh connections; a `begin` shows what was committed). Otherwise
     /// nothing was written (an open, a read, a thread that could not start).
@@ -113,8 +113,8 @@ impl Error {
         }
     }
 
-    /// A failed write whose outcome is unknown (a commit that failed, or any storage failure
-    /// of a write batch): [`Error::Storage`] with `outcome_unknown` set.
+    /// A failed write whose outcome is unknown (a commit that failed, or a connection lost
+    /// after a batch was sent): [`Error::Storage`] with `outcome_unknown` set.
     pub(crate) fn write_failed(
         context: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,

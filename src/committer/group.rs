@@ -34,8 +34,10 @@ use crate::stats::{StatsCells, bump};
 pub(crate) trait BatchWriter: Send + 'static {
     /// Applies every command of `batch` (with [`super::apply()`]) in one transaction and commits it;
     /// each command keeps its own result. `Ok(false)`: nothing was written, every command
-    /// was answered without a write. `Err` fails the whole batch (an unknown outcome for its
-    /// callers).
+    /// was answered without a write. `Err` fails the whole batch, and every caller gets it:
+    /// an [`Error::Storage`] with `outcome_unknown` set when the engine may have committed
+    /// the batch (a failed commit, a connection lost after it was sent), without it when
+    /// nothing was written.
     ///
     /// # Errors
     /// A storage failure of the transaction or its commit.
@@ -353,14 +355,21 @@ impl<W: BatchWriter> Group<W> {
                 None
             }
             Err(failure) => {
-                // Whatever failed, it failed a write: its outcome is unknown to the callers.
-                let failure = failure.outcome_unknown();
+                // The writer says whether the engine may have committed (`outcome_unknown`):
+                // a failure before anything was sent or committed wrote nothing.
                 // The committer's target, whichever module of it logs.
                 tracing::error!(
                     target: "idemstore::committer",
                     error = %failure,
                     operations = batch.len(),
-                    "a write batch failed; its callers get an error (unknown outcome)"
+                    outcome_unknown = matches!(
+                        failure,
+                        Error::Storage {
+                            outcome_unknown: true,
+                            ..
+                        }
+                    ),
+                    "a write batch failed; its callers get the error"
                 );
                 Some(failure)
             }
@@ -463,6 +472,8 @@ mod tests {
         closed: AtomicUsize,
         /// When set, every write waits at this barrier first (twice: arrived, released).
         gate: Mutex<Option<Arc<Barrier>>>,
+        /// When set, the next write fails with this error, writing nothing.
+        fail: Mutex<Option<Error>>,
     }
 
     struct MapTables<'a>(&'a Memory, &'a mut HashMap<Vec<u8>, Record>);
@@ -498,6 +509,9 @@ mod tests {
             if let Some(gate) = gate {
                 gate.wait();
                 gate.wait();
+            }
+            if let Some(failure) = self.0.fail.lock().take() {
+                return Err(failure);
             }
             let mut records = self.0.records.lock();
             let mut tables = MapTables(&self.0, &mut records);
@@ -632,6 +646,28 @@ mod tests {
             }
             MemoryWriter(Arc::clone(&self.0), 1).write(batch)
         }
+    }
+
+    /// The writer's error reaches the callers as it is: a failure known to have written
+    /// nothing (the server unreachable, say) is not reported as an unknown outcome.
+    #[test]
+    fn a_failed_batch_keeps_what_its_writer_knows_of_its_outcome() {
+        let (committer, memory) = committer(1);
+        let submitter = committer.submitter();
+        let io = || std::io::Error::other("test");
+        for (failure, unknown) in [
+            (Error::storage("connecting", io()), false),
+            (Error::write_failed("committing", io()), true),
+        ] {
+            *memory.fail.lock() = Some(failure);
+            match claim(&submitter, "k") {
+                Err(Error::Storage {
+                    outcome_unknown, ..
+                }) => assert_eq!(outcome_unknown, unknown),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(memory.records.lock().is_empty());
     }
 
     #[test]
