@@ -14,6 +14,13 @@ use parking_lot::Mutex;
 /// was wrong before: records written under the wrong time are read as if written at the
 /// correction, so they expire within one lease or TTL of it. A reading before 1970 or from
 /// year 2262 on fails the call with [`Error::Clock`](crate::Error::Clock) and is never stored.
+///
+/// On PostgreSQL (where, without a clock given to the builder, the store reads the server's
+/// clock) the store's time follows a corrected clock the same way, each replica on its own
+/// (a server reading counts as a correction when it is more than 10 s behind, since
+/// readings from several connections arrive out of order), but records written under the
+/// wrong time are not moved back: a lease taken during the glitch can keep its key in
+/// flight, and a completion keep being replayed, for as long as the clock was ahead.
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> SystemTime;

@@ -48,6 +48,30 @@ pub(crate) const TOLERANCE: u64 = 1_000_000_000;
 /// that deadlines computed from them do not saturate.
 const LATEST_REPRESENTABLE: u64 = 1 << 63;
 
+/// What a clock reading does to the store's latest time ([`step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// The reading is at or after the latest time: the store's time moves to it.
+    Ahead,
+    /// The reading is behind by at most the tolerance: the store keeps its latest time.
+    Held,
+    /// The reading is behind by more: a corrected clock, which the store's time follows.
+    Corrected,
+}
+
+/// What the clock reading `read` does to the store's latest time `latest`, when backward
+/// steps up to `tolerance` are absorbed (the rule of every engine; [`TOLERANCE`] where the
+/// clock is read under the store's lock).
+pub(crate) fn step(latest: u64, read: u64, tolerance: u64) -> Step {
+    if read >= latest {
+        Step::Ahead
+    } else if latest - read <= tolerance {
+        Step::Held
+    } else {
+        Step::Corrected
+    }
+}
+
 /// When a record was written: the store's time then, and the clock epoch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Stamp {
@@ -218,20 +242,22 @@ impl StoreClock {
     pub fn now(&self) -> Result<Stamp> {
         let read = representable(self.clock.now())?;
         let mut state = self.state.lock();
-        if read >= state.latest {
-            state.latest = read;
-        } else if state.latest - read > TOLERANCE {
-            let ended = state.corrections.current_epoch();
-            tracing::warn!(
-                behind_ms = (state.latest - read) / 1_000_000,
-                epoch = ended,
-                "the clock reads far behind the latest time the store saw: taken as a \
-                 corrected clock; records written before under the wrong time are moved back \
-                 to now"
-            );
-            let from = state.latest;
-            Arc::make_mut(&mut state.corrections).push(from, read);
-            state.latest = read;
+        match step(state.latest, read, TOLERANCE) {
+            Step::Ahead => state.latest = read,
+            Step::Held => {}
+            Step::Corrected => {
+                let ended = state.corrections.current_epoch();
+                tracing::warn!(
+                    behind_ms = (state.latest - read) / 1_000_000,
+                    epoch = ended,
+                    "the clock reads far behind the latest time the store saw: taken as a \
+                     corrected clock; records written before under the wrong time are moved \
+                     back to now"
+                );
+                let from = state.latest;
+                Arc::make_mut(&mut state.corrections).push(from, read);
+                state.latest = read;
+            }
         }
         Ok(Stamp {
             at: state.latest,
@@ -276,6 +302,15 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_reading_moves_ahead_is_held_within_the_tolerance_or_is_a_correction() {
+        assert_eq!(step(10 * S, 10 * S, S), Step::Ahead);
+        assert_eq!(step(10 * S, 11 * S, S), Step::Ahead);
+        assert_eq!(step(10 * S, 9 * S, S), Step::Held);
+        assert_eq!(step(10 * S, 9 * S - 1, S), Step::Corrected);
+        assert_eq!(step(10 * S, 0, 10 * S), Step::Held);
     }
 
     #[test]

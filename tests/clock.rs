@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use idemstore::{Begin, ManualClock, Store};
-use idemstore_testkit::store::{LEASE, TTL, builder, clock, fp, key, start, started};
+use idemstore_testkit::engine::Place;
+use idemstore_testkit::store::{LEASE, TTL, builder, clock, fp, key, start, started, with_store};
 
 const GLITCH: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 const CHILD_ENV: &str = "IDEMSTORE_CLOCK_GLITCH_CHILD";
@@ -134,4 +135,43 @@ fn glitched_child_writes_and_aborts() {
     clock.advance(Duration::from_secs(2));
     std::mem::forget(started(&store, &key("later"), &fp("body")));
     std::process::abort();
+}
+
+/// On every engine: once a clock that ran far ahead is corrected, the store's time follows
+/// it. A lease taken after the correction runs out one lease later (a crashed holder's key
+/// is taken over then, not when real time reaches the wrong reading), and a completion
+/// made then lives one TTL. (Moving back what was written during the glitch, checked above,
+/// is the embedded engine's; on PostgreSQL those records keep their deadlines.)
+fn the_store_time_follows_a_corrected_clock(place: &Place) {
+    with_store(place, |t| {
+        t.clock.set(start() + GLITCH);
+        started(&t.store, &key("glitched"), &fp("body"))
+            .complete(b"written during the glitch")
+            .expect("complete");
+        let corrected = start() + Duration::from_secs(1);
+        t.clock.set(corrected);
+        std::mem::forget(started(&t.store, &key("held"), &fp("body")));
+        let left = retry_after(&t.store, "held");
+        assert!(left <= LEASE, "{:?}: waits {left:?}", t.engine);
+        t.clock.set(corrected + LEASE);
+        match t.store.begin(&key("held"), &fp("body")).expect("begin") {
+            Begin::Started(lease) => {
+                assert!(lease.recovered().is_some(), "a takeover");
+                let done = lease.complete(b"after").expect("complete");
+                let lives = done
+                    .expires_at()
+                    .duration_since(corrected)
+                    .expect("after the correction");
+                assert!(lives <= LEASE + TTL, "{:?}: lives {lives:?}", t.engine);
+            }
+            other => panic!(
+                "{:?}: one lease after the correction, expected a takeover, got {other:?}",
+                t.engine
+            ),
+        }
+    });
+}
+
+idemstore_testkit::engine_tests! {
+    every: the_store_time_follows_a_corrected_clock;
 }

@@ -6,10 +6,10 @@
 //! the record, a CRC-32), verified on every read, so a damaged byte is [`Error::Corrupt`],
 //! never replayed.
 
+use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use postgres::Transaction;
 
@@ -27,7 +27,12 @@ use crate::machine;
 use crate::outcome::Completed;
 use crate::record::{Record, entry_len, split_entry, write_entry};
 use crate::store::Visit;
-use crate::timeline::{Corrections, Stamp, representable};
+use crate::timeline::{Corrections, Stamp, Step, TOLERANCE, representable, step};
+
+/// How far behind the latest time a server's reading may be before it counts as a
+/// corrected clock ([`PgStore::time`]): readings reach the store out of order by up to a
+/// round trip, or longer when a thread stalls between the reading and its use.
+const SERVER_TOLERANCE: u64 = 10_000_000_000;
 
 /// A store's database: its readers' pool, its writers' pool, its statements and its time.
 pub(crate) struct PgStore {
@@ -40,9 +45,9 @@ pub(crate) struct PgStore {
     statements: Statements,
     /// The clock given to the builder; `None`: the database server's clock.
     clock: Option<Arc<dyn Clock>>,
-    /// The latest time this process used: the store's time never goes back (a server clock
-    /// stepped back by NTP, say).
-    floor: AtomicU64,
+    /// The latest time this process used: the store's time never goes back by a small
+    /// step (a server clock slewed back by NTP, say); [`PgStore::time`].
+    latest: Mutex<u64>,
 }
 
 impl PgStore {
@@ -91,7 +96,7 @@ impl PgStore {
             readers,
             statements,
             clock,
-            floor: AtomicU64::new(0),
+            latest: Mutex::new(0),
         })
     }
 
@@ -103,16 +108,47 @@ impl PgStore {
         self.time(|| self.statements.server_now(tx))
     }
 
-    /// The store's time: the builder's clock, or else the server's reading `server`.
+    /// The store's time: the builder's clock, or else the server's reading `server`, with
+    /// the rule of every engine: a reading at most a tolerance behind the latest time this
+    /// process used is held at that time (so a deadline seen passed stays passed), and one
+    /// further behind is a corrected clock, which the store's time follows from then on (a
+    /// clock that ran far ahead for a while does not freeze the store until real time
+    /// catches up). The builder's clock is read under the lock, with the tolerance of the
+    /// embedded engine; a server reading was taken before the call, on one of several
+    /// connections, so readings may arrive out of order by a round trip or a stalled
+    /// thread: they get [`SERVER_TOLERANCE`].
+    ///
+    /// Unlike the embedded engine, a PostgreSQL store does not move back the records
+    /// written under the wrong time: leases taken and records completed during the glitch
+    /// keep their deadlines.
     ///
     /// # Errors
     /// As [`PgStore::now_in`].
     fn time(&self, server: impl FnOnce() -> Result<u64>) -> Result<u64> {
-        let now = match &self.clock {
-            Some(clock) => representable(clock.now())?,
-            None => server()?,
+        let (mut latest, read, tolerance) = match &self.clock {
+            Some(clock) => {
+                let latest = self.latest.lock();
+                (latest, representable(clock.now())?, TOLERANCE)
+            }
+            None => {
+                let read = server()?;
+                (self.latest.lock(), read, SERVER_TOLERANCE)
+            }
         };
-        Ok(self.floor.fetch_max(now, Ordering::AcqRel).max(now))
+        match step(*latest, read, tolerance) {
+            Step::Ahead => *latest = read,
+            Step::Held => {}
+            Step::Corrected => {
+                tracing::warn!(
+                    behind_ms = (*latest - read) / 1_000_000,
+                    "the clock reads far behind the latest time the store saw: taken as a \
+                     corrected clock, which the store's time follows from now on; leases and \
+                     records written under the wrong time keep their deadlines"
+                );
+                *latest = read;
+            }
+        }
+        Ok(*latest)
     }
 
     /// Runs `f` in a read-only transaction on a reader's connection, once (a failure is
