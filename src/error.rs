@@ -134,6 +134,16 @@ impl Error {
         self
     }
 
+    /// This error with `advice` (what to check or do) after its context when it is
+    /// [`Error::Storage`]; any other error unchanged.
+    pub(crate) fn advised(mut self, advice: &str) -> Self {
+        if let Error::Storage { context, .. } = &mut self {
+            context.push_str("; ");
+            context.push_str(advice);
+        }
+        self
+    }
+
     pub(crate) fn corrupt(reason: impl Into<String>) -> Self {
         Error::Corrupt {
             reason: reason.into(),

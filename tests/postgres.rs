@@ -246,6 +246,55 @@ fn a_pool_of_one_connection_is_refused() {
     );
 }
 
+/// A server that cannot be reached fails the open at once, and the error says where it
+/// tried, why it failed (the operating system's words) and what to check, with the client's
+/// error as its cause.
+#[test]
+fn an_unreachable_server_fails_the_open_at_once_and_says_why() {
+    // A port nothing listens on: taken from the system, then let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::time::Instant::now();
+    let err = Store::builder()
+        .open_postgres(&format!(
+            "host=127.0.0.1 port={port} user=nobody dbname=none password=secret"
+        ))
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    for part in [
+        &format!("127.0.0.1:{port}") as &str,
+        "database \"none\", user \"nobody\"",
+        "Connection refused",
+        "check that the server is running",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from: {text}");
+    }
+    assert!(!text.contains("secret"), "{text}");
+    assert!(
+        matches!(
+            &err,
+            Error::Storage {
+                outcome_unknown: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let cause = std::error::Error::source(&err).expect("a cause");
+    assert!(
+        cause.downcast_ref::<postgres::Error>().is_some(),
+        "{cause:?}"
+    );
+}
+
 /// The smallest pool: one connection is the writer's own, the other serves the reads, and a
 /// walk (the summary) still finds it free after the reads kept nothing.
 #[test]

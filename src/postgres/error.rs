@@ -77,9 +77,23 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The pool could not hand out a connection (the server unreachable or refusing, or every
-/// connection busy until the timeout): nothing was sent, the outcome is known.
+/// connection busy until the timeout): nothing was sent, the outcome is known. The context
+/// says which: r2d2's message ends with the last failure to connect, if there was one.
 pub(crate) fn pool_failed(context: &str, e: r2d2::Error) -> Error {
-    Error::storage(context, e)
+    let text = e.to_string();
+    let advice = if text.contains(": ") {
+        "check that the PostgreSQL server is running and reachable"
+    } else {
+        "every connection stayed busy: raise postgres_pool_size, or end sooner the \
+         transactions that hold the store's rows (complete_in)"
+    };
+    Error::storage(
+        format!(
+            "{context} (none could be had within {} s): {text}; {advice}",
+            super::pool::CONNECTION_TIMEOUT.as_secs()
+        ),
+        e,
+    )
 }
 
 #[cfg(test)]

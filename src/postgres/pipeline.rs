@@ -25,6 +25,7 @@ use tokio::runtime::Runtime;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::error::write_failed;
+use super::pool::{ConnectFailed, target};
 use super::sql::{
     BatchStart, Columns, Loaded, Statements, Upsert, clock_reading, drawn_tokens, last_rows,
     token_count,
@@ -83,7 +84,12 @@ impl Wire {
             .map_err(|e| {
                 Error::storage("starting the runtime of a PostgreSQL writer connection", e)
             })?;
-        let fail = |e| connect_failed("connecting a writer to PostgreSQL", e);
+        let fail = |e| {
+            connect_failed(
+                &format!("connecting a writer to PostgreSQL at {}", target(config)),
+                e,
+            )
+        };
         let (client, connection) = runtime.block_on(config.connect(NoTls)).map_err(fail)?;
         let driver = runtime.spawn(async move {
             if let Err(e) = connection.await {
@@ -388,14 +394,14 @@ pub(crate) type WirePool = r2d2::Pool<WireManager>;
 
 impl r2d2::ManageConnection for WireManager {
     type Connection = Wire;
-    type Error = Error;
+    type Error = ConnectFailed;
 
-    fn connect(&self) -> Result<Wire> {
-        Wire::connect(&self.config, &self.statements)
+    fn connect(&self) -> std::result::Result<Wire, ConnectFailed> {
+        Wire::connect(&self.config, &self.statements).map_err(ConnectFailed)
     }
 
-    fn is_valid(&self, wire: &mut Wire) -> Result<()> {
-        wire.check()
+    fn is_valid(&self, wire: &mut Wire) -> std::result::Result<(), ConnectFailed> {
+        wire.check().map_err(ConnectFailed)
     }
 
     fn has_broken(&self, wire: &mut Wire) -> bool {

@@ -12,11 +12,11 @@ use super::error::{chain, pool_failed, read_failed};
 use crate::error::{Error, Result};
 
 /// The pool of connections to one database.
-pub(crate) type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+pub(crate) type Pool = r2d2::Pool<Readers>;
 
 /// A connection checked out of a [`Pool`]; it goes back when dropped (or is discarded when
 /// its connection was found closed).
-pub(crate) type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+pub(crate) type Conn = r2d2::PooledConnection<Readers>;
 
 /// The most connections the default pool size asks for.
 const MAX_DEFAULT_POOL_SIZE: u32 = 16;
@@ -79,8 +79,119 @@ pub(crate) fn open_pool(
     if size == 0 {
         return Err(Error::config("the PostgreSQL pool size must be at least 1"));
     }
-    let manager = PostgresConnectionManager::new(postgres::Config::from(config.clone()), NoTls);
+    let manager = Readers {
+        manager: PostgresConnectionManager::new(postgres::Config::from(config.clone()), NoTls),
+        target: target(config),
+    };
     build(manager, size, workers)
+}
+
+/// The readers' connections: the `postgres` client's, whose failures to connect name the
+/// server and keep their causes ([`ConnectFailed`]).
+#[derive(Debug)]
+pub(crate) struct Readers {
+    manager: PostgresConnectionManager<NoTls>,
+    /// Where the connections go ([`target`]).
+    target: String,
+}
+
+impl r2d2::ManageConnection for Readers {
+    type Connection = Client;
+    type Error = ConnectFailed;
+
+    fn connect(&self) -> std::result::Result<Client, ConnectFailed> {
+        self.manager.connect().map_err(|e| {
+            ConnectFailed(read_failed(
+                &format!("connecting to PostgreSQL at {}", self.target),
+                e,
+            ))
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Client) -> std::result::Result<(), ConnectFailed> {
+        self.manager.is_valid(conn).map_err(|e| {
+            ConnectFailed(read_failed(
+                &format!("checking a PostgreSQL connection to {}", self.target),
+                e,
+            ))
+        })
+    }
+
+    fn has_broken(&self, conn: &mut Client) -> bool {
+        self.manager.has_broken(conn)
+    }
+}
+
+/// Why a pool's connection could not be opened or checked: an [`Error::Storage`] whose
+/// context names the server and every cause. r2d2 keeps only the text of the last failed
+/// attempt (for the error of a checkout that timed out), so that text is the context alone,
+/// without the "storage failed while" of the error's own message.
+#[derive(Debug)]
+pub(crate) struct ConnectFailed(pub(crate) Error);
+
+impl std::fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Error::Storage { context, .. } => f.write_str(context),
+            other => other.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ConnectFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+/// Where `config` connects, for messages: each host with its port, then the database and
+/// the user when the connection string names them (never the password).
+pub(crate) fn target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let hosts: Vec<String> = if config.get_hosts().is_empty() {
+        config
+            .get_hostaddrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    } else {
+        config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                Host::Unix(dir) => dir.display().to_string(),
+            })
+            .collect()
+    };
+    let mut text = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            // The client's rule: one port for every host, or one per host; 5432 by default.
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            if host.starts_with('/') {
+                format!("the socket in {host} (port {port})")
+            } else if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if text.is_empty() {
+        text.push_str("no host (the connection string names none)");
+    }
+    if let Some(db) = config.get_dbname() {
+        text.push_str(&format!(", database {db:?}"));
+    }
+    if let Some(user) = config.get_user() {
+        text.push_str(&format!(", user {user:?}"));
+    }
+    text
 }
 
 /// The threads on which a store's pools open connections (in the background, to replace one
@@ -106,14 +217,21 @@ pub(crate) fn workers() -> Workers {
 /// [`CONNECTION_TIMEOUT`], and the pool's background errors go to `tracing`; its background
 /// work runs on `workers`. Waits until every connection is open.
 ///
+/// One connection is opened first, on this thread: a server that refuses or cannot be
+/// reached fails the call at once, with the client's error as its cause (the pool would keep
+/// trying for [`CONNECTION_TIMEOUT`] and keep only the text of the last failure).
+///
 /// # Errors
 ///
-/// [`Error::Storage`] when the connections cannot be opened in time.
+/// [`Error::Storage`] when a connection cannot be opened, or not all of them in time.
 pub(crate) fn build<M>(manager: M, size: u32, workers: &Workers) -> Result<r2d2::Pool<M>>
 where
-    M: r2d2::ManageConnection,
-    M::Error: std::error::Error,
+    M: r2d2::ManageConnection<Error = ConnectFailed>,
 {
+    match manager.connect() {
+        Ok(probe) => drop(probe),
+        Err(ConnectFailed(e)) => return Err(e.advised(ADVICE)),
+    }
     r2d2::Pool::builder()
         .max_size(size)
         .connection_timeout(CONNECTION_TIMEOUT)
@@ -123,6 +241,10 @@ where
         .build(manager)
         .map_err(|e| pool_failed("connecting to PostgreSQL", e))
 }
+
+/// What to check when no connection can be opened.
+const ADVICE: &str = "check that the server is running and reachable there, and that it \
+                      accepts this user and database (pg_hba.conf, the password)";
 
 /// Checks a connection out of `pool`.
 ///
@@ -316,8 +438,33 @@ mod tests {
             ),
             "{e:?}"
         );
-        assert!(e.to_string().contains("connecting to PostgreSQL"), "{e}");
-        assert!(started.elapsed() < CONNECTION_TIMEOUT + Duration::from_secs(10));
+        let text = e.to_string();
+        assert!(
+            text.contains("connecting to PostgreSQL at 127.0.0.1:1")
+                && text.contains("Connection refused"),
+            "{text}"
+        );
+        // At once: the first attempt's failure, not the pool's timeout.
+        assert!(started.elapsed() < CONNECTION_TIMEOUT / 2);
+    }
+
+    #[test]
+    fn the_target_names_hosts_ports_database_and_user_never_the_password() {
+        let target = |conninfo: &str| target(&parse_conninfo(conninfo).unwrap());
+        assert_eq!(
+            target("host=db port=6000 user=shop dbname=orders password=secret"),
+            "db:6000, database \"orders\", user \"shop\""
+        );
+        assert_eq!(target("host=a,b,::1 port=1,2,3"), "a:1, b:2, [::1]:3");
+        assert_eq!(
+            target("host=/run/postgresql"),
+            "the socket in /run/postgresql (port 5432)"
+        );
+        assert_eq!(target("hostaddr=10.0.0.7"), "10.0.0.7:5432");
+        assert_eq!(
+            target("user=u"),
+            "no host (the connection string names none), user \"u\""
+        );
     }
 
     #[test]
