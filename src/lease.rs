@@ -160,10 +160,15 @@ impl Lease {
     ///
     /// The lease is consumed, and from here on nothing of it writes on its own (its drop
     /// never waits on the caller's open transaction): if the caller rolls back, the key stays
-    /// in flight and is taken over once the lease runs out, as after a crash. Until `tx` ends
-    /// it holds the key's lock, so a retry of the same key waits for it: keep the transaction
-    /// short. The store must be open on the same database ([`Builder::open_postgres`]);
-    /// `tx` is a `postgres` 0.19 transaction.
+    /// in flight and is taken over once the lease runs out, as after a crash.
+    ///
+    /// Until `tx` ends it holds the key's lock, so the store's writes of that key (a retry's
+    /// `begin`, from any thread or replica) wait for it: keep the transaction short, and make
+    /// no store call for the key on the thread that holds `tx` before it ends. A write waits
+    /// at most 5 s, then fails with [`Error::Storage`] (nothing written, `outcome_unknown`
+    /// not set), as do the other writes committed in the same batch. The store must be
+    /// open on the same database ([`Builder::open_postgres`]); `tx` is a `postgres` 0.19
+    /// transaction.
     ///
     /// [`Builder::open_postgres`]: crate::Builder::open_postgres
     ///

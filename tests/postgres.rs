@@ -232,6 +232,58 @@ fn completion_inside_the_callers_transaction() {
     store.close().unwrap();
 }
 
+/// A transaction left open after `complete_in` holds its key's lock: a write of that key
+/// (here a retry made on the very thread that holds the transaction, which would otherwise
+/// wait forever) fails after a bounded wait, with a known outcome and advice; other keys
+/// are written meanwhile, and once the caller commits the key replays.
+#[test]
+fn a_key_locked_by_an_open_complete_in_fails_its_writes_after_a_bounded_wait() {
+    let Some(db) = Db::new() else { return };
+    let store = db.open(db.builder());
+    let mut client = db.client();
+    let fp = Fingerprint::of(b"body");
+    let Begin::Started(lease) = store.begin(&key("held"), &fp).unwrap() else {
+        panic!()
+    };
+    let mut tx = client.transaction().unwrap();
+    lease.complete_in(&mut tx, b"done").unwrap();
+
+    let started = std::time::Instant::now();
+    let err = store.begin(&key("held"), &fp).unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
+        "waited {waited:?}"
+    );
+    assert!(
+        matches!(
+            &err,
+            Error::Storage {
+                outcome_unknown: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("55P03") && text.contains("complete_in"),
+        "{text}"
+    );
+    // Another key is written while the transaction is still open.
+    let Begin::Started(other) = store.begin(&key("other"), &fp).unwrap() else {
+        panic!()
+    };
+    other.complete(b"other").unwrap();
+
+    tx.commit().unwrap();
+    match store.begin(&key("held"), &fp).unwrap() {
+        Begin::Replay(done) => assert_eq!(done.response(), b"done"),
+        other => panic!("expected the replay, got {other:?}"),
+    }
+    store.close().unwrap();
+}
+
 /// The writer keeps its connection, so a pool of one would leave reads waiting for it: refused
 /// before anything connects.
 #[test]

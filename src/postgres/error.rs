@@ -15,7 +15,7 @@
 //!   `COMMIT` that reached the server). The outcome is unknown, and the store must never
 //!   report `Ok` for it.
 
-use postgres::error::Severity;
+use postgres::error::{Severity, SqlState};
 
 use crate::error::Error;
 
@@ -55,8 +55,18 @@ pub(crate) fn write_failed(context: &str, e: postgres::Error) -> Error {
 /// message and SQLSTATE, or the I/O error, sit in its source.
 fn described(context: &str, e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
+        let advice = if db.code() == &SqlState::LOCK_NOT_AVAILABLE {
+            format!(
+                "; a key of the batch stayed locked for over {} s, most likely by a \
+                 transaction that called complete_in on it and is still open: commit or roll \
+                 it back (and make no store call for its key before it ends)",
+                super::pipeline::KEY_LOCK_TIMEOUT.as_secs()
+            )
+        } else {
+            String::new()
+        };
         return format!(
-            "{context}: {} (SQLSTATE {})",
+            "{context}: {} (SQLSTATE {}){advice}",
             db.message(),
             db.code().code()
         );
@@ -101,7 +111,6 @@ mod tests {
     use super::*;
     use crate::postgres::schema::lock_key;
     use crate::postgres::testdb::TestDb;
-    use postgres::error::SqlState;
 
     #[test]
     fn a_deadlock_is_a_known_failure_that_wrote_nothing() {

@@ -103,7 +103,16 @@ impl Wire {
                 // statement while the table is small would scan it whole instead (cheaper
                 // then), and keep doing so as the table grows until the next ANALYZE: measured,
                 // that cut 64 callers' throughput to a third in some runs.
-                client.batch_execute("SET enable_seqscan = off").await?;
+                // A key's lock is held by a caller's open transaction after `complete_in`:
+                // waiting for it is bounded, so a transaction left open (or a write of the
+                // store made before it commits, on the same thread) fails one batch after
+                // KEY_LOCK_TIMEOUT instead of holding this writer, and every key it serves.
+                client
+                    .batch_execute(&format!(
+                        "SET enable_seqscan = off; SET lock_timeout = {}",
+                        KEY_LOCK_TIMEOUT.as_millis()
+                    ))
+                    .await?;
                 Prepared::new(&client, sql).await
             })
             .map_err(|e| connect_failed("preparing a writer's statements in PostgreSQL", e))?;
@@ -388,6 +397,11 @@ pub(crate) struct WireManager {
     pub(crate) config: tokio_postgres::Config,
     pub(crate) statements: Statements,
 }
+
+/// How long a writer's batch waits for a key's lock before it fails (with a known outcome:
+/// nothing of it is written). Batches of other replicas hold a key's lock for one batch; a
+/// caller's transaction that ran `complete_in` holds it until the caller commits.
+pub(crate) const KEY_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A pool of writers' connections.
 pub(crate) type WirePool = r2d2::Pool<WireManager>;
