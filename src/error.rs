@@ -136,6 +136,7 @@ impl Error {
 
     /// This error with `advice` (what to check or do) after its context when it is
     /// [`Error::Storage`]; any other error unchanged.
+    #[cfg(feature = "postgres")]
     pub(crate) fn advised(mut self, advice: &str) -> Self {
         if let Error::Storage { context, .. } = &mut self {
             context.push_str("; ");
