@@ -202,8 +202,8 @@ fn summary(from: &impl Records) -> Result<Summary> {
 
 impl Store {
     /// Visits every record, dead ones included, in the order their keys were claimed (oldest
-    /// first; a key deleted and claimed again counts from its new claim), until `visit` returns [`ControlFlow::Break`]. Returns how many records
-    /// were visited.
+    /// first; a key deleted and claimed again counts from its new claim), until `visit`
+    /// returns [`ControlFlow::Break`]. Returns how many records were visited.
     ///
     /// The visit runs inside one read transaction: it sees a snapshot, and writers are not
     /// blocked. Costs O(records); meant for tools such as the `idemstore` CLI.

@@ -166,16 +166,16 @@ fn list_filters_by_state_and_age() {
     assert_eq!(all.len(), 5, "{all:#?}");
     assert!(stdout(&o).starts_with("STATE"));
     // In the order their keys were claimed, oldest first.
-    assert!(all[0].starts_with("dead") && all[0].ends_with("old/expired"));
-    assert!(all[1].starts_with("in-flight") && all[1].ends_with("tenant-b/stuck"));
-    assert!(all[4].starts_with("in-flight") && all[4].ends_with("tenant-b/running"));
+    assert!(all[0].starts_with("dead") && all[0].ends_with(r#""old"/"expired""#));
+    assert!(all[1].starts_with("in-flight") && all[1].ends_with(r#""tenant-b"/"stuck""#));
+    assert!(all[4].starts_with("in-flight") && all[4].ends_with(r#""tenant-b"/"running""#));
 
     let ids = |args: &[&str]| -> Vec<String> {
         let o = idemstore(args);
         assert!(o.status.success(), "{}", stderr(&o));
         rows(&o)
             .iter()
-            .map(|r| r.rsplit(' ').next().unwrap().to_owned())
+            .map(|r| r.rsplit(' ').next().unwrap().replace('"', ""))
             .collect()
     };
     assert_eq!(
@@ -203,6 +203,25 @@ fn list_filters_by_state_and_age() {
     let o = idemstore(&["list", p, "--older-than", "5 fortnights"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not a duration"), "{}", stderr(&o));
+}
+
+/// `list` quotes the two parts of a key: a scope and an id that contain the separator or
+/// spaces or quotes stay apart and readable.
+#[test]
+fn list_shows_keys_unambiguously() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = Store::builder().reap_interval(None).open(&path).unwrap();
+    for (scope, id) in [("a/b", "c"), ("a", "b/c"), ("", "x \"y\"")] {
+        started(&store, scope, id).complete(b"done").unwrap();
+    }
+    store.close().unwrap();
+    let o = idemstore(&["list", path_str(&path)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all = rows(&o);
+    assert!(all[0].ends_with(r#" "a/b"/"c""#), "{all:#?}");
+    assert!(all[1].ends_with(r#" "a"/"b/c""#), "{all:#?}");
+    assert!(all[2].ends_with(r#" ""/"x \"y\"""#), "{all:#?}");
 }
 
 #[test]
@@ -410,6 +429,38 @@ fn a_foreign_file_is_refused_and_not_modified() {
         stderr(&o)
     );
     assert_eq!(std::fs::read(&other).unwrap(), before, "file modified");
+}
+
+/// A file cut short (a partial copy, an upload that stopped) is refused by the read-only
+/// commands with the reason, not only with what the tool was doing, and with what recovers
+/// it; the file is not modified.
+#[test]
+fn a_cut_file_is_refused_with_the_reason_and_what_recovers_it() {
+    let (_dir, path) = fixture();
+    let full = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &full[..full.len() / 2]).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    for command in ["stats", "list", "dump"] {
+        let o = idemstore(&[command, path_str(&path)]);
+        assert_eq!(o.status.code(), Some(2), "{command}");
+        let err = stderr(&o);
+        assert!(err.contains("not closed cleanly"), "{command}: {err}");
+        assert!(err.contains("idemstore reap"), "{command}: {err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "{command} modified the file"
+        );
+    }
+    // The read-write open it points to finds the damage.
+    let o = idemstore(&["reap", path_str(&path)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("corrupt"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "reap modified the file"
+    );
 }
 
 #[test]

@@ -354,8 +354,10 @@ pub(crate) fn open_read_only(path: &Path) -> Result<ReadOnlyFile> {
                 return Err(Error::storage(
                     format!("opening {} read-only", path.display()),
                     std::io::Error::other(
-                        "the file needs crash recovery (its last writer did not close it), \
-                         which only a read-write open does",
+                        "the file was not closed cleanly (its last writer crashed, or the file \
+                         was cut short or changed since): it needs the recovery a read-write \
+                         open performs (Store::open, or `idemstore reap FILE`), which refuses \
+                         it as corrupt if it is damaged; keep a copy of the file first",
                     ),
                 ));
             }

@@ -93,7 +93,9 @@ Exit code 1 when there is no record under the key.
 const HELP_LIST: &str = "\
 idemstore list FILE [--state in-flight|completed|dead] [--older-than DURATION]
 
-One line per record, grouped by scope: state, age, fencing token, details, scope/id.
+One line per record, in the order the keys were claimed (oldest first): state, age, fencing
+token, details, and the key as \"scope\"/\"id\" (each part a JSON string, so a / or a space inside
+either part stays unambiguous).
     --state S          only records in state S; `in-flight` and `completed` are live
                        records, `dead` the expired ones not yet reaped (default: all)
     --older-than D     only records older than D: begun that long ago (in flight) or
@@ -113,7 +115,8 @@ every operation, so this changes no answer of the store; it frees space in the f
 const HELP_DUMP: &str = "\
 idemstore dump FILE
 
-Every record, dead ones included, as JSON Lines (one object per line, grouped by scope).
+Every record, dead ones included, as JSON Lines (one object per line, in the order the keys
+were claimed, oldest first).
 Fields of every object:
     scope, id           strings
     state               \"in_flight\" or \"completed\"
@@ -390,8 +393,21 @@ fn open_fail(path: &Path, e: Error) -> Fail {
             "{shown} is not an idemstore store this version can read: {reason}; the file was \
              not modified"
         )),
-        other => Fail(format!("{shown}: {other}")),
+        other => Fail(format!("{shown}: {}", with_causes(&other))),
     }
+}
+
+/// `e`'s message and those of its causes, joined by ": " (a storage error's message says
+/// what idemstore was doing; why it failed is in its source).
+fn with_causes(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 /// Opens an existing store file read-only, for the commands that only look.
@@ -410,7 +426,7 @@ fn open_store(path: &Path) -> Result<Store, Fail> {
 }
 
 fn storage_fail(e: Error) -> Fail {
-    Fail(e.to_string())
+    Fail(with_causes(&e))
 }
 
 fn stats(store: &StoreFile, path: &Path) -> Outcome {
@@ -572,7 +588,7 @@ fn list(store: &StoreFile, options: &Options) -> Outcome {
     let mut o = Out::new();
     out!(
         o,
-        "{:<10} {:>8} {:>8}  {:<44} KEY (scope/id)",
+        "{:<10} {:>8} {:>8}  {:<44} KEY (\"scope\"/\"id\")",
         "STATE",
         "AGE",
         "TOKEN",
@@ -624,8 +640,8 @@ fn list(store: &StoreFile, options: &Options) -> Outcome {
                 o,
                 "{state:<10} {:>8} {token:>8}  {detail:<44} {}/{}",
                 human_duration(age),
-                printable(view.key.scope()),
-                printable(view.key.id())
+                json_string(view.key.scope()),
+                json_string(view.key.id())
             );
             shown += 1;
             if ok {
