@@ -198,11 +198,24 @@ pub(crate) fn representable(t: SystemTime) -> Result<u64> {
         .ok()
         .and_then(|d| u64::try_from(d.as_nanos()).ok())
         .filter(|&n| n < LATEST_REPRESENTABLE);
-    nanos.ok_or_else(|| Error::Clock {
-        reason: format!(
-            "the clock reads {t:?}, outside the range the store can represent (1970 to 2262); \
-             nothing was stored"
-        ),
+    nanos.ok_or_else(|| {
+        let reading = match t.duration_since(UNIX_EPOCH) {
+            Ok(after) => format!(
+                "{} s after 1970-01-01T00:00:00Z (the year 2262 or later)",
+                after.as_secs()
+            ),
+            Err(before) => format!(
+                "{:.3} s before 1970-01-01T00:00:00Z",
+                before.duration().as_secs_f64()
+            ),
+        };
+        Error::Clock {
+            reason: format!(
+                "the clock reads {reading}, outside the range the store can represent (1970 \
+                 to 2262); nothing was stored (check the clock given to the store, or the \
+                 system's)"
+            ),
+        }
     })
 }
 
@@ -392,8 +405,18 @@ mod tests {
 
     #[test]
     fn unrepresentable_readings_are_errors() {
-        assert!(representable(UNIX_EPOCH - Duration::from_secs(1)).is_err());
-        assert!(representable(UNIX_EPOCH + Duration::from_nanos(1 << 63)).is_err());
+        let text = |t| representable(t).unwrap_err().to_string();
+        let before = text(UNIX_EPOCH - Duration::from_millis(10_500));
+        assert!(
+            before.contains("reads 10.500 s before 1970-01-01T00:00:00Z"),
+            "{before}"
+        );
+        let after = text(UNIX_EPOCH + Duration::from_nanos(1 << 63));
+        assert!(
+            after.contains("reads 9223372036 s after 1970-01-01T00:00:00Z"),
+            "{after}"
+        );
+        assert!(!after.contains("SystemTime"), "{after}");
         assert_eq!(representable(at(5)).unwrap(), 5 * S);
         let manual = ManualClock::new(UNIX_EPOCH + Duration::from_secs(600 * 365 * 86_400));
         let clock = StoreClock::new(Arc::new(manual.clone()), 0, Corrections::default());
