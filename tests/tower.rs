@@ -544,6 +544,57 @@ async fn a_response_too_large_to_store_is_never_run_again() {
     assert_eq!(count.load(SeqCst), 1);
 }
 
+/// A completed record that cannot be read, because its response is not one the layer stored
+/// (another writer of the store used the scope) or because a byte of it was damaged on
+/// disk, is never run again and never sent as a response: 500, with the kind that says a
+/// retry gets the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_cannot_be_read_is_never_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    // No page cache: the damaged byte is read from the file.
+    let store = Store::builder().cache_bytes(0).open(&path).unwrap();
+    let request = http::Request::post("/payments").body(b"".to_vec()).unwrap();
+    let fp = request_fingerprint(&request, &[]);
+    let marker = b"RESPONSE-MARKER-0123456789-RESPONSE-MARKER".repeat(4);
+    for (id, response) in [
+        ("foreign", &b"raw bytes, not a StoredResponse"[..]),
+        ("damaged", &marker),
+    ] {
+        match store.begin(&Key::new("", id).unwrap(), &fp).unwrap() {
+            Begin::Started(lease) => lease.complete(response).unwrap(),
+            other => panic!("{other:?}"),
+        };
+    }
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let image = std::fs::read(&path).unwrap();
+        let at = image
+            .windows(marker.len())
+            .position(|w| w == marker.as_slice())
+            .expect("the response is in the file");
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start((at + marker.len() / 2) as u64))
+            .unwrap();
+        f.write_all(b"X").unwrap();
+        f.sync_all().unwrap();
+    }
+    let count = Arc::new(AtomicUsize::new(0));
+    let app = payments(count.clone()).layer(IdempotencyLayer::new(store));
+    let addr = serve(app).await;
+    let http = client();
+    for id in ["foreign", "damaged", "foreign", "damaged"] {
+        let answer = post_key(&http, addr, id, "").await;
+        assert_eq!(answer.status, 500, "{id}");
+        assert_eq!(
+            answer.problem_type(),
+            ProblemKind::RecordUnreadable.default_type_uri(),
+            "{id}"
+        );
+    }
+    assert_eq!(count.load(SeqCst), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_never_run_again() {
     let store = Store::builder().open_in_memory().unwrap();

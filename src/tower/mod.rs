@@ -52,6 +52,7 @@
 //! | the same key and request, running | 409 with `Retry-After`, [in flight](crate::http#request-in-flight); or, with [`wait_in_flight`](IdempotencyLayer::wait_in_flight), the response once it is stored |
 //! | the same key, another request | 422, [reused](crate::http#idempotency-key-reused) |
 //! | the store fails before the handler runs | 500, [store failed](crate::http#idempotency-store-failed); a retry is safe |
+//! | the key's record is damaged, or its response was not stored by this layer | 500, [unreadable](#stored-record-unreadable); a retry gets the same |
 //!
 //! "The same request" is the same fingerprint: method, path and query, body, and the
 //! [`fingerprint_headers`](IdempotencyLayer::fingerprint_headers), as
@@ -146,6 +147,13 @@
 //! Status 500. The handler started and failed before it answered (it panicked, or the
 //! service returned an error); it may have partly run. Every retry with the key gets this
 //! answer until the record expires: the request is never executed again.
+//!
+//! ### Stored record unreadable
+//! Status 500. A record for the key exists but cannot be read: it is damaged (it fails its
+//! checksum), or its response is not one this layer stored (another writer of the store used
+//! the same scope). The request may have been executed, so it is not executed again: every
+//! retry with the key gets this answer (for a response not stored by this layer, until the
+//! record expires). Look its outcome up by other means.
 //!
 //! The module is behind the `tower` cargo feature (with `http`, tokio's `rt`, `sync` and
 //! `time`, and tower's `Layer` and `Service` traits).

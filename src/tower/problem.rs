@@ -44,6 +44,10 @@ pub enum ProblemKind {
     /// 500: the idempotency store failed before the handler started. A retry with the same
     /// key is safe.
     StoreFailed,
+    /// 500: the key's record exists but cannot be read: it is damaged, or its response is
+    /// not one this layer stored (another writer used the scope). The request may have been
+    /// executed, so it is not executed again: a retry gets the same answer.
+    RecordUnreadable,
     /// 500: the service is at fault (its scope function chose a scope the store refuses).
     /// A retry with the same key is safe.
     ServerError,
@@ -62,7 +66,8 @@ impl ProblemKind {
             ProblemKind::BodyTooLarge
             | ProblemKind::BodyIncomplete
             | ProblemKind::ResponseNotStored
-            | ProblemKind::HandlerFailed => return None,
+            | ProblemKind::HandlerFailed
+            | ProblemKind::RecordUnreadable => return None,
         })
     }
 
@@ -71,9 +76,9 @@ impl ProblemKind {
         match self {
             ProblemKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemKind::BodyIncomplete => StatusCode::BAD_REQUEST,
-            ProblemKind::ResponseNotStored | ProblemKind::HandlerFailed => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ProblemKind::ResponseNotStored
+            | ProblemKind::HandlerFailed
+            | ProblemKind::RecordUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
             other => other
                 .http()
                 .map_or(StatusCode::INTERNAL_SERVER_ERROR, Problem::status),
@@ -87,6 +92,7 @@ impl ProblemKind {
             ProblemKind::BodyIncomplete => "Request body incomplete",
             ProblemKind::ResponseNotStored => "Request executed, response not stored",
             ProblemKind::HandlerFailed => "Request executed, handler failed",
+            ProblemKind::RecordUnreadable => "Stored record unreadable",
             other => other.http().map_or("Internal server error", Problem::title),
         }
     }
@@ -105,6 +111,7 @@ impl ProblemKind {
             ProblemKind::ResponseNotStored => "request-executed-response-not-stored",
             ProblemKind::HandlerFailed => "request-executed-handler-failed",
             ProblemKind::StoreFailed => "idempotency-store-failed",
+            ProblemKind::RecordUnreadable => "stored-record-unreadable",
             ProblemKind::ServerError => "server-error",
         }
     }
@@ -231,6 +238,15 @@ impl Problems {
             ProblemKind::StoreFailed,
             "The idempotency store failed before the request was executed. Retry later with \
              the same Idempotency-Key.",
+        )
+    }
+
+    pub(crate) fn record_unreadable(&self) -> Response<Vec<u8>> {
+        self.response(
+            ProblemKind::RecordUnreadable,
+            "A record for this Idempotency-Key exists but cannot be read (it is damaged, or \
+             was not stored by this service). The request may have been executed: retrying \
+             with this key gets the same answer; look its outcome up by other means.",
         )
     }
 

@@ -227,6 +227,10 @@ where
     let problems = &config.problems;
     let begun = match blocking::begin(&config.store, &key, fp).await {
         Ok(begun) => begun,
+        Err(e @ Error::Corrupt { .. }) => {
+            tracing::error!(error = %e, "the key's stored record is damaged; answering 500");
+            return Ok(answer(problems.record_unreadable()));
+        }
         Err(e) => {
             tracing::error!(error = %e, "the idempotency store failed in begin; answering 500");
             return Ok(answer(problems.store_failed()));
@@ -237,8 +241,11 @@ where
         Begin::Replay(done) => Ok(match replay(&done) {
             Ok(response) => answer(response),
             Err(e) => {
-                tracing::error!(error = %e, "a stored response could not be decoded; answering 500");
-                answer(problems.store_failed())
+                tracing::error!(
+                    error = %e,
+                    "the key's stored response is not one this layer stored; answering 500"
+                );
+                answer(problems.record_unreadable())
             }
         }),
         Begin::InFlight { retry_after } => Ok(answer(
