@@ -42,6 +42,17 @@ impl Db {
     }
 }
 
+/// Whether `err` is a storage failure known to have written nothing.
+fn wrote_nothing(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Storage {
+            outcome_unknown: false,
+            ..
+        }
+    )
+}
+
 fn key(id: &str) -> Key {
     Key::new("tenant", id).unwrap()
 }
@@ -255,16 +266,7 @@ fn a_key_locked_by_an_open_complete_in_fails_its_writes_after_a_bounded_wait() {
         waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
         "waited {waited:?}"
     );
-    assert!(
-        matches!(
-            &err,
-            Error::Storage {
-                outcome_unknown: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(wrote_nothing(&err), "{err:?}");
     let text = err.to_string();
     assert!(
         text.contains("55P03") && text.contains("complete_in"),
@@ -330,16 +332,7 @@ fn an_unreachable_server_fails_the_open_at_once_and_says_why() {
         assert!(text.contains(part), "{part:?} missing from: {text}");
     }
     assert!(!text.contains("secret"), "{text}");
-    assert!(
-        matches!(
-            &err,
-            Error::Storage {
-                outcome_unknown: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(wrote_nothing(&err), "{err:?}");
     let cause = std::error::Error::source(&err).expect("a cause");
     assert!(
         cause.downcast_ref::<postgres::Error>().is_some(),
