@@ -7,6 +7,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, UNIX_EPOCH};
 
 use idemstore::{Begin, Builder, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore_testkit::child::{Child, emit};
 use idemstore_testkit::engine::{Engine, Place, pg};
 use idemstore_testkit::pg as testkit_pg;
 
@@ -422,4 +423,64 @@ fn kept_connections_the_server_ended_are_replaced_without_an_error() {
     };
     lease.complete(b"after").unwrap();
     store.close().unwrap();
+}
+
+/// The role variable of [`a_closed_store_leaves_no_thread_behind_child`]: the conninfo and
+/// the schema, separated by a newline.
+const THREADS_CHILD: &str = "IDEMSTORE_PG_THREADS_CHILD";
+
+/// A closed store leaves none of its threads behind: the committer's, the reaper's, and
+/// those on which its connection pools open connections (r2d2's, which end on their own
+/// once the pools are gone, and which the close now waits for). Counted in a child process,
+/// where no other test's store runs.
+#[test]
+fn a_closed_store_leaves_no_thread_behind() {
+    let Some(db) = Db::new() else { return };
+    let role = format!("{}\n{}", db.conninfo(), db.schema());
+    let mut child = Child::spawn(
+        "threads",
+        "a_closed_store_leaves_no_thread_behind_child",
+        &[(THREADS_CHILD, &role)],
+    );
+    let during = child.expect(Duration::from_secs(60), "the threads while open");
+    let after = child.expect(Duration::from_secs(60), "the threads after the close");
+    assert!(during.contains("idemstore-pg-"), "{during}");
+    assert_eq!(after, "threads: ", "while open: {during}");
+}
+
+/// The child of [`a_closed_store_leaves_no_thread_behind`]: opens a store, uses it, closes
+/// it, and names idemstore's threads while open and after the close.
+#[test]
+#[ignore = "run by a_closed_store_leaves_no_thread_behind"]
+fn a_closed_store_leaves_no_thread_behind_child() {
+    let Ok(role) = std::env::var(THREADS_CHILD) else {
+        return;
+    };
+    let (conninfo, schema) = role.split_once('\n').expect("conninfo and schema");
+    let threads = || {
+        let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_owned())
+            .filter(|name| name.starts_with("idemstore"))
+            .collect();
+        names.sort();
+        format!("threads: {}", names.join(","))
+    };
+    let store = Store::builder()
+        .postgres_schema(schema)
+        .postgres_pool_size(4)
+        .reap_interval(Some(Duration::from_millis(50)))
+        .open_postgres(conninfo)
+        .expect("open");
+    let fp = Fingerprint::of(b"body");
+    let Begin::Started(lease) = store.begin(&key("k"), &fp).expect("begin") else {
+        panic!("a new key")
+    };
+    lease.complete(b"done").expect("complete");
+    assert!(store.get(&key("k")).expect("get").is_some());
+    std::thread::sleep(Duration::from_millis(100));
+    emit(threads());
+    store.close().expect("close");
+    emit(threads());
 }

@@ -16,7 +16,7 @@ use postgres::Transaction;
 use super::error::pool_failed;
 use super::error::read_failed;
 use super::pipeline::{Wire, WireManager, WirePool};
-use super::pool::{Kept, Pool, connection, open_pool, parse_conninfo, workers};
+use super::pool::{Kept, Pool, Workers, connection, open_pool, parse_conninfo};
 use super::schema::{Names, create_or_check};
 use super::sql::{BatchStart, Loaded, Statements, Upsert, clock_reading};
 use crate::clock::Clock;
@@ -48,6 +48,9 @@ pub(crate) struct PgStore {
     /// The latest time this process used: the store's time never goes back by a small
     /// step (a server clock slewed back by NTP, say); [`PgStore::time`].
     latest: Mutex<u64>,
+    /// The pools' threads. The last field: dropped after the pools, it waits for the threads
+    /// to end.
+    _workers: Workers,
 }
 
 impl PgStore {
@@ -76,7 +79,7 @@ impl PgStore {
         let config = parse_conninfo(conninfo)?;
         // Half the connections (at least one) are the writers' own; the pool has the rest.
         let writers = (pool_size / 2).max(1);
-        let workers = workers();
+        let workers = Workers::new();
         let pool = open_pool(&config, pool_size - writers, &workers)?;
         create_or_check(&mut *connection(&pool)?, &names)?;
         let statements = Statements::new(&names);
@@ -97,6 +100,7 @@ impl PgStore {
             statements,
             clock,
             latest: Mutex::new(0),
+            _workers: workers,
         })
     }
 
@@ -277,11 +281,13 @@ fn decode_row(key: &[u8], bytes: &[u8]) -> Result<Record> {
 
 /// Writes the committer's batches into PostgreSQL.
 pub(crate) struct PgWriter {
-    store: Arc<PgStore>,
-    settings: Settings,
     /// The writer's connection, checked out of the writers' pool and kept between batches;
     /// given back after a failure (the pool discards it), so the next batch gets another.
+    /// Declared first, so dropped before `store`: the store's drop waits for its pools'
+    /// threads, which wait for every connection to be given back.
     conn: RefCell<Option<r2d2::PooledConnection<WireManager>>>,
+    store: Arc<PgStore>,
+    settings: Settings,
 }
 
 impl PgWriter {

@@ -672,8 +672,7 @@ mod tests {
             config: parse_conninfo(db.conninfo()).unwrap(),
             statements: sql.clone(),
         };
-        let pool =
-            crate::postgres::pool::build(manager, 1, &crate::postgres::pool::workers()).unwrap();
+        let pool = crate::postgres::pool::build(manager, 1, &db.workers).unwrap();
         let mut wire = pool.get().unwrap();
         start(&mut wire, &sql, &[b"k"], 1);
         // Refused before anything is sent, but the transaction is left open: the session's

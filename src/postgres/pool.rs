@@ -6,7 +6,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use postgres::{Client, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
-use scheduled_thread_pool::ScheduledThreadPool;
+use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use super::error::{chain, pool_failed, read_failed};
 use crate::error::{Error, Result};
@@ -194,22 +194,91 @@ pub(crate) fn target(config: &tokio_postgres::Config) -> String {
     text
 }
 
-/// The threads on which a store's pools open connections (in the background, to replace one
-/// that was discarded) and close idle ones: one set for all of a store's pools.
-///
-/// They are r2d2's own: they end when the last pool using them is dropped, without being
-/// joined, so a connection being opened at that moment finishes (or times out, after
-/// [`CONNECTION_TIMEOUT`]) after the store has closed, and is then dropped.
-pub(crate) type Workers = Arc<ScheduledThreadPool>;
+/// How many threads a store's pools share ([`Workers`]).
+const WORKER_THREADS: usize = 2;
 
-/// Threads for a store's pools ([`Workers`]).
-pub(crate) fn workers() -> Workers {
-    Arc::new(
-        ScheduledThreadPool::builder()
-            .num_threads(2)
-            .thread_name_pattern("idemstore-pg-{}")
-            .build(),
-    )
+/// The threads on which a store's pools open connections (in the background, to replace one
+/// that was discarded) and close idle ones: one set for all of a store's pools, r2d2's own
+/// thread pool.
+///
+/// Such a thread ends once the last pool using it is gone; dropping the `Workers` (after the
+/// pools: it is the store's last field) waits for that, so a closed store leaves no thread
+/// behind. A connection being opened at that moment is waited for (it times out after
+/// [`CONNECTION_TIMEOUT`]). Dropped on a thread of an async runtime, where nothing may block,
+/// it does not wait: the threads end on their own.
+pub(crate) struct Workers {
+    pool: Option<Arc<ScheduledThreadPool>>,
+    /// Disconnected once every thread has ended: each thread's local storage holds a sender
+    /// ([`EndSignal`]), dropped when the thread ends.
+    ended: crossbeam_channel::Receiver<()>,
+}
+
+thread_local! {
+    /// A worker thread's [`EndSignal`], dropped when the thread ends.
+    static END_SIGNAL: std::cell::RefCell<Option<EndSignal>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Held in a worker thread's local storage: its sender closes when the thread ends.
+struct EndSignal(#[allow(dead_code)] crossbeam_channel::Sender<()>);
+
+impl Workers {
+    /// Starts the threads.
+    pub(crate) fn new() -> Workers {
+        let pool = Arc::new(
+            ScheduledThreadPool::builder()
+                .num_threads(WORKER_THREADS)
+                .thread_name_pattern("idemstore-pg-{}")
+                // Once the pools are gone their pending jobs (the idle reaper's next run,
+                // a retry to open a connection) have nothing left to do.
+                .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
+                .build(),
+        );
+        let (signal, ended) = crossbeam_channel::bounded(0);
+        // One job per thread, each held at a barrier until all have started (so no thread
+        // runs two of them), leaves the thread's end signal in its local storage.
+        let barrier = Arc::new(std::sync::Barrier::new(WORKER_THREADS));
+        for _ in 0..WORKER_THREADS {
+            let (signal, barrier) = (signal.clone(), Arc::clone(&barrier));
+            pool.execute(move || {
+                barrier.wait();
+                END_SIGNAL.with(|slot| *slot.borrow_mut() = Some(EndSignal(signal)));
+            });
+        }
+        Workers {
+            pool: Some(pool),
+            ended,
+        }
+    }
+
+    /// The threads, for a pool's builder.
+    fn threads(&self) -> Arc<ScheduledThreadPool> {
+        Arc::clone(
+            self.pool
+                .as_ref()
+                .expect("the threads are there until drop"),
+        )
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // The last handle: the threads are told to end once idle.
+        drop(self.pool.take());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + CONNECTION_TIMEOUT + Duration::from_secs(1);
+        // Nothing is ever sent: the channel disconnects when the last thread has ended.
+        if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+            self.ended.recv_deadline(deadline)
+        {
+            tracing::warn!(
+                "idemstore: a PostgreSQL pool thread was still busy when the store closed; \
+                 it ends on its own"
+            );
+        }
+    }
 }
 
 /// Builds a pool of `size` connections of `manager`, with idemstore's settings: a connection
@@ -237,7 +306,7 @@ where
         .connection_timeout(CONNECTION_TIMEOUT)
         .test_on_check_out(true)
         .error_handler(Box::new(TraceErrors))
-        .thread_pool(Arc::clone(workers))
+        .thread_pool(workers.threads())
         .build(manager)
         .map_err(|e| pool_failed("connecting to PostgreSQL", e))
 }
@@ -398,7 +467,11 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_before_connecting() {
         assert!(matches!(
-            open_pool(&parse_conninfo("host=127.0.0.1").unwrap(), 0, &workers()),
+            open_pool(
+                &parse_conninfo("host=127.0.0.1").unwrap(),
+                0,
+                &Workers::new()
+            ),
             Err(Error::InvalidConfig { .. })
         ));
         let e = parse_conninfo("host=127.0.0.1 port=not-a-port password=hunter2").unwrap_err();
@@ -427,7 +500,7 @@ mod tests {
         // Port 1 on loopback: nothing listens there, the connection is refused.
         let started = Instant::now();
         let config = parse_conninfo("host=127.0.0.1 port=1 user=nobody dbname=none").unwrap();
-        let e = open_pool(&config, 1, &workers()).unwrap_err();
+        let e = open_pool(&config, 1, &Workers::new()).unwrap_err();
         assert!(
             matches!(
                 e,

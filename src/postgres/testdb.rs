@@ -21,6 +21,8 @@ use super::sql::{Loaded, Statements, Upsert};
 pub(crate) struct TestDb {
     pub names: Names,
     schema: Schema,
+    /// The threads of the pools made for the test (which it drops before the `TestDb`).
+    pub workers: super::pool::Workers,
 }
 
 impl TestDb {
@@ -29,7 +31,11 @@ impl TestDb {
     pub(crate) fn new() -> Option<TestDb> {
         let schema = Schema::new()?;
         let names = Names::new(&schema.name).expect("schema name");
-        Some(TestDb { names, schema })
+        Some(TestDb {
+            names,
+            schema,
+            workers: super::pool::Workers::new(),
+        })
     }
 
     /// [`TestDb::new`] with idemstore's objects created in the schema, and its statements.
@@ -55,7 +61,7 @@ impl TestDb {
         open_pool(
             &parse_conninfo(self.conninfo()).expect("a good conninfo"),
             size,
-            &super::pool::workers(),
+            &self.workers,
         )
         .expect("open the pool")
     }
