@@ -99,6 +99,18 @@ pub enum Error {
         /// The operation id that was reused.
         operation: String,
     },
+    /// An outbox operation was recorded, never finished, and its entry expired: whether the
+    /// server ran it is unknown, and a resend (the server may have forgotten its key) could
+    /// run it again. Reconcile it by other means first; [`Outbox::purge`] returns the entry
+    /// and removes it, after which the operation id can be recorded anew.
+    ///
+    /// [`Outbox::purge`]: crate::client::Outbox::purge
+    OperationExpired {
+        /// The operation id.
+        operation: String,
+        /// The key it was recorded with.
+        key: String,
+    },
 }
 
 impl Error {
@@ -223,6 +235,13 @@ impl fmt::Display for Error {
                 f,
                 "the Idempotency-Key header is malformed: {reason}; send one quoted string of \
                  1-255 printable ASCII characters, such as a UUID v4"
+            ),
+            Error::OperationExpired { operation, key } => write!(
+                f,
+                "operation {operation:?} was recorded (with key {key:?}) and never finished, \
+                 and its outbox entry expired: whether the server ran it is unknown, and a \
+                 resend could run it again; reconcile it by other means (ask the server), then \
+                 call purge, which removes the entry, before recording the operation again"
             ),
             Error::OperationConflict { operation } => write!(
                 f,

@@ -192,6 +192,47 @@ fn entries_expire_after_the_ttl_lazily_and_are_purged() {
     assert!(outbox.purge().unwrap().is_empty(), "open already purged");
 }
 
+/// An operation recorded and never finished whose entry expired is not recorded again
+/// (a second key would let the server run it twice) until `purge` has handed it over for
+/// reconciling; a finished one's expired entry counts as absent.
+#[test]
+fn an_operation_that_expired_unfinished_is_not_recorded_again_until_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let outbox = Outbox::builder()
+        .ttl(Duration::from_secs(60))
+        .clock(clock.clone())
+        .purge_on_open(false)
+        .open(dir.path().join("o.redb"))
+        .unwrap();
+    let pending = outbox.record("pay-17", &fp("pay 17")).unwrap();
+    outbox.record("pay-18", &fp("pay 18")).unwrap();
+    outbox.finish("pay-18").unwrap();
+    clock.advance(Duration::from_secs(61));
+
+    match outbox.record("pay-17", &fp("pay 17")) {
+        Err(Error::OperationExpired { operation, key }) => {
+            assert_eq!(
+                (operation.as_str(), key.as_str()),
+                ("pay-17", pending.key())
+            );
+        }
+        other => panic!("expected OperationExpired, got {other:?}"),
+    }
+    assert!(matches!(
+        outbox.record("pay-17", &fp("another request")),
+        Err(Error::OperationConflict { .. })
+    ));
+    let finished_again = outbox.record("pay-18", &fp("pay 18 again")).unwrap();
+    assert!(!finished_again.is_finished());
+
+    let purged = outbox.purge().unwrap();
+    assert_eq!(purged.len(), 1);
+    assert_eq!(purged[0].key(), pending.key());
+    let renewed = outbox.record("pay-17", &fp("pay 17")).unwrap();
+    assert_ne!(renewed.key(), pending.key());
+}
+
 #[test]
 fn the_outbox_refuses_store_files_and_foreign_files_without_touching_them() {
     let dir = tempfile::tempdir().unwrap();

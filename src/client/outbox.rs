@@ -279,6 +279,10 @@ impl Outbox {
     /// # Errors
     /// * [`Error::OperationConflict`]: the operation id is recorded for a request with
     ///   another fingerprint (one operation id, one request).
+    /// * [`Error::OperationExpired`]: the operation was recorded, never finished, and its
+    ///   entry expired: its outcome is unknown and it is not recorded again (a new key could
+    ///   run it twice) until [`purge`](Outbox::purge) has handed the entry over for
+    ///   reconciling. A finished operation's expired entry counts as absent.
     /// * [`Error::InvalidKey`]: the operation id is empty or longer than 255 bytes.
     /// * [`Error::Storage`]: the write failed; its outcome is unknown, so call `record`
     ///   again (it returns the entry if the write did land) before sending.
@@ -317,11 +321,21 @@ impl Outbox {
             let mut table = txn
                 .open_table(self.def())
                 .map_err(storage("opening the table"))?;
-            let existing = read_entry(&table, operation)?.filter(|e| !e.is_dead(now));
+            // An expired entry counts as absent once finished; an unfinished one stays until
+            // `purge` hands it over for reconciling, and the operation is not recorded again
+            // (a second key would let the server run it twice).
+            let existing = read_entry(&table, operation)?
+                .filter(|e| !e.is_dead(now) || e.finished_at.is_none());
             if let Some(existing) = existing {
                 if existing.fingerprint != *fingerprint {
                     return Err(Error::OperationConflict {
                         operation: operation.to_owned(),
+                    });
+                }
+                if existing.is_dead(now) {
+                    return Err(Error::OperationExpired {
+                        operation: operation.to_owned(),
+                        key: existing.key,
                     });
                 }
                 return Ok(existing);
@@ -538,8 +552,9 @@ impl OutboxBuilder {
         self
     }
 
-    /// Whether opening deletes expired entries. Default `true`. Turn it off to call
-    /// [`Outbox::purge`] yourself and look at the expired pending operations it returns.
+    /// Whether opening deletes expired entries. Default `true`, and each expired pending
+    /// operation is then a warning event (target `idemstore::client::outbox`). Turn it off to
+    /// call [`Outbox::purge`] yourself and look at the expired pending operations it returns.
     pub fn purge_on_open(mut self, purge: bool) -> OutboxBuilder {
         self.purge_on_open = purge;
         self
@@ -607,7 +622,16 @@ impl OutboxBuilder {
         })?;
         txn.commit().map_err(storage("creating the outbox table"))?;
         if self.purge_on_open {
-            outbox.purge()?;
+            for entry in outbox.purge()? {
+                if !entry.is_finished() {
+                    tracing::warn!(
+                        operation = entry.operation(),
+                        key = entry.key(),
+                        "idemstore: an outbox operation expired unfinished and was purged: \
+                         whether the server ran it is unknown; reconcile it with the server"
+                    );
+                }
+            }
         }
         Ok(outbox)
     }
