@@ -305,7 +305,7 @@ fn a_scope_the_store_refuses_is_the_servers_fault_a_500_that_says_nothing_of_it(
         .expect_err("a 256-byte scope is refused");
     assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
     let r = error_response(&err);
-    assert_problem(&r, 500, "server-error");
+    assert_problem(&r, 500, "internal-server-error");
     for leak in ["scope", "256", "255", "malformed", "Idempotency-Key header"] {
         assert!(!body(&r).contains(leak), "{leak:?} in {}", body(&r));
     }
@@ -439,6 +439,96 @@ fn header_parsing_of_a_header_map() {
     let err = idempotency_key(&h).unwrap_err();
     assert!(matches!(err, Error::MalformedIdempotencyKey { .. }));
     assert!(err.to_string().contains("printable ASCII"));
+}
+
+/// A response with more values of one header than a header map can be sized for at once
+/// (the http crate holds them, but panics when asked for that capacity) is stored and
+/// replayed whole, never a panic; a crafted count that large is an error.
+#[test]
+fn many_values_of_one_header_replay_whole_and_a_huge_count_is_corrupt() {
+    let guard = RequestGuard::new(Store::builder().open_in_memory().unwrap());
+    let req = request(Some(KEY), "{}");
+    let Decision::Run(lease) = guard.begin("t", &req).unwrap() else {
+        panic!("a new key runs")
+    };
+    let mut response = Response::new(b"ok".to_vec());
+    for i in 0..30_000u32 {
+        response
+            .headers_mut()
+            .append("x-trace", HeaderValue::from(i));
+    }
+    complete(lease, &response).unwrap();
+    match guard.begin("t", &req).unwrap() {
+        Decision::Replay(replay) => {
+            let values = replay.headers().get_all("x-trace");
+            assert_eq!(values.iter().count(), 30_000);
+            assert_eq!(values.iter().next_back().unwrap(), "29999");
+        }
+        _ => panic!("expected the replay"),
+    }
+
+    let count: u32 = 40_000;
+    let mut bytes = b"IDR\x01".to_vec();
+    bytes.extend_from_slice(&200u16.to_be_bytes());
+    bytes.extend_from_slice(&count.to_be_bytes());
+    for i in 0..count {
+        // 40,000 distinct names: more than a header map holds.
+        let name = format!("x-{i}");
+        bytes.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend_from_slice(&1u32.to_be_bytes());
+        bytes.push(b'v');
+    }
+    bytes.extend_from_slice(&0u64.to_be_bytes());
+    assert!(matches!(
+        StoredResponse::decode(&bytes),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+/// One encoding per response: the values of a name are stored together, so bytes that
+/// interleave names (a, b, a) are refused rather than decoded into what re-encodes
+/// differently.
+#[test]
+fn interleaved_header_names_are_not_an_encoding() {
+    let encoded = |fields: &[(&str, &str)]| {
+        let mut bytes = b"IDR\x01".to_vec();
+        bytes.extend_from_slice(&200u16.to_be_bytes());
+        bytes.extend_from_slice(&(fields.len() as u32).to_be_bytes());
+        for (name, value) in fields {
+            bytes.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(value.as_bytes());
+        }
+        bytes.extend_from_slice(&0u64.to_be_bytes());
+        bytes
+    };
+    let grouped = encoded(&[("x-a", "1"), ("x-a", "3"), ("x-b", "2")]);
+    assert_eq!(StoredResponse::decode(&grouped).unwrap().encode(), grouped);
+    assert!(matches!(
+        StoredResponse::decode(&encoded(&[("x-a", "1"), ("x-b", "2"), ("x-a", "3")])),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+/// A 409's `Retry-After` for any duration: whole seconds rounded up, saturating.
+#[test]
+fn retry_after_saturates_for_a_huge_duration() {
+    let r = idemstore::http::in_flight(Duration::MAX);
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.headers()["retry-after"], u64::MAX.to_string().as_str());
+}
+
+/// An absolute URI's empty path is `/`, before a query too: a proxy that rewrites the
+/// request to origin form changes no fingerprint.
+#[test]
+fn an_absolute_uri_without_a_path_fingerprints_as_its_origin_form() {
+    let fp = |uri: &str| request_fingerprint(&Request::post(uri).body(b"x").unwrap(), &[]);
+    assert_eq!(fp("http://api.example"), fp("/"));
+    assert_eq!(fp("http://api.example?q=1"), fp("/?q=1"));
+    assert_eq!(fp("http://api.example/a?q=1"), fp("/a?q=1"));
+    assert_ne!(fp("/a?q=1"), fp("/a?q=2"));
 }
 
 fn arbitrary_response() -> impl Strategy<Value = StoredResponse> {

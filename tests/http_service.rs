@@ -390,7 +390,7 @@ fn a_scope_the_store_refuses_is_a_500_that_says_nothing_of_the_scope() {
         r#"{"amount":1}"#,
         &[("x-tenant", &tenant)],
     );
-    assert_problem(&reply, 500, "server-error");
+    assert_problem(&reply, 500, "internal-server-error");
     for leak in ["scope", "300", "255", "malformed"] {
         assert!(!reply.body.contains(leak), "{leak:?} in {}", reply.body);
     }

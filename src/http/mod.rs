@@ -181,10 +181,18 @@ pub fn request_fingerprint<B: AsRef<[u8]>>(
     request: &Request<B>,
     headers: &[HeaderName],
 ) -> Fingerprint {
-    let path = request.uri().path_and_query().map_or("", |pq| pq.as_str());
+    // The path as the origin form has it: an absolute URI's empty path is `/` there, also
+    // before a query (`http://host?q` is `/?q`), so a proxy's rewrite changes nothing.
+    let path = match request.uri().path_and_query() {
+        Some(pq) => match pq.query() {
+            Some(query) => std::borrow::Cow::Owned(format!("{}?{query}", pq.path())),
+            None => std::borrow::Cow::Borrowed(pq.path()),
+        },
+        None => std::borrow::Cow::Borrowed(""),
+    };
     let mut fp = Fingerprint::builder()
         .part(request.method().as_str())
-        .part(path)
+        .part(path.as_bytes())
         .part(request.body().as_ref());
     for name in headers {
         let values = request.headers().get_all(name);

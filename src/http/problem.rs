@@ -50,7 +50,7 @@ impl Problem {
             Problem::InFlight => "request-in-flight",
             Problem::Mismatch => "idempotency-key-reused",
             Problem::StoreFailed => "idempotency-store-failed",
-            Problem::ServerError => "server-error",
+            Problem::ServerError => "internal-server-error",
         };
         format!("{DOCS}#{anchor}")
     }
@@ -151,7 +151,9 @@ pub fn malformed_key(reason: &str) -> Response<Vec<u8>> {
 /// Seconds for `Retry-After`: `d` rounded up, so a client never comes back too early, and at
 /// least 1 (a 0 would ask for an immediate retry, which would only meet the same request).
 pub(crate) fn retry_after_secs(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0))
+        .max(1)
 }
 
 /// 409: a request with the same key is being processed; come back after `retry_after`

@@ -47,15 +47,16 @@ const DROPPED: [&str; 10] = [
 /// # Encoding (format version 1)
 ///
 /// All integers big-endian. The whole input must be consumed; anything else (a wrong
-/// magic, a truncation, trailing bytes, an invalid status, header name or value) decodes
-/// to [`Error::Corrupt`], never a panic.
+/// magic, a truncation, trailing bytes, an invalid status, header name or value, the
+/// values of a name apart, more fields than a header map holds) decodes to
+/// [`Error::Corrupt`], never a panic.
 ///
 /// | bytes | field |
 /// |---|---|
 /// | 4 | magic and version: `b"IDR"`, then `0x01` |
 /// | 2 | status code, `u16`, 100–999 |
 /// | 4 | `h`, the number of header fields, `u32` |
-/// | `h` × (4 + n + 4 + v) | each field: name length `n` (`u32`), the name (lowercase, as the `http` crate stores it), value length `v` (`u32`), the value bytes |
+/// | `h` × (4 + n + 4 + v) | each field: name length `n` (`u32`), the name (lowercase, as the `http` crate stores it), value length `v` (`u32`), the value bytes; the fields of one name follow one another, in order |
 /// | 8 | `b`, the body length, `u64` |
 /// | `b` | the body |
 ///
@@ -192,7 +193,11 @@ impl StoredResponse {
         if u64::from(count) * 8 > r.remaining() as u64 {
             return Err(corrupt("header count larger than the input"));
         }
-        let mut headers = HeaderMap::with_capacity(count as usize);
+        // A map sized for the count could be larger than the http crate allows (it panics):
+        // it grows as fields come instead, and one it cannot hold is refused.
+        let mut headers = HeaderMap::try_with_capacity((count as usize).min(64))
+            .map_err(|_| corrupt("too many header fields"))?;
+        let mut previous: Option<HeaderName> = None;
         for _ in 0..count {
             let len = u32::from_be_bytes(r.array("header name length")?);
             let name = r.take_len(len, "header name")?;
@@ -202,11 +207,21 @@ impl StoredResponse {
                 // One encoding per response: names are stored as the http crate keeps them.
                 return Err(corrupt("header name not in lowercase form"));
             }
+            if previous.as_ref() != Some(&name) && headers.contains_key(&name) {
+                // One encoding per response: a name's values are stored together, as the
+                // http crate iterates them.
+                return Err(corrupt(
+                    "the values of a header name are not stored together",
+                ));
+            }
             let len = u32::from_be_bytes(r.array("header value length")?);
             let value = r.take_len(len, "header value")?;
             let value =
                 HeaderValue::from_bytes(value).map_err(|_| corrupt("invalid header value"))?;
-            headers.append(name, value);
+            headers
+                .try_append(name.clone(), value)
+                .map_err(|_| corrupt("too many header fields"))?;
+            previous = Some(name);
         }
         let len = u64::from_be_bytes(r.array("body length")?);
         let body = r.take_len(len, "body")?.to_vec();

@@ -112,7 +112,7 @@ impl ProblemKind {
             ProblemKind::HandlerFailed => "request-executed-handler-failed",
             ProblemKind::StoreFailed => "idempotency-store-failed",
             ProblemKind::RecordUnreadable => "stored-record-unreadable",
-            ProblemKind::ServerError => "server-error",
+            ProblemKind::ServerError => "internal-server-error",
         }
     }
 
@@ -256,5 +256,74 @@ impl Problems {
             "The service failed to handle this request; the fault is on the server's side. \
              Retrying later with the same Idempotency-Key is safe.",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rustdoc ids of the `###` headings of a module's documentation.
+    fn sections(module_doc: &str) -> Vec<String> {
+        module_doc
+            .lines()
+            .filter_map(|line| line.strip_prefix("//! ### "))
+            .map(|heading| {
+                heading
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+                    .collect::<String>()
+                    .to_lowercase()
+                    .replace(' ', "-")
+            })
+            .collect()
+    }
+
+    /// Every kind's default `type` link goes to a section that exists: of this module's
+    /// documentation, or of `idemstore::http`'s for the kinds it shares.
+    #[test]
+    fn every_default_type_link_names_a_section_of_the_docs() {
+        let ours = sections(include_str!("mod.rs"));
+        let http = sections(include_str!("../http/mod.rs"));
+        let all = [
+            ProblemKind::MissingKey,
+            ProblemKind::MalformedKey,
+            ProblemKind::BodyTooLarge,
+            ProblemKind::BodyIncomplete,
+            ProblemKind::InFlight,
+            ProblemKind::Mismatch,
+            ProblemKind::ResponseNotStored,
+            ProblemKind::HandlerFailed,
+            ProblemKind::StoreFailed,
+            ProblemKind::RecordUnreadable,
+            ProblemKind::ServerError,
+        ];
+        for kind in all {
+            // A new kind must be added to the list above.
+            match kind {
+                ProblemKind::MissingKey
+                | ProblemKind::MalformedKey
+                | ProblemKind::BodyTooLarge
+                | ProblemKind::BodyIncomplete
+                | ProblemKind::InFlight
+                | ProblemKind::Mismatch
+                | ProblemKind::ResponseNotStored
+                | ProblemKind::HandlerFailed
+                | ProblemKind::StoreFailed
+                | ProblemKind::RecordUnreadable
+                | ProblemKind::ServerError => {}
+            }
+            let uri = kind.default_type_uri();
+            let (page, anchor) = uri.rsplit_once('#').expect("an anchor");
+            let sections = if page.ends_with("/http/index.html") {
+                &http
+            } else {
+                &ours
+            };
+            assert!(
+                sections.iter().any(|s| s == anchor),
+                "{kind:?}: {uri} names no section ({sections:?})"
+            );
+        }
     }
 }
