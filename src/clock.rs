@@ -16,11 +16,10 @@ use parking_lot::Mutex;
 /// year 2262 on fails the call with [`Error::Clock`](crate::Error::Clock) and is never stored.
 ///
 /// On PostgreSQL (where, without a clock given to the builder, the store reads the server's
-/// clock) the store's time follows a corrected clock the same way, each replica on its own
-/// (a server reading counts as a correction when it is more than 10 s behind, since
-/// readings from several connections arrive out of order), but records written under the
-/// wrong time are not moved back: a lease taken during the glitch can keep its key in
-/// flight, and a completion keep being replayed, for as long as the clock was ahead.
+/// clock) there are no clock epochs in the rows, so a large step back is not corrected:
+/// each replica's time stays at the latest reading it saw until the clock catches up (no
+/// dead record comes back, but leases and TTLs do not run meanwhile: a crashed holder's key
+/// answers "in flight" for as long as the clock was ahead), and a warning event says so.
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> SystemTime;

@@ -137,11 +137,11 @@ fn glitched_child_writes_and_aborts() {
     std::process::abort();
 }
 
-/// On every engine: once a clock that ran far ahead is corrected, the store's time follows
-/// it. A lease taken after the correction runs out one lease later (a crashed holder's key
-/// is taken over then, not when real time reaches the wrong reading), and a completion
-/// made then lives one TTL. (Moving back what was written during the glitch, checked above,
-/// is the embedded engine's; on PostgreSQL those records keep their deadlines.)
+/// On the embedded engines: once a clock that ran far ahead is corrected, the store's time
+/// follows it. A lease taken after the correction runs out one lease later (a crashed
+/// holder's key is taken over then, not when real time reaches the wrong reading), and a
+/// completion made then lives one TTL. (PostgreSQL keeps no clock epochs, so its time stays
+/// at the latest reading instead, lest a dead record come back: see `limits`.)
 fn the_store_time_follows_a_corrected_clock(place: &Place) {
     with_store(place, |t| {
         t.clock.set(start() + GLITCH);
@@ -173,5 +173,5 @@ fn the_store_time_follows_a_corrected_clock(place: &Place) {
 }
 
 idemstore_testkit::engine_tests! {
-    every: the_store_time_follows_a_corrected_clock;
+    redb: the_store_time_follows_a_corrected_clock;
 }

@@ -29,7 +29,7 @@ use crate::record::{Record, entry_len, split_entry, write_entry};
 use crate::store::Visit;
 use crate::timeline::{Corrections, Stamp, Step, TOLERANCE, representable, step};
 
-/// How far behind the latest time a server's reading may be before it counts as a
+/// How far behind the latest time a server's reading may be before it is reported as a
 /// corrected clock ([`PgStore::time`]): readings reach the store out of order by up to a
 /// round trip, or longer when a thread stalls between the reading and its use.
 const SERVER_TOLERANCE: u64 = 10_000_000_000;
@@ -112,19 +112,17 @@ impl PgStore {
         self.time(|| self.statements.server_now(tx))
     }
 
-    /// The store's time: the builder's clock, or else the server's reading `server`, with
-    /// the rule of every engine: a reading at most a tolerance behind the latest time this
-    /// process used is held at that time (so a deadline seen passed stays passed), and one
-    /// further behind is a corrected clock, which the store's time follows from then on (a
-    /// clock that ran far ahead for a while does not freeze the store until real time
-    /// catches up). The builder's clock is read under the lock, with the tolerance of the
-    /// embedded engine; a server reading was taken before the call, on one of several
-    /// connections, so readings may arrive out of order by a round trip or a stalled
-    /// thread: they get [`SERVER_TOLERANCE`].
+    /// The store's time: the builder's clock, or else the server's reading `server`. It
+    /// never goes back: a reading behind the latest time this process used is held at that
+    /// time, so a deadline seen passed stays passed and a dead record never comes back.
     ///
-    /// Unlike the embedded engine, a PostgreSQL store does not move back the records
-    /// written under the wrong time: leases taken and records completed during the glitch
-    /// keep their deadlines.
+    /// Unlike the embedded engine, a PostgreSQL store keeps no clock epochs in its rows, so
+    /// it cannot tell the records written under a clock that ran ahead from the others:
+    /// after such a clock is corrected, the store's time stays at the latest reading until
+    /// the clock catches up (leases and TTLs do not run meanwhile), and a warning event says
+    /// so. A reading is taken as far behind when it is more than [`TOLERANCE`] behind (the
+    /// builder's clock, read under the lock) or [`SERVER_TOLERANCE`] (a server reading,
+    /// which may arrive out of order by a round trip or a stalled thread).
     ///
     /// # Errors
     /// As [`PgStore::now_in`].
@@ -142,15 +140,12 @@ impl PgStore {
         match step(*latest, read, tolerance) {
             Step::Ahead => *latest = read,
             Step::Held => {}
-            Step::Corrected => {
-                tracing::warn!(
-                    behind_ms = (*latest - read) / 1_000_000,
-                    "the clock reads far behind the latest time the store saw: taken as a \
-                     corrected clock, which the store's time follows from now on; leases and \
-                     records written under the wrong time keep their deadlines"
-                );
-                *latest = read;
-            }
+            Step::Corrected => tracing::warn!(
+                behind_ms = (*latest - read) / 1_000_000,
+                "the clock reads far behind the latest time the store saw (a clock that ran \
+                 ahead was corrected?): the store keeps that time until the clock catches up, \
+                 so that no dead record comes back; leases and TTLs do not run meanwhile"
+            ),
         }
         Ok(*latest)
     }
