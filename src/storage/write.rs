@@ -135,10 +135,24 @@ impl<'t> WriteTables<'t> {
     /// copied once, into the page that stores it.
     pub fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
         let located = self.locate(key)?;
-        let seq = located.map_or_else(
-            || self.stored.next_seq.fetch_add(1, Ordering::Relaxed),
-            |l| l.seq,
-        );
+        let seq = match &located {
+            Some(l) => l.seq,
+            // One number a new key, never wrapping onto the entries at the log's start; the
+            // last one is not handed out (the index's end is one above it). Legitimately the
+            // numbers are never used up: only a damaged or crafted file gets near the end.
+            None => self
+                .stored
+                .next_seq
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                    (s < u64::MAX).then(|| s + 1)
+                })
+                .map_err(|_| {
+                    Error::corrupt(
+                        "the log's sequence numbers are used up (a damaged or crafted file): \
+                         no new key can be written",
+                    )
+                })?,
+        };
         let dies_at = record.dies_at();
         let room = self.stored.response_hint.room(record);
         if let State::Completed { response, .. } = &record.state {
