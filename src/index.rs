@@ -89,6 +89,26 @@ fn tag_of(hash: u64) -> u32 {
     ((hash >> 32) as u32).max(1)
 }
 
+/// The digest of one entry of the index: the key with hash `hash` at log entry `seq`. Summed
+/// (wrapping) over a set of entries it is the set's digest: a snapshot's slots
+/// ([`Loader::digest`]) and the log entries they index give the same sum, and entries moved
+/// to another sequence number, or rewritten under another key, give another one (but for a
+/// chance of 2⁻⁶⁴).
+pub(crate) fn entry_digest(hash: u64, seq: u64) -> u64 {
+    slot_digest(tag_of(hash), seq)
+}
+
+/// [`entry_digest`] of a slot: its tag and sequence number.
+fn slot_digest(tag: u32, seq: u64) -> u64 {
+    // SplitMix64's finalizer, of the sequence number and of the pair.
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    mix(mix(seq.wrapping_add(0x9E37_79B9_7F4A_7C15)) ^ u64::from(tag))
+}
+
 /// The slots a segment of `count` entries is given, at load `load`.
 fn capacity_for(count: usize, load: f64) -> usize {
     ((count as f64 / load).ceil() as usize)
@@ -478,6 +498,8 @@ pub(crate) struct Loader {
     segments: Vec<Segment>,
     slots: u64,
     entries: u64,
+    /// The digest of the entries loaded so far ([`entry_digest`]).
+    digest: u64,
 }
 
 impl Loader {
@@ -492,6 +514,7 @@ impl Loader {
             segments: Vec::with_capacity(SEGMENTS),
             slots: 0,
             entries: 0,
+            digest: 0,
         })
     }
 
@@ -523,6 +546,7 @@ impl Loader {
                     return false;
                 }
                 len += 1;
+                self.digest = self.digest.wrapping_add(slot_digest(tag, seq));
             }
             slots.push(Slot::new(tag, seq));
         }
@@ -533,6 +557,11 @@ impl Loader {
         self.entries += len as u64;
         self.segments.push(Segment { slots, len });
         true
+    }
+
+    /// The digest of the entries loaded so far ([`entry_digest`]).
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 
     /// The index; `None` unless every segment came and they hold the shape's numbers of

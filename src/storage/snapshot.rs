@@ -12,8 +12,8 @@
 //! for the same key; an entry is deleted, and journaled (below). So the snapshot, less the
 //! journaled deletions, plus the log entries from `seq_end` on, is exactly the log's index.
 //!
-//! That holds only if every writer since the snapshot kept those rules. Two marks check it at
-//! open; when either fails (or the snapshot's checksum does), the snapshot is removed and the
+//! That holds only if every writer since the snapshot kept those rules. Three marks check it
+//! at open; when one fails (or the snapshot's checksum does), the snapshot is removed and the
 //! index is rebuilt from the whole log:
 //!
 //! * the number of entries: the snapshot records how many log entries were below `seq_end`
@@ -24,11 +24,16 @@
 //!   does not know these rules (an older build of idemstore) breaks the count.
 //! * the time mark: every write of the latest time by this build writes the same value under
 //!   a second key. An older build writes the time at its first commit without the mark.
+//! * the digest of the entries below `seq_end` ([`crate::index::entry_digest`], each key's
+//!   hash tag and sequence number): the snapshot's slots, less the journaled deletions, must
+//!   give the digest of the log's entries. An entry moved to another free sequence number
+//!   below `seq_end`, or rewritten in place under another key (a hand-edited file), keeps
+//!   the count and breaks the digest.
 //!
-//! The open still reads every log entry and verifies its checksum (a damaged entry is
-//! [`Error::Corrupt`] at open, naming its position, as with a rebuild), and checks that no
-//! entry from `seq_end` on holds a key the index already has; what the snapshot saves is
-//! hashing every key and building the table.
+//! The open still reads every log entry, verifies its checksum (a damaged entry is
+//! [`Error::Corrupt`] at open, naming its position, as with a rebuild) and hashes its key,
+//! and checks that no entry from `seq_end` on holds a key the index already has; what the
+//! snapshot saves is building the table (an insertion at a random place of it per key).
 //!
 //! Damage to the snapshot's pages is caught by the storage engine's integrity check at open
 //! like damage to any page; the snapshot's own CRC-32 catches a snapshot that does not
@@ -55,7 +60,7 @@ use super::progress::LogPass;
 use super::scan;
 use super::*;
 use crate::config::Durability;
-use crate::index::{Change, Loader, SLOT_BYTES, Shape};
+use crate::index::{Change, Loader, SLOT_BYTES, Shape, entry_digest};
 
 /// The snapshot's slots: chunk number → slots.
 const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("idemstore_index_snapshot");
@@ -202,6 +207,8 @@ struct Part {
     highest_token: u64,
     /// Its entries below the snapshot's end.
     below: u64,
+    /// Their digest ([`entry_digest`]).
+    digest: u64,
     /// Its entries from the snapshot's end on: sequence number, key hash, key.
     tail: Vec<(u64, u64, Vec<u8>)>,
 }
@@ -278,6 +285,7 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
     if crc.finalize() != header.crc {
         return reject("its checksum does not match");
     }
+    let slots_digest = loader.digest();
     let Some(index) = loader.finish() else {
         return reject("its slots do not match its header");
     };
@@ -287,10 +295,15 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
     let log_error = |e| Error::storage("reading the log to check the key index's snapshot", e);
     let seq_end = header.shape.seq_end;
     let mut changes = Vec::new();
+    // The digest of the entries below the snapshot's end that the log should hold: the
+    // snapshot's, less the journaled deletions.
+    let mut expected_digest = slots_digest;
     match txn.open_table(DELETIONS) {
         Ok(journal) => {
             for item in journal.iter().map_err(log_error)? {
                 let (seq, hash) = item.map_err(log_error)?;
+                expected_digest =
+                    expected_digest.wrapping_sub(entry_digest(hash.value(), seq.value()));
                 changes.push(Change {
                     hash: hash.value(),
                     old: Some(seq.value()),
@@ -320,6 +333,7 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
                 .max(Record::peek_token(record).map_err(at)?);
             if seq < seq_end {
                 part.below += 1;
+                part.digest = part.digest.wrapping_add(entry_digest(index.hash(key), seq));
             } else {
                 part.tail.push((seq, index.hash(key), key.to_vec()));
             }
@@ -331,6 +345,7 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
         .map(|p| p.highest_token)
         .fold(header.token_floor, u64::max);
     let below: u64 = parts.iter().map(|p| p.below).sum();
+    let below_digest = parts.iter().fold(0u64, |sum, p| sum.wrapping_add(p.digest));
     let mut tail_keys = Vec::new();
     for (seq, hash, key) in parts.into_iter().flat_map(|p| p.tail) {
         changes.push(Change {
@@ -343,6 +358,12 @@ pub(super) fn load(db: &Database) -> Result<Loaded> {
     let tail = tail_keys.len() as u64;
     if header.below.checked_sub(deleted) != Some(below) {
         return reject("the log holds another number of entries than it accounts for");
+    }
+    if below_digest != expected_digest {
+        return reject(
+            "the log's entries below its end are not the ones it indexes (moved, or rewritten \
+             under another key, by another writer)",
+        );
     }
     index.apply(&changes);
     // An entry after the snapshot of a key the index already had: two entries of one key (a
