@@ -208,6 +208,8 @@ const WORKER_THREADS: usize = 2;
 /// it does not wait: the threads end on their own.
 pub(crate) struct Workers {
     pool: Option<Arc<ScheduledThreadPool>>,
+    /// The start of the jobs that leave the end signals.
+    start: Arc<Start>,
     /// Disconnected once every thread has ended: each thread's local storage holds a sender
     /// ([`EndSignal`]), dropped when the thread ends.
     ended: crossbeam_channel::Receiver<()>,
@@ -217,6 +219,15 @@ thread_local! {
     /// A worker thread's [`EndSignal`], dropped when the thread ends.
     static END_SIGNAL: std::cell::RefCell<Option<EndSignal>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// How far the jobs that leave the end signals are ([`Workers::new`]).
+#[derive(Default)]
+struct Start {
+    /// Jobs that have started.
+    arrived: std::sync::atomic::AtomicUsize,
+    /// Set when the `Workers` are dropped: a job stops waiting for the others.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 /// Held in a worker thread's local storage: its sender closes when the thread ends.
@@ -235,18 +246,28 @@ impl Workers {
                 .build(),
         );
         let (signal, ended) = crossbeam_channel::bounded(0);
-        // One job per thread, each held at a barrier until all have started (so no thread
-        // runs two of them), leaves the thread's end signal in its local storage.
-        let barrier = Arc::new(std::sync::Barrier::new(WORKER_THREADS));
+        // One job per thread leaves the thread's end signal in its local storage, then holds
+        // its thread until every job has started, so that no thread runs two of them. It
+        // stops waiting when the store is dropped first (the jobs not started yet are then
+        // discarded, and their threads end without a signal to give).
+        let start = Arc::new(Start::default());
         for _ in 0..WORKER_THREADS {
-            let (signal, barrier) = (signal.clone(), Arc::clone(&barrier));
+            let (signal, start) = (signal.clone(), Arc::clone(&start));
             pool.execute(move || {
-                barrier.wait();
                 END_SIGNAL.with(|slot| *slot.borrow_mut() = Some(EndSignal(signal)));
+                start
+                    .arrived
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                while start.arrived.load(std::sync::atomic::Ordering::Acquire) < WORKER_THREADS
+                    && !start.abandoned.load(std::sync::atomic::Ordering::Acquire)
+                {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
             });
         }
         Workers {
             pool: Some(pool),
+            start,
             ended,
         }
     }
@@ -264,6 +285,9 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         // The last handle: the threads are told to end once idle.
+        self.start
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Release);
         drop(self.pool.take());
         if tokio::runtime::Handle::try_current().is_ok() {
             return;
@@ -519,6 +543,21 @@ mod tests {
         );
         // At once: the first attempt's failure, not the pool's timeout.
         assert!(started.elapsed() < CONNECTION_TIMEOUT / 2);
+    }
+
+    /// Dropped at once, before their jobs have all started (an open that fails at its first
+    /// connection), the threads end at once: no job waits for one that was discarded.
+    #[test]
+    fn workers_dropped_at_once_end_at_once() {
+        let started = Instant::now();
+        for _ in 0..200 {
+            drop(Workers::new());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
