@@ -60,7 +60,10 @@
 //! * Keep the outbox's TTL no longer than the server's key TTL (both default to 24 hours). A
 //!   request resent after the server forgot its key runs again; the outbox therefore drops
 //!   entries older than its TTL, and [`Outbox::purge`] returns what it dropped so you can
-//!   reconcile unfinished ones by other means (look the operation up on the server).
+//!   reconcile unfinished ones by other means (look the operation up on the server). Until
+//!   then, [`Outbox::record`] refuses such an operation
+//!   ([`Error::OperationExpired`](crate::Error::OperationExpired)) rather than give it a
+//!   second key.
 //!
 //! # Common mistakes, and what the API does about each
 //!
