@@ -158,7 +158,7 @@ impl Committer {
             // If a spawn fails, dropping `committer` stops the threads already started.
             let handle = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || group.run(catch_up))
+                .spawn(move || group.run_guarded(catch_up))
                 .map_err(|e| Error::storage("starting a committer thread", e))?;
             committer.handles.push(handle);
         }
@@ -305,6 +305,23 @@ impl<W: BatchWriter> Group<W> {
         fence(Ordering::SeqCst);
         if !self.queue.is_empty() {
             self.bell.ring();
+        }
+    }
+
+    /// A committer thread's life: [`Group::run`], started again after a panic (a bug in a
+    /// writer or in what it calls), whose batch [`Taken`]'s drop has answered and whose
+    /// writer it gave back. A thread that ended would leave the callers queued while another
+    /// caller leads with no one to hand the queue to.
+    fn run_guarded(&self, catch_up: bool) {
+        while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(catch_up))).is_err()
+        {
+            tracing::error!(
+                target: "idemstore::committer",
+                "a committer thread panicked; its batch was answered with an unknown outcome, \
+                 and the thread goes on"
+            );
+            // Never a hot loop, should the panic come again at once.
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
@@ -702,5 +719,72 @@ mod tests {
         drop(committer);
         assert_eq!(memory.closed.load(Ordering::Relaxed), 3, "closed once");
         assert_eq!(memory.records.lock().len(), 1);
+    }
+
+    /// A writer that panics on a batch holding the claim of `boom`.
+    struct PanicsOnBoom(Arc<Memory>);
+
+    impl BatchWriter for PanicsOnBoom {
+        fn write(&self, batch: &mut [Command]) -> Result<bool> {
+            if batch.iter().any(|c| c.key() == Some(b"boom".as_slice())) {
+                panic!("a bug in a writer, on the committer thread (audit test)");
+            }
+            MemoryWriter(Arc::clone(&self.0), 1).write(batch)
+        }
+    }
+
+    /// A batch that panics on the committer thread does not end that thread: a follower (a
+    /// caller that found the writer busy) queued afterwards is still answered (it waited for
+    /// ever when the thread had died, the bell it and the leader rang having no sleeper).
+    #[test]
+    fn a_follower_is_answered_after_the_committer_thread_panicked() {
+        let memory = Arc::new(Memory::default());
+        let committer =
+            Committer::spawn(PanicsOnBoom(Arc::clone(&memory)), Arc::default()).unwrap();
+        let submitter = committer.submitter();
+        // Holds the writer with a gated leader, queues `key` as a follower, releases the
+        // leader; returns the follower's answer channel.
+        let round = |leader_key: &'static str, key: &'static str| {
+            let gate = Arc::new(Barrier::new(2));
+            *memory.gate.lock() = Some(Arc::clone(&gate));
+            let s1 = submitter.clone();
+            let leader = std::thread::spawn(move || claim(&s1, leader_key));
+            gate.wait();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let s2 = submitter.clone();
+            std::thread::spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim(&s2, key)));
+                let _ = tx.send(r.map_err(|_| ()));
+            });
+            let start = Instant::now();
+            while committer.tx.is_empty() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "follower never queued"
+                );
+                std::thread::yield_now();
+            }
+            *memory.gate.lock() = None;
+            gate.wait();
+            leader.join().unwrap().unwrap();
+            rx
+        };
+        // 1: the committer thread takes `boom` and panics (the follower gets an error).
+        let rx = round("l1", "boom");
+        let first = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("boom answered");
+        assert!(matches!(first, Ok(Err(Error::Storage { .. }))), "{first:?}");
+        // 2: an ordinary follower.
+        let rx = round("l2", "f");
+        let second = rx.recv_timeout(Duration::from_secs(5));
+        if second.is_err() {
+            // Unstick it so the test ends: a new leader commits what is queued.
+            claim(&submitter, "unstick").unwrap();
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            panic!(
+                "a follower waited 5 s unanswered: the committer thread died in the earlier panic"
+            );
+        }
     }
 }
