@@ -380,6 +380,20 @@ enum Failed {
     Writing(Error),
 }
 
+/// Whether `e` says the connection is gone (closed, an I/O error, the server ending the
+/// session), not that the server refused a statement.
+fn connection_lost(e: &Error) -> bool {
+    let cause = std::error::Error::source(e).and_then(|s| s.downcast_ref::<postgres::Error>());
+    match cause {
+        Some(pg) if pg.is_closed() => true,
+        Some(pg) => pg.as_db_error().is_none_or(|db| {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P")
+        }),
+        None => true,
+    }
+}
+
 impl Failed {
     fn into_error(self) -> Error {
         match self {
@@ -409,7 +423,10 @@ impl BatchWriter for PgWriter {
         // a new connection.
         if let Some(mut wire) = slot.take().filter(|w| !w.is_broken()) {
             match self.write_on(&mut wire, batch) {
-                Err(Failed::BeforeWriting(e)) => tracing::debug!(
+                // Only when the connection itself is gone: a server's answer (a lock that
+                // timed out, a deadlock) would come again on another connection, after
+                // another wait.
+                Err(Failed::BeforeWriting(e)) if connection_lost(&e) => tracing::debug!(
                     error = %e,
                     "idemstore: the kept PostgreSQL connection failed; the batch runs on a new one"
                 ),

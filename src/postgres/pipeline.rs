@@ -199,7 +199,7 @@ impl Wire {
                 c.execute(&p.lock_one, &lock),
                 c.query_one(&p.load_one, &load),
             ))
-            .map_err(|e| write_failed("starting a batch in PostgreSQL", e))?;
+            .map_err(start_failed)?;
         let now: i64 = row.get(0);
         let token: Option<i64> = row.get(1);
         let tokens = drawn_tokens(token, usize::from(claim))?;
@@ -235,7 +235,7 @@ impl Wire {
         let lock: [Param<'_>; 1] = [&lock_ids];
         let load: [Param<'_>; 1] = [&keys];
         let clock: [Param<'_>; 1] = [&count];
-        let fail = |e| write_failed("starting a batch in PostgreSQL", e);
+        let fail = start_failed;
         let (loaded, clock) = if keys.is_empty() {
             let (_, clock) = self
                 .runtime()
@@ -379,7 +379,9 @@ impl Wire {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = super::sql::to_bigint(now);
+        // A stored `i64::MAX` is any death time from there on (clamped): never due, even at
+        // the last representable instant.
+        let now = super::sql::to_bigint(now).min(i64::MAX - 1);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (c, p) = (self.client(), &self.prepared);
         let params: [Param<'_>; 2] = [&now, &limit];
@@ -471,6 +473,13 @@ impl Prepared {
             reap: c.prepare_typed(&sql.reap, &[T::INT8, T::INT8]).await?,
         })
     }
+}
+
+/// A failure of a batch's first round trip (`BEGIN`, the locks, the reads, the tokens):
+/// nothing of the batch was written, whatever the error says (a token drawn from the
+/// sequence is only skipped).
+fn start_failed(e: postgres::Error) -> Error {
+    super::error::read_failed("starting a batch in PostgreSQL", e)
 }
 
 /// A failure to open a writer's connection: nothing was written, whatever the error says.

@@ -357,16 +357,25 @@ pub(crate) fn connection(pool: &Pool) -> Result<Conn> {
 /// nothing, so that running one twice is harmless). A read that must not run twice takes a
 /// connection with [`Kept::checkout`] and gives it back with [`Kept::keep`].
 pub(crate) struct Kept {
-    conns: Mutex<Vec<Conn>>,
+    conns: Mutex<KeptConns>,
     /// The most connections kept.
     max: usize,
+}
+
+/// The connections [`Kept`] holds, and how many callers wait for one from the pool.
+struct KeptConns {
+    conns: Vec<Conn>,
+    waiting: usize,
 }
 
 impl Kept {
     /// Keeps up to `max` connections.
     pub(crate) fn new(max: usize) -> Kept {
         Kept {
-            conns: Mutex::new(Vec::with_capacity(max)),
+            conns: Mutex::new(KeptConns {
+                conns: Vec::with_capacity(max),
+                waiting: 0,
+            }),
             max,
         }
     }
@@ -395,10 +404,29 @@ impl Kept {
                 }
             }
         }
-        let mut conn = connection(pool)?;
+        let mut conn = self.wait_for_one(pool)?;
         let result = read(&mut conn);
         self.keep(conn);
         result.map_err(|e| read_failed(context, e))
+    }
+
+    /// A kept connection, or else one from `pool`, waited for as one of the callers that
+    /// [`Kept::keep`] hands its connection to (through the pool) instead of keeping it: a
+    /// connection kept while a caller waits on the pool would leave that caller waiting
+    /// until the pool's timeout.
+    fn wait_for_one(&self, pool: &Pool) -> Result<Conn> {
+        {
+            let mut kept = self.conns.lock();
+            while let Some(conn) = kept.conns.pop() {
+                if !conn.is_closed() {
+                    return Ok(conn);
+                }
+            }
+            kept.waiting += 1;
+        }
+        let got = connection(pool);
+        self.conns.lock().waiting -= 1;
+        got
     }
 
     /// A kept connection that is not known to be closed, or else one from `pool` (checked on
@@ -408,24 +436,27 @@ impl Kept {
     ///
     /// [`Error::Storage`] (nothing was sent) when no connection could be had in time.
     pub(crate) fn checkout(&self, pool: &Pool) -> Result<Conn> {
-        self.live().map_or_else(|| connection(pool), Ok)
+        self.live().map_or_else(|| self.wait_for_one(pool), Ok)
     }
 
     /// A kept connection not known to be closed (one that is goes back to the pool).
     fn live(&self) -> Option<Conn> {
-        self.conns.lock().pop().filter(|c| !c.is_closed())
+        self.conns.lock().conns.pop().filter(|c| !c.is_closed())
     }
 
-    /// Keeps `conn` for the next read, unless it is closed or enough are kept (then it goes
-    /// back to the pool).
+    /// Keeps `conn` for the next read, unless it is closed, enough are kept, or a caller
+    /// waits for a connection from the pool (then it goes back to the pool, to that caller).
     pub(crate) fn keep(&self, conn: Conn) {
         if conn.is_closed() {
             return;
         }
-        let mut conns = self.conns.lock();
-        if conns.len() < self.max {
-            conns.push(conn);
+        let mut kept = self.conns.lock();
+        if kept.waiting == 0 && kept.conns.len() < self.max {
+            kept.conns.push(conn);
+            return;
         }
+        drop(kept);
+        drop(conn);
     }
 }
 

@@ -132,7 +132,8 @@ pub(crate) fn create_or_check(client: &mut postgres::Client, names: &Names) -> R
     // Read after the lock: a replica that created the objects meanwhile has committed.
     let found = tx
         .query_typed(
-            "SELECT c.relname, c.relkind::text, c.oid FROM pg_catalog.pg_class c \
+            "SELECT c.relname, c.relkind::text, c.oid, c.relpersistence::text \
+             FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = ANY($2)",
             &[
@@ -141,9 +142,9 @@ pub(crate) fn create_or_check(client: &mut postgres::Client, names: &Names) -> R
             ],
         )
         .map_err(|e| read_failed("reading the PostgreSQL catalog", e))?;
-    let found: Vec<(String, String, u32)> = found
+    let found: Vec<(String, String, u32, String)> = found
         .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
         .collect();
     if found.is_empty() {
         create(&mut tx, names)?;
@@ -156,7 +157,7 @@ pub(crate) fn create_or_check(client: &mut postgres::Client, names: &Names) -> R
             reason: format!("PostgreSQL schema {:?}: {reason}", names.schema),
         })
     };
-    let lookup = |name: &str| found.iter().find(|(n, _, _)| n == name);
+    let lookup = |name: &str| found.iter().find(|(n, _, _, _)| n == name);
     let missing: Vec<&str> = OUR_NAMES
         .iter()
         .copied()
@@ -174,12 +175,20 @@ pub(crate) fn create_or_check(client: &mut postgres::Client, names: &Names) -> R
         (DIES_AT_INDEX, "i"),
         (TOKEN_SEQUENCE, "S"),
     ] {
-        let (_, found_kind, _) = lookup(name).expect("checked above");
+        let (_, found_kind, _, persistence) = lookup(name).expect("checked above");
         if found_kind != kind {
             return refuse(format!(
                 "{name} is a {}, idemstore's is a {}",
                 relkind_name(found_kind),
                 relkind_name(kind)
+            ));
+        }
+        // An unlogged (or temporary) table or sequence is emptied or reset by the server's
+        // crash recovery: every lease, completion and token would be lost.
+        if persistence != "p" {
+            return refuse(format!(
+                "{name} is not a permanent object (UNLOGGED or TEMPORARY): the server's crash \
+                 recovery would lose what it holds"
             ));
         }
     }
@@ -285,24 +294,32 @@ fn check_columns(
 ) -> Result<Mismatch> {
     let rows = tx
         .query_typed(
-            "SELECT attname::text, pg_catalog.format_type(atttypid, atttypmod), attnotnull \
+            "SELECT attname::text, pg_catalog.format_type(atttypid, atttypmod), attnotnull, \
+                    attgenerated::text = '' AND attidentity::text = '' \
              FROM pg_catalog.pg_attribute \
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[(&oid, Type::OID)],
         )
         .map_err(catalog_failed)?;
-    let found: Vec<(String, String, bool)> = rows
+    let found: Vec<(String, String, bool, bool)> = rows
         .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
         .collect();
     let matches = found.len() == expected.len()
         && found
             .iter()
             .zip(expected)
-            .all(|((name, ty, not_null), (want_name, want_ty))| {
+            .all(|((name, ty, not_null, _), (want_name, want_ty))| {
                 name == want_name && ty == want_ty && *not_null
             });
     if matches {
+        // Generated and identity columns take no value from an INSERT.
+        if let Some((name, ..)) = found.iter().find(|(.., plain)| !plain) {
+            return Ok(Some(format!(
+                "column {name} of table {table} is a generated or identity column; \
+                 idemstore's columns are plain"
+            )));
+        }
         return Ok(None);
     }
     let show = |columns: Vec<String>| columns.join(", ");
@@ -311,7 +328,7 @@ fn check_columns(
         show(
             found
                 .iter()
-                .map(|(n, t, nn)| format!("{n} {t}{}", if *nn { " not null" } else { "" }))
+                .map(|(n, t, nn, _)| format!("{n} {t}{}", if *nn { " not null" } else { "" }))
                 .collect()
         ),
         show(
@@ -331,7 +348,8 @@ fn check_indexes(tx: &mut postgres::Transaction<'_>, oid: u32) -> Result<Mismatc
             "SELECT c.relname::text, i.indisprimary, i.indisvalid, i.indpred IS NULL, \
                     i.indexprs IS NULL, \
                     ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) AS k(n) \
-                          JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n) \
+                          JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n), \
+                    i.indisunique, i.indimmediate \
              FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid \
              WHERE i.indrelid = $1",
             &[(&oid, Type::OID)],
@@ -347,6 +365,12 @@ fn check_indexes(tx: &mut postgres::Transaction<'_>, oid: u32) -> Result<Mismatc
                 && row.get::<_, bool>(3)
                 && row.get::<_, bool>(4)
                 && columns == [want]
+                // The primary key checked at once (`ON CONFLICT` needs it); death times shared.
+                && (if primary {
+                    row.get::<_, bool>(7)
+                } else {
+                    !row.get::<_, bool>(6)
+                })
         })
     };
     if !on("key", true) {
