@@ -112,75 +112,11 @@ fn concurrent_reads_beyond_the_readers_connections_do_not_time_out() {
     );
 }
 
-/// Creates idemstore's objects in the place's schema by hand with `records_ddl` for the
-/// records table and `index_ddl` for the dies_at index, then opens a store there.
-fn open_with_shape(records_ddl: &str, index_ddl: &str) -> Option<(Place, Result<Store, Error>)> {
-    let place = Place::new(Engine::Postgres)?;
-    let (conninfo, schema) = place.postgres().unwrap();
-    let s = format!("\"{schema}\"");
-    let mut client = pg::connect(conninfo);
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {s};
-             CREATE TABLE {s}.idemstore_version (version int NOT NULL);
-             INSERT INTO {s}.idemstore_version VALUES (1);
-             CREATE TABLE {s}.idemstore_records ({records_ddl});
-             {index};
-             CREATE SEQUENCE {s}.idemstore_tokens AS bigint START 1 MINVALUE 1 CACHE 1 NO CYCLE;",
-            index = index_ddl.replace("{s}", &s),
-        ))
-        .unwrap();
-    let opened = place.open(Store::builder().postgres_pool_size(2).reap_interval(None));
-    Some((place, opened))
-}
-
-/// A dies_at index that is UNIQUE is a wrong shape: two records with the same death time
-/// cannot both be stored. The check accepts it.
-#[test]
-fn a_unique_dies_at_index_is_refused() {
-    let Some((_place, opened)) = open_with_shape(
-        "key bytea PRIMARY KEY, token bigint NOT NULL, dies_at bigint NOT NULL, record bytea NOT NULL",
-        "CREATE UNIQUE INDEX idemstore_records_dies_at ON {s}.idemstore_records (dies_at)",
-    ) else {
-        return;
-    };
-    match opened {
-        Err(Error::IncompatibleFormat { .. }) => {}
-        Err(e) => panic!("unexpected error {e:?}"),
-        Ok(store) => {
-            store.close().unwrap();
-            panic!("a records table with a UNIQUE index on dies_at was accepted");
-        }
-    }
-}
-
-/// A generated dies_at column is a wrong shape: every write of a row fails. The check
-/// accepts it.
-#[test]
-fn a_generated_column_is_refused() {
-    let Some((_place, opened)) = open_with_shape(
-        "key bytea PRIMARY KEY, token bigint NOT NULL, \
-         dies_at bigint NOT NULL GENERATED ALWAYS AS (token) STORED, record bytea NOT NULL",
-        "CREATE INDEX idemstore_records_dies_at ON {s}.idemstore_records (dies_at)",
-    ) else {
-        return;
-    };
-    match opened {
-        Err(Error::IncompatibleFormat { .. }) => {}
-        Err(e) => panic!("unexpected error {e:?}"),
-        Ok(store) => {
-            let fp = Fingerprint::of(b"x");
-            let begun = store.begin(&key("g"), &fp);
-            store.close().unwrap();
-            panic!("a generated dies_at column was accepted; a begin then gave {begun:?}");
-        }
-    }
-}
-
-/// An UNLOGGED records table is emptied by the server's crash recovery: every lease and
-/// completion would be lost. The check accepts it.
-#[test]
-fn an_unlogged_records_table_is_refused() {
+/// Creates idemstore's objects in a schema of the test's own by hand, the records table as
+/// `records_table` (`TABLE` or `UNLOGGED TABLE`) with columns `records_ddl` and the dies_at
+/// index by `index_ddl`, then opens a store there: the open must refuse the schema as not
+/// idemstore's (`what` says what is wrong with it). Returns at once after the loud skip.
+fn refused_shape(records_table: &str, records_ddl: &str, index_ddl: &str, what: &str) {
     let Some(place) = Place::new(Engine::Postgres) else {
         return;
     };
@@ -192,20 +128,62 @@ fn an_unlogged_records_table_is_refused() {
             "CREATE SCHEMA IF NOT EXISTS {s};
              CREATE TABLE {s}.idemstore_version (version int NOT NULL);
              INSERT INTO {s}.idemstore_version VALUES (1);
-             CREATE UNLOGGED TABLE {s}.idemstore_records (key bytea PRIMARY KEY, \
-                 token bigint NOT NULL, dies_at bigint NOT NULL, record bytea NOT NULL);
-             CREATE INDEX idemstore_records_dies_at ON {s}.idemstore_records (dies_at);
-             CREATE SEQUENCE {s}.idemstore_tokens AS bigint START 1 MINVALUE 1 CACHE 1 NO CYCLE;"
+             CREATE {records_table} {s}.idemstore_records ({records_ddl});
+             {index};
+             CREATE SEQUENCE {s}.idemstore_tokens AS bigint START 1 MINVALUE 1 CACHE 1 NO CYCLE;",
+            index = index_ddl.replace("{s}", &s),
         ))
         .unwrap();
     match place.open(Store::builder().postgres_pool_size(2).reap_interval(None)) {
         Err(Error::IncompatibleFormat { .. }) => {}
-        Err(e) => panic!("unexpected error {e:?}"),
+        Err(e) => panic!("{what}: unexpected error {e:?}"),
         Ok(store) => {
+            let begun = store.begin(&key("g"), &Fingerprint::of(b"x"));
             store.close().unwrap();
-            panic!("an UNLOGGED records table was accepted");
+            panic!("{what} was accepted; a begin then gave {begun:?}");
         }
     }
+}
+
+const COLUMNS: &str =
+    "key bytea PRIMARY KEY, token bigint NOT NULL, dies_at bigint NOT NULL, record bytea NOT NULL";
+const DIES_AT_INDEX: &str =
+    "CREATE INDEX idemstore_records_dies_at ON {s}.idemstore_records (dies_at)";
+
+/// A dies_at index that is UNIQUE is a wrong shape: two records with the same death time
+/// could not both be stored.
+#[test]
+fn a_unique_dies_at_index_is_refused() {
+    refused_shape(
+        "TABLE",
+        COLUMNS,
+        "CREATE UNIQUE INDEX idemstore_records_dies_at ON {s}.idemstore_records (dies_at)",
+        "a unique dies_at index",
+    );
+}
+
+/// A generated dies_at column is a wrong shape: every write of a row would fail.
+#[test]
+fn a_generated_column_is_refused() {
+    refused_shape(
+        "TABLE",
+        "key bytea PRIMARY KEY, token bigint NOT NULL, \
+         dies_at bigint NOT NULL GENERATED ALWAYS AS (token) STORED, record bytea NOT NULL",
+        DIES_AT_INDEX,
+        "a generated dies_at column",
+    );
+}
+
+/// An UNLOGGED records table is emptied by the server's crash recovery: every lease and
+/// completion would be lost.
+#[test]
+fn an_unlogged_records_table_is_refused() {
+    refused_shape(
+        "UNLOGGED TABLE",
+        COLUMNS,
+        DIES_AT_INDEX,
+        "an unlogged records table",
+    );
 }
 
 /// A death time beyond `i64::MAX` is stored as `i64::MAX`; the clock may read exactly
