@@ -6,15 +6,16 @@
 //! the record, a CRC-32), verified on every read, so a damaged byte is [`Error::Corrupt`],
 //! never replayed.
 
-use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use postgres::Transaction;
 
 use super::error::pool_failed;
 use super::error::read_failed;
+use super::error::session_ended;
 use super::pipeline::{Wire, WireManager, WirePool};
 use super::pool::{Kept, Pool, Workers, connection, open_pool, parse_conninfo};
 use super::schema::{Names, create_or_check};
@@ -27,12 +28,12 @@ use crate::machine;
 use crate::outcome::Completed;
 use crate::record::{Record, entry_len, split_entry, write_entry};
 use crate::store::Visit;
-use crate::timeline::{Corrections, Stamp, Step, TOLERANCE, representable, step};
+use crate::timeline::{Corrections, Stamp, Step, representable, step};
 
-/// How far behind the latest time a server's reading may be before it is reported as a
-/// corrected clock ([`PgStore::time`]): readings reach the store out of order by up to a
-/// round trip, or longer when a thread stalls between the reading and its use.
-const SERVER_TOLERANCE: u64 = 10_000_000_000;
+/// How far behind the latest time a reading may be before it is reported as a corrected
+/// clock ([`PgStore::time`]): readings reach the store out of order by up to a round trip,
+/// or longer when a thread stalls between the reading and its use.
+const REPORTED_BEHIND: u64 = 10_000_000_000;
 
 /// A store's database: its readers' pool, its writers' pool, its statements and its time.
 pub(crate) struct PgStore {
@@ -45,9 +46,9 @@ pub(crate) struct PgStore {
     statements: Statements,
     /// The clock given to the builder; `None`: the database server's clock.
     clock: Option<Arc<dyn Clock>>,
-    /// The latest time this process used: the store's time never goes back by a small
-    /// step (a server clock slewed back by NTP, say); [`PgStore::time`].
-    latest: Mutex<u64>,
+    /// The latest time this process used: the store's time never goes back (a server clock
+    /// stepped back by NTP, say); [`PgStore::time`].
+    floor: AtomicU64,
     /// The pools' threads. The last field: dropped after the pools, it waits for the threads
     /// to end.
     _workers: Workers,
@@ -99,7 +100,7 @@ impl PgStore {
             readers,
             statements,
             clock,
-            latest: Mutex::new(0),
+            floor: AtomicU64::new(0),
             _workers: workers,
         })
     }
@@ -120,34 +121,25 @@ impl PgStore {
     /// it cannot tell the records written under a clock that ran ahead from the others:
     /// after such a clock is corrected, the store's time stays at the latest reading until
     /// the clock catches up (leases and TTLs do not run meanwhile), and a warning event says
-    /// so. A reading is taken as far behind when it is more than [`TOLERANCE`] behind (the
-    /// builder's clock, read under the lock) or [`SERVER_TOLERANCE`] (a server reading,
-    /// which may arrive out of order by a round trip or a stalled thread).
+    /// so when a reading is more than [`REPORTED_BEHIND`] behind.
     ///
     /// # Errors
     /// As [`PgStore::now_in`].
     fn time(&self, server: impl FnOnce() -> Result<u64>) -> Result<u64> {
-        let (mut latest, read, tolerance) = match &self.clock {
-            Some(clock) => {
-                let latest = self.latest.lock();
-                (latest, representable(clock.now())?, TOLERANCE)
-            }
-            None => {
-                let read = server()?;
-                (self.latest.lock(), read, SERVER_TOLERANCE)
-            }
+        let read = match &self.clock {
+            Some(clock) => representable(clock.now())?,
+            None => server()?,
         };
-        match step(*latest, read, tolerance) {
-            Step::Ahead => *latest = read,
-            Step::Held => {}
-            Step::Corrected => tracing::warn!(
-                behind_ms = (*latest - read) / 1_000_000,
+        let latest = self.floor.fetch_max(read, Ordering::AcqRel);
+        if step(latest, read, REPORTED_BEHIND) == Step::Corrected {
+            tracing::warn!(
+                behind_ms = (latest - read) / 1_000_000,
                 "the clock reads far behind the latest time the store saw (a clock that ran \
                  ahead was corrected?): the store keeps that time until the clock catches up, \
                  so that no dead record comes back; leases and TTLs do not run meanwhile"
-            ),
+            );
         }
-        Ok(*latest)
+        Ok(latest.max(read))
     }
 
     /// Runs `f` in a read-only transaction on a reader's connection, once (a failure is
@@ -384,14 +376,12 @@ enum Failed {
 /// session), not that the server refused a statement.
 fn connection_lost(e: &Error) -> bool {
     let cause = std::error::Error::source(e).and_then(|s| s.downcast_ref::<postgres::Error>());
-    match cause {
-        Some(pg) if pg.is_closed() => true,
-        Some(pg) => pg.as_db_error().is_none_or(|db| {
-            let code = db.code().code();
-            code.starts_with("08") || code.starts_with("57P")
-        }),
-        None => true,
-    }
+    cause.is_none_or(|pg| {
+        session_ended(pg)
+            || pg
+                .as_db_error()
+                .is_none_or(|db| db.code().code().starts_with("08"))
+    })
 }
 
 impl Failed {

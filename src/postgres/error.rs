@@ -33,6 +33,12 @@ pub(crate) fn is_outcome_unknown(e: &postgres::Error) -> bool {
         )
 }
 
+/// Whether `e` says the session itself is gone, not that a statement failed: the
+/// connection closed, or the server shutting down or terminating the session (class 57P).
+pub(crate) fn session_ended(e: &postgres::Error) -> bool {
+    e.is_closed() || e.code().is_some_and(|code| code.code().starts_with("57P"))
+}
+
 /// A failure of a read, or of a call known to have written nothing: [`Error::Storage`] with a
 /// known outcome.
 pub(crate) fn read_failed(context: &str, e: postgres::Error) -> Error {

@@ -8,7 +8,7 @@ use postgres::{Client, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
-use super::error::{chain, pool_failed, read_failed};
+use super::error::{chain, pool_failed, read_failed, session_ended};
 use crate::error::{Error, Result};
 
 /// The pool of connections to one database.
@@ -436,7 +436,7 @@ impl Kept {
     ///
     /// [`Error::Storage`] (nothing was sent) when no connection could be had in time.
     pub(crate) fn checkout(&self, pool: &Pool) -> Result<Conn> {
-        self.live().map_or_else(|| self.wait_for_one(pool), Ok)
+        self.wait_for_one(pool)
     }
 
     /// A kept connection not known to be closed (one that is goes back to the pool).
@@ -463,11 +463,7 @@ impl Kept {
 /// Whether `error` on `conn` says the connection itself is gone (not that the statement
 /// failed): closed, or the server shutting down or terminating the session.
 fn broken(conn: &Conn, error: &postgres::Error) -> bool {
-    conn.is_closed()
-        || error.is_closed()
-        || error
-            .code()
-            .is_some_and(|code| code.code().starts_with("57P"))
+    conn.is_closed() || session_ended(error)
 }
 
 /// Sends the pool's background connection errors to `tracing` (r2d2 would log them through
