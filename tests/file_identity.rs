@@ -138,6 +138,35 @@ fn the_renamed_in_file_is_what_a_second_open_sees() {
     let _ = first.close();
 }
 
+/// A store that lost its file writes nothing more into the file it opened, not even the key
+/// index's snapshot a clean close writes: the store refuses writes until it is reopened.
+#[test]
+fn a_store_that_lost_its_file_writes_no_snapshot_at_its_close() {
+    let (events, _serial) = idemstore_testkit::events::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.redb");
+    let store = builder(&clock()).open(&path).unwrap();
+    // Enough records that a clean close writes the index's snapshot.
+    for i in 0..1_100 {
+        let id = format!("k{i}");
+        started(&store, &key(&id), &fp(&id))
+            .complete(b"done")
+            .unwrap();
+    }
+    std::fs::remove_file(&path).unwrap();
+    assert!(store.begin(&key("lost"), &fp("lost")).is_err());
+    refuses_writes(&store, "after");
+    events.clear();
+    let _ = store.close();
+    assert_eq!(
+        events
+            .latest("key index snapshot written")
+            .map(|e| e.text()),
+        None,
+        "the close wrote a snapshot into the file the store had lost"
+    );
+}
+
 /// The one test of this binary that changes the working directory; every other test uses
 /// absolute paths.
 #[test]

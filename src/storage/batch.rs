@@ -3,7 +3,6 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 use crate::committer::{self, BatchWriter, Command, Reaped, Tables};
@@ -18,9 +17,6 @@ const NOTE_TIME_EVERY: u64 = 1_000_000_000;
 pub(crate) struct RedbWriter {
     stored: Arc<Stored>,
     settings: Settings,
-    /// Set when a commit failed or the engine panicked: every later write is refused until
-    /// the store is reopened (the file's state is unknown).
-    poisoned: AtomicBool,
     /// The latest time persisted by a batch (nanoseconds).
     noted_time: Cell<u64>,
 }
@@ -30,13 +26,12 @@ impl RedbWriter {
         RedbWriter {
             stored,
             settings,
-            poisoned: AtomicBool::new(false),
             noted_time: Cell::new(0),
         }
     }
 
     fn poison(&self) {
-        self.poisoned.store(true, Ordering::Release);
+        self.stored.poison();
     }
 
     /// Applies every command in one transaction and commits; each command keeps its own
@@ -58,7 +53,7 @@ impl RedbWriter {
         let note_time = |saved: &Option<_>| {
             saved.is_some() || now >= self.noted_time.get().saturating_add(NOTE_TIME_EVERY)
         };
-        let (changes, saved) = {
+        let (changes, saved, resweep) = {
             let mut tables = WriteTables::open(&txn, &self.stored, stamp)?;
             // Before any record of a new clock epoch: the correction that began it.
             let saved = self.save_corrections(&mut tables)?;
@@ -68,7 +63,8 @@ impl RedbWriter {
             if note_time(&saved) {
                 tables.note_time(now)?;
             }
-            (tables.into_changes(), saved)
+            let (changes, resweep) = tables.into_published();
+            (changes, saved, resweep)
         };
         if let Err(e) = txn.commit() {
             self.poison();
@@ -81,8 +77,10 @@ impl RedbWriter {
             );
             return Err(Error::write_failed("committing a write", e));
         }
-        // Published only now: readers never see an entry that is not committed.
+        // Published only now: readers never see an entry that is not committed, and a batch
+        // that failed before its commit leaves the re-filing where it was.
         self.stored.index.apply(&changes);
+        self.resweep_saved(resweep);
         // The commit went into the file the store opened: unless its path still names that
         // file, no one will open this write again.
         if let Some(file) = &self.stored.file
@@ -106,18 +104,21 @@ impl RedbWriter {
         let Some((corrections, saved)) = self.stored.timeline.unsaved() else {
             return Ok(None);
         };
-        let from = {
-            let pending = *self.stored.resweep_from.lock();
-            match (pending, corrections.resweep_from(saved)) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
+        let from = match (tables.resweep_from(), corrections.resweep_from(saved)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
+        // The reap operations of this same batch start re-filing at once (they read the
+        // position through the same tables).
         tables.save_corrections(&corrections, from)?;
-        // The reap operations of this same batch start re-filing at once (a failed commit
-        // poisons the store, so this is never acted on without the commit).
-        *self.stored.resweep_from.lock() = from;
         Ok(Some(corrections.len()))
+    }
+
+    /// Publishes, after the commit, where the re-filing of expiry entries now starts.
+    fn resweep_saved(&self, resweep: Option<Option<u64>>) {
+        if let Some(from) = resweep {
+            *self.stored.resweep_from.lock() = from;
+        }
     }
 
     /// Notes, after the commit, what [`RedbWriter::save_corrections`] persisted.
@@ -143,16 +144,14 @@ impl BatchWriter for RedbWriter {
     }
 
     fn refusal(&self) -> Option<Error> {
-        self.poisoned
-            .load(Ordering::Acquire)
-            .then_some(Error::Poisoned)
+        self.stored.poisoned().then_some(Error::Poisoned)
     }
 
     /// On a clean close: one last durable commit that records the latest time seen (so a
     /// reopened store's clock starts there) and, under `Durability::None`, makes everything
     /// committed before durable.
     fn close(&self) {
-        if self.poisoned.load(Ordering::Acquire) {
+        if self.stored.poisoned() {
             return;
         }
         let Ok(stamp) = self.stored.timeline.now() else {
@@ -166,11 +165,12 @@ impl BatchWriter for RedbWriter {
             let noted = WriteTables::open(&txn, &self.stored, stamp).and_then(|mut t| {
                 let saved = self.save_corrections(&mut t)?;
                 t.note_time(stamp.at)?;
-                Ok(saved)
+                Ok((saved, t.into_published().1))
             });
-            if let Ok(saved) = noted
+            if let Ok((saved, resweep)) = noted
                 && txn.commit().is_ok()
             {
+                self.resweep_saved(resweep);
                 self.corrections_saved(saved);
             }
         }));
@@ -198,13 +198,8 @@ impl Tables for WriteTables<'_> {
     /// a bounded step per pass, until the index is done; the ones due now are then deleted
     /// by this same pass.
     fn reap(&mut self, now: u64, limit: usize) -> Result<Reaped> {
-        let pending = *self.stored.resweep_from.lock();
-        let resweeping = match pending {
-            Some(from) => {
-                let next = self.resweep(from, limit)?;
-                *self.stored.resweep_from.lock() = next;
-                next.is_some()
-            }
+        let resweeping = match self.resweep_from() {
+            Some(from) => self.resweep(from, limit)?.is_some(),
             None => false,
         };
         let pass = WriteTables::reap(self, now, limit)?;

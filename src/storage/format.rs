@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use parking_lot::Mutex;
 use redb::{
@@ -289,6 +289,7 @@ pub(crate) fn initialize(db: Database, clock: Arc<dyn Clock>, persistent: bool) 
             snapshot_generation: Mutex::new(floor.map(|_| 0)),
             index_source,
             response_hint: ResponseHint::default(),
+            poisoned: AtomicBool::new(false),
         }),
         Err(e) => {
             discard(db);

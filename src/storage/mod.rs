@@ -61,7 +61,7 @@ mod snapshot;
 mod write;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -187,6 +187,10 @@ pub(crate) struct Stored {
     /// The response length an in-flight record reserves room for ([`WriteTables::put`]).
     /// Only the committer changes it.
     response_hint: ResponseHint,
+    /// Set when a commit failed or the engine panicked while writing: the file's state is
+    /// unknown, so nothing more is written into it (no batch, no snapshot, not the close's
+    /// commit) until the store is reopened.
+    poisoned: AtomicBool,
 }
 
 impl Stored {
@@ -194,6 +198,16 @@ impl Stored {
     /// index's snapshot written.
     pub fn persistent(&self) -> bool {
         self.persistent
+    }
+
+    /// Refuses every later write into the file, until the store is reopened.
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Stored::poison`] was called.
+    pub fn poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
     }
 }
 

@@ -451,7 +451,7 @@ impl Stored {
     /// [`Error::Storage`] when the write fails (the file keeps its previous snapshot, if
     /// any); [`Error::Corrupt`] if the storage engine panics.
     pub fn save_index(&self, durability: Durability) -> Result<Option<Saved>> {
-        if !self.persistent {
+        if !self.persistent || self.poisoned() {
             return Ok(None);
         }
         let started = Instant::now();

@@ -588,3 +588,27 @@ fn a_pass_split_across_threads_reports_the_first_damaged_entry() {
         }
     }
 }
+
+#[test]
+fn the_refiling_position_moves_only_with_its_commit() {
+    use crate::committer::Tables;
+    let stored = initialize(
+        open_memory(1 << 20).unwrap(),
+        Arc::new(crate::clock::SystemClock),
+        false,
+    )
+    .unwrap();
+    fill(&stored, "a-", 10, 0, 100);
+    *stored.resweep_from.lock() = Some(0);
+    let txn = stored.db.begin_write().unwrap();
+    {
+        let mut t = WriteTables::open(&txn, &stored, Stamp::default()).unwrap();
+        // Three of the ten entries re-filed: the transaction's position moved on...
+        assert!(Tables::reap(&mut t, 0, 3).unwrap().more);
+        assert_eq!(t.resweep_from(), Some(100));
+    }
+    // ...but the transaction aborted (a later command of its batch failed, say): the store
+    // still re-files from where the last commit left it.
+    txn.abort().unwrap();
+    assert_eq!(*stored.resweep_from.lock(), Some(0));
+}

@@ -50,6 +50,9 @@ pub(crate) struct WriteTables<'t> {
     /// Where each key touched by this transaction lives now (`None`: absent).
     pub(super) located: HashMap<Vec<u8>, Option<Located>>,
     pub(super) changes: Vec<Change>,
+    /// Where the reaper's re-filing starts as of this transaction, when it changed it
+    /// (published to [`Stored`] only once the transaction committed).
+    pub(super) resweep: Option<Option<u64>>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -70,6 +73,7 @@ impl<'t> WriteTables<'t> {
             last_token: None,
             located: HashMap::new(),
             changes: Vec::new(),
+            resweep: None,
         })
     }
 
@@ -82,8 +86,22 @@ impl<'t> WriteTables<'t> {
     }
 
     /// The index changes of this transaction, to publish once it committed.
+    #[cfg(test)]
     pub fn into_changes(self) -> Vec<Change> {
         self.changes
+    }
+
+    /// What the transaction changed that the store publishes once it committed: the key
+    /// index's changes, and the re-filing position when it moved (`None`: unchanged).
+    pub fn into_published(self) -> (Vec<Change>, Option<Option<u64>>) {
+        (self.changes, self.resweep)
+    }
+
+    /// Where the reaper's re-filing of expiry entries starts, as of this transaction
+    /// (`None`: nothing to re-file).
+    pub(super) fn resweep_from(&self) -> Option<u64> {
+        self.resweep
+            .unwrap_or_else(|| *self.stored.resweep_from.lock())
     }
 
     /// The log entry of `key` as of this transaction, and its record.
@@ -282,7 +300,9 @@ impl<'t> WriteTables<'t> {
         self.set_resweep(resweep_from)
     }
 
+    /// Persists where the re-filing starts; the store follows once the transaction commits.
     pub(super) fn set_resweep(&mut self, from: Option<u64>) -> Result<()> {
+        self.resweep = Some(from);
         let meta = self.meta()?;
         match from {
             Some(at) => meta
