@@ -446,6 +446,11 @@ fn a_closed_store_leaves_no_thread_behind() {
     let after = child.expect(Duration::from_secs(60), "the threads after the close");
     assert!(during.contains("idemstore-pg-"), "{during}");
     assert_eq!(after, "threads: ", "while open: {during}");
+    let on_a_runtime = child.expect(
+        Duration::from_secs(60),
+        "the threads after a drop on an async runtime and the runtime's shutdown",
+    );
+    assert_eq!(on_a_runtime, "threads: ");
 }
 
 /// The child of [`a_closed_store_leaves_no_thread_behind`]: opens a store, uses it, closes
@@ -482,5 +487,15 @@ fn a_closed_store_leaves_no_thread_behind_child() {
     std::thread::sleep(Duration::from_millis(100));
     emit(threads());
     store.close().expect("close");
+    emit(threads());
+    // Dropped by async code, where nothing may block: the runtime's shutdown waits instead.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store = Store::builder()
+        .postgres_schema(schema)
+        .postgres_pool_size(4)
+        .open_postgres(conninfo)
+        .expect("open again");
+    runtime.block_on(async move { drop(store) });
+    drop(runtime);
     emit(threads());
 }

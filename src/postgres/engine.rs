@@ -35,23 +35,63 @@ use crate::timeline::{Corrections, Stamp, Step, representable, step};
 /// or longer when a thread stalls between the reading and its use.
 const REPORTED_BEHIND: u64 = 10_000_000_000;
 
-/// A store's database: its readers' pool, its writers' pool, its statements and its time.
+/// A store's database: its connections, its statements and its time.
 pub(crate) struct PgStore {
-    /// The connections of the reads (and of the walk and the schema check at open).
-    pool: Pool,
-    /// The writers' connections, one per writer.
-    writers: WirePool,
-    /// The connections reads keep between calls.
-    readers: Kept,
+    /// Taken only by the drop ([`Conns::close`]).
+    conns: Option<Conns>,
     statements: Statements,
     /// The clock given to the builder; `None`: the database server's clock.
     clock: Option<Arc<dyn Clock>>,
     /// The latest time this process used: the store's time never goes back (a server clock
     /// stepped back by NTP, say); [`PgStore::time`].
     floor: AtomicU64,
+}
+
+/// A store's connections and the threads that open them.
+struct Conns {
+    /// The connections of the reads (and of the walk and the schema check at open).
+    pool: Pool,
+    /// The writers' connections, one per writer.
+    writers: WirePool,
+    /// The connections reads keep between calls.
+    readers: Kept,
     /// The pools' threads. The last field: dropped after the pools, it waits for the threads
     /// to end.
     _workers: Workers,
+}
+
+impl Conns {
+    /// Closes the connections and waits for them and the pools' threads to end. The
+    /// synchronous client's connections block while they close, which tokio forbids (a
+    /// panic) on a thread that drives an async runtime: there, this runs on a thread of its
+    /// own, joined before it returns.
+    fn close(self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            drop(self);
+            return;
+        }
+        std::thread::scope(|s| {
+            let closing = std::thread::Builder::new()
+                .name("idemstore-pg-close".into())
+                .spawn_scoped(s, move || drop(self));
+            if let Err(e) = closing {
+                tracing::warn!(
+                    error = %e,
+                    "idemstore: no thread to close the PostgreSQL connections on; they close \
+                     without waiting"
+                );
+            }
+        });
+    }
+}
+
+impl Drop for PgStore {
+    /// Closes the connections ([`Conns::close`]).
+    fn drop(&mut self) {
+        if let Some(conns) = self.conns.take() {
+            conns.close();
+        }
+    }
 }
 
 impl PgStore {
@@ -95,14 +135,22 @@ impl PgStore {
         // The readers may keep every connection of their pool: a walk takes a kept one too.
         let readers = Kept::new(usize::try_from(pool.max_size()).unwrap_or(usize::MAX));
         Ok(PgStore {
-            pool,
-            writers,
-            readers,
+            conns: Some(Conns {
+                pool,
+                writers,
+                readers,
+                _workers: workers,
+            }),
             statements,
             clock,
             floor: AtomicU64::new(0),
-            _workers: workers,
         })
+    }
+
+    fn conns(&self) -> &Conns {
+        self.conns
+            .as_ref()
+            .expect("the connections live until drop")
     }
 
     /// The store's time, read inside `tx` when it is the server's.
@@ -145,7 +193,7 @@ impl PgStore {
     /// Runs `f` in a read-only transaction on a reader's connection, once (a failure is
     /// returned, not retried on another connection).
     fn read<T>(&self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.readers.checkout(&self.pool)?;
+        let mut conn = self.conns().readers.checkout(&self.conns().pool)?;
         let mut tx = conn
             .build_transaction()
             .read_only(true)
@@ -155,7 +203,7 @@ impl PgStore {
         let value = f(&mut tx)?;
         tx.commit()
             .map_err(|e| read_failed("ending a PostgreSQL read", e))?;
-        self.readers.keep(conn);
+        self.conns().readers.keep(conn);
         Ok(value)
     }
 
@@ -165,8 +213,8 @@ impl PgStore {
     /// As [`PgStore::now_in`].
     pub fn now(&self) -> Result<u64> {
         self.time(|| {
-            let nanos = self.readers.read(
-                &self.pool,
+            let nanos = self.conns().readers.read(
+                &self.conns().pool,
                 "reading the PostgreSQL server's clock",
                 |client| self.statements.read_clock(client),
             )?;
@@ -180,11 +228,11 @@ impl PgStore {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged row; [`Error::Storage`]; [`Error::Clock`].
     pub fn read_record(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
-        let (bytes, nanos) =
-            self.readers
-                .read(&self.pool, "reading a record from PostgreSQL", |client| {
-                    self.statements.read_one(client, key)
-                })?;
+        let (bytes, nanos) = self.conns().readers.read(
+            &self.conns().pool,
+            "reading a record from PostgreSQL",
+            |client| self.statements.read_one(client, key),
+        )?;
         let now = self.time(|| clock_reading(nanos))?;
         let record = match bytes {
             Some(bytes) => Some(decode_row(key, &bytes)?),
@@ -399,7 +447,7 @@ impl BatchWriter for PgWriter {
     /// its commit, the next is already sent: PostgreSQL flushes the commits of concurrent
     /// transactions together, and the keys' locks order batches that share a key.
     fn siblings(&self) -> Vec<PgWriter> {
-        (1..self.store.writers.max_size())
+        (1..self.store.conns().writers.max_size())
             .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
             .collect()
     }
@@ -430,7 +478,7 @@ impl BatchWriter for PgWriter {
             }
         }
         let mut wire =
-            self.store.writers.get().map_err(|e| {
+            self.store.conns().writers.get().map_err(|e| {
                 pool_failed("getting a PostgreSQL writer connection from the pool", e)
             })?;
         let written = self.write_on(&mut wire, batch).map_err(Failed::into_error);

@@ -205,7 +205,8 @@ const WORKER_THREADS: usize = 2;
 /// pools: it is the store's last field) waits for that, so a closed store leaves no thread
 /// behind. A connection being opened at that moment is waited for (it times out after
 /// [`CONNECTION_TIMEOUT`]). Dropped on a thread of an async runtime, where nothing may block,
-/// it does not wait: the threads end on their own.
+/// it does not wait: the threads end on their own (the store drops its connections and these
+/// on a thread of its own there, so this is for a store's failed open).
 pub(crate) struct Workers {
     pool: Option<Arc<ScheduledThreadPool>>,
     /// The start of the jobs that leave the end signals.
