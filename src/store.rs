@@ -638,13 +638,13 @@ impl Builder {
     ///   locked in a fixed order, so replicas never deadlock), with one commit.
     /// * A connection lost during a write is [`Error::Storage`] with an unknown outcome,
     ///   never `Ok`; the store is not poisoned, later calls get fresh connections.
-    /// * **From async code**, open it and call it outside the runtime's threads: before the
-    ///   runtime starts, or in `tokio::task::spawn_blocking`. The synchronous `postgres`
-    ///   client drives a small runtime of its own, which tokio refuses to start on a runtime
-    ///   thread (it panics). Calls made where blocking is allowed are fine, which is how the
-    ///   tower layer (feature `tower`) makes them. Closing the store, or dropping its last
-    ///   clone, is safe anywhere: on a runtime thread the connections close on a thread of
-    ///   their own, which that thread waits for (milliseconds on a reachable server).
+    /// * **From async code**, make the store's calls where blocking is allowed: in
+    ///   `tokio::task::spawn_blocking`, as the tower layer (feature `tower`) does. The
+    ///   synchronous client drives a small runtime of its own, which tokio refuses to start
+    ///   on a thread that drives an async runtime (it panics). Opening and closing the store,
+    ///   and dropping its last clone, are safe anywhere: on such a thread the connections
+    ///   open or close on a thread of their own, which the calling thread waits for (as a
+    ///   blocking call would).
     ///
     /// # Errors
     /// * [`Error::InvalidConfig`] for a bad setting, a malformed `conninfo` or schema name.

@@ -488,14 +488,23 @@ fn a_closed_store_leaves_no_thread_behind_child() {
     emit(threads());
     store.close().expect("close");
     emit(threads());
-    // Dropped by async code, where nothing may block: the runtime's shutdown waits instead.
+    // Opened and dropped by async code (an async `main` that keeps its store in its
+    // router): the synchronous client's connections open and close off the runtime's thread.
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let store = Store::builder()
-        .postgres_schema(schema)
-        .postgres_pool_size(4)
-        .open_postgres(conninfo)
-        .expect("open again");
-    runtime.block_on(async move { drop(store) });
+    runtime.block_on(async move {
+        let store = Store::builder()
+            .postgres_schema(schema)
+            .postgres_pool_size(4)
+            .open_postgres(conninfo)
+            .expect("open on a runtime's thread");
+        let reply = tokio::task::spawn_blocking(move || {
+            let got = store.get(&key("k")).expect("get");
+            (store, got)
+        });
+        let (store, got) = reply.await.expect("the blocking call");
+        assert!(got.is_some());
+        drop(store);
+    });
     drop(runtime);
     emit(threads());
 }

@@ -16,6 +16,7 @@ use postgres::Transaction;
 use super::error::pool_failed;
 use super::error::read_failed;
 use super::error::session_ended;
+use super::off_runtime::off_runtime;
 use super::pipeline::{Wire, WireManager, WirePool};
 use super::pool::{Kept, Pool, Workers, connection, open_pool, parse_conninfo};
 use super::schema::{Names, create_or_check};
@@ -61,27 +62,17 @@ struct Conns {
 }
 
 impl Conns {
-    /// Closes the connections and waits for them and the pools' threads to end. The
-    /// synchronous client's connections block while they close, which tokio forbids (a
-    /// panic) on a thread that drives an async runtime: there, this runs on a thread of its
-    /// own, joined before it returns.
+    /// Closes the connections and waits for them and the pools' threads to end, off any
+    /// async runtime ([`off_runtime`]).
     fn close(self) {
-        if tokio::runtime::Handle::try_current().is_err() {
-            drop(self);
-            return;
+        if let Err((conns, e)) = off_runtime(self, drop) {
+            // Dropped here they would panic: left open instead, until the process ends.
+            tracing::warn!(
+                error = %e,
+                "idemstore: no thread to close the PostgreSQL connections on; they stay open"
+            );
+            std::mem::forget(conns);
         }
-        std::thread::scope(|s| {
-            let closing = std::thread::Builder::new()
-                .name("idemstore-pg-close".into())
-                .spawn_scoped(s, move || drop(self));
-            if let Err(e) = closing {
-                tracing::warn!(
-                    error = %e,
-                    "idemstore: no thread to close the PostgreSQL connections on; they close \
-                     without waiting"
-                );
-            }
-        });
     }
 }
 
@@ -102,7 +93,27 @@ impl PgStore {
     /// [`Error::InvalidConfig`] for a bad schema name, conninfo or pool size;
     /// [`Error::IncompatibleFormat`] for a foreign or newer schema (nothing is modified);
     /// [`Error::Storage`] when the server cannot be reached or refuses.
+    ///
+    /// Off any async runtime ([`off_runtime`]): a store may be opened by async code.
     pub fn open(
+        conninfo: &str,
+        schema: &str,
+        pool_size: u32,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<PgStore> {
+        off_runtime(clock, |clock| {
+            PgStore::open_here(conninfo, schema, pool_size, clock)
+        })
+        .unwrap_or_else(|(_, e)| {
+            Err(Error::storage(
+                "starting a thread to connect to PostgreSQL on (the open was called on an \
+                 async runtime's thread)",
+                e,
+            ))
+        })
+    }
+
+    fn open_here(
         conninfo: &str,
         schema: &str,
         pool_size: u32,

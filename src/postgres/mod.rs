@@ -10,11 +10,14 @@
 //!   batch's statements are sent together (two round trips per batch);
 //! - `engine`: the store's side (reads, `complete_in`) and the committer's (a batch as one
 //!   transaction on a writer's connection);
+//! - `off_runtime`: one-time work of the synchronous client (the open, closing the
+//!   connections) moved off a thread that drives an async runtime;
 //! - `error`: the client's errors as [`crate::Error`], and which of them leave a write's
 //!   outcome unknown or can be retried.
 
 pub(crate) mod engine;
 pub(crate) mod error;
+pub(crate) mod off_runtime;
 pub(crate) mod pipeline;
 pub(crate) mod pool;
 pub(crate) mod schema;
