@@ -52,6 +52,8 @@ mod index;
 mod key;
 mod lease;
 mod machine;
+#[cfg(any(feature = "postgres", feature = "tower"))]
+mod may_block;
 mod outcome;
 mod periodic;
 #[cfg(feature = "postgres")]

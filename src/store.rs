@@ -638,13 +638,13 @@ impl Builder {
     ///   locked in a fixed order, so replicas never deadlock), with one commit.
     /// * A connection lost during a write is [`Error::Storage`] with an unknown outcome,
     ///   never `Ok`; the store is not poisoned, later calls get fresh connections.
-    /// * **From async code**, make the store's calls where blocking is allowed: in
-    ///   `tokio::task::spawn_blocking`, as the tower layer (feature `tower`) does. The
-    ///   synchronous client drives a small runtime of its own, which tokio refuses to start
-    ///   on a thread that drives an async runtime (it panics). Opening and closing the store,
-    ///   and dropping its last clone, are safe anywhere: on such a thread the connections
-    ///   open or close on a thread of their own, which the calling thread waits for (as a
-    ///   blocking call would).
+    /// * **From async code**, make the store's calls in `tokio::task::spawn_blocking`, as the
+    ///   tower layer (feature `tower`) does: they wait for the server. Made on a thread that
+    ///   drives an async runtime they still work, as blocking calls: the client drives a
+    ///   small runtime of its own, which tokio refuses to drive there, so the open, the
+    ///   reads and the close run on a thread of their own and the writes on the store's
+    ///   committer thread, which the calling thread waits for. Not `complete_in`, whose
+    ///   transaction is the caller's own client's.
     ///
     /// # Errors
     /// * [`Error::InvalidConfig`] for a bad setting, a malformed `conninfo` or schema name.

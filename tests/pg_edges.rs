@@ -362,3 +362,53 @@ fn a_session_ended_during_a_batchs_lock_wait_is_a_known_outcome() {
         other => panic!("expected a known-outcome storage error, got {other:?}"),
     }
 }
+
+/// The store's calls made on a thread that drives an async runtime (async code that calls
+/// the synchronous API directly) block that thread, as they do on the embedded engine, and
+/// never break the store: before, `begin` there panicked inside the writer's connection
+/// check ("Cannot start a runtime from within a runtime"), which lost that connection from
+/// the writers' pool, so every later write waited for the pool's timeout.
+#[test]
+fn calls_on_a_runtime_thread_work_and_leave_the_store_working() {
+    let Some(place) = Place::new(Engine::Postgres) else {
+        return;
+    };
+    // One writer: a lost connection would stop every later write.
+    let store = place
+        .open(Store::builder().postgres_pool_size(2).reap_interval(None))
+        .unwrap();
+    let fp = Fingerprint::of(b"body");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let on_runtime = store.clone();
+    runtime.block_on(async move {
+        let Begin::Started(lease) = on_runtime.begin(&key("on-runtime"), &fp).unwrap() else {
+            panic!("a new key")
+        };
+        lease.complete(b"done").unwrap();
+        assert!(matches!(
+            on_runtime.begin(&key("on-runtime"), &fp).unwrap(),
+            Begin::Replay(_)
+        ));
+        assert!(on_runtime.get(&key("on-runtime")).unwrap().is_some());
+        // A lease dropped there releases its key.
+        let Begin::Started(lease) = on_runtime.begin(&key("dropped"), &fp).unwrap() else {
+            panic!("a new key")
+        };
+        drop(lease);
+    });
+    let started = Instant::now();
+    let Begin::Started(lease) = store.begin(&key("dropped"), &fp).unwrap() else {
+        panic!("the released key is taken over at once")
+    };
+    assert_eq!(lease.recovered().map(|r| r.attempt()), Some(2));
+    lease.complete(b"after").unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a write after the calls on the runtime took {:?}",
+        started.elapsed()
+    );
+    store.close().unwrap();
+}

@@ -61,6 +61,15 @@ pub(crate) trait BatchWriter: Send + 'static {
     {
         Vec::new()
     }
+
+    /// Whether a caller's thread may write a batch itself. A thread that may not hands its
+    /// command to a committer thread and waits for the answer there. Always, the default.
+    fn may_write_here() -> bool
+    where
+        Self: Sized,
+    {
+        true
+    }
 }
 
 /// Commits the queue on the calling thread when a writer is free (a submitter's side of the
@@ -406,6 +415,10 @@ impl<W: BatchWriter> Group<W> {
 
 impl<W: BatchWriter> Lead for Group<W> {
     fn lead(&self) {
+        if !W::may_write_here() {
+            self.bell.ring();
+            return;
+        }
         // Pairs with the fence in `give_back`.
         fence(Ordering::SeqCst);
         match self.try_take() {

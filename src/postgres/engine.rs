@@ -223,6 +223,10 @@ impl PgStore {
     /// # Errors
     /// As [`PgStore::now_in`].
     pub fn now(&self) -> Result<u64> {
+        self.blocking(|| self.now_here())
+    }
+
+    fn now_here(&self) -> Result<u64> {
         self.time(|| {
             let nanos = self.conns().readers.read(
                 &self.conns().pool,
@@ -239,6 +243,21 @@ impl PgStore {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged row; [`Error::Storage`]; [`Error::Clock`].
     pub fn read_record(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
+        self.blocking(|| self.read_record_here(key))
+    }
+
+    /// Runs a read where the client may block ([`off_runtime`]).
+    fn blocking<T: Send>(&self, read: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        off_runtime((), |()| read()).unwrap_or_else(|(_, e)| {
+            Err(Error::storage(
+                "starting a thread to read from PostgreSQL on (the call was made on an async \
+                 runtime's thread)",
+                e,
+            ))
+        })
+    }
+
+    fn read_record_here(&self, key: &[u8]) -> Result<(Option<Record>, u64)> {
         let (bytes, nanos) = self.conns().readers.read(
             &self.conns().pool,
             "reading a record from PostgreSQL",
@@ -461,6 +480,12 @@ impl BatchWriter for PgWriter {
         (1..self.store.conns().writers.max_size())
             .map(|_| PgWriter::new(Arc::clone(&self.store), self.settings))
             .collect()
+    }
+
+    /// Not on a thread that drives an async runtime: the connection's own runtime could not
+    /// be driven there ([`crate::may_block`]).
+    fn may_write_here() -> bool {
+        crate::may_block::here()
     }
 
     fn write(&self, batch: &mut [Command]) -> Result<bool> {

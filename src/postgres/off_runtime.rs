@@ -1,12 +1,13 @@
-//! Where the synchronous PostgreSQL client may block. It drives a small tokio runtime of its
-//! own, and tokio refuses (panics) to start one on a thread that drives another: a store
-//! opened by async code (`Builder::open_postgres` in an async `main`), or the last clone of a
-//! store dropped there. Such one-time work runs on a scoped thread of its own instead, which
-//! the calling thread waits for, as it would have waited for the work itself.
+//! Where the PostgreSQL client may block. It drives a small tokio runtime of its own, and
+//! tokio refuses (panics) to start one on a thread that drives another: a store opened by
+//! async code (`Builder::open_postgres` in an async `main`), a read made there, the last
+//! clone of a store dropped there. Such work runs on a scoped thread of its own instead,
+//! which the calling thread waits for, as it would have waited for the work itself (writes
+//! are handed to the committer's thread instead: `BatchWriter::may_write_here`).
 
 use std::sync::Mutex;
 
-/// Runs `work(value)` on this thread, unless a tokio runtime is current here; then on a
+/// Runs `work(value)` on this thread if it may block ([`crate::may_block::here`]); else on a
 /// thread of its own, joined before this returns. A panic of `work` is resumed here.
 ///
 /// # Errors
@@ -15,7 +16,7 @@ pub(crate) fn off_runtime<T: Send, R: Send>(
     value: T,
     work: impl FnOnce(T) -> R + Send,
 ) -> Result<R, (T, std::io::Error)> {
-    if tokio::runtime::Handle::try_current().is_err() {
+    if crate::may_block::here() {
         return Ok(work(value));
     }
     let slot = Mutex::new(Some(value));

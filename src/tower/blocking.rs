@@ -18,7 +18,7 @@ use crate::store::Store;
 /// [`Error::Closed`] when the pool did not run `f` to its end (the runtime is shutting down,
 /// or `f` panicked).
 async fn offload<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+    tokio::task::spawn_blocking(move || crate::may_block::allowed(f))
         .await
         .unwrap_or(Err(Error::Closed))
 }
@@ -52,7 +52,7 @@ impl HeldLease {
     pub(crate) async fn extend(&mut self, by: Duration) -> Result<()> {
         let mut lease = self.lease.take().ok_or(Error::Closed)?;
         let (lease, result) = tokio::task::spawn_blocking(move || {
-            let result = lease.extend(by);
+            let result = crate::may_block::allowed(|| lease.extend(by));
             (lease, result)
         })
         .await
@@ -83,7 +83,9 @@ impl Drop for HeldLease {
 /// the runtime refuses new blocking work (it is shutting down), it is dropped here.
 fn release_off_runtime(lease: Lease) {
     match Handle::try_current() {
-        Ok(handle) => drop(handle.spawn_blocking(move || drop(lease))),
+        Ok(handle) => {
+            drop(handle.spawn_blocking(move || crate::may_block::allowed(|| drop(lease))))
+        }
         Err(_) => drop(lease),
     }
 }
