@@ -416,7 +416,14 @@ impl<W: BatchWriter> Group<W> {
 impl<W: BatchWriter> Lead for Group<W> {
     fn lead(&self) {
         if !W::may_write_here() {
-            self.bell.ring();
+            // A committer thread takes it (or the close, which refuses what is queued once
+            // the committer is gone: a command queued before this check is seen by one of
+            // the two).
+            if self.writers.lock().gone {
+                self.refuse_queued();
+            } else {
+                self.bell.ring();
+            }
             return;
         }
         // Pairs with the fence in `give_back`.
@@ -564,6 +571,42 @@ mod tests {
                 .map(|_| MemoryWriter(Arc::clone(&self.0), 1))
                 .collect()
         }
+
+        fn may_write_here() -> bool {
+            !NO_WRITES_HERE.with(std::cell::Cell::get)
+        }
+    }
+
+    thread_local! {
+        /// Set on a thread where [`MemoryWriter`] may not write.
+        static NO_WRITES_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[test]
+    fn a_caller_where_the_writer_may_not_write_is_served_by_the_committer_thread() {
+        let (mut committer, memory) = committer(2);
+        let submitter = committer.submitter();
+        NO_WRITES_HERE.with(|n| n.set(true));
+        for i in 0..20 {
+            claim(&submitter, &format!("k{i}")).unwrap();
+        }
+        let me = std::thread::current().id();
+        let batches = memory.batches.lock().clone();
+        assert_eq!(batches.iter().map(|b| b.1).sum::<usize>(), 20);
+        assert!(
+            batches.iter().all(|&(thread, _)| thread != me),
+            "written on the caller's thread: {batches:?}"
+        );
+        committer.shutdown();
+        NO_WRITES_HERE.with(|n| n.set(false));
+        // Refused once the committer is gone, never left waiting.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            NO_WRITES_HERE.with(|n| n.set(true));
+            let _ = tx.send(claim(&submitter, "after"));
+        });
+        let after = rx.recv_timeout(Duration::from_secs(10));
+        assert!(matches!(after, Ok(Err(Error::Closed))), "{after:?}");
     }
 
     fn committer(writers: usize) -> (Committer, Arc<Memory>) {
