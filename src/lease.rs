@@ -170,6 +170,14 @@ impl Lease {
     /// open on the same database ([`Builder::open_postgres`]); `tx` is a `postgres` 0.19
     /// transaction.
     ///
+    /// At any isolation level the completion is fenced against the latest committed state of
+    /// the key's record, not against an older snapshot of `tx`'s: at REPEATABLE READ or
+    /// SERIALIZABLE, a record changed since `tx`'s snapshot (a takeover, an `extend` of this
+    /// lease) fails the completion with a serialization failure ([`Error::Storage`]: roll
+    /// back and retry). So at those levels let `tx` take its snapshot (its first statement)
+    /// after `begin` returned, and make no `extend` until it ends; a snapshot older than the
+    /// claim holds no record of the lease, and the completion is refused saying so.
+    ///
     /// [`Builder::open_postgres`]: crate::Builder::open_postgres
     ///
     /// # Errors
@@ -178,7 +186,9 @@ impl Lease {
     /// * [`Error::LeaseLost`]: another holder took over, or the record expired or was
     ///   abandoned: roll `tx` back.
     /// * [`Error::Storage`]: a statement failed, and `tx` is aborted (roll it back; if the
-    ///   connection was lost, whether `tx` committed is unknown).
+    ///   connection was lost, whether `tx` committed is unknown); at REPEATABLE READ or
+    ///   SERIALIZABLE also a record changed since `tx`'s snapshot, or a snapshot older than
+    ///   the claim.
     /// * [`Error::InvalidConfig`] for a store not opened on PostgreSQL; [`Error::Closed`].
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -4,9 +4,10 @@ use std::fmt;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RecursiveRwLock};
 
 use crate::clock::{Clock, SystemClock, duration_nanos};
 use crate::committer::{BatchWriter, Committer, Submitter};
@@ -62,10 +63,30 @@ use crate::storage::{self, Stored};
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Shared by the clones of this store, not by its leases: dropping the last clone closes
+    /// the store (a lease alive then gets [`Error::Closed`], as after `close`), even while a
+    /// lease still holds `inner`.
+    _open: Arc<OpenHandle>,
+}
+
+/// Closes the store when the last [`Store`] clone is dropped.
+struct OpenHandle(Arc<Inner>);
+
+impl Drop for OpenHandle {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown();
+    }
 }
 
 pub(crate) struct Inner {
-    engine: RwLock<Option<Engine>>,
+    engine: RecursiveRwLock<Option<Engine>>,
+    /// Held for the whole of a shutdown: a second `close` (of another clone, or the last
+    /// drop) waits for the first to release the file instead of returning at once.
+    closing: Mutex<()>,
+    /// Set when a shutdown starts: every later call is refused with [`Error::Closed`] without
+    /// taking `engine`'s lock, so a call made from inside a scan's visitor (which runs under
+    /// that lock) never waits behind the shutdown waiting for the scan: a deadlock.
+    shutting_down: AtomicBool,
     pub(crate) settings: Settings,
     pub(crate) stats: Arc<StatsCells>,
     path: Option<PathBuf>,
@@ -144,7 +165,7 @@ pub(crate) type Visit<'v> = dyn FnMut(&[u8], Record) -> Result<ControlFlow<()>> 
 impl Inner {
     /// Runs `f` on the open engine's records; [`Error::Closed`] after close.
     fn records<T>(&self, f: impl FnOnce(&Records) -> Result<T>) -> Result<T> {
-        let guard = self.engine.read();
+        let guard = self.engine_read()?;
         let engine = guard.as_ref().ok_or(Error::Closed)?;
         f(&engine.records)
     }
@@ -181,7 +202,7 @@ impl Inner {
 
     /// A handle to send writes to the committer; [`Error::Closed`] after close.
     pub(crate) fn submitter(&self) -> Result<Submitter> {
-        let guard = self.engine.read();
+        let guard = self.engine_read()?;
         Ok(guard.as_ref().ok_or(Error::Closed)?.submitter.clone())
     }
 
@@ -193,8 +214,20 @@ impl Inner {
         self.records(Records::now)
     }
 
+    /// A read guard of the engine; [`Error::Closed`] once a shutdown started. Recursive: a
+    /// thread that holds one already (a scan's visitor calling the store) gets another even
+    /// while a shutdown waits for the write lock (the flag keeps new callers out meanwhile).
+    fn engine_read(&self) -> Result<parking_lot::RecursiveRwLockReadGuard<'_, Option<Engine>>> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(self.engine.read())
+    }
+
     /// Stops the reaper and the committer, joins both, and closes the file.
     fn shutdown(&self) -> Result<()> {
+        let _closing = self.closing.lock();
+        self.shutting_down.store(true, Ordering::Release);
         let Some(mut engine) = self.engine.write().take() else {
             return Ok(());
         };
@@ -360,7 +393,7 @@ impl Store {
     /// [`Error::Storage`], [`Error::Poisoned`], [`Error::Closed`].
     pub fn reap(&self) -> Result<u64> {
         let submitter = {
-            let guard = self.inner.engine.read();
+            let guard = self.inner.engine_read()?;
             guard.as_ref().ok_or(Error::Closed)?.submitter.clone()
         };
         reaper::reap_all(&submitter, &self.inner.stats, || true)
@@ -721,19 +754,23 @@ impl Builder {
             .reap_interval
             .map(|every| Reaper::spawn(every, submitter.clone(), stats.clone()))
             .transpose()?;
+        let inner = Arc::new(Inner {
+            engine: RecursiveRwLock::new(Some(Engine {
+                records,
+                committer,
+                submitter,
+                reaper,
+                saver,
+            })),
+            closing: Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
+            settings,
+            stats,
+            path,
+        });
         Ok(Store {
-            inner: Arc::new(Inner {
-                engine: RwLock::new(Some(Engine {
-                    records,
-                    committer,
-                    submitter,
-                    reaper,
-                    saver,
-                })),
-                settings,
-                stats,
-                path,
-            }),
+            _open: Arc::new(OpenHandle(Arc::clone(&inner))),
+            inner,
         })
     }
 }

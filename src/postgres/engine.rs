@@ -16,6 +16,7 @@ use postgres::Transaction;
 use super::error::pool_failed;
 use super::error::read_failed;
 use super::error::session_ended;
+use super::error::write_failed;
 use super::off_runtime::off_runtime;
 use super::pipeline::{Wire, WireManager, WirePool};
 use super::pool::{Kept, Pool, Workers, connection, open_pool, parse_conninfo};
@@ -303,11 +304,17 @@ impl PgStore {
     ) -> Result<Completed> {
         let keys = [key];
         self.statements.lock_keys(tx, &keys)?;
-        let loaded = self.statements.load(tx, &keys)?;
+        // Locked for update: the row as last committed, not as an older snapshot of the
+        // caller's (REPEATABLE READ, SERIALIZABLE) saw it before a takeover; one changed or
+        // deleted since that snapshot fails the statement (a serialization failure).
+        let loaded = self.statements.load_locked(tx, &keys)?;
         let now = self.now_in(tx)?;
         let current = match loaded.get(key) {
             Some(row) => Some(decode_row(key, &row.record)?),
-            None => None,
+            None => {
+                refuse_a_snapshot_older_than_the_claim(tx)?;
+                None
+            }
         };
         let (record, done) =
             machine::complete(current.as_ref(), token, response, now, settings.ttl)?;
@@ -323,6 +330,28 @@ impl PgStore {
         )?;
         Ok(done)
     }
+}
+
+/// When `complete_in` finds no row for its lease: in a transaction that reads from one
+/// snapshot (REPEATABLE READ, SERIALIZABLE) taken before the claim, the claim's row is not
+/// there to see, and "the lease was lost" would be a guess. Such a transaction is refused
+/// instead; under READ COMMITTED the row's absence is the truth.
+fn refuse_a_snapshot_older_than_the_claim(tx: &mut Transaction<'_>) -> Result<()> {
+    let level: String = tx
+        .query_one("SHOW transaction_isolation", &[])
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| write_failed("reading the transaction's isolation level", e))?;
+    if level == "read committed" {
+        return Ok(());
+    }
+    Err(Error::storage(
+        "completing a lease in the caller's transaction",
+        std::io::Error::other(format!(
+            "the transaction runs at {level}, and its snapshot holds no record of the lease: \
+             it may have been taken before the lease was granted; roll back, and take the \
+             snapshot after `begin` returned (or complete at READ COMMITTED)"
+        )),
+    ))
 }
 
 /// A row's record column: the checksummed entry of `key` and `record`.

@@ -99,6 +99,11 @@ pub(crate) struct Statements {
     pub(crate) lock_one: String,
     /// The rows (key, token, death time, record) of the keys `$1` (`bytea[]`) that have one.
     pub(crate) load: String,
+    /// As `load`, the rows locked `FOR UPDATE`: in a caller's transaction at REPEATABLE READ
+    /// or SERIALIZABLE, whose snapshot may predate a takeover, a row changed or deleted
+    /// since the snapshot fails the statement (a serialization failure) instead of being
+    /// read as it was.
+    load_locked: String,
     /// One row: the server's clock, a fresh fencing token when `$2` (`bool`) is true (else
     /// NULL), and the token, death time and record of the key `$1` (`bytea`), NULL when it
     /// has no row.
@@ -141,6 +146,10 @@ impl Statements {
             lock_one: "SELECT pg_advisory_xact_lock($1::int8)".to_owned(),
             load: format!(
                 "SELECT key, token, dies_at, record FROM {records} WHERE key = ANY($1::bytea[])"
+            ),
+            load_locked: format!(
+                "SELECT key, token, dies_at, record FROM {records} WHERE key = ANY($1::bytea[]) \
+                 FOR UPDATE"
             ),
             // `nextval` only runs when the CASE reaches it: a token is drawn only for a claim.
             load_one: format!(
@@ -228,6 +237,7 @@ impl Statements {
     /// # Errors
     ///
     /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token or death time.
+    #[cfg(test)]
     pub(crate) fn load<K: AsRef<[u8]>>(
         &self,
         tx: &mut impl GenericClient,
@@ -239,6 +249,28 @@ impl Statements {
         let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
         let rows = tx
             .query_typed(&self.load, &[(&keys, Type::BYTEA_ARRAY)])
+            .map_err(|e| write_failed("reading records from PostgreSQL", e))?;
+        rows.iter().map(Loaded::keyed).collect()
+    }
+
+    /// As [`Statements::load`], the rows locked for update: their latest committed versions
+    /// in any isolation level, or a serialization failure when the transaction's snapshot
+    /// saw an older one (for `complete_in` in the caller's transaction).
+    ///
+    /// # Errors
+    ///
+    /// As [`Statements::load`].
+    pub(crate) fn load_locked<K: AsRef<[u8]>>(
+        &self,
+        tx: &mut impl GenericClient,
+        keys: &[K],
+    ) -> Result<HashMap<Vec<u8>, Loaded>> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
+        let rows = tx
+            .query_typed(&self.load_locked, &[(&keys, Type::BYTEA_ARRAY)])
             .map_err(|e| write_failed("reading records from PostgreSQL", e))?;
         rows.iter().map(Loaded::keyed).collect()
     }

@@ -156,6 +156,10 @@ fn create_in_place(path: &Path) -> std::io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("the path has no file name"))?;
+    // One creation at a time in this process: the temporary name is per process, so two
+    // threads creating a store at once would remove and link each other's half-built file.
+    static CREATING: Mutex<()> = Mutex::new(());
+    let _creating = CREATING.lock();
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".idemstore-new-{}", std::process::id()));

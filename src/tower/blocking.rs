@@ -36,13 +36,21 @@ pub(crate) async fn begin(store: &Store, key: &Key, fp: Fingerprint) -> Result<B
 /// A lease held by async code. Its operations run on the blocking pool; if it is dropped
 /// without [`complete`](HeldLease::complete), its release (a store write) is sent to the
 /// blocking pool too.
+///
+/// It keeps a clone of its store: dropping the last clone closes the store, after which a
+/// lease can no longer release itself, and a service's last clone may go with the very task
+/// that holds the lease (a runtime shutting down drops its tasks). The release comes first.
 pub(crate) struct HeldLease {
     lease: Option<Lease>,
+    store: Store,
 }
 
 impl HeldLease {
-    pub(crate) fn new(lease: Lease) -> HeldLease {
-        HeldLease { lease: Some(lease) }
+    pub(crate) fn new(lease: Lease, store: &Store) -> HeldLease {
+        HeldLease {
+            lease: Some(lease),
+            store: store.clone(),
+        }
     }
 
     /// [`Lease::extend`] on the blocking pool.
@@ -74,18 +82,29 @@ impl HeldLease {
 impl Drop for HeldLease {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
-            release_off_runtime(lease);
+            release_off_runtime(Release {
+                _lease: lease,
+                _store: self.store.clone(),
+            });
         }
     }
 }
 
-/// Drops `lease` (its best-effort release) on the blocking pool. Outside a runtime, or once
-/// the runtime refuses new blocking work (it is shutting down), it is dropped here.
-fn release_off_runtime(lease: Lease) {
+/// A lease on its way to its release, with a clone of its store: the fields drop in order,
+/// so the lease is released before the store can close.
+struct Release {
+    _lease: Lease,
+    _store: Store,
+}
+
+/// Drops `release` (the lease's best-effort release, then the store clone) on the blocking
+/// pool. Outside a runtime it is dropped here; if the runtime drops the job unrun (it is
+/// shutting down), the job's drop does the same.
+fn release_off_runtime(release: Release) {
     match Handle::try_current() {
         Ok(handle) => {
-            drop(handle.spawn_blocking(move || crate::may_block::allowed(|| drop(lease))))
+            drop(handle.spawn_blocking(move || crate::may_block::allowed(|| drop(release))))
         }
-        Err(_) => drop(lease),
+        Err(_) => drop(release),
     }
 }

@@ -237,7 +237,15 @@ where
         }
     };
     match begun {
-        Begin::Started(lease) => run(&config, inner, HeldLease::new(lease), request).await,
+        Begin::Started(lease) => {
+            run(
+                &config,
+                inner,
+                HeldLease::new(lease, &config.store),
+                request,
+            )
+            .await
+        }
         Begin::Replay(done) => Ok(match replay(&done) {
             Ok(response) => answer(response),
             Err(e) => {
