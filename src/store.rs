@@ -677,7 +677,8 @@ impl Builder {
     ///   small runtime of its own, which tokio refuses to drive there, so the open, the
     ///   reads and the close run on a thread of their own and the writes on the store's
     ///   committer thread, which the calling thread waits for. Not `complete_in`, whose
-    ///   transaction is the caller's own client's.
+    ///   transaction is the caller's own client's, nor `scan` and `summary` (they panic
+    ///   there).
     ///
     /// # Errors
     /// * [`Error::InvalidConfig`] for a bad setting, a malformed `conninfo` or schema name.
