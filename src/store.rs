@@ -674,9 +674,13 @@ impl Builder {
     /// * **From async code**, make the store's calls in `tokio::task::spawn_blocking`, as the
     ///   tower layer (feature `tower`) does: they wait for the server. Made on a thread that
     ///   drives an async runtime they still work, as blocking calls: the client drives a
-    ///   small runtime of its own, which tokio refuses to drive there, so the open, the
-    ///   reads and the close run on a thread of their own and the writes on the store's
-    ///   committer thread, which the calling thread waits for. Not `complete_in`, whose
+    ///   small runtime of its own, which tokio refuses to drive there, so on a
+    ///   multi-threaded runtime they block in place (`block_in_place`), and on a
+    ///   current-thread runtime the open, the reads and the close run on a thread of their
+    ///   own and the writes on the store's committer thread, which the calling thread waits
+    ///   for. (tokio cannot tell a current-thread runtime's thread from its blocking pool's,
+    ///   so there even calls made in `spawn_blocking` take that way: a read costs about
+    ///   twice a plain one.) Not `complete_in`, whose
     ///   transaction is the caller's own client's, nor `scan` and `summary` (they panic
     ///   there).
     ///

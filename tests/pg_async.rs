@@ -570,3 +570,67 @@ fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 's
     }
     h.join().unwrap()
 }
+
+/// A measurement, not a check (`.ci/pg run -- cargo test --release --all-features --test
+/// pg_async -- --ignored --nocapture what_a_call_from_spawn_blocking_costs`): a read and a
+/// claim-and-complete cycle made on a plain thread, and the same made inside the caller's own
+/// `spawn_blocking`: on a multi-threaded runtime the store blocks in place (`block_in_place`);
+/// on a current-thread runtime tokio cannot tell the thread from the runtime's own, and the
+/// store moves each read to a thread of its own and hands each write to its committer thread.
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn what_a_call_from_spawn_blocking_costs() {
+    let Some(place) = Place::new(Engine::Postgres) else {
+        return;
+    };
+    let store = place.open(Store::builder().reap_interval(None)).unwrap();
+    let fp = Fingerprint::of(b"body");
+    let read = key("read");
+    let Begin::Started(lease) = store.begin(&read, &fp).unwrap() else {
+        panic!("a new key")
+    };
+    lease.complete(b"x").unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let calls = |store: Store, tag: String| {
+        let read = read.clone();
+        move || {
+            let started = Instant::now();
+            for _ in 0..2000 {
+                store.get(&read).unwrap();
+            }
+            let get = started.elapsed() / 2000;
+            let started = Instant::now();
+            for i in 0..500 {
+                let Begin::Started(lease) = store.begin(&key(&format!("{tag}-{i}")), &fp).unwrap()
+                else {
+                    panic!("a new key")
+                };
+                lease.complete(b"x").unwrap();
+            }
+            (get, started.elapsed() / 500)
+        }
+    };
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for round in 0..3 {
+        let plain = calls(store.clone(), format!("plain-{round}"))();
+        let multi = runtime
+            .block_on(runtime.spawn_blocking(calls(store.clone(), format!("multi-{round}"))))
+            .unwrap();
+        let single = current
+            .block_on(current.spawn_blocking(calls(store.clone(), format!("single-{round}"))))
+            .unwrap();
+        eprintln!(
+            "round {round}: get {:?} on a plain thread, {:?} / {:?} in spawn_blocking of a \
+             multi-threaded / current-thread runtime; begin + complete {:?} / {:?} / {:?}",
+            plain.0, multi.0, single.0, plain.1, multi.1, single.1
+        );
+    }
+    store.close().unwrap();
+}

@@ -511,13 +511,25 @@ impl BatchWriter for PgWriter {
             .collect()
     }
 
-    /// Not on a thread that drives an async runtime: the connection's own runtime could not
-    /// be driven there ([`crate::may_block`]).
+    /// Not on a thread that may drive a current-thread runtime: the connection's own
+    /// runtime could not be driven there ([`crate::may_block`]).
     fn may_write_here() -> bool {
-        crate::may_block::here()
+        crate::may_block::place() != crate::may_block::Where::Elsewhere
     }
 
+    /// On a thread of a multi-threaded runtime, in `block_in_place`.
     fn write(&self, batch: &mut [Command]) -> Result<bool> {
+        match crate::may_block::place() {
+            crate::may_block::Where::InPlace => {
+                tokio::task::block_in_place(|| self.write_here(batch))
+            }
+            _ => self.write_here(batch),
+        }
+    }
+}
+
+impl PgWriter {
+    fn write_here(&self, batch: &mut [Command]) -> Result<bool> {
         let mut slot = self.conn.borrow_mut();
         // The connection kept since the last batch was not checked since then: the server
         // may have closed it meanwhile (a restart, an idle timeout). One the client already

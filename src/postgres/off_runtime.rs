@@ -1,14 +1,16 @@
 //! Where the PostgreSQL client may block. It drives a small tokio runtime of its own, and
 //! tokio refuses (panics) to start one on a thread that drives another: a store opened by
 //! async code (`Builder::open_postgres` in an async `main`), a read made there, the last
-//! clone of a store dropped there. Such work runs on a scoped thread of its own instead,
+//! clone of a store dropped there. On a multi-threaded runtime such work blocks in place
+//! (`block_in_place`); on a current-thread runtime it runs on a scoped thread of its own,
 //! which the calling thread waits for, as it would have waited for the work itself (writes
-//! are handed to the committer's thread instead: `BatchWriter::may_write_here`).
+//! are handed to the committer's thread there: `BatchWriter::may_write_here`).
 
 use std::sync::Mutex;
 
-/// Runs `work(value)` on this thread if it may block ([`crate::may_block::here`]); else on a
-/// thread of its own, joined before this returns. A panic of `work` is resumed here.
+/// Runs `work(value)` on this thread if it may block there ([`crate::may_block::place`]:
+/// in `block_in_place` on a multi-threaded runtime); else on a thread of its own, joined
+/// before this returns. A panic of `work` is resumed here.
 ///
 /// # Errors
 /// The thread could not be started: `value` is handed back, with the reason.
@@ -16,8 +18,11 @@ pub(crate) fn off_runtime<T: Send, R: Send>(
     value: T,
     work: impl FnOnce(T) -> R + Send,
 ) -> Result<R, (T, std::io::Error)> {
-    if crate::may_block::here() {
-        return Ok(work(value));
+    use crate::may_block::{Where, place};
+    match place() {
+        Where::Here => return Ok(work(value)),
+        Where::InPlace => return Ok(tokio::task::block_in_place(|| work(value))),
+        Where::Elsewhere => {}
     }
     let slot = Mutex::new(Some(value));
     let take = || slot.lock().unwrap_or_else(|e| e.into_inner()).take();
