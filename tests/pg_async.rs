@@ -4,10 +4,11 @@
 //! the tower layer's shutdown; two replicas reaping at once.
 #![cfg(feature = "postgres")]
 
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use idemstore::{Begin, Error, Fingerprint, Key, ManualClock, Store};
+use idemstore::{Begin, Error, Fingerprint, Key, Store};
 use idemstore_testkit::engine::{Engine, Place, pg};
+use idemstore_testkit::store::{clock, started};
 
 fn key(id: &str) -> Key {
     Key::new("tenant", id).unwrap()
@@ -25,9 +26,7 @@ fn a_lease_dropped_on_a_runtime_thread_releases_without_panicking() {
         .open(Store::builder().postgres_pool_size(2).reap_interval(None))
         .unwrap();
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(lease) = store.begin(&key("dropped"), &fp).unwrap() else {
-        panic!()
-    };
+    let lease = started(&store, &key("dropped"), &fp);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -90,7 +89,7 @@ fn complete_in_at_repeatable_read_is_fenced_against_a_takeover_after_the_snapsho
     let Some(place) = Place::new(Engine::Postgres) else {
         return;
     };
-    let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let clock = clock();
     let store = place
         .open(
             Store::builder()
@@ -103,9 +102,7 @@ fn complete_in_at_repeatable_read_is_fenced_against_a_takeover_after_the_snapsho
     let (conninfo, _) = place.postgres().unwrap();
     let mut client = pg::connect(conninfo);
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(stale) = store.begin(&key("rr"), &fp).unwrap() else {
-        panic!()
-    };
+    let stale = started(&store, &key("rr"), &fp);
     let mut tx = client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
@@ -116,9 +113,7 @@ fn complete_in_at_repeatable_read_is_fenced_against_a_takeover_after_the_snapsho
     // The stale holder stalls past its lease; a retry takes over, finds nothing was done,
     // and abandons the key.
     clock.advance(Duration::from_secs(11));
-    let Begin::Started(successor) = store.begin(&key("rr"), &fp).unwrap() else {
-        panic!()
-    };
+    let successor = started(&store, &key("rr"), &fp);
     successor.abandon().unwrap();
     let completed = stale.complete_in(&mut tx, b"stale");
     let refused = format!("{completed:?}");
@@ -152,9 +147,7 @@ fn complete_in_at_repeatable_read_with_a_snapshot_older_than_the_claim_says_so()
         .start()
         .unwrap();
     tx.query_one("SELECT 1", &[]).unwrap();
-    let Begin::Started(lease) = store.begin(&key("rr2"), &fp).unwrap() else {
-        panic!()
-    };
+    let lease = started(&store, &key("rr2"), &fp);
     let token = lease.token();
     let completed = lease.complete_in(&mut tx, b"done");
     let _ = tx.rollback();
@@ -195,9 +188,7 @@ fn a_lease_held_by_a_task_is_released_when_the_runtime_shuts_down() {
         .open(Store::builder().postgres_pool_size(2).reap_interval(None))
         .unwrap();
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(lease) = store.begin(&key("shutdown"), &fp).unwrap() else {
-        panic!()
-    };
+    let lease = started(&store, &key("shutdown"), &fp);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -229,7 +220,7 @@ fn complete_in_lost_and_rolled_back() {
     let Some(place) = Place::new(Engine::Postgres) else {
         return;
     };
-    let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let clock = clock();
     let open = || {
         place
             .open(
@@ -245,13 +236,9 @@ fn complete_in_lost_and_rolled_back() {
     let (conninfo, _) = place.postgres().unwrap();
     let mut client = pg::connect(conninfo);
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(stale) = a.begin(&key("lost"), &fp).unwrap() else {
-        panic!()
-    };
+    let stale = started(&a, &key("lost"), &fp);
     clock.advance(Duration::from_secs(11));
-    let Begin::Started(current) = b.begin(&key("lost"), &fp).unwrap() else {
-        panic!()
-    };
+    let current = started(&b, &key("lost"), &fp);
     let mut tx = client.transaction().unwrap();
     let lost = stale.complete_in(&mut tx, b"stale");
     assert!(matches!(lost, Err(Error::LeaseLost { .. })), "{lost:?}");
@@ -333,11 +320,11 @@ fn a_read_that_panicked_on_a_runtime_thread_leaves_the_readers_usable() {
         runtime.block_on(async { store.get(&key("r")).map(|e| e.is_none()) })
     }));
     let s2 = store.clone();
-    let started = Instant::now();
+    let since = Instant::now();
     let after = bounded(Duration::from_secs(15), move || {
         s2.get(&key("r")).map(|e| e.is_none())
     });
-    let waited = started.elapsed();
+    let waited = since.elapsed();
     store.close().unwrap();
     eprintln!(
         "on the runtime: {:?}",
@@ -458,7 +445,7 @@ fn the_layer_releases_a_running_handlers_lease_when_the_service_shuts_down() {
     let other = place
         .open(Store::builder().postgres_pool_size(2).reap_interval(None))
         .unwrap();
-    let started = Instant::now();
+    let since = Instant::now();
     let status = runtime.block_on(async {
         let handler = tower::service_fn(
             |_request: http::Request<idemstore::tower::Body<Full<Bytes>>>| async {
@@ -480,7 +467,7 @@ fn the_layer_releases_a_running_handlers_lease_when_the_service_shuts_down() {
         .await;
         answer.map(|r| r.map(|r| r.status()))
     });
-    let waited = started.elapsed();
+    let waited = since.elapsed();
     drop(runtime);
     other.close().unwrap();
     assert!(
@@ -496,7 +483,7 @@ fn two_replicas_reap_at_once_and_one_closes_while_the_other_works() {
     let Some(place) = Place::new(Engine::Postgres) else {
         return;
     };
-    let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let clock = clock();
     let open = || {
         place
             .open(
@@ -511,9 +498,7 @@ fn two_replicas_reap_at_once_and_one_closes_while_the_other_works() {
     let (a, b) = (open(), open());
     let fp = Fingerprint::of(b"body");
     for i in 0..300 {
-        let Begin::Started(l) = a.begin(&key(&format!("dead-{i}")), &fp).unwrap() else {
-            panic!()
-        };
+        let l = started(&a, &key(&format!("dead-{i}")), &fp);
         l.complete(b"x").unwrap();
     }
     clock.advance(Duration::from_secs(61));
@@ -562,10 +547,10 @@ fn two_replicas_reap_at_once_and_one_closes_while_the_other_works() {
 
 /// Times out a probe.
 fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let started = Instant::now();
+    let since = Instant::now();
     let h = std::thread::spawn(f);
     while !h.is_finished() {
-        assert!(started.elapsed() < limit, "did not finish in {limit:?}");
+        assert!(since.elapsed() < limit, "did not finish in {limit:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
     h.join().unwrap()
@@ -586,9 +571,7 @@ fn what_a_call_from_spawn_blocking_costs() {
     let store = place.open(Store::builder().reap_interval(None)).unwrap();
     let fp = Fingerprint::of(b"body");
     let read = key("read");
-    let Begin::Started(lease) = store.begin(&read, &fp).unwrap() else {
-        panic!("a new key")
-    };
+    let lease = started(&store, &read, &fp);
     lease.complete(b"x").unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -598,20 +581,17 @@ fn what_a_call_from_spawn_blocking_costs() {
     let calls = |store: Store, tag: String| {
         let read = read.clone();
         move || {
-            let started = Instant::now();
+            let since = Instant::now();
             for _ in 0..2000 {
                 store.get(&read).unwrap();
             }
-            let get = started.elapsed() / 2000;
-            let started = Instant::now();
+            let get = since.elapsed() / 2000;
+            let since = Instant::now();
             for i in 0..500 {
-                let Begin::Started(lease) = store.begin(&key(&format!("{tag}-{i}")), &fp).unwrap()
-                else {
-                    panic!("a new key")
-                };
+                let lease = started(&store, &key(&format!("{tag}-{i}")), &fp);
                 lease.complete(b"x").unwrap();
             }
-            (get, started.elapsed() / 500)
+            (get, since.elapsed() / 500)
         }
     };
     let current = tokio::runtime::Builder::new_current_thread()

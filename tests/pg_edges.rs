@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use idemstore::{Begin, Error, Fingerprint, Key, Store};
 use idemstore_testkit::engine::{Engine, Place, pg};
+use idemstore_testkit::store::started;
 
 fn key(id: &str) -> Key {
     Key::new("tenant", id).unwrap()
@@ -34,14 +35,12 @@ fn a_locked_key_fails_a_write_after_one_lock_timeout_not_two() {
     let (conninfo, _) = place.postgres().unwrap();
     let mut client = pg::connect(conninfo);
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(lease) = store.begin(&key("held"), &fp).unwrap() else {
-        panic!()
-    };
+    let lease = started(&store, &key("held"), &fp);
     let mut tx = client.transaction().unwrap();
     lease.complete_in(&mut tx, b"done").unwrap();
-    let started = Instant::now();
+    let since = Instant::now();
     let err = store.begin(&key("held"), &fp).unwrap_err();
-    let waited = started.elapsed();
+    let waited = since.elapsed();
     assert!(
         matches!(
             err,
@@ -75,14 +74,12 @@ fn concurrent_reads_beyond_the_readers_connections_do_not_time_out() {
             .unwrap(),
     );
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(lease) = store.begin(&key("r"), &fp).unwrap() else {
-        panic!()
-    };
+    let lease = started(&store, &key("r"), &fp);
     lease.complete(b"done").unwrap();
     let threads = 4;
     let barrier = Arc::new(Barrier::new(threads));
     let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
+    let since = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let (store, barrier, stop) =
@@ -101,7 +98,7 @@ fn concurrent_reads_beyond_the_readers_connections_do_not_time_out() {
         })
         .collect();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let elapsed = started.elapsed();
+    let elapsed = since.elapsed();
     Arc::try_unwrap(store).ok().unwrap().close().unwrap();
     for r in &results {
         assert!(r.is_ok(), "a read failed after {elapsed:?}: {r:?}");
@@ -209,9 +206,7 @@ fn the_reaper_at_the_last_representable_nanosecond_keeps_a_live_lease() {
         )
         .unwrap();
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(lease) = store.begin(&key("edge"), &fp).unwrap() else {
-        panic!()
-    };
+    let lease = started(&store, &key("edge"), &fp);
     clock.advance(Duration::from_nanos(1_000));
     let reaped = store.reap();
     let second = store.begin(&key("edge"), &fp);
@@ -330,9 +325,7 @@ fn a_session_ended_during_a_batchs_lock_wait_is_a_known_outcome() {
     let mut client = pg::connect(conninfo);
     let mut admin = pg::connect(conninfo);
     let fp = Fingerprint::of(b"body");
-    let Begin::Started(lease) = store.begin(&key("held"), &fp).unwrap() else {
-        panic!()
-    };
+    let lease = started(&store, &key("held"), &fp);
     let mut tx = client.transaction().unwrap();
     lease.complete_in(&mut tx, b"done").unwrap();
     let waiting = {
@@ -384,9 +377,7 @@ fn calls_on_a_runtime_thread_work_and_leave_the_store_working() {
         .unwrap();
     let on_runtime = store.clone();
     runtime.block_on(async move {
-        let Begin::Started(lease) = on_runtime.begin(&key("on-runtime"), &fp).unwrap() else {
-            panic!("a new key")
-        };
+        let lease = started(&on_runtime, &key("on-runtime"), &fp);
         lease.complete(b"done").unwrap();
         assert!(matches!(
             on_runtime.begin(&key("on-runtime"), &fp).unwrap(),
@@ -394,21 +385,17 @@ fn calls_on_a_runtime_thread_work_and_leave_the_store_working() {
         ));
         assert!(on_runtime.get(&key("on-runtime")).unwrap().is_some());
         // A lease dropped there releases its key.
-        let Begin::Started(lease) = on_runtime.begin(&key("dropped"), &fp).unwrap() else {
-            panic!("a new key")
-        };
+        let lease = started(&on_runtime, &key("dropped"), &fp);
         drop(lease);
     });
-    let started = Instant::now();
-    let Begin::Started(lease) = store.begin(&key("dropped"), &fp).unwrap() else {
-        panic!("the released key is taken over at once")
-    };
+    let since = Instant::now();
+    let lease = started(&store, &key("dropped"), &fp);
     assert_eq!(lease.recovered().map(|r| r.attempt()), Some(2));
     lease.complete(b"after").unwrap();
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        since.elapsed() < Duration::from_secs(3),
         "a write after the calls on the runtime took {:?}",
-        started.elapsed()
+        since.elapsed()
     );
     store.close().unwrap();
 }

@@ -653,7 +653,7 @@ mod tests {
             assert_ne!(backend_pid(&mut conn), pid);
             let mut tx = conn.transaction().unwrap();
             // The killed batch never committed.
-            assert!(sql.load(&mut tx, &[row.key]).unwrap().is_empty());
+            assert!(sql.load_locked(&mut tx, &[row.key]).unwrap().is_empty());
             tx.commit().unwrap();
         }
     }

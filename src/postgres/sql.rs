@@ -232,34 +232,14 @@ impl Statements {
         Ok(())
     }
 
-    /// The stored rows of those of `keys` that have one, in one statement.
+    /// The stored rows of those of `keys` that have one, in one statement, locked for
+    /// update: their latest committed versions in any isolation level, or a serialization
+    /// failure when the transaction's snapshot saw an older one (for `complete_in` in the
+    /// caller's transaction).
     ///
     /// # Errors
     ///
     /// [`Error::Storage`]; [`Error::Corrupt`] for a negative token or death time.
-    #[cfg(test)]
-    pub(crate) fn load<K: AsRef<[u8]>>(
-        &self,
-        tx: &mut impl GenericClient,
-        keys: &[K],
-    ) -> Result<HashMap<Vec<u8>, Loaded>> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
-        let rows = tx
-            .query_typed(&self.load, &[(&keys, Type::BYTEA_ARRAY)])
-            .map_err(|e| write_failed("reading records from PostgreSQL", e))?;
-        rows.iter().map(Loaded::keyed).collect()
-    }
-
-    /// As [`Statements::load`], the rows locked for update: their latest committed versions
-    /// in any isolation level, or a serialization failure when the transaction's snapshot
-    /// saw an older one (for `complete_in` in the caller's transaction).
-    ///
-    /// # Errors
-    ///
-    /// As [`Statements::load`].
     pub(crate) fn load_locked<K: AsRef<[u8]>>(
         &self,
         tx: &mut impl GenericClient,
@@ -536,7 +516,7 @@ mod tests {
         sql.lock_keys(&mut tx, &with_duplicate).unwrap();
         assert_eq!(held_locks(&mut tx), order);
 
-        assert!(sql.load(&mut tx, &keys).unwrap().is_empty());
+        assert!(sql.load_locked(&mut tx, &keys).unwrap().is_empty());
         sql.upsert(
             &mut tx,
             &[
@@ -548,7 +528,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let loaded = sql.load(&mut tx, &keys).unwrap();
+        let loaded = sql.load_locked(&mut tx, &keys).unwrap();
         assert_eq!(loaded.len(), 3);
         let expect = |token, dies_at, record: &[u8]| Loaded {
             token,
@@ -575,7 +555,7 @@ mod tests {
         assert!(held_locks(&mut tx).is_empty());
         // Empty calls send nothing and succeed.
         sql.lock_keys::<&[u8]>(&mut tx, &[]).unwrap();
-        assert!(sql.load::<&[u8]>(&mut tx, &[]).unwrap().is_empty());
+        assert!(sql.load_locked::<&[u8]>(&mut tx, &[]).unwrap().is_empty());
         sql.upsert(&mut tx, &[]).unwrap();
     }
 

@@ -85,7 +85,7 @@ impl TestDb {
     ) -> HashMap<Vec<u8>, Loaded> {
         let mut client = self.client();
         let mut tx = client.transaction().unwrap();
-        sql.load(&mut tx, keys).unwrap()
+        sql.load_locked(&mut tx, keys).unwrap()
     }
 
     /// Whether another session can take the lock of `key` (it then lets it go at once).
