@@ -427,23 +427,25 @@ impl r2d2::ManageConnection for WireManager {
 
 impl Drop for Wire {
     /// Closes the connection: the client's end makes the driver tell the server and finish,
-    /// waited for at most [`CLOSE_TIMEOUT`]. Where another tokio runtime is current (a store
-    /// dropped by async code) nothing may block, and tokio offers no way to tell a runtime's
-    /// task from one of its blocking threads, where blocking would be allowed: in both, the
-    /// runtime is shut down without waiting, and the server sees the connection end when its
-    /// socket closes. (The readers' connections, of the synchronous client, still block when
-    /// dropped: a store is opened and closed outside a runtime's tasks.)
+    /// waited for at most [`CLOSE_TIMEOUT`], where this thread may block
+    /// ([`crate::may_block::place`]: in `block_in_place` on a multi-threaded runtime).
+    /// Where it may not (a current-thread runtime, whose own thread tokio cannot tell from
+    /// its blocking pool's), the runtime is shut down without waiting, and the server sees
+    /// the connection end when its socket closes.
     fn drop(&mut self) {
         drop(self.client.take());
         let Some(runtime) = self.runtime.take() else {
             return;
         };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            runtime.shutdown_background();
-            return;
-        }
         let driver = &mut self.driver;
-        let _ = runtime.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, driver).await });
+        let close = || {
+            let _ = runtime.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, driver).await });
+        };
+        match crate::may_block::place() {
+            crate::may_block::Where::Here => close(),
+            crate::may_block::Where::InPlace => tokio::task::block_in_place(close),
+            crate::may_block::Where::Elsewhere => runtime.shutdown_background(),
+        }
     }
 }
 

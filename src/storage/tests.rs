@@ -19,7 +19,7 @@ fn fill(stored: &Stored, prefix: &str, n: usize, now: u64, ttl: u64) {
             let record = machine::claim(None, &fp, token, now, ttl, 1).record;
             t.put(&key, &record).unwrap();
         }
-        t.into_changes()
+        t.into_published().0
     };
     txn.commit().unwrap();
     stored.index.apply(&changes);
@@ -89,7 +89,7 @@ fn write(stored: &Stored, f: impl FnOnce(&mut WriteTables<'_>)) -> usize {
     let changes = {
         let mut t = WriteTables::open(&txn, stored, Stamp::default()).unwrap();
         f(&mut t);
-        t.into_changes()
+        t.into_published().0
     };
     txn.commit().unwrap();
     stored.index.apply(&changes);
@@ -493,7 +493,7 @@ fn no_snapshot_is_written_of_an_index_behind_the_log() {
             } else {
                 t.delete(&key_of("a", 5)).unwrap();
             }
-            t.into_changes()
+            t.into_published().0
         };
         txn.commit().unwrap();
         let none = stored

@@ -86,11 +86,6 @@ impl<'t> WriteTables<'t> {
     }
 
     /// The index changes of this transaction, to publish once it committed.
-    #[cfg(test)]
-    pub fn into_changes(self) -> Vec<Change> {
-        self.changes
-    }
-
     /// What the transaction changed that the store publishes once it committed: the key
     /// index's changes, and the re-filing position when it moved (`None`: unchanged).
     pub fn into_published(self) -> (Vec<Change>, Option<Option<u64>>) {
